@@ -1,0 +1,175 @@
+//! The YAML configuration, turned into ONE validated [`Config`] when it is loaded.
+//!
+//! Every check that can fail happens while deserializing, so serde_yaml's error names the key and
+//! the line. Unknown keys are errors: a typo must never silently change behaviour.
+
+mod route;
+mod units;
+
+pub use route::{
+    FieldPolicy, ForwardConfig, Limits, ParamNames, PathMatch, Protocol, Route, Scope,
+};
+pub use units::{ByteSize, Span};
+
+use serde::{Deserialize, Deserializer};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The embedded default: what `stitch` runs without `--config`.
+pub const DEFAULT_CONFIG: &str = include_str!("../../conf/stitch.yaml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where browsers connect.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// The existing application. A host name is resolved once, when the config is loaded.
+    #[serde(default = "default_upstream", deserialize_with = "resolve_address")]
+    pub upstream: SocketAddr,
+    /// Worker threads for the proxy; defaults to the number of cores.
+    #[serde(default)]
+    pub threads: Option<usize>,
+    /// How long a connection to the upstream may take to open.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Span,
+    /// How long a graceful shutdown (SIGTERM) waits for requests in flight.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: Span,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Chunk and state storage on local disk.
+    #[serde(default = "default_storage_dir")]
+    pub dir: PathBuf,
+    /// fsync every part before reporting it stored (safe against power loss). Without it parts
+    /// are still published atomically, which is safe against process crashes.
+    #[serde(default = "default_true")]
+    pub fsync: bool,
+    /// Unfinished uploads with no activity for this long are deleted.
+    #[serde(default = "default_upload_ttl")]
+    pub upload_ttl: Span,
+    /// How long the upstream's answer to a finished upload is kept and replayed.
+    #[serde(default = "default_result_ttl")]
+    pub result_ttl: Span,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            dir: default_storage_dir(),
+            fsync: true,
+            upload_ttl: default_upload_ttl(),
+            result_ttl: default_result_ttl(),
+        }
+    }
+}
+
+/// A config that failed to load, with serde_yaml's key path and line in the message.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+impl Config {
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Invalid {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        config
+            .check_routes()
+            .map_err(|message| ConfigError::Invalid {
+                origin: origin.to_string(),
+                message,
+            })?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_yaml(&text, &path.display().to_string())
+    }
+
+    pub fn embedded_default() -> Config {
+        Config::from_yaml(DEFAULT_CONFIG, "embedded default")
+            .expect("the embedded default config is valid")
+    }
+
+    /// Checks that need more than one route at a time.
+    fn check_routes(&self) -> Result<(), String> {
+        for (i, route) in self.routes.iter().enumerate() {
+            for (j, earlier) in self.routes[..i].iter().enumerate() {
+                if route.id == earlier.id {
+                    return Err(format!(
+                        "routes[{i}]: same path, match and host as routes[{j}]; \
+                         the second one could never be reached"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+}
+
+fn resolve_address<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_address(&text).map_err(serde::de::Error::custom)
+}
+
+/// Resolves `host:port` once, at load time: Pingora panics on an address it cannot use.
+pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
+    text.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve upstream address {text:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("upstream address {text:?} resolves to nothing"))
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_upstream() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 3000))
+}
+fn default_connect_timeout() -> Span {
+    Span(Duration::from_secs(5))
+}
+fn default_shutdown_grace() -> Span {
+    Span(Duration::from_secs(10))
+}
+fn default_storage_dir() -> PathBuf {
+    PathBuf::from("./stitch-data")
+}
+fn default_true() -> bool {
+    true
+}
+fn default_upload_ttl() -> Span {
+    Span(Duration::from_secs(24 * 3600))
+}
+fn default_result_ttl() -> Span {
+    Span(Duration::from_secs(3600))
+}

@@ -1,0 +1,438 @@
+//! One upload route: which requests it intercepts, which protocol they speak, and how the finished
+//! file is handed to the upstream.
+
+use super::units::{ByteSize, Span};
+use http::Method;
+use regex::Regex;
+use serde::Deserialize;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Resumable,
+    Flow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatchKind {
+    /// `path` itself and everything below it (`/upload`, `/upload/x`, not `/uploads`).
+    #[default]
+    Prefix,
+    Exact,
+    Regex,
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Prefix(String),
+    Exact(String),
+    Regex(Regex),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Exact(p) => path == p,
+            PathMatch::Regex(r) => r.is_match(path),
+            PathMatch::Prefix(p) if p.ends_with('/') => path.starts_with(p.as_str()),
+            PathMatch::Prefix(p) => {
+                path == p || (path.starts_with(p.as_str()) && path[p.len()..].starts_with('/'))
+            }
+        }
+    }
+}
+
+/// Which of the application's own fields (not protocol parameters) reach the upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum FieldPolicy {
+    /// `all` or `none`.
+    Keyword(FieldKeyword),
+    /// Only these names.
+    Only(Vec<String>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldKeyword {
+    All,
+    None,
+}
+
+impl FieldPolicy {
+    pub fn allows(&self, name: &str) -> bool {
+        match self {
+            FieldPolicy::Keyword(FieldKeyword::All) => true,
+            FieldPolicy::Keyword(FieldKeyword::None) => false,
+            FieldPolicy::Only(names) => names.iter().any(|n| n == name),
+        }
+    }
+}
+
+/// What makes an upload private to one user: a cookie or a request header whose value is part of
+/// the upload's key. Requests without it share one anonymous scope.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Scope {
+    Cookie(String),
+    Header(String),
+}
+
+/// Resumable.js parameter renaming (`*ParameterName`, `parameterNamespace`). An empty string means
+/// the site dropped that parameter. Flow.js only allows renaming the file field.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawParamNames {
+    namespace: Option<String>,
+    chunk_number: Option<String>,
+    chunk_size: Option<String>,
+    current_chunk_size: Option<String>,
+    total_size: Option<String>,
+    #[serde(rename = "type")]
+    file_type: Option<String>,
+    identifier: Option<String>,
+    filename: Option<String>,
+    relative_path: Option<String>,
+    total_chunks: Option<String>,
+    file: Option<String>,
+}
+
+/// The parameter names a route's clients send, namespace applied. `None`: not sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamNames {
+    pub chunk_number: String,
+    pub chunk_size: String,
+    pub current_chunk_size: Option<String>,
+    pub total_size: String,
+    pub file_type: Option<String>,
+    pub identifier: String,
+    pub filename: Option<String>,
+    pub relative_path: Option<String>,
+    pub total_chunks: Option<String>,
+    /// The multipart field that carries the chunk bytes.
+    pub file_field: String,
+}
+
+impl ParamNames {
+    fn resolve(protocol: Protocol, raw: RawParamNames) -> Result<ParamNames, String> {
+        let (prefix, defaults) = match protocol {
+            Protocol::Resumable => ("resumable", true),
+            Protocol::Flow => ("flow", false),
+        };
+        if protocol == Protocol::Flow {
+            let renamed = [
+                &raw.namespace,
+                &raw.chunk_number,
+                &raw.chunk_size,
+                &raw.current_chunk_size,
+                &raw.total_size,
+                &raw.file_type,
+                &raw.identifier,
+                &raw.filename,
+                &raw.relative_path,
+                &raw.total_chunks,
+            ];
+            if renamed.iter().any(|v| v.is_some()) {
+                return Err(
+                    "Flow.js cannot rename its parameters: only `file` may be set \
+                            under `parameters` for a flow route"
+                        .into(),
+                );
+            }
+        }
+        let ns = raw.namespace.unwrap_or_default();
+        let name = |given: Option<String>, default: &str| -> Option<String> {
+            match given {
+                Some(n) if n.is_empty() => None,
+                Some(n) => Some(format!("{ns}{n}")),
+                None => Some(format!("{ns}{prefix}{default}")),
+            }
+        };
+        let required = |given: Option<String>, default: &str, key: &str| {
+            name(given, default).ok_or_else(|| format!("parameters.{key} cannot be dropped"))
+        };
+        Ok(ParamNames {
+            chunk_number: required(raw.chunk_number, "ChunkNumber", "chunk_number")?,
+            chunk_size: required(raw.chunk_size, "ChunkSize", "chunk_size")?,
+            current_chunk_size: name(raw.current_chunk_size, "CurrentChunkSize"),
+            total_size: required(raw.total_size, "TotalSize", "total_size")?,
+            file_type: if defaults {
+                name(raw.file_type, "Type")
+            } else {
+                None
+            },
+            identifier: required(raw.identifier, "Identifier", "identifier")?,
+            filename: name(raw.filename, "Filename"),
+            relative_path: name(raw.relative_path, "RelativePath"),
+            total_chunks: name(raw.total_chunks, "TotalChunks"),
+            file_field: format!("{ns}{}", raw.file.unwrap_or_else(|| "file".into())),
+        })
+    }
+
+    /// True if `name` is one of the protocol's own parameters (never an application field).
+    pub fn is_protocol_param(&self, name: &str) -> bool {
+        name == self.chunk_number
+            || name == self.chunk_size
+            || name == self.total_size
+            || name == self.identifier
+            || [
+                &self.current_chunk_size,
+                &self.file_type,
+                &self.filename,
+                &self.relative_path,
+                &self.total_chunks,
+            ]
+            .iter()
+            .any(|n| n.as_deref() == Some(name))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest file a client may declare.
+    #[serde(default = "default_max_file_size")]
+    pub max_file_size: ByteSize,
+    /// Largest single chunk (bytes of one request).
+    #[serde(default = "default_max_chunk_size")]
+    pub max_chunk_size: ByteSize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_file_size: default_max_file_size(),
+            max_chunk_size: default_max_chunk_size(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    path: Option<String>,
+    #[serde(default = "default_field")]
+    field: String,
+    #[serde(default = "default_fields")]
+    fields: FieldPolicy,
+    #[serde(default = "default_headers")]
+    headers: Vec<String>,
+    #[serde(default)]
+    protocol_fields: bool,
+    #[serde(default = "default_forward_timeout")]
+    timeout: Span,
+}
+
+impl Default for RawForward {
+    fn default() -> Self {
+        RawForward {
+            path: None,
+            field: default_field(),
+            fields: default_fields(),
+            headers: default_headers(),
+            protocol_fields: false,
+            timeout: default_forward_timeout(),
+        }
+    }
+}
+
+/// How the finished file reaches the upstream: one `POST path` with a multipart body.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub path: String,
+    /// The multipart field name of the file part.
+    pub field: String,
+    pub fields: FieldPolicy,
+    /// Request headers copied from the completing request (lower case).
+    pub headers: Vec<http::HeaderName>,
+    /// Also send the protocol's own parameters as text fields.
+    pub protocol_fields: bool,
+    /// How long the upstream may take to answer (per read, while it receives and processes).
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    path: String,
+    #[serde(default, rename = "match")]
+    match_kind: MatchKind,
+    host: Option<String>,
+    methods: Option<Vec<String>>,
+    protocol: Protocol,
+    #[serde(default)]
+    parameters: RawParamNames,
+    #[serde(default)]
+    limits: Limits,
+    scope: Option<Scope>,
+    #[serde(default)]
+    forward: RawForward,
+}
+
+/// A validated upload route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawRoute")]
+pub struct Route {
+    /// Stable name of the route, part of every upload key: uploads stay found when routes are
+    /// reordered in the file.
+    pub id: String,
+    pub path: PathMatch,
+    /// Lower-case host name (without port) the route is limited to.
+    pub host: Option<String>,
+    pub methods: Vec<Method>,
+    pub protocol: Protocol,
+    pub params: ParamNames,
+    pub limits: Limits,
+    pub scope: Option<Scope>,
+    pub forward: ForwardConfig,
+}
+
+impl TryFrom<RawRoute> for Route {
+    type Error = String;
+
+    fn try_from(raw: RawRoute) -> Result<Route, String> {
+        if !raw.path.starts_with('/') && raw.match_kind != MatchKind::Regex {
+            return Err(format!("route path {:?} must start with `/`", raw.path));
+        }
+        let path = match raw.match_kind {
+            MatchKind::Prefix => PathMatch::Prefix(raw.path.clone()),
+            MatchKind::Exact => PathMatch::Exact(raw.path.clone()),
+            MatchKind::Regex => PathMatch::Regex(
+                Regex::new(&raw.path).map_err(|e| format!("route path is not a regex: {e}"))?,
+            ),
+        };
+        let methods = match raw.methods {
+            None => ["GET", "HEAD", "POST", "PUT", "PATCH"]
+                .iter()
+                .map(|m| Method::from_bytes(m.as_bytes()).expect("static method"))
+                .collect(),
+            Some(list) => list
+                .iter()
+                .map(|m| {
+                    Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+                        .map_err(|_| format!("{m:?} is not an HTTP method"))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let forward_path = match (raw.forward.path, raw.match_kind) {
+            (Some(p), _) if p.starts_with('/') => p,
+            (Some(p), _) => return Err(format!("forward.path {p:?} must start with `/`")),
+            (None, MatchKind::Regex) => {
+                return Err("a regex route needs forward.path: where should files go?".into())
+            }
+            (None, _) => raw.path.clone(),
+        };
+        http::uri::PathAndQuery::try_from(forward_path.as_str())
+            .map_err(|e| format!("forward.path {forward_path:?}: {e}"))?;
+        let headers = raw
+            .forward
+            .headers
+            .iter()
+            .map(|h| {
+                http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| format!("forward.headers: {h:?} is not a header name"))
+            })
+            .collect::<Result<_, _>>()?;
+        if raw.forward.field.is_empty() || raw.forward.field.contains(['"', '\r', '\n']) {
+            return Err("forward.field must be a plain, non-empty field name".into());
+        }
+        if raw.limits.max_chunk_size.0 == 0 {
+            return Err("limits.max_chunk_size must be above zero".into());
+        }
+        let host = raw.host.map(|h| h.to_ascii_lowercase());
+        Ok(Route {
+            id: format!(
+                "{:?}:{}@{}",
+                raw.match_kind,
+                raw.path,
+                host.as_deref().unwrap_or("*")
+            ),
+            path,
+            host,
+            methods,
+            protocol: raw.protocol,
+            params: ParamNames::resolve(raw.protocol, raw.parameters)?,
+            limits: raw.limits,
+            scope: raw.scope,
+            forward: ForwardConfig {
+                path: forward_path,
+                field: raw.forward.field,
+                fields: raw.forward.fields,
+                headers,
+                protocol_fields: raw.forward.protocol_fields,
+                timeout: raw.forward.timeout.0,
+            },
+        })
+    }
+}
+
+impl Route {
+    /// Does this route intercept a request with this method, path and Host header?
+    pub fn matches(&self, method: &Method, path: &str, host: Option<&str>) -> bool {
+        if !self.methods.contains(method) || !self.path.matches(path) {
+            return false;
+        }
+        match &self.host {
+            None => true,
+            Some(want) => host
+                .map(|h| h.rsplit_once(':').map_or(h, |(name, _)| name))
+                .is_some_and(|h| h.eq_ignore_ascii_case(want)),
+        }
+    }
+}
+
+fn default_max_file_size() -> ByteSize {
+    ByteSize(10 << 30)
+}
+fn default_max_chunk_size() -> ByteSize {
+    ByteSize(128 << 20)
+}
+fn default_field() -> String {
+    "file".into()
+}
+fn default_fields() -> FieldPolicy {
+    FieldPolicy::Keyword(FieldKeyword::All)
+}
+fn default_headers() -> Vec<String> {
+    vec!["cookie".into(), "authorization".into()]
+}
+fn default_forward_timeout() -> Span {
+    Span(Duration::from_secs(300))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_matches_whole_segments_only() {
+        let p = PathMatch::Prefix("/upload".into());
+        assert!(p.matches("/upload"));
+        assert!(p.matches("/upload/x"));
+        assert!(!p.matches("/uploads"));
+    }
+
+    #[test]
+    fn resumable_namespace_prefixes_every_name_and_the_file_field() {
+        let raw = RawParamNames {
+            namespace: Some("ns_".into()),
+            file_type: Some(String::new()),
+            ..Default::default()
+        };
+        let names = ParamNames::resolve(Protocol::Resumable, raw).unwrap();
+        assert_eq!(names.chunk_number, "ns_resumableChunkNumber");
+        assert_eq!(names.file_field, "ns_file");
+        assert_eq!(names.file_type, None);
+    }
+
+    #[test]
+    fn flow_routes_refuse_renamed_parameters() {
+        let raw = RawParamNames {
+            chunk_number: Some("n".into()),
+            ..Default::default()
+        };
+        assert!(ParamNames::resolve(Protocol::Flow, raw).is_err());
+    }
+}

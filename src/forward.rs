@@ -1,0 +1,273 @@
+//! The forwarder: sends a finished upload to the upstream as ONE ordinary `multipart/form-data`
+//! request, streamed part by part from the chunk store, and reads back the upstream's answer.
+//!
+//! The request has an exact `Content-Length` (application servers often handle chunked uploads
+//! badly) and goes through Pingora's own connector, so it shares the pass-through path's address
+//! and connection settings.
+
+use crate::config::ForwardConfig;
+use crate::store::{ChunkStore, RecordedAnswer, StoreError, UploadKey, UploadMeta};
+use bytes::{Bytes, BytesMut};
+use http::{HeaderName, HeaderValue};
+use pingora::connectors::http::Connector;
+use pingora::http::RequestHeader;
+use pingora::protocols::http::client::HttpSession;
+use pingora::upstreams::peer::{HttpPeer, Peer};
+use pingora::ErrorType;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::AsyncReadExt;
+
+/// Bytes read from the chunk store per upstream write.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// The upstream's answer is kept whole (it is replayed later); larger bodies are cut here.
+pub const MAX_ANSWER_BODY: usize = 16 << 20;
+
+/// Headers that describe one hop, not the message: never copied between connections.
+pub const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+    "proxy-authenticate",
+];
+
+/// What the completing request contributes to the upstream request.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryRequest {
+    /// Text fields, in order: the application's own fields (and protocol fields if asked).
+    pub fields: Vec<(String, String)>,
+    /// Headers copied from the client (Cookie, Authorization, configured extras).
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// The client's Host header, so the application sees the host it is used to.
+    pub host: Option<HeaderValue>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("the upstream did not answer in time: {0}")]
+    Timeout(String),
+    #[error("the upstream could not be reached or broke off: {0}")]
+    Upstream(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct Forwarder {
+    connector: Connector,
+    upstream: SocketAddr,
+    connect_timeout: Duration,
+}
+
+impl Forwarder {
+    pub fn new(upstream: SocketAddr, connect_timeout: Duration) -> Forwarder {
+        Forwarder {
+            connector: Connector::new(None),
+            upstream,
+            connect_timeout,
+        }
+    }
+
+    /// Sends parts `1..=part_lens.len()` of `upload` as one file and returns the upstream's answer.
+    pub async fn send(
+        &self,
+        chunks: &dyn ChunkStore,
+        upload: &UploadKey,
+        meta: &UploadMeta,
+        part_lens: &[u64],
+        forward: &ForwardConfig,
+        request: &DeliveryRequest,
+    ) -> Result<RecordedAnswer, ForwardError> {
+        let body = MultipartBody::new(meta, forward, request);
+        let file_len: u64 = part_lens.iter().sum();
+        let mut header = RequestHeader::build("POST", forward.path.as_bytes(), None)
+            .map_err(|e| ForwardError::Upstream(e.to_string()))?;
+        let host = request
+            .host
+            .clone()
+            .unwrap_or_else(|| HeaderValue::from_str(&self.upstream.to_string()).expect("ascii"));
+        let content_length = body.head.len() as u64 + file_len + body.tail.len() as u64;
+        let content_type = format!("multipart/form-data; boundary={}", body.boundary);
+        let fixed = [
+            (http::header::HOST, host),
+            (
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_str(&content_type).expect("ascii"),
+            ),
+            (
+                http::header::CONTENT_LENGTH,
+                HeaderValue::from(content_length),
+            ),
+        ];
+        for (name, value) in request.headers.iter().cloned().chain(fixed) {
+            header
+                .append_header(name, value)
+                .map_err(|e| ForwardError::Upstream(e.to_string()))?;
+        }
+
+        let mut peer = HttpPeer::new(self.upstream, false, String::new());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.read_timeout = Some(forward.timeout);
+        peer.options.write_timeout = Some(forward.timeout);
+        let (mut session, _reused) = self
+            .connector
+            .get_http_session(&peer)
+            .await
+            .map_err(classify)?;
+        let exchange = async {
+            session
+                .write_request_header(Box::new(header))
+                .await
+                .map_err(classify)?;
+            session
+                .write_request_body(body.head.clone(), false)
+                .await
+                .map_err(classify)?;
+            for number in 1..=part_lens.len() as u64 {
+                let mut part = chunks.open(upload, number).await?;
+                let mut buffer = BytesMut::with_capacity(READ_BUFFER);
+                loop {
+                    buffer.reserve(READ_BUFFER);
+                    if part.read_buf(&mut buffer).await.map_err(StoreError::Io)? == 0 {
+                        break;
+                    }
+                    let piece = buffer.split().freeze();
+                    session
+                        .write_request_body(piece, false)
+                        .await
+                        .map_err(classify)?;
+                }
+            }
+            session
+                .write_request_body(body.tail.clone(), true)
+                .await
+                .map_err(classify)?;
+            session.finish_request_body().await.map_err(classify)?;
+            read_answer(&mut session, upload).await.map_err(classify)
+        }
+        .await;
+        match exchange {
+            Ok(answer) => {
+                self.connector
+                    .release_http_session(session, &peer, peer.idle_timeout())
+                    .await;
+                Ok(answer)
+            }
+            Err(e) => {
+                session.shutdown().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Reads the upstream's response (skipping 1xx) into a record that can be replayed.
+async fn read_answer(
+    session: &mut HttpSession,
+    upload: &UploadKey,
+) -> pingora::Result<RecordedAnswer> {
+    loop {
+        session.read_response_header().await?;
+        let informational = session
+            .response_header()
+            .is_some_and(|h| h.status.is_informational());
+        if !informational {
+            break;
+        }
+    }
+    let response = session
+        .response_header()
+        .expect("a response header was read")
+        .clone();
+    let mut body = BytesMut::new();
+    while let Some(piece) = session.read_response_body().await? {
+        let room = MAX_ANSWER_BODY.saturating_sub(body.len());
+        if piece.len() > room {
+            log::warn!("{upload:?}: the upstream's answer exceeds {MAX_ANSWER_BODY} bytes; the rest is cut");
+        }
+        body.extend_from_slice(&piece[..piece.len().min(room)]);
+    }
+    Ok(RecordedAnswer {
+        status: response.status.as_u16(),
+        headers: response
+            .headers
+            .iter()
+            .filter(|(name, _)| !HOP_BY_HOP.contains(&name.as_str()))
+            .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
+            .collect(),
+        body: body.freeze(),
+    })
+}
+
+fn classify(e: Box<pingora::Error>) -> ForwardError {
+    match e.etype() {
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+            ForwardError::Timeout(e.to_string())
+        }
+        _ => ForwardError::Upstream(e.to_string()),
+    }
+}
+
+/// The bytes around the file: text parts and the file part's header, then the closing boundary.
+struct MultipartBody {
+    boundary: String,
+    head: Bytes,
+    tail: Bytes,
+}
+
+impl MultipartBody {
+    fn new(meta: &UploadMeta, forward: &ForwardConfig, request: &DeliveryRequest) -> MultipartBody {
+        let boundary = format!(
+            "----StitchBoundary{}",
+            hex::encode(rand::random::<[u8; 16]>())
+        );
+        let mut head = String::new();
+        for (name, value) in &request.fields {
+            head.push_str(&format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"\r\n\r\n{value}\r\n",
+                escape_quoted(name)
+            ));
+        }
+        let file_type = meta
+            .file_type
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .unwrap_or("application/octet-stream");
+        head.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\n\
+             Content-Type: {}\r\n\r\n",
+            escape_quoted(&forward.field),
+            escape_quoted(&meta.file_name),
+            file_type.replace(['\r', '\n'], "")
+        ));
+        let tail = format!("\r\n--{boundary}--\r\n");
+        MultipartBody {
+            boundary,
+            head: Bytes::from(head),
+            tail: Bytes::from(tail),
+        }
+    }
+}
+
+/// Escapes a name for a quoted multipart parameter the way browsers do (HTML's
+/// multipart/form-data encoding): `"` CR LF become `%22` `%0D` `%0A`.
+fn escape_quoted(text: &str) -> String {
+    text.replace('"', "%22")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_quoted;
+
+    #[test]
+    fn quotes_and_line_breaks_are_percent_encoded_like_browsers_do() {
+        assert_eq!(escape_quoted("a\"b\r\nc.txt"), "a%22b%0D%0Ac.txt");
+    }
+}

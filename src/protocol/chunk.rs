@@ -1,0 +1,388 @@
+//! The chunk protocol of Resumable.js and Flow.js, on top of the upload core.
+//!
+//! A request on an upload route is a *test* (GET/HEAD, or any request whose body carries no chunk)
+//! or an *upload* (POST/PUT/PATCH with the chunk as a multipart file part or as the raw body).
+//! Status codes follow PROTOCOLS.md 1.4, chosen so that both clients read them the same way:
+//!
+//! | situation | status |
+//! |---|---|
+//! | test: chunk stored and verified / not stored | 200 / 204, `Cache-Control: no-store` |
+//! | upload stored | 200 |
+//! | upload completes the file | the upstream's answer, recorded and replayed later |
+//! | invalid parameters, limits, disagreement with the first chunk | 415 (final for both clients) |
+//! | body ended early or malformed multipart | 400 |
+//! | storage failure | 503 |
+//! | upstream unreachable / too slow at completion | 502 / 504 (parts kept) |
+
+use super::params::{ChunkParams, Fields, ParamError};
+use crate::config::{Route, Scope};
+use crate::forward::DeliveryRequest;
+use crate::proxy::io::{accept_expect_continue, Reply, RequestBody};
+use crate::store::{BodySource, StageError, UploadKey, UploadMeta};
+use crate::upload::{CoreError, PartStatus, UploadCore};
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::Method;
+use pingora::proxy::Session;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Room for multipart framing and text fields on top of a route's largest chunk.
+const MULTIPART_SLACK: u64 = 1 << 20;
+/// Largest single multipart text field.
+const MAX_TEXT_FIELD: usize = 64 << 10;
+/// How long an unread body may take to drain before an early answer is sent.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Handles a request on an upload route. `Ok(false)`: not chunk traffic, pass it through.
+pub async fn handle(
+    session: &mut Session,
+    route: &Route,
+    core: &Arc<UploadCore>,
+) -> pingora::Result<bool> {
+    let header = session.req_header();
+    let fields = Fields::from_query(header.uri.query());
+    let boundary = header
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| multer::parse_boundary(ct).ok());
+    let is_test_method = header.method == Method::GET || header.method == Method::HEAD;
+    let in_query = fields.get(&route.params.chunk_number).is_some();
+    if !in_query && (is_test_method || boundary.is_none()) {
+        return Ok(false);
+    }
+    let exchange = Exchange {
+        route,
+        core,
+        delivery: delivery_request(session, route),
+        scope: scope_value(session, route.scope.as_ref()),
+    };
+    let declared_length = content_length(session);
+    let reply = if is_test_method {
+        exchange.test(&fields, None).await
+    } else if declared_length.is_some_and(|n| n > route.limits.max_chunk_size.0 + MULTIPART_SLACK) {
+        let reply = Reply::text(415, "the request body is larger than this route accepts");
+        return reply.send(session).await.map(|_| true);
+    } else if let Some(boundary) = boundary {
+        accept_expect_continue(session).await?;
+        exchange.multipart(session, fields, boundary).await
+    } else {
+        accept_expect_continue(session).await?;
+        exchange.octet(session, &fields).await
+    };
+    if !session.is_body_done() {
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, session.drain_request_body()).await;
+    }
+    reply
+        .with_header("cache-control", "no-store")
+        .send(session)
+        .await?;
+    Ok(true)
+}
+
+/// Everything about one request that the protocol steps share.
+struct Exchange<'a> {
+    route: &'a Route,
+    core: &'a Arc<UploadCore>,
+    delivery: DeliveryRequest,
+    scope: Vec<u8>,
+}
+
+impl Exchange<'_> {
+    /// Parses and checks the parameters, and derives the upload's key.
+    fn identify(
+        &self,
+        fields: &Fields,
+        body_type: Option<&str>,
+    ) -> Result<(UploadKey, UploadMeta, ChunkParams), ParamError> {
+        let params = ChunkParams::parse(fields, &self.route.params, &self.route.limits)?;
+        let key = UploadKey::derive(&[
+            b"stitch upload v1",
+            self.route.id.as_bytes(),
+            &self.scope,
+            params.identifier.as_bytes(),
+        ]);
+        let meta = UploadMeta {
+            chunk_size: params.chunk_size,
+            total_size: params.total_size,
+            file_name: params.file_name.clone(),
+            file_type: params.file_type(self.route.protocol, body_type),
+        };
+        Ok((key, meta, params))
+    }
+
+    /// A test: is this chunk stored? If the upload is complete, this request delivers it.
+    async fn test(&self, fields: &Fields, body_type: Option<&str>) -> Reply {
+        let (key, meta, params) = match self.identify(fields, body_type) {
+            Ok(found) => found,
+            Err(e) => return Reply::text(415, e.0),
+        };
+        match self.core.status(&key, &meta, params.part).await {
+            Ok(PartStatus::Missing) => Reply::empty(204),
+            Ok(status) => self.conclude(key, fields, status).await,
+            Err(e) => core_error(e),
+        }
+    }
+
+    /// Turns the state after a stored (or already present) chunk into the reply.
+    async fn conclude(&self, key: UploadKey, fields: &Fields, status: PartStatus) -> Reply {
+        match status {
+            PartStatus::Missing => Reply::text(500, "the chunk was not stored; retry"),
+            PartStatus::Stored { complete: false } => Reply::text(200, "chunk stored"),
+            PartStatus::Delivered(answer) => relay(answer),
+            PartStatus::Stored { complete: true } => {
+                let mut request = self.delivery.clone();
+                request.fields = self.app_fields(fields);
+                let delivery = self.core.deliver(key, &self.route.forward, request).await;
+                relay(delivery.answer.clone())
+            }
+        }
+    }
+
+    /// A raw-body upload (`method: 'octet'`): parameters in the URL, the chunk is the body.
+    async fn octet(&self, session: &mut Session, fields: &Fields) -> Reply {
+        let body_type = header_str(session, http::header::CONTENT_TYPE).map(str::to_string);
+        let (key, meta, params) = match self.identify(fields, body_type.as_deref()) {
+            Ok(found) => found,
+            Err(e) => return Reply::text(415, e.0),
+        };
+        if params.part.len > 0 && session.is_body_empty() {
+            return self.test(fields, body_type.as_deref()).await;
+        }
+        let declared = content_length(session);
+        let mut body = RequestBody(session);
+        match self.store(&key, &meta, &params, &mut body, declared).await {
+            Ok(status) => self.conclude(key, fields, status).await,
+            Err(reply) => reply,
+        }
+    }
+
+    /// A multipart upload: text fields first, then the chunk as the file part.
+    async fn multipart(
+        &self,
+        session: &mut Session,
+        mut fields: Fields,
+        boundary: String,
+    ) -> Reply {
+        let stream = futures::stream::unfold(&mut *session, |session| async move {
+            match session.read_request_body().await {
+                Ok(Some(piece)) => Some((Ok(piece), session)),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), session)),
+            }
+        });
+        let mut multipart = multer::Multipart::new(stream, boundary);
+        let file_field = &self.route.params.file_field;
+        let mut file = None;
+        loop {
+            match multipart.next_field().await {
+                Ok(Some(field)) if field.name() == Some(file_field.as_str()) => {
+                    file = Some(field);
+                    break;
+                }
+                Ok(Some(field)) => match read_text(field).await {
+                    Ok((name, value)) => fields.push_body(name, value),
+                    Err(reply) => return reply,
+                },
+                Ok(None) => break,
+                Err(e) => return Reply::text(400, format!("malformed multipart body: {e}")),
+            }
+        }
+        let body_type = file
+            .as_ref()
+            .and_then(|f| f.content_type())
+            .map(|m| m.essence_str().to_string());
+        let Some(field) = file else {
+            // Chunk parameters without a chunk: Flow's test when `testMethod` is not GET.
+            return self.test(&fields, body_type.as_deref()).await;
+        };
+        let (key, meta, params) = match self.identify(&fields, body_type.as_deref()) {
+            Ok(found) => found,
+            Err(e) => return Reply::text(415, e.0),
+        };
+        let mut body = FieldBody(field);
+        let stored = self.store(&key, &meta, &params, &mut body, None).await;
+        drop(body);
+        while let Ok(Some(mut rest)) = multipart.next_field().await {
+            while let Ok(Some(_)) = rest.chunk().await {}
+        }
+        match stored {
+            Ok(status) => self.conclude(key, &fields, status).await,
+            Err(reply) => reply,
+        }
+    }
+
+    /// Stores the chunk unless it is stored already; `Err` is the reply for a refused chunk.
+    /// `framed_len` is the body length the request's framing announced, if any.
+    async fn store(
+        &self,
+        key: &UploadKey,
+        meta: &UploadMeta,
+        params: &ChunkParams,
+        body: &mut dyn BodySource,
+        framed_len: Option<u64>,
+    ) -> Result<PartStatus, Reply> {
+        match self.core.status(key, meta, params.part).await {
+            Ok(PartStatus::Missing) => {}
+            Ok(known) => {
+                while let Ok(Some(_)) = body.next_piece().await {}
+                return Ok(known);
+            }
+            Err(e) => return Err(core_error(e)),
+        }
+        let staged = match self.core.stage(body, params.part.len).await {
+            Ok(staged) => staged,
+            Err(StageError::Body(e)) => {
+                return Err(Reply::text(400, format!("the request body broke off: {e}")))
+            }
+            Err(StageError::TooLong(n)) => {
+                return Err(Reply::text(
+                    415,
+                    format!("the chunk carries more than the {n} bytes it declares"),
+                ))
+            }
+            Err(StageError::Store(e)) => {
+                log::error!("staging a chunk failed: {e}");
+                return Err(Reply::text(503, "storage is unavailable; retry later"));
+            }
+        };
+        if staged.len != params.part.len {
+            let received = staged.len;
+            let truncated = framed_len.is_some_and(|n| received < n);
+            self.core.discard(staged).await;
+            if truncated {
+                return Err(Reply::text(400, "the request body ended early"));
+            }
+            let message = format!(
+                "the chunk declares {} bytes but carries {}",
+                params.part.len, received
+            );
+            return Err(Reply::text(415, message));
+        }
+        self.core
+            .commit(key, meta, params.part, staged)
+            .await
+            .map_err(core_error)
+    }
+
+    /// The application's own fields: everything that is not a protocol parameter, filtered by
+    /// the route's policy (protocol parameters too when the route asks for them).
+    fn app_fields(&self, fields: &Fields) -> Vec<(String, String)> {
+        let forward = &self.route.forward;
+        fields
+            .merged()
+            .into_iter()
+            .filter(|(name, _)| {
+                if self.route.params.is_protocol_param(name) {
+                    forward.protocol_fields
+                } else {
+                    forward.fields.allows(name)
+                }
+            })
+            .collect()
+    }
+}
+
+/// The file part as a body source.
+struct FieldBody<'r>(multer::Field<'r>);
+
+#[async_trait]
+impl BodySource for FieldBody<'_> {
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, String> {
+        self.0.chunk().await.map_err(|e| e.to_string())
+    }
+}
+
+async fn read_text(mut field: multer::Field<'_>) -> Result<(String, String), Reply> {
+    let name = field.name().unwrap_or_default().to_string();
+    let mut value = Vec::new();
+    loop {
+        match field.chunk().await {
+            Ok(Some(piece)) if value.len() + piece.len() <= MAX_TEXT_FIELD => {
+                value.extend_from_slice(&piece)
+            }
+            Ok(Some(_)) => {
+                return Err(Reply::text(
+                    415,
+                    format!("field {name:?} is longer than {MAX_TEXT_FIELD} bytes"),
+                ))
+            }
+            Ok(None) => break,
+            Err(e) => return Err(Reply::text(400, format!("malformed multipart body: {e}"))),
+        }
+    }
+    let value = String::from_utf8(value)
+        .map_err(|_| Reply::text(415, format!("field {name:?} is not UTF-8 text")))?;
+    Ok((name, value))
+}
+
+fn relay(answer: crate::store::RecordedAnswer) -> Reply {
+    Reply {
+        status: answer.status,
+        headers: answer.headers,
+        body: answer.body,
+    }
+}
+
+fn core_error(e: CoreError) -> Reply {
+    match e {
+        CoreError::Conflict(message) => Reply::text(415, message),
+        CoreError::Store(e) => {
+            log::error!("storage failed: {e}");
+            Reply::text(503, "storage is unavailable; retry later")
+        }
+    }
+}
+
+fn header_str(session: &Session, name: http::HeaderName) -> Option<&str> {
+    session.req_header().headers.get(name)?.to_str().ok()
+}
+
+fn content_length(session: &Session) -> Option<u64> {
+    header_str(session, http::header::CONTENT_LENGTH)?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The headers of the completing request that go to the upstream with the file.
+fn delivery_request(session: &Session, route: &Route) -> DeliveryRequest {
+    let header = session.req_header();
+    let mut headers = Vec::new();
+    for name in &route.forward.headers {
+        for value in header.headers.get_all(name) {
+            headers.push((name.clone(), value.clone()));
+        }
+    }
+    let host = header.headers.get(http::header::HOST).cloned().or_else(|| {
+        let authority = header.uri.authority()?;
+        http::HeaderValue::from_str(authority.as_str()).ok()
+    });
+    DeliveryRequest {
+        fields: Vec::new(),
+        headers,
+        host,
+    }
+}
+
+/// The value that keeps one user's uploads apart from another's (empty: anonymous).
+fn scope_value(session: &Session, scope: Option<&Scope>) -> Vec<u8> {
+    let headers = &session.req_header().headers;
+    match scope {
+        None => Vec::new(),
+        Some(Scope::Header(name)) => headers
+            .get(name.as_str())
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default(),
+        Some(Scope::Cookie(name)) => headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_bytes().to_vec())
+            .unwrap_or_default(),
+    }
+}

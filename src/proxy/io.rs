@@ -1,0 +1,88 @@
+//! Reading request bodies and writing whole responses on a Pingora session.
+
+use crate::store::BodySource;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+/// A complete response Stitch answers itself.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn text(status: u16, message: impl Into<String>) -> Reply {
+        let mut body = message.into();
+        body.push('\n');
+        Reply {
+            status,
+            headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
+            body: Bytes::from(body),
+        }
+    }
+
+    pub fn empty(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    /// Sets a header, replacing any value it had.
+    pub fn with_header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+
+    /// Writes the reply with an exact Content-Length (keep-alive needs framing).
+    pub async fn send(self, session: &mut Session) -> pingora::Result<()> {
+        let mut header = ResponseHeader::build(self.status, Some(self.headers.len() + 1))?;
+        for (name, value) in &self.headers {
+            header.append_header(name.clone(), value.as_str())?;
+        }
+        let head_only = session.req_header().method == http::Method::HEAD;
+        let no_body = self.body.is_empty() || head_only;
+        if self.status != 204 && self.status != 304 {
+            header.insert_header(http::header::CONTENT_LENGTH, self.body.len())?;
+        }
+        session
+            .write_response_header(Box::new(header), no_body)
+            .await?;
+        if !no_body {
+            session.write_response_body(Some(self.body), true).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The raw request body, piece by piece (at most 64 KiB each on HTTP/1).
+pub struct RequestBody<'s>(pub &'s mut Session);
+
+#[async_trait]
+impl BodySource for RequestBody<'_> {
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, String> {
+        self.0.read_request_body().await.map_err(|e| e.to_string())
+    }
+}
+
+/// Answers `Expect: 100-continue` (Pingora leaves it to us on this path) without losing
+/// keep-alive.
+pub async fn accept_expect_continue(session: &mut Session) -> pingora::Result<()> {
+    let expects = session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if expects {
+        session.set_close_on_response_before_downstream_finish(false);
+        session.write_continue_response().await?;
+        session.set_close_on_response_before_downstream_finish(true);
+    }
+    Ok(())
+}

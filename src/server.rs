@@ -1,0 +1,159 @@
+//! Wiring: builds the Pingora server from a [`Config`] (storage, upload core, proxy service,
+//! expiry sweeper) and runs it, in the foreground (`stitch`) or in a thread (tests, benchmarks).
+
+use crate::config::Config;
+use crate::forward::Forwarder;
+use crate::proxy::StitchProxy;
+use crate::store::fs::FsStore;
+use crate::upload::UploadCore;
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open storage directory {dir}: {source}")]
+    Storage { dir: String, source: std::io::Error },
+    #[error("nothing accepts connections on {0} (is the port taken?)")]
+    Listen(SocketAddr),
+}
+
+/// Builds a ready-to-run server.
+pub fn build(config: &Config) -> Result<Server, StartError> {
+    let store = FsStore::open(&config.storage.dir, config.storage.fsync).map_err(|source| {
+        StartError::Storage {
+            dir: config.storage.dir.display().to_string(),
+            source,
+        }
+    })?;
+    let store = Arc::new(store);
+    let core = Arc::new(UploadCore::new(
+        store.clone(),
+        store,
+        Forwarder::new(config.upstream, config.connect_timeout.0),
+        config.storage.upload_ttl.0,
+        config.storage.result_ttl.0,
+    ));
+    let grace = config.shutdown_grace.0.as_secs();
+    let mut server = Server::new_with_opt_and_conf(
+        None,
+        ServerConf {
+            threads: config.threads(),
+            grace_period_seconds: Some(grace),
+            graceful_shutdown_timeout_seconds: Some(grace.max(1)),
+            ..Default::default()
+        },
+    );
+    server.bootstrap();
+    let mut proxy = pingora::proxy::http_proxy_service(
+        &server.configuration,
+        StitchProxy::new(config, core.clone()),
+    );
+    proxy.add_tcp(&config.listen.to_string());
+    server.add_service(proxy);
+    let interval = config
+        .storage
+        .upload_ttl
+        .0
+        .min(config.storage.result_ttl.0)
+        .div_f64(10.0)
+        .clamp(Duration::from_secs(1), Duration::from_secs(300));
+    server.add_service(background_service("expiry", Sweeper { core, interval }));
+    Ok(server)
+}
+
+/// Deletes expired uploads and answers now and then.
+struct Sweeper {
+    core: Arc<UploadCore>,
+    interval: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Sweeper {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+            match self.core.sweep().await {
+                Ok(0) => {}
+                Ok(n) => log::info!("expired {n} uploads"),
+                Err(e) => log::error!("expiry sweep failed: {e}"),
+            }
+        }
+    }
+}
+
+/// A server running in a thread of this process, stopped on `stop()` or drop.
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct StopSignal(tokio::sync::watch::Receiver<bool>);
+
+#[async_trait]
+impl ShutdownSignalWatch for StopSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut stop = self.0.clone();
+        let _ = stop.wait_for(|stop| *stop).await;
+        ShutdownSignal::FastShutdown
+    }
+}
+
+/// Starts a server in a background thread and waits until it accepts connections.
+pub fn spawn(config: &Config) -> Result<Running, StartError> {
+    let server = build(config)?;
+    let (stop, watch) = tokio::sync::watch::channel(false);
+    let thread = std::thread::spawn(move || {
+        server.run(RunArgs {
+            shutdown_signal: Box::new(StopSignal(watch)),
+        })
+    });
+    let running = Running {
+        addr: config.listen,
+        stop,
+        thread: Some(thread),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(config.listen).is_err() {
+        if Instant::now() > deadline {
+            return Err(StartError::Listen(config.listen));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(running)
+}
+
+impl Running {
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Runs in the foreground until SIGINT (fast) or SIGTERM (graceful).
+pub fn run(config: &Config) -> Result<(), StartError> {
+    let server = build(config)?;
+    server.run(RunArgs::default());
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! Storage, behind two small interfaces: [`ChunkStore`] keeps the bytes of each part (deduplicated
+//! by content), [`StateStore`] keeps what is known about each upload (its pinned metadata and the
+//! upstream's recorded answer). The upload core knows storage only through these traits; the
+//! engines live in their own files (`fs.rs`: local disk, the default).
+//!
+//! Every path an engine uses is derived from a [`UploadKey`] or a content digest, never from a
+//! client-supplied string.
+
+pub mod fs;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::SystemTime;
+use tokio::io::AsyncRead;
+
+/// The identity of one upload: a hash of the route, the user's scope and the client's identifier.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UploadKey([u8; 32]);
+
+impl UploadKey {
+    /// Each component is length-prefixed so that no two different tuples hash alike.
+    pub fn derive(components: &[&[u8]]) -> UploadKey {
+        let mut hasher = Sha256::new();
+        for c in components {
+            hasher.update((c.len() as u64).to_be_bytes());
+            hasher.update(c);
+        }
+        UploadKey(hasher.finalize().into())
+    }
+
+    pub fn hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(text: &str) -> Option<UploadKey> {
+        let mut bytes = [0u8; 32];
+        hex::decode_to_slice(text, &mut bytes).ok()?;
+        Some(UploadKey(bytes))
+    }
+}
+
+impl fmt::Debug for UploadKey {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "upload:{}", &self.hex()[..12])
+    }
+}
+
+/// What the first stored chunk declared about the file; later chunks must agree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadMeta {
+    pub chunk_size: u64,
+    pub total_size: u64,
+    pub file_name: String,
+    /// The MIME type, if the client said one.
+    pub file_type: Option<String>,
+}
+
+/// The upstream's answer to a delivered upload, replayed to every later request for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedAnswer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    #[serde(skip)]
+    pub body: Bytes,
+}
+
+/// Bytes of one part, written and flushed but not yet visible as a part of any upload.
+#[derive(Debug)]
+pub struct StagedPart {
+    pub len: u64,
+    pub digest: [u8; 32],
+    /// Engine-specific handle (for `fs`, the temporary file's name).
+    token: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("stored data is damaged: {0}")]
+    Corrupt(String),
+}
+
+/// Why staging a part's bytes stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("the request body could not be read: {0}")]
+    Body(String),
+    #[error("the chunk has more than the {0} bytes it declared")]
+    TooLong(u64),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A source of request-body bytes, read piece by piece (never held whole).
+#[async_trait]
+pub trait BodySource: Send {
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, String>;
+}
+
+#[async_trait]
+pub trait ChunkStore: Send + Sync {
+    /// Streams `body` into durable staging, hashing it on the way; fails past `limit` bytes.
+    async fn stage(&self, body: &mut dyn BodySource, limit: u64) -> Result<StagedPart, StageError>;
+    /// Drops staged bytes that will not be published.
+    async fn discard(&self, staged: StagedPart);
+    /// Makes staged bytes visible as part `number` of `upload`, atomically. Returns false (and
+    /// drops the bytes) if that part was stored already.
+    async fn publish(
+        &self,
+        upload: &UploadKey,
+        number: u64,
+        staged: StagedPart,
+    ) -> Result<bool, StoreError>;
+    /// Stored parts of an upload: part number to length.
+    async fn parts(&self, upload: &UploadKey) -> Result<BTreeMap<u64, u64>, StoreError>;
+    /// Reads one stored part.
+    async fn open(
+        &self,
+        upload: &UploadKey,
+        number: u64,
+    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StoreError>;
+    /// Forgets every part of an upload; bytes no other upload shares are deleted.
+    async fn remove_parts(&self, upload: &UploadKey) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    async fn meta(&self, upload: &UploadKey) -> Result<Option<UploadMeta>, StoreError>;
+    async fn save_meta(&self, upload: &UploadKey, meta: &UploadMeta) -> Result<(), StoreError>;
+    /// The recorded answer and when it was recorded.
+    async fn answer(
+        &self,
+        upload: &UploadKey,
+    ) -> Result<Option<(RecordedAnswer, SystemTime)>, StoreError>;
+    async fn save_answer(
+        &self,
+        upload: &UploadKey,
+        answer: &RecordedAnswer,
+    ) -> Result<(), StoreError>;
+    /// Every upload with its last activity (for expiry).
+    async fn uploads(&self) -> Result<Vec<(UploadKey, SystemTime)>, StoreError>;
+    /// Forgets an upload's state (call `ChunkStore::remove_parts` first).
+    async fn remove(&self, upload: &UploadKey) -> Result<(), StoreError>;
+}

@@ -1,0 +1,410 @@
+//! The upload core: protocol-neutral operations on uploads, and the state machine behind them.
+//!
+//! ```text
+//! receiving ──(last missing part published)──► complete ──(one delivery at a time)──► delivered
+//!     ▲                                            │                                  (answer recorded,
+//!     └──────────── upstream failed (5xx, 408, 429, unreachable): parts kept ◄────────┘  parts removed)
+//! ```
+//!
+//! Protocol adapters ask "is part P of upload U stored?", "store these bytes as part P of U" and
+//! "deliver U"; they never see storage. Decisions that must not race (pinning metadata,
+//! publishing, delivering) happen under the upload's lock. Deliveries are single-flight: requests
+//! that complete the same upload at once share one forward and its answer.
+
+mod locks;
+
+use crate::config::ForwardConfig;
+use crate::forward::{DeliveryRequest, ForwardError, Forwarder};
+use crate::store::{
+    BodySource, ChunkStore, RecordedAnswer, StageError, StagedPart, StateStore, StoreError,
+    UploadKey, UploadMeta,
+};
+use bytes::Bytes;
+use dashmap::DashMap;
+use locks::UploadLocks;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+
+/// One chunk as a request declares it.
+#[derive(Debug, Clone, Copy)]
+pub struct PartRef {
+    /// 1-based.
+    pub number: u64,
+    /// Bytes the chunk holds.
+    pub len: u64,
+}
+
+/// Where an upload stands, as seen by one request.
+#[derive(Debug)]
+pub enum PartStatus {
+    /// The part is not stored yet.
+    Missing,
+    /// The part is stored; `complete` says whether the upload now has every part.
+    Stored { complete: bool },
+    /// The upload was delivered: this is the upstream's answer, replayed.
+    Delivered(RecordedAnswer),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The request contradicts what this upload already pinned.
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The result of a delivery attempt, shared by every request that waited for it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub answer: RecordedAnswer,
+    /// True if the upload is finished for good (the answer was recorded, the parts removed).
+    pub recorded: bool,
+}
+
+type Flight = watch::Receiver<Option<Arc<Delivery>>>;
+
+pub struct UploadCore {
+    chunks: Arc<dyn ChunkStore>,
+    state: Arc<dyn StateStore>,
+    forwarder: Forwarder,
+    locks: UploadLocks,
+    flights: DashMap<UploadKey, Flight>,
+    upload_ttl: Duration,
+    result_ttl: Duration,
+}
+
+impl UploadCore {
+    pub fn new(
+        chunks: Arc<dyn ChunkStore>,
+        state: Arc<dyn StateStore>,
+        forwarder: Forwarder,
+        upload_ttl: Duration,
+        result_ttl: Duration,
+    ) -> UploadCore {
+        UploadCore {
+            chunks,
+            state,
+            forwarder,
+            locks: UploadLocks::default(),
+            flights: DashMap::new(),
+            upload_ttl,
+            result_ttl,
+        }
+    }
+
+    /// Is this part stored? Read-only: a test request never changes anything.
+    pub async fn status(
+        &self,
+        upload: &UploadKey,
+        declared: &UploadMeta,
+        part: PartRef,
+    ) -> Result<PartStatus, CoreError> {
+        if let Some(answer) = self.fresh_answer(upload).await? {
+            return Ok(PartStatus::Delivered(answer));
+        }
+        if let Some(pinned) = self.state.meta(upload).await? {
+            check_pinned(&pinned, declared)?;
+        }
+        self.part_status(upload, declared, part).await
+    }
+
+    async fn part_status(
+        &self,
+        upload: &UploadKey,
+        meta: &UploadMeta,
+        part: PartRef,
+    ) -> Result<PartStatus, CoreError> {
+        let parts = self.chunks.parts(upload).await?;
+        match parts.get(&part.number) {
+            None => Ok(PartStatus::Missing),
+            Some(&len) if len != part.len => Err(CoreError::Conflict(format!(
+                "chunk {} is stored with {len} bytes, this request declares {}",
+                part.number, part.len
+            ))),
+            Some(_) => Ok(PartStatus::Stored {
+                complete: complete_len(&parts, meta).is_some(),
+            }),
+        }
+    }
+
+    /// Streams a chunk's bytes into staging (not yet visible). `limit` is the declared size.
+    pub async fn stage(
+        &self,
+        body: &mut dyn BodySource,
+        limit: u64,
+    ) -> Result<StagedPart, StageError> {
+        self.chunks.stage(body, limit).await
+    }
+
+    pub async fn discard(&self, staged: StagedPart) {
+        self.chunks.discard(staged).await
+    }
+
+    /// Publishes staged bytes as a part, pinning the upload's metadata if this is its first part.
+    pub async fn commit(
+        &self,
+        upload: &UploadKey,
+        declared: &UploadMeta,
+        part: PartRef,
+        staged: StagedPart,
+    ) -> Result<PartStatus, CoreError> {
+        let _guard = self.locks.lock(*upload).await;
+        let checked = async {
+            if let Some(answer) = self.fresh_answer(upload).await? {
+                return Ok(Some(PartStatus::Delivered(answer)));
+            }
+            match self.state.meta(upload).await? {
+                Some(pinned) => check_pinned(&pinned, declared)?,
+                None => self.state.save_meta(upload, declared).await?,
+            }
+            Ok::<_, CoreError>(None)
+        }
+        .await;
+        match checked {
+            Ok(Some(early)) => {
+                self.chunks.discard(staged).await;
+                Ok(early)
+            }
+            Err(e) => {
+                self.chunks.discard(staged).await;
+                Err(e)
+            }
+            Ok(None) => {
+                self.chunks.publish(upload, part.number, staged).await?;
+                self.part_status(upload, declared, part).await
+            }
+        }
+    }
+
+    /// Delivers a complete upload, or joins the delivery already under way for it.
+    pub async fn deliver(
+        self: &Arc<Self>,
+        upload: UploadKey,
+        forward: &ForwardConfig,
+        request: DeliveryRequest,
+    ) -> Arc<Delivery> {
+        let mut flight = match self.flights.entry(upload) {
+            dashmap::Entry::Occupied(entry) => entry.get().clone(),
+            dashmap::Entry::Vacant(entry) => {
+                let (done, flight) = watch::channel(None);
+                entry.insert(flight.clone());
+                let core = Arc::clone(self);
+                let forward = forward.clone();
+                // A task of its own: a client that gives up must not cut a delivery in half.
+                tokio::spawn(async move {
+                    let delivery = core.deliver_once(&upload, &forward, &request).await;
+                    core.flights.remove(&upload);
+                    let _ = done.send(Some(Arc::new(delivery)));
+                });
+                flight
+            }
+        };
+        let delivery = match flight.wait_for(|d| d.is_some()).await {
+            Ok(delivery) => delivery.clone().expect("waited for a delivery"),
+            Err(_) => Arc::new(failure(500, "the delivery task failed; retry")),
+        };
+        delivery
+    }
+
+    async fn deliver_once(
+        &self,
+        upload: &UploadKey,
+        forward: &ForwardConfig,
+        request: &DeliveryRequest,
+    ) -> Delivery {
+        let _guard = self.locks.lock(*upload).await;
+        match self.try_deliver(upload, forward, request).await {
+            Ok(delivery) => delivery,
+            Err(e) => {
+                log::error!("{upload:?}: delivery failed: {e}");
+                match e {
+                    DeliverError::Forward(ForwardError::Timeout(_)) => failure(504, &e.to_string()),
+                    DeliverError::Forward(ForwardError::Upstream(_)) => {
+                        failure(502, &e.to_string())
+                    }
+                    _ => failure(500, &e.to_string()),
+                }
+            }
+        }
+    }
+
+    async fn try_deliver(
+        &self,
+        upload: &UploadKey,
+        forward: &ForwardConfig,
+        request: &DeliveryRequest,
+    ) -> Result<Delivery, DeliverError> {
+        if let Some(answer) = self.fresh_answer(upload).await? {
+            return Ok(Delivery {
+                answer,
+                recorded: true,
+            });
+        }
+        let meta = self
+            .state
+            .meta(upload)
+            .await?
+            .ok_or(DeliverError::Incomplete)?;
+        let parts = self.chunks.parts(upload).await?;
+        let count = complete_len(&parts, &meta).ok_or(DeliverError::Incomplete)?;
+        let lens: Vec<u64> = (1..=count).map(|n| parts[&n]).collect();
+        let answer = self
+            .forwarder
+            .send(self.chunks.as_ref(), upload, &meta, &lens, forward, request)
+            .await?;
+        if !is_final(answer.status) {
+            log::warn!(
+                "{upload:?}: upstream answered {}; parts kept for a retry",
+                answer.status
+            );
+            return Ok(Delivery {
+                answer,
+                recorded: false,
+            });
+        }
+        self.state.save_answer(upload, &answer).await?;
+        self.chunks.remove_parts(upload).await?;
+        log::info!("{upload:?}: delivered, upstream answered {}", answer.status);
+        Ok(Delivery {
+            answer,
+            recorded: true,
+        })
+    }
+
+    /// The recorded answer, if there is one and it has not expired. An expired one makes the
+    /// upload start over (a new session of the same file).
+    async fn fresh_answer(&self, upload: &UploadKey) -> Result<Option<RecordedAnswer>, StoreError> {
+        match self.state.answer(upload).await? {
+            Some((answer, at)) if !expired(at, self.result_ttl) => Ok(Some(answer)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Deletes uploads nobody touched within `upload_ttl`, and answers older than `result_ttl`.
+    /// Returns how many uploads were removed.
+    pub async fn sweep(&self) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        for (upload, last_activity) in self.state.uploads().await? {
+            let _guard = self.locks.lock(upload).await;
+            let stale = match self.state.answer(&upload).await? {
+                Some((_, at)) => expired(at, self.result_ttl),
+                None => expired(last_activity, self.upload_ttl),
+            };
+            if stale && !self.flights.contains_key(&upload) {
+                self.chunks.remove_parts(&upload).await?;
+                self.state.remove(&upload).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DeliverError {
+    #[error("the upload is not complete")]
+    Incomplete,
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn failure(status: u16, message: &str) -> Delivery {
+    Delivery {
+        answer: RecordedAnswer {
+            status,
+            headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
+            body: Bytes::from(format!("{message}\n")),
+        },
+        recorded: false,
+    }
+}
+
+/// Whether an upstream status ends the upload for good. Server errors and "try again later"
+/// (408, 429) keep the parts so that a retry can deliver again.
+pub fn is_final(status: u16) -> bool {
+    !(status >= 500 || status == 408 || status == 429)
+}
+
+fn expired(at: SystemTime, ttl: Duration) -> bool {
+    at.elapsed().is_ok_and(|age| age > ttl)
+}
+
+fn check_pinned(pinned: &UploadMeta, declared: &UploadMeta) -> Result<(), CoreError> {
+    let mismatch = |what: &str, was: &dyn std::fmt::Debug, now: &dyn std::fmt::Debug| {
+        Err(CoreError::Conflict(format!(
+            "{what} {now:?} disagrees with {was:?} declared by the upload's first chunk"
+        )))
+    };
+    if pinned.chunk_size != declared.chunk_size {
+        return mismatch("chunk size", &pinned.chunk_size, &declared.chunk_size);
+    }
+    if pinned.total_size != declared.total_size {
+        return mismatch("total size", &pinned.total_size, &declared.total_size);
+    }
+    if pinned.file_name != declared.file_name {
+        return mismatch("file name", &pinned.file_name, &declared.file_name);
+    }
+    if let (Some(was), Some(now)) = (&pinned.file_type, &declared.file_type) {
+        if was != now {
+            return mismatch("file type", was, now);
+        }
+    }
+    Ok(())
+}
+
+/// If parts 1..=K are stored and part K ends exactly at the file's end, returns K.
+fn complete_len(parts: &BTreeMap<u64, u64>, meta: &UploadMeta) -> Option<u64> {
+    let mut offset = 0u64;
+    for number in 1..=parts.len() as u64 {
+        offset = offset.checked_add(*parts.get(&number)?)?;
+        if offset == meta.total_size {
+            return Some(number);
+        }
+        if offset > meta.total_size {
+            return None;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(chunk_size: u64, total_size: u64) -> UploadMeta {
+        UploadMeta {
+            chunk_size,
+            total_size,
+            file_name: "f".into(),
+            file_type: None,
+        }
+    }
+
+    #[test]
+    fn an_upload_is_complete_when_consecutive_parts_reach_the_end() {
+        let parts = BTreeMap::from([(1, 1000), (2, 1500)]);
+        assert_eq!(complete_len(&parts, &meta(1000, 2500)), Some(2));
+        let parts = BTreeMap::from([(1, 1000), (3, 500)]);
+        assert_eq!(complete_len(&parts, &meta(1000, 2500)), None);
+    }
+
+    #[test]
+    fn an_empty_file_is_complete_with_its_one_empty_part() {
+        assert_eq!(
+            complete_len(&BTreeMap::from([(1, 0)]), &meta(1000, 0)),
+            Some(1)
+        );
+        assert_eq!(complete_len(&BTreeMap::new(), &meta(1000, 0)), None);
+    }
+
+    #[test]
+    fn server_errors_and_try_later_statuses_are_not_final() {
+        assert!(is_final(200) && is_final(303) && is_final(422));
+        assert!(!is_final(500) && !is_final(503) && !is_final(429) && !is_final(408));
+    }
+}

@@ -1,0 +1,177 @@
+//! Resumable.js- and Flow.js-shaped traffic through Stitch: every shape the clients produce ends
+//! as ONE multipart request at the upstream with the whole file and the site's own fields.
+
+mod common;
+
+use common::*;
+use futures::future::join_all;
+
+#[tokio::test]
+async fn resumable_multipart_upload_reaches_the_upstream_as_one_file_with_custom_fields() {
+    let h = Harness::start().await;
+    let mut file = ChunkedFile::resumable("Résumé (final) #1.txt", random_bytes(2500, 1), 1000);
+    file.extra = vec![
+        ("csrf".into(), "tok3n".into()),
+        ("folder".into(), "42".into()),
+    ];
+    h.upstream.answer_with(201, r#"{"id":7}"#);
+
+    let last = file.upload_all(&h).await;
+
+    assert_eq!(last.status(), 201);
+    assert_eq!(last.text().await.unwrap(), r#"{"id":7}"#);
+    let request = assert_delivered_once(&h, &file);
+    assert_eq!(request.field("csrf"), Some("tok3n"));
+    assert_eq!(request.field("folder"), Some("42"));
+    assert_eq!(
+        request.field("resumableIdentifier"),
+        None,
+        "protocol fields stay out"
+    );
+    assert_eq!(request.files[0].content_type.as_deref(), Some("text/plain"));
+}
+
+#[tokio::test]
+async fn flow_multipart_upload_reaches_the_upstream_as_one_file() {
+    let h = Harness::start().await;
+    let mut file = ChunkedFile::flow("photo.png", random_bytes(5500, 2), 1000);
+    file.mime = "image/png".into();
+    file.extra = vec![("album".into(), "summer".into())];
+
+    let last = file.upload_all(&h).await;
+
+    assert_eq!(last.status(), 200);
+    let request = assert_delivered_once(&h, &file);
+    assert_eq!(request.field("album"), Some("summer"));
+    assert_eq!(request.files[0].content_type.as_deref(), Some("image/png"));
+}
+
+#[tokio::test]
+async fn octet_chunks_by_put_work_for_both_clients() {
+    let h = Harness::start().await;
+    for (client, route) in [(Client::Resumable, "/upload"), (Client::Flow, "/flow")] {
+        let data = Content::Bytes(random_bytes(3000, 3));
+        let mut file = ChunkedFile::new(client, route, &format!("{client:?}.bin"), data, 1024);
+        file.body = Body::Octet;
+        file.method = reqwest::Method::PUT;
+        let last = file.upload_all(&h).await;
+        assert_eq!(last.status(), 200, "{client:?}");
+    }
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2);
+    let expected = Content::Bytes(random_bytes(3000, 3)).sha256();
+    assert!(received.iter().all(|r| r.files[0].sha256 == expected));
+}
+
+#[tokio::test]
+async fn chunks_in_random_order_three_at_a_time_complete_the_file_once() {
+    let h = Harness::start().await;
+    let file = ChunkedFile::resumable("shuffled.dat", random_bytes(20_000 + 777, 4), 1000);
+    let mut order: Vec<u64> = (1..=file.count()).collect();
+    // A fixed shuffle: last chunk early, first chunk late.
+    order.sort_by_key(|n| (n * 7919) % 23);
+    let mut statuses = Vec::new();
+    for group in order.chunks(3) {
+        let responses = join_all(group.iter().map(|n| file.upload(&h, *n))).await;
+        statuses.extend(responses.iter().map(|r| r.status().as_u16()));
+    }
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn force_chunk_size_uploads_a_short_last_chunk() {
+    let h = Harness::start().await;
+    let mut file = ChunkedFile::resumable("forced.txt", random_bytes(2500, 5), 1000);
+    file.force_chunk_size = true;
+    assert_eq!(file.count(), 3);
+    file.upload_all(&h).await;
+    assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn a_file_smaller_than_one_chunk_is_one_chunk() {
+    let h = Harness::start().await;
+    let file = ChunkedFile::flow("tiny.txt", random_bytes(10, 6), 1 << 20);
+    assert_eq!(file.upload_all(&h).await.status(), 200);
+    assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn flow_uploads_a_zero_byte_file_as_one_empty_chunk() {
+    let h = Harness::start().await;
+    let file = ChunkedFile::flow("empty.txt", bytes::Bytes::new(), 1 << 20);
+    assert_eq!(file.upload_all(&h).await.status(), 200);
+    let request = assert_delivered_once(&h, &file);
+    assert_eq!(request.files[0].len, 0);
+}
+
+#[tokio::test]
+async fn test_requests_report_stored_chunks_with_200_and_missing_ones_with_204() {
+    let h = Harness::start().await;
+    let file = ChunkedFile::resumable("probe.txt", random_bytes(3000, 7), 1000);
+    assert_eq!(file.test(&h, 2).await.status(), 204);
+    assert_eq!(file.upload(&h, 2).await.status(), 200);
+    let stored = file.test(&h, 2).await;
+    assert_eq!(stored.status(), 200);
+    assert_eq!(
+        stored.headers().get("cache-control").unwrap(),
+        "no-store",
+        "test answers must never be cached"
+    );
+    assert_eq!(file.test(&h, 1).await.status(), 204);
+    assert!(h.upstream.received().is_empty(), "nothing forwarded yet");
+}
+
+#[tokio::test]
+async fn head_is_treated_like_a_test_get() {
+    let h = Harness::start().await;
+    let file = ChunkedFile::flow("head.txt", random_bytes(3000, 8), 1000);
+    file.upload(&h, 1).await;
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(file.params(1))
+        .finish();
+    let stored = h
+        .client
+        .head(h.url(&format!("/flow?{query}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stored.status(), 200);
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(file.params(2))
+        .finish();
+    let missing = h
+        .client
+        .head(h.url(&format!("/flow?{query}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 204);
+}
+
+#[tokio::test]
+async fn a_file_over_two_gibibytes_keeps_its_64_bit_sizes() {
+    let h = Harness::with_routes(
+        r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    limits: { max_chunk_size: 1GiB }
+    forward: { path: /app/upload, field: document }
+"#,
+    )
+    .await;
+    let size = (1u64 << 31) + 1000;
+    let file = ChunkedFile::new(
+        Client::Resumable,
+        "/upload",
+        "big.iso",
+        Content::Zeros(size),
+        512 << 20,
+    );
+    assert_eq!(file.count(), 4);
+    let last = file.upload_all(&h).await;
+    assert_eq!(last.status(), 200);
+    assert_delivered_once(&h, &file);
+}

@@ -1,0 +1,423 @@
+//! Test harness: Stitch started in-process on a free loopback port, in front of a real recording
+//! upstream, and a client that sends exactly what Resumable.js 1.1.0 and Flow.js 2.14.1 send.
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use stitch::{Config, Running};
+pub use upstream::{Received, Upstream};
+
+pub fn free_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap()
+}
+
+/// Resumable and Flow routes, each forwarding to `/app/upload`.
+pub const ROUTES: &str = r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    forward: { path: /app/upload, field: document }
+  - path: /flow
+    protocol: flow
+    forward: { path: /app/upload, field: document }
+"#;
+
+pub fn config(upstream: SocketAddr, dir: &Path, yaml_tail: &str) -> Config {
+    let yaml = format!(
+        "listen: {}\nupstream: {upstream}\nthreads: 2\nshutdown_grace: 0\n\
+         storage:\n  dir: {}\n  fsync: true\n{yaml_tail}",
+        free_addr(),
+        dir.display()
+    );
+    Config::from_yaml(&yaml, "test").expect("test config is valid")
+}
+
+pub struct Harness {
+    pub upstream: Upstream,
+    pub stitch: Option<Running>,
+    pub dir: tempfile::TempDir,
+    pub client: reqwest::Client,
+    yaml_tail: String,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::with_routes(ROUTES).await
+    }
+
+    pub async fn with_routes(yaml_tail: &str) -> Harness {
+        let upstream = Upstream::start().await;
+        Harness::in_front_of(upstream, yaml_tail)
+    }
+
+    pub fn in_front_of(upstream: Upstream, yaml_tail: &str) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let stitch = stitch::spawn(&config(upstream.addr, dir.path(), yaml_tail)).unwrap();
+        Harness {
+            upstream,
+            stitch: Some(stitch),
+            dir,
+            client: reqwest::Client::new(),
+            yaml_tail: yaml_tail.to_string(),
+        }
+    }
+
+    pub fn url(&self, path_and_query: &str) -> String {
+        let addr = self.stitch.as_ref().expect("stitch is running").addr;
+        format!("http://{addr}{path_and_query}")
+    }
+
+    /// Stops Stitch and starts it again on the same storage directory (a new port).
+    pub fn restart(&mut self) {
+        if let Some(running) = self.stitch.take() {
+            running.stop();
+        }
+        let config = config(self.upstream.addr, self.dir.path(), &self.yaml_tail);
+        self.stitch = Some(stitch::spawn(&config).unwrap());
+    }
+
+    /// Every regular file under the storage directory, with its contents' length.
+    pub fn stored_files(&self) -> Vec<(String, u64)> {
+        let mut found = Vec::new();
+        walk(self.dir.path(), &mut found);
+        found.sort();
+        found
+    }
+}
+
+fn walk(dir: &Path, found: &mut Vec<(String, u64)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        if meta.is_dir() {
+            walk(&entry.path(), found);
+        } else {
+            found.push((entry.path().display().to_string(), meta.len()));
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    Resumable,
+    Flow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    Multipart,
+    Octet,
+}
+
+/// A file as a client library slices it.
+#[derive(Debug, Clone)]
+pub struct ChunkedFile {
+    pub client: Client,
+    pub identifier: String,
+    pub name: String,
+    pub mime: String,
+    pub data: Content,
+    pub chunk_size: u64,
+    pub force_chunk_size: bool,
+    /// The site's custom `query` fields.
+    pub extra: Vec<(String, String)>,
+    pub route: String,
+    pub body: Body,
+    pub method: reqwest::Method,
+}
+
+/// File contents: real bytes, or a large file of zeros that costs no memory to describe.
+#[derive(Debug, Clone)]
+pub enum Content {
+    Bytes(Bytes),
+    Zeros(u64),
+}
+
+impl Content {
+    pub fn len(&self) -> u64 {
+        match self {
+            Content::Bytes(b) => b.len() as u64,
+            Content::Zeros(n) => *n,
+        }
+    }
+
+    pub fn slice(&self, start: u64, end: u64) -> Bytes {
+        match self {
+            Content::Bytes(b) => b.slice(start as usize..end as usize),
+            Content::Zeros(_) => Bytes::from(vec![0u8; (end - start) as usize]),
+        }
+    }
+
+    pub fn sha256(&self) -> String {
+        let mut hasher = Sha256::new();
+        match self {
+            Content::Bytes(b) => hasher.update(b),
+            Content::Zeros(n) => {
+                let block = vec![0u8; 1 << 20];
+                let mut left = *n;
+                while left > 0 {
+                    let take = left.min(block.len() as u64);
+                    hasher.update(&block[..take as usize]);
+                    left -= take;
+                }
+            }
+        }
+        hex::encode(hasher.finalize())
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Bytes {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    Bytes::from(out)
+}
+
+impl ChunkedFile {
+    pub fn resumable(name: &str, data: Bytes, chunk_size: u64) -> ChunkedFile {
+        ChunkedFile::new(
+            Client::Resumable,
+            "/upload",
+            name,
+            Content::Bytes(data),
+            chunk_size,
+        )
+    }
+
+    pub fn flow(name: &str, data: Bytes, chunk_size: u64) -> ChunkedFile {
+        ChunkedFile::new(
+            Client::Flow,
+            "/flow",
+            name,
+            Content::Bytes(data),
+            chunk_size,
+        )
+    }
+
+    pub fn new(client: Client, route: &str, name: &str, data: Content, chunk_size: u64) -> Self {
+        let clean: String = name
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == '-')
+            .collect();
+        ChunkedFile {
+            client,
+            identifier: format!("{}-{clean}", data.len()),
+            name: name.to_string(),
+            mime: "text/plain".to_string(),
+            data,
+            chunk_size,
+            force_chunk_size: false,
+            extra: Vec::new(),
+            route: route.to_string(),
+            body: Body::Multipart,
+            method: reqwest::Method::POST,
+        }
+    }
+
+    /// Chunk count, as both clients compute it.
+    pub fn count(&self) -> u64 {
+        let size = self.data.len();
+        let count = if self.force_chunk_size {
+            size.div_ceil(self.chunk_size)
+        } else {
+            size / self.chunk_size
+        };
+        count.max(1)
+    }
+
+    pub fn bounds(&self, number: u64) -> (u64, u64) {
+        let size = self.data.len();
+        let start = (number - 1) * self.chunk_size;
+        let mut end = size.min(number * self.chunk_size);
+        if size - end < self.chunk_size && !self.force_chunk_size {
+            end = size;
+        }
+        (start, end)
+    }
+
+    pub fn sha256(&self) -> String {
+        self.data.sha256()
+    }
+
+    /// The protocol parameters of chunk `number`, in the client's order.
+    pub fn params(&self, number: u64) -> Vec<(String, String)> {
+        let (start, end) = self.bounds(number);
+        let p = match self.client {
+            Client::Resumable => "resumable",
+            Client::Flow => "flow",
+        };
+        let mut params = vec![
+            (format!("{p}ChunkNumber"), number.to_string()),
+            (format!("{p}ChunkSize"), self.chunk_size.to_string()),
+            (format!("{p}CurrentChunkSize"), (end - start).to_string()),
+            (format!("{p}TotalSize"), self.data.len().to_string()),
+        ];
+        if self.client == Client::Resumable {
+            params.push(("resumableType".into(), self.mime.clone()));
+        }
+        params.extend([
+            (format!("{p}Identifier"), self.identifier.clone()),
+            (format!("{p}Filename"), self.name.clone()),
+            (format!("{p}RelativePath"), self.name.clone()),
+            (format!("{p}TotalChunks"), self.count().to_string()),
+        ]);
+        params
+    }
+
+    fn query(&self, pairs: &[(String, String)]) -> String {
+        url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish()
+    }
+
+    /// The test GET for chunk `number`: custom query first (Resumable) or last (Flow).
+    pub async fn test(&self, h: &Harness, number: u64) -> reqwest::Response {
+        let mut pairs = self.extra.clone();
+        pairs.extend(self.params(number));
+        let url = h.url(&format!("{}?{}", self.route, self.query(&pairs)));
+        h.client.get(url).send().await.expect("test request")
+    }
+
+    /// Uploads chunk `number` the way the client library would.
+    pub async fn upload(&self, h: &Harness, number: u64) -> reqwest::Response {
+        self.upload_with(h, number, self.params(number)).await
+    }
+
+    /// Uploads chunk `number` with these protocol parameters (to send bad ones).
+    pub async fn upload_with(
+        &self,
+        h: &Harness,
+        number: u64,
+        params: Vec<(String, String)>,
+    ) -> reqwest::Response {
+        let (start, end) = self.bounds(number);
+        let chunk = self.data.slice(start, end);
+        self.send_chunk(h, params, chunk)
+            .await
+            .expect("upload request")
+    }
+
+    pub async fn send_chunk(
+        &self,
+        h: &Harness,
+        params: Vec<(String, String)>,
+        chunk: Bytes,
+    ) -> reqwest::Result<reqwest::Response> {
+        let mut pairs = params;
+        pairs.extend(self.extra.clone());
+        let request = match self.body {
+            Body::Octet => {
+                let url = h.url(&format!("{}?{}", self.route, self.query(&pairs)));
+                let mut request = h.client.request(self.method.clone(), url);
+                if self.client == Client::Resumable {
+                    request = request.header("content-type", "application/octet-stream");
+                } else if !self.mime.is_empty() {
+                    request = request.header("content-type", self.mime.clone());
+                }
+                request.body(chunk)
+            }
+            Body::Multipart => {
+                let url = match self.client {
+                    Client::Resumable => h.url(&format!("{}?{}", self.route, self.query(&pairs))),
+                    Client::Flow => h.url(&self.route),
+                };
+                let part_type = match self.client {
+                    Client::Resumable => "application/octet-stream".to_string(),
+                    Client::Flow if self.mime.is_empty() => "application/octet-stream".into(),
+                    Client::Flow => self.mime.clone(),
+                };
+                let (boundary, head, tail) =
+                    multipart_frame(&pairs, "file", &self.name, &part_type);
+                let len = head.len() as u64 + chunk.len() as u64 + tail.len() as u64;
+                let pieces: Vec<reqwest::Result<Bytes>> = vec![Ok(head), Ok(chunk), Ok(tail)];
+                h.client
+                    .request(self.method.clone(), url)
+                    .header(
+                        "content-type",
+                        format!("multipart/form-data; boundary={boundary}"),
+                    )
+                    .header("content-length", len)
+                    .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
+            }
+        };
+        request.send().await
+    }
+
+    /// Tests and uploads every chunk in order, like the client with one connection.
+    pub async fn upload_all(&self, h: &Harness) -> reqwest::Response {
+        let mut last = None;
+        for number in 1..=self.count() {
+            let test = self.test(h, number).await;
+            assert!(
+                test.status() == 204 || test.status() == 200,
+                "test of chunk {number}: {}",
+                test.status()
+            );
+            let response = self.upload(h, number).await;
+            last = Some(response);
+        }
+        last.expect("at least one chunk")
+    }
+}
+
+/// Multipart framing like a browser's FormData: text fields, then the file part.
+pub fn multipart_frame(
+    fields: &[(String, String)],
+    file_field: &str,
+    file_name: &str,
+    part_type: &str,
+) -> (String, Bytes, Bytes) {
+    let boundary = "----WebKitFormBoundaryStitchTest7MA4YWxk".to_string();
+    let mut head = String::new();
+    for (name, value) in fields {
+        head.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        ));
+    }
+    head.push_str(&format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"{file_field}\"; \
+         filename=\"{file_name}\"\r\nContent-Type: {part_type}\r\n\r\n"
+    ));
+    let tail = format!("\r\n--{boundary}--\r\n");
+    (boundary, Bytes::from(head), Bytes::from(tail))
+}
+
+/// Asserts that the upstream received `file` exactly once, whole, as the `document` field.
+pub fn assert_delivered_once(h: &Harness, file: &ChunkedFile) -> Received {
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(
+        received.len(),
+        1,
+        "the upstream must receive the file exactly once"
+    );
+    let request = received.into_iter().next().unwrap();
+    assert_eq!(request.method, "POST");
+    assert_eq!(request.files.len(), 1, "one file part");
+    let part = &request.files[0];
+    assert_eq!(part.field, "document");
+    assert_eq!(part.file_name.as_deref(), Some(file.name.as_str()));
+    assert_eq!(part.len, file.data.len());
+    assert_eq!(part.sha256, file.sha256());
+    assert_eq!(
+        request
+            .header("content-length")
+            .map(|v| v.parse::<u64>().unwrap()),
+        Some(request.body_len),
+        "Content-Length is set and exact"
+    );
+    request
+}

@@ -1,0 +1,218 @@
+//! A real HTTP upstream on loopback that records every request it receives: the application
+//! Stitch sits in front of. Multipart bodies are parsed (streaming, with a real parser) and the
+//! file part is hashed, so tests can assert on exactly what the application would see.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use sha2::{Digest, Sha256};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+#[derive(Debug, Clone)]
+pub struct ReceivedFile {
+    pub field: String,
+    pub file_name: Option<String>,
+    pub content_type: Option<String>,
+    pub len: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    /// Text parts of a multipart body, in order.
+    pub fields: Vec<(String, String)>,
+    pub files: Vec<ReceivedFile>,
+    /// Length and sha256 of the raw body.
+    pub body_len: u64,
+    pub body_sha256: String,
+}
+
+impl Received {
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// What the upstream answers.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+    pub delay: Duration,
+}
+
+pub struct Upstream {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    answer: Arc<Mutex<Answer>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        Upstream::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> Upstream {
+        let listener = TcpListener::bind(addr).await.expect("bind upstream");
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let answer = Arc::new(Mutex::new(Answer {
+            status: 200,
+            body: r#"{"stored":true}"#.to_string(),
+            delay: Duration::ZERO,
+        }));
+        let task = tokio::spawn(serve(listener, received.clone(), answer.clone()));
+        Upstream {
+            addr,
+            received,
+            answer,
+            task,
+        }
+    }
+
+    pub fn answer_with(&self, status: u16, body: &str) {
+        let mut answer = self.answer.lock().unwrap();
+        answer.status = status;
+        answer.body = body.to_string();
+    }
+
+    pub fn delay_answers(&self, delay: Duration) {
+        self.answer.lock().unwrap().delay = delay;
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Requests to `path` so far.
+    pub fn received_at(&self, path: &str) -> Vec<Received> {
+        self.received()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
+    }
+
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+async fn serve(
+    listener: TcpListener,
+    received: Arc<Mutex<Vec<Received>>>,
+    answer: Arc<Mutex<Answer>>,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let received = received.clone();
+        let answer = answer.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let received = received.clone();
+                let answer = answer.clone();
+                async move { handle(request, received, answer).await }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    received: Arc<Mutex<Vec<Received>>>,
+    answer: Arc<Mutex<Answer>>,
+) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let (parts, body) = request.into_parts();
+    let boundary = parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| multer::parse_boundary(ct).ok());
+    let raw = Arc::new(Mutex::new((Sha256::new(), 0u64)));
+    let tap = raw.clone();
+    let stream = body.into_data_stream().map(move |piece| {
+        if let Ok(bytes) = &piece {
+            let mut raw = tap.lock().unwrap();
+            raw.0.update(bytes);
+            raw.1 += bytes.len() as u64;
+        }
+        piece
+    });
+    let mut fields = Vec::new();
+    let mut files = Vec::new();
+    match boundary {
+        Some(boundary) => {
+            let mut multipart = multer::Multipart::new(stream, boundary);
+            while let Ok(Some(mut field)) = multipart.next_field().await {
+                let name = field.name().unwrap_or_default().to_string();
+                match field.file_name().map(str::to_string) {
+                    Some(file_name) => {
+                        let content_type = field.content_type().map(|m| m.to_string());
+                        let mut hasher = Sha256::new();
+                        let mut len = 0u64;
+                        while let Ok(Some(piece)) = field.chunk().await {
+                            hasher.update(&piece);
+                            len += piece.len() as u64;
+                        }
+                        files.push(ReceivedFile {
+                            field: name,
+                            file_name: Some(file_name),
+                            content_type,
+                            len,
+                            sha256: hex::encode(hasher.finalize()),
+                        });
+                    }
+                    None => fields.push((name, field.text().await.unwrap_or_default())),
+                }
+            }
+        }
+        None => {
+            let mut stream = Box::pin(stream);
+            while stream.next().await.is_some() {}
+        }
+    }
+    let (hasher, body_len) = std::mem::take(&mut *raw.lock().unwrap());
+    received.lock().unwrap().push(Received {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        headers: parts.headers,
+        fields,
+        files,
+        body_len,
+        body_sha256: hex::encode(hasher.finalize()),
+    });
+    let answer = answer.lock().unwrap().clone();
+    if !answer.delay.is_zero() {
+        tokio::time::sleep(answer.delay).await;
+    }
+    let response = Response::builder()
+        .status(answer.status)
+        .header("content-type", "application/json")
+        .header("x-upstream", "demo-app")
+        .body(Full::new(Bytes::from(answer.body)))
+        .unwrap();
+    Ok(response)
+}
