@@ -74,10 +74,32 @@ impl FieldPolicy {
 /// What makes an upload private to one user: a cookie or a request header whose value is part of
 /// the upload's key. Requests without it share one anonymous scope.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
+#[serde(try_from = "RawScope")]
 pub enum Scope {
     Cookie(String),
     Header(String),
+}
+
+/// `{ cookie: NAME }` or `{ header: NAME }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScope {
+    cookie: Option<String>,
+    header: Option<String>,
+}
+
+impl TryFrom<RawScope> for Scope {
+    type Error = String;
+
+    fn try_from(raw: RawScope) -> Result<Scope, String> {
+        match (raw.cookie, raw.header) {
+            (Some(cookie), None) if !cookie.is_empty() => Ok(Scope::Cookie(cookie)),
+            (None, Some(header)) => http::HeaderName::from_bytes(header.as_bytes())
+                .map(|name| Scope::Header(name.as_str().to_string()))
+                .map_err(|_| format!("scope.header: {header:?} is not a header name")),
+            _ => Err("scope takes exactly one of `cookie: NAME` or `header: NAME`".into()),
+        }
+    }
 }
 
 /// Resumable.js parameter renaming (`*ParameterName`, `parameterNamespace`). An empty string means

@@ -63,7 +63,7 @@ pub struct Upstream {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     answer: Arc<Mutex<Answer>>,
-    task: tokio::task::JoinHandle<()>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Upstream {
@@ -85,8 +85,24 @@ impl Upstream {
             addr,
             received,
             answer,
-            task,
+            task: Mutex::new(Some(task)),
         }
+    }
+
+    /// Stops listening: connections are refused until `resume`.
+    pub fn go_down(&self) {
+        if let Some(task) = self.task.lock().unwrap().take() {
+            task.abort();
+        }
+    }
+
+    /// Listens again on the same address.
+    pub async fn resume(&self) {
+        self.go_down();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let listener = TcpListener::bind(self.addr).await.expect("rebind upstream");
+        let task = tokio::spawn(serve(listener, self.received.clone(), self.answer.clone()));
+        *self.task.lock().unwrap() = Some(task);
     }
 
     pub fn answer_with(&self, status: u16, body: &str) {
@@ -110,24 +126,23 @@ impl Upstream {
             .filter(|r| r.path == path)
             .collect()
     }
-
-    pub fn stop(self) {
-        self.task.abort();
-    }
 }
 
+/// Accepts connections until aborted; aborting also ends every open connection (the JoinSet is
+/// dropped with the task), so a "down" upstream keeps no pooled connection alive.
 async fn serve(
     listener: TcpListener,
     received: Arc<Mutex<Vec<Received>>>,
     answer: Arc<Mutex<Answer>>,
 ) {
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             return;
         };
         let received = received.clone();
         let answer = answer.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = service_fn(move |request| {
                 let received = received.clone();
                 let answer = answer.clone();
@@ -137,6 +152,7 @@ async fn serve(
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+        while connections.try_join_next().is_some() {}
     }
 }
 

@@ -1,0 +1,272 @@
+//! Exactly-once delivery, replayed answers, retries after upstream failures, restarts, dedup and
+//! scoping: the guarantees that make uploads survive the real world.
+
+mod common;
+
+use common::*;
+use futures::future::join_all;
+use std::time::Duration;
+
+fn blob_count(h: &Harness) -> usize {
+    h.stored_files()
+        .iter()
+        .filter(|(path, _)| path.contains("/blobs/"))
+        .count()
+}
+
+#[tokio::test]
+async fn the_same_chunk_sent_twice_is_stored_once_without_error() {
+    let h = Harness::start().await;
+    let file = ChunkedFile::resumable("twice.txt", random_bytes(4000, 10), 1000);
+    let concurrent = join_all([file.upload(&h, 1), file.upload(&h, 1), file.upload(&h, 1)]).await;
+    assert!(concurrent.iter().all(|r| r.status() == 200));
+    assert_eq!(file.upload(&h, 1).await.status(), 200, "sequential repeat");
+    assert_eq!(blob_count(&h), 1, "one chunk, one stored blob");
+    assert_eq!(file.test(&h, 1).await.status(), 200);
+    for n in 2..=file.count() {
+        file.upload(&h, n).await;
+    }
+    assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn requests_completing_an_upload_at_once_share_one_forward_and_its_answer() {
+    let h = Harness::start().await;
+    h.upstream.answer_with(201, r#"{"id":"shared"}"#);
+    h.upstream.delay_answers(Duration::from_millis(300));
+    let file = ChunkedFile::flow("race.bin", random_bytes(3000, 11), 1000);
+    file.upload(&h, 1).await;
+    file.upload(&h, 2).await;
+
+    let finals = join_all([file.upload(&h, 3), file.upload(&h, 3), file.upload(&h, 3)]).await;
+
+    for response in finals {
+        assert_eq!(response.status(), 201);
+        assert_eq!(response.text().await.unwrap(), r#"{"id":"shared"}"#);
+    }
+    assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn different_last_chunks_racing_still_deliver_once() {
+    let h = Harness::start().await;
+    h.upstream.delay_answers(Duration::from_millis(200));
+    let file = ChunkedFile::resumable("pair.bin", random_bytes(8000, 12), 1000);
+    for n in 1..=6 {
+        file.upload(&h, n).await;
+    }
+    let responses = join_all([file.upload(&h, 7), file.upload(&h, 8)]).await;
+    assert!(responses.iter().all(|r| r.status() == 200));
+    assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn retried_final_chunk_replays_the_upstream_answer() {
+    let h = Harness::start().await;
+    h.upstream.answer_with(201, r#"{"id":99}"#);
+    let file = ChunkedFile::resumable("retry.txt", random_bytes(2000, 13), 1000);
+    let first = file.upload_all(&h).await;
+    assert_eq!(first.status(), 201);
+    assert_eq!(first.headers().get("x-upstream").unwrap(), "demo-app");
+
+    let retried = file.upload(&h, 2).await;
+    assert_eq!(retried.status(), 201);
+    assert_eq!(retried.headers().get("x-upstream").unwrap(), "demo-app");
+    assert_eq!(retried.text().await.unwrap(), r#"{"id":99}"#);
+    let late_test = file.test(&h, 1).await;
+    assert_eq!(late_test.status(), 201);
+    assert_eq!(late_test.text().await.unwrap(), r#"{"id":99}"#);
+    assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn after_a_successful_delivery_the_parts_are_removed() {
+    let h = Harness::start().await;
+    let file = ChunkedFile::flow("cleanup.txt", random_bytes(3000, 14), 1000);
+    file.upload_all(&h).await;
+    assert_delivered_once(&h, &file);
+    assert_eq!(blob_count(&h), 0, "no chunk bytes left after a 2xx");
+}
+
+#[tokio::test]
+async fn upstream_down_at_completion_keeps_the_parts_and_a_retry_delivers_once() {
+    let h = Harness::start().await;
+    let file = ChunkedFile::resumable("later.txt", random_bytes(3000, 15), 1000);
+    file.upload(&h, 1).await;
+    file.upload(&h, 2).await;
+    h.upstream.go_down();
+
+    let failed = file.upload(&h, 3).await;
+    assert_eq!(failed.status(), 502);
+    assert_eq!(blob_count(&h), 3, "all parts kept");
+    assert!(h.upstream.received().is_empty());
+
+    h.upstream.resume().await;
+    let retried = file.upload(&h, 3).await;
+    assert_eq!(retried.status(), 200);
+    assert_delivered_once(&h, &file);
+    assert_eq!(
+        file.upload(&h, 3).await.status(),
+        200,
+        "a further retry replays"
+    );
+    assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn an_upstream_server_error_keeps_the_parts_for_a_retry() {
+    let h = Harness::start().await;
+    h.upstream.answer_with(503, "busy");
+    let file = ChunkedFile::flow("busy.txt", random_bytes(2000, 16), 1000);
+    let failed = file.upload_all(&h).await;
+    assert_eq!(failed.status(), 503);
+    assert_eq!(failed.text().await.unwrap(), "busy");
+    assert_eq!(blob_count(&h), 2);
+
+    h.upstream.answer_with(200, "ok now");
+    let retried = file.upload(&h, 2).await;
+    assert_eq!(retried.status(), 200);
+    assert_eq!(retried.text().await.unwrap(), "ok now");
+    assert_eq!(
+        h.upstream.received_at("/app/upload").len(),
+        2,
+        "one failed, one accepted"
+    );
+    assert_eq!(blob_count(&h), 0);
+}
+
+#[tokio::test]
+async fn a_final_client_error_from_the_upstream_is_recorded_and_replayed() {
+    let h = Harness::start().await;
+    h.upstream.answer_with(422, r#"{"error":"virus"}"#);
+    let file = ChunkedFile::resumable("bad.exe", random_bytes(2000, 17), 1000);
+    assert_eq!(file.upload_all(&h).await.status(), 422);
+    assert_eq!(blob_count(&h), 0, "a final 4xx ends the upload");
+    h.upstream.answer_with(200, "would accept now");
+    let retried = file.upload(&h, 2).await;
+    assert_eq!(retried.status(), 422);
+    assert_eq!(retried.text().await.unwrap(), r#"{"error":"virus"}"#);
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+}
+
+#[tokio::test]
+async fn a_restart_mid_upload_keeps_every_stored_part() {
+    let mut h = Harness::start().await;
+    let file = ChunkedFile::resumable("restart.bin", random_bytes(5000, 18), 1000);
+    for n in [1, 2, 4] {
+        assert_eq!(file.upload(&h, n).await.status(), 200);
+    }
+    h.restart();
+    for (n, expected) in [(1, 200), (2, 200), (3, 204), (4, 200), (5, 204)] {
+        assert_eq!(file.test(&h, n).await.status(), expected, "chunk {n}");
+    }
+    file.upload(&h, 3).await;
+    assert_eq!(file.upload(&h, 5).await.status(), 200);
+    assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn a_complete_upload_found_by_test_requests_is_delivered_by_them() {
+    let mut h = Harness::start().await;
+    h.upstream.go_down();
+    let file = ChunkedFile::flow("reload.txt", random_bytes(2000, 19), 1000);
+    file.upload(&h, 1).await;
+    assert_eq!(file.upload(&h, 2).await.status(), 502);
+    h.upstream.resume().await;
+    h.upstream.answer_with(200, "delivered on test");
+    h.restart();
+    // A page reload: the client tests every chunk again before sending anything.
+    let test = file.test(&h, 1).await;
+    assert_eq!(test.status(), 200);
+    assert_eq!(test.text().await.unwrap(), "delivered on test");
+    assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn identical_chunks_of_different_uploads_are_stored_once() {
+    let h = Harness::start().await;
+    let data = random_bytes(3000, 20);
+    let a = ChunkedFile::resumable("a.txt", data.clone(), 1000);
+    let mut b = ChunkedFile::resumable("b.txt", data, 1000);
+    b.identifier = "other-upload".into();
+    a.upload(&h, 1).await;
+    b.upload(&h, 1).await;
+    b.upload(&h, 2).await;
+    assert_eq!(blob_count(&h), 2, "chunk 1 is shared");
+    b.upload(&h, 3).await;
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+    assert_eq!(blob_count(&h), 1, "a's chunk 1 survives b's cleanup");
+    assert_eq!(a.test(&h, 1).await.status(), 200);
+}
+
+#[tokio::test]
+async fn the_forward_carries_the_clients_cookie_and_authorization() {
+    let h = Harness::start().await;
+    let file = ChunkedFile::flow("auth.txt", random_bytes(10, 21), 1000);
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(file.params(1))
+        .finish();
+    let response = h
+        .client
+        .post(h.url(&format!("/flow?{query}")))
+        .header("cookie", "session=abc")
+        .header("authorization", "Bearer xyz")
+        .header("x-other", "not forwarded")
+        .body(random_bytes(10, 21))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let request = assert_delivered_once(&h, &file);
+    assert_eq!(request.header("cookie"), Some("session=abc"));
+    assert_eq!(request.header("authorization"), Some("Bearer xyz"));
+    assert_eq!(request.header("x-other"), None);
+}
+
+#[tokio::test]
+async fn scoped_uploads_of_two_users_with_the_same_identifier_stay_apart() {
+    let h = Harness::with_routes(
+        r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    scope: { cookie: session }
+    forward: { path: /app/upload, field: document }
+"#,
+    )
+    .await;
+    let file = ChunkedFile::resumable("same.txt", random_bytes(2000, 22), 1000);
+    let query = |n| {
+        url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(file.params(n))
+            .finish()
+    };
+    let send = |n: u64, cookie: &'static str| {
+        let (start, end) = file.bounds(n);
+        h.client
+            .post(h.url(&format!("/upload?{}", query(n))))
+            .header("cookie", cookie)
+            .body(file.data.slice(start, end))
+            .send()
+    };
+    assert_eq!(send(1, "session=alice").await.unwrap().status(), 200);
+    let test_as = |n: u64, cookie: &'static str| {
+        h.client
+            .get(h.url(&format!("/upload?{}", query(n))))
+            .header("cookie", cookie)
+            .send()
+    };
+    assert_eq!(
+        test_as(1, "session=bob").await.unwrap().status(),
+        204,
+        "bob sees nothing"
+    );
+    assert_eq!(send(2, "session=bob").await.unwrap().status(), 200);
+    assert!(
+        h.upstream.received().is_empty(),
+        "bob cannot complete alice's upload"
+    );
+    assert_eq!(send(2, "session=alice").await.unwrap().status(), 200);
+    let request = assert_delivered_once(&h, &file);
+    assert_eq!(request.header("cookie"), Some("session=alice"));
+}
