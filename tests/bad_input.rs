@@ -1,0 +1,204 @@
+//! Bad input gets the status PROTOCOLS.md prescribes (415: both clients give the file up; 400:
+//! the body itself was broken) and never changes what is stored.
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+
+/// Sends chunk 2 of a file (chunk 1 already stored) with one parameter changed, and checks the
+/// status and that storage did not change.
+async fn refused(h: &Harness, file: &ChunkedFile, name: &str, value: &str, expected: u16) {
+    let before = h.stored_files();
+    let mut params = file.params(2);
+    match params.iter_mut().find(|(n, _)| n == name) {
+        Some(param) => param.1 = value.to_string(),
+        None => params.push((name.to_string(), value.to_string())),
+    }
+    let response = file.upload_with(h, 2, params.clone()).await;
+    assert_eq!(response.status(), expected, "{name}={value:?}");
+    let message = response.text().await.unwrap();
+    assert!(!message.is_empty(), "the refusal explains itself");
+    assert_eq!(
+        h.stored_files(),
+        before,
+        "{name}={value:?} changed stored data"
+    );
+}
+
+async fn harness_with_first_chunk() -> (Harness, ChunkedFile) {
+    let h = Harness::start().await;
+    let file = ChunkedFile::resumable("report.pdf", random_bytes(3000, 30), 1000);
+    assert_eq!(file.upload(&h, 1).await.status(), 200);
+    (h, file)
+}
+
+#[tokio::test]
+async fn missing_or_non_numeric_parameters_are_refused_with_415() {
+    let (h, file) = harness_with_first_chunk().await;
+    let before = h.stored_files();
+    let params: Vec<_> = file
+        .params(2)
+        .into_iter()
+        .filter(|(n, _)| n != "resumableIdentifier")
+        .collect();
+    assert_eq!(file.upload_with(&h, 2, params).await.status(), 415);
+    assert_eq!(h.stored_files(), before);
+    refused(&h, &file, "resumableChunkNumber", "two", 415).await;
+    refused(&h, &file, "resumableTotalSize", "-3000", 415).await;
+    refused(&h, &file, "resumableChunkSize", "1e3", 415).await;
+    refused(&h, &file, "resumableCurrentChunkSize", "", 415).await;
+}
+
+#[tokio::test]
+async fn chunk_numbers_zero_or_past_the_end_are_refused_with_415() {
+    let (h, file) = harness_with_first_chunk().await;
+    refused(&h, &file, "resumableChunkNumber", "0", 415).await;
+    refused(&h, &file, "resumableChunkNumber", "4", 415).await;
+    refused(
+        &h,
+        &file,
+        "resumableChunkNumber",
+        "18446744073709551615",
+        415,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_current_size_that_does_not_match_the_body_is_refused_with_415() {
+    let (h, file) = harness_with_first_chunk().await;
+    // Declares 1000 bytes (a full middle chunk), carries 999.
+    let before = h.stored_files();
+    let response = file
+        .send_chunk(&h, file.params(2), random_bytes(999, 31))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    assert_eq!(h.stored_files(), before);
+    let response = file
+        .send_chunk(&h, file.params(2), random_bytes(1001, 31))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    assert_eq!(h.stored_files(), before);
+}
+
+#[tokio::test]
+async fn sizes_disagreeing_with_the_first_chunk_are_refused_with_415() {
+    let (h, file) = harness_with_first_chunk().await;
+    let mut other = file.clone();
+    other.data = Content::Bytes(random_bytes(4000, 30));
+    refused(&h, &other, "resumableTotalSize", "4000", 415).await;
+    let mut params = file.params(2);
+    params.retain(|(n, _)| n != "resumableChunkSize" && n != "resumableCurrentChunkSize");
+    params.push(("resumableChunkSize".into(), "1500".into()));
+    params.push(("resumableCurrentChunkSize".into(), "1500".into()));
+    let before = h.stored_files();
+    let response = file
+        .send_chunk(&h, params, random_bytes(1500, 32))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 415);
+    assert_eq!(h.stored_files(), before);
+    refused(&h, &file, "resumableFilename", "other-name.pdf", 415).await;
+    refused(&h, &file, "resumableType", "image/png", 415).await;
+}
+
+#[tokio::test]
+async fn dangerous_identifiers_are_refused_with_415() {
+    let (h, file) = harness_with_first_chunk().await;
+    refused(&h, &file, "resumableIdentifier", "../../etc/passwd", 415).await;
+    refused(&h, &file, "resumableIdentifier", "abc\0def", 415).await;
+    refused(
+        &h,
+        &file,
+        "resumableIdentifier",
+        &"x".repeat(10 * 1024),
+        415,
+    )
+    .await;
+    refused(&h, &file, "resumableIdentifier", "", 415).await;
+}
+
+#[tokio::test]
+async fn file_names_with_path_separators_are_refused_with_415() {
+    let (h, file) = harness_with_first_chunk().await;
+    refused(&h, &file, "resumableFilename", "../evil.sh", 415).await;
+    refused(&h, &file, "resumableFilename", "dir\\evil.sh", 415).await;
+    refused(&h, &file, "resumableFilename", "..", 415).await;
+}
+
+#[tokio::test]
+async fn a_file_over_the_routes_limit_is_refused_with_415() {
+    let h = Harness::with_routes(
+        r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    limits: { max_file_size: 10KiB, max_chunk_size: 4KiB }
+    forward: { path: /app/upload, field: document }
+"#,
+    )
+    .await;
+    let big = ChunkedFile::resumable("big.bin", random_bytes(20 * 1024, 33), 1024);
+    assert_eq!(big.test(&h, 1).await.status(), 415);
+    assert_eq!(big.upload(&h, 1).await.status(), 415);
+    let fat_chunks = ChunkedFile::resumable("fat.bin", random_bytes(8 * 1024, 34), 8 * 1024);
+    assert_eq!(fat_chunks.upload(&h, 1).await.status(), 415);
+    assert!(h
+        .stored_files()
+        .iter()
+        .all(|(p, _)| !p.contains("/uploads/")));
+}
+
+/// Writes a raw HTTP/1.1 request and returns the response's status line.
+fn raw_exchange(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    response.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn a_truncated_octet_body_is_refused_and_stores_nothing() {
+    let (h, mut file) = harness_with_first_chunk().await;
+    file.body = Body::Octet;
+    let before = h.stored_files();
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(file.params(2))
+        .finish();
+    let addr = h.stitch.as_ref().unwrap().addr;
+    let head = format!(
+        "POST /upload?{query} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: 1000\r\n\r\n"
+    );
+    let status = tokio::task::spawn_blocking(move || raw_exchange(addr, &head, &[7u8; 600]))
+        .await
+        .unwrap();
+    assert!(status.contains(" 400 "), "{status}");
+    assert_eq!(h.stored_files(), before);
+    assert_eq!(file.test(&h, 2).await.status(), 204);
+}
+
+#[tokio::test]
+async fn a_truncated_multipart_body_is_refused_and_stores_nothing() {
+    let (h, file) = harness_with_first_chunk().await;
+    let before = h.stored_files();
+    let (boundary, head_part, _) = multipart_frame(&file.params(2), "file", &file.name, "x/y");
+    let addr = h.stitch.as_ref().unwrap().addr;
+    let body = [head_part.to_vec(), vec![9u8; 500]].concat();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len() + 600
+    );
+    let status = tokio::task::spawn_blocking(move || raw_exchange(addr, &head, &body))
+        .await
+        .unwrap();
+    assert!(status.contains(" 400 "), "{status}");
+    assert_eq!(h.stored_files(), before);
+}

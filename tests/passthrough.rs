@@ -1,0 +1,125 @@
+//! Everything that is not chunk traffic reaches the application unchanged.
+
+mod common;
+
+use common::*;
+use sha2::{Digest, Sha256};
+use std::io::{BufRead, BufReader, Write};
+
+#[tokio::test]
+async fn a_get_to_another_path_reaches_the_upstream_unchanged() {
+    let h = Harness::start().await;
+    h.upstream.answer_with(200, "hello from the app");
+    let response = h
+        .client
+        .get(h.url("/dashboard?tab=files&q=%C3%A9"))
+        .header("x-custom", "kept")
+        .header("cookie", "sid=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers().get("x-upstream").unwrap(), "demo-app");
+    assert_eq!(response.text().await.unwrap(), "hello from the app");
+    let received = h.upstream.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].method, "GET");
+    assert_eq!(received[0].path, "/dashboard");
+    assert_eq!(received[0].header("x-custom"), Some("kept"));
+    assert_eq!(received[0].header("cookie"), Some("sid=1"));
+}
+
+#[tokio::test]
+async fn a_streamed_post_to_another_path_reaches_the_upstream_byte_for_byte() {
+    let h = Harness::start().await;
+    let body = random_bytes(5 << 20, 40);
+    let pieces: Vec<reqwest::Result<bytes::Bytes>> = body
+        .chunks(64 << 10)
+        .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+        .collect();
+    let response = h
+        .client
+        .post(h.url("/api/import"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = h.upstream.received_at("/api/import");
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].body_len, body.len() as u64);
+    assert_eq!(received[0].body_sha256, hex::encode(Sha256::digest(&body)));
+}
+
+#[tokio::test]
+async fn requests_on_an_upload_route_without_chunk_parameters_pass_through() {
+    let h = Harness::start().await;
+    let page = h.client.get(h.url("/upload")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let form = h
+        .client
+        .post(h.url("/upload"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("name=value")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(form.status(), 200);
+    assert_eq!(h.upstream.received_at("/upload").len(), 2);
+}
+
+#[tokio::test]
+async fn one_connection_carries_chunk_answers_and_proxied_answers_alike() {
+    let h = Harness::start().await;
+    let file = ChunkedFile::resumable("keepalive.txt", random_bytes(3000, 41), 1000);
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(file.params(1))
+        .finish();
+    let addr = h.stitch.as_ref().unwrap().addr;
+    let statuses = tokio::task::spawn_blocking(move || {
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        let mut statuses = Vec::new();
+        for path in [
+            format!("/upload?{query}"),
+            "/elsewhere".to_string(),
+            format!("/upload?{query}"),
+        ] {
+            write!(writer, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+            statuses.push(read_response(&mut reader));
+        }
+        statuses
+    })
+    .await
+    .unwrap();
+    assert_eq!(statuses, vec![204, 200, 204]);
+}
+
+/// Reads one Content-Length-framed response and returns its status.
+fn read_response(reader: &mut impl BufRead) -> u16 {
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).unwrap();
+    status
+}
