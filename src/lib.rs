@@ -7,6 +7,7 @@
 //! and upload state) → `forward` (one request to the upstream, answer recorded).
 
 pub mod config;
+pub mod demo;
 pub mod forward;
 pub mod protocol;
 pub mod proxy;

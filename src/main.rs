@@ -22,6 +22,12 @@ struct Cli {
 enum Command {
     /// Validate the configuration and exit (non-zero with the first error).
     Check,
+    /// Run Stitch in front of a small demo application (on the configured upstream address).
+    Demo {
+        /// Where npm installed resumablejs and @flowjs/flow.js.
+        #[arg(long, default_value = "tests/browser/node_modules")]
+        node_modules: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -47,6 +53,7 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        Some(Command::Demo { node_modules }) => finish(stitch::demo::run(&config, &node_modules)),
         None => {
             log::info!(
                 "stitch listening on {}, upstream {}, storage {}",
@@ -54,13 +61,17 @@ fn main() -> ExitCode {
                 config.upstream,
                 config.storage.dir.display()
             );
-            match stitch::server::run(&config) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("stitch: {e}");
-                    ExitCode::FAILURE
-                }
-            }
+            finish(stitch::server::run(&config))
+        }
+    }
+}
+
+fn finish(result: Result<(), stitch::server::StartError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("stitch: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -59,9 +59,12 @@ pub struct Answer {
     pub delay: Duration,
 }
 
+type StaticFiles = Arc<Mutex<Vec<(String, &'static str, Bytes)>>>;
+
 pub struct Upstream {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
+    statics: StaticFiles,
     answer: Arc<Mutex<Answer>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -80,10 +83,17 @@ impl Upstream {
             body: r#"{"stored":true}"#.to_string(),
             delay: Duration::ZERO,
         }));
-        let task = tokio::spawn(serve(listener, received.clone(), answer.clone()));
+        let statics = StaticFiles::default();
+        let task = tokio::spawn(serve(
+            listener,
+            received.clone(),
+            answer.clone(),
+            statics.clone(),
+        ));
         Upstream {
             addr,
             received,
+            statics,
             answer,
             task: Mutex::new(Some(task)),
         }
@@ -101,8 +111,21 @@ impl Upstream {
         self.go_down();
         tokio::time::sleep(Duration::from_millis(20)).await;
         let listener = TcpListener::bind(self.addr).await.expect("rebind upstream");
-        let task = tokio::spawn(serve(listener, self.received.clone(), self.answer.clone()));
+        let task = tokio::spawn(serve(
+            listener,
+            self.received.clone(),
+            self.answer.clone(),
+            self.statics.clone(),
+        ));
         *self.task.lock().unwrap() = Some(task);
+    }
+
+    /// Serves `body` on GET `path` (pages and scripts for browser tests).
+    pub fn serve_static(&self, path: &str, content_type: &'static str, body: Bytes) {
+        self.statics
+            .lock()
+            .unwrap()
+            .push((path.to_string(), content_type, body));
     }
 
     pub fn answer_with(&self, status: u16, body: &str) {
@@ -134,6 +157,7 @@ async fn serve(
     listener: TcpListener,
     received: Arc<Mutex<Vec<Received>>>,
     answer: Arc<Mutex<Answer>>,
+    statics: StaticFiles,
 ) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -142,11 +166,26 @@ async fn serve(
         };
         let received = received.clone();
         let answer = answer.clone();
+        let statics = statics.clone();
         connections.spawn(async move {
-            let service = service_fn(move |request| {
+            let service = service_fn(move |request: Request<Incoming>| {
                 let received = received.clone();
                 let answer = answer.clone();
-                async move { handle(request, received, answer).await }
+                let found = statics
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|(path, _, _)| request.method() == "GET" && path == request.uri().path())
+                    .map(|(_, content_type, body)| (*content_type, body.clone()));
+                async move {
+                    match found {
+                        Some((content_type, body)) => Ok(Response::builder()
+                            .header("content-type", content_type)
+                            .body(Full::new(body))
+                            .unwrap()),
+                        None => handle(request, received, answer).await,
+                    }
+                }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

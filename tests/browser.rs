@@ -1,0 +1,192 @@
+//! The real clients: Resumable.js 1.1.0 and Flow.js 2.14.1 in headless Chromium (driven by
+//! playwright-core), uploading through Stitch to a recording upstream. `.ci/setup` installs
+//! Chromium and the npm packages.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const ROUTES: &str = r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    forward: { path: /app/upload, field: document }
+  - path: /flow-upload
+    protocol: flow
+    forward: { path: /app/upload, field: document }
+  - path: /ns-upload
+    protocol: resumable
+    parameters: { namespace: "ns_", type: "" }
+    forward: { path: /app/upload, field: document }
+"#;
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
+}
+
+/// Starts Stitch in front of an upstream that also serves the demo page and the libraries.
+async fn harness() -> Harness {
+    let node_modules = browser_dir().join("node_modules");
+    assert!(
+        node_modules.join("playwright-core").exists() && Path::new("/usr/bin/chromium").exists(),
+        "browser tests need Chromium and the npm packages: run .ci/setup"
+    );
+    let h = Harness::with_routes(ROUTES).await;
+    let page = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/demo/page.html"));
+    h.upstream
+        .serve_static("/", "text/html", page.unwrap().into());
+    for (url, file) in [
+        ("/lib/resumable.js", "resumablejs/resumable.js"),
+        ("/lib/flow.js", "@flowjs/flow.js/dist/flow.js"),
+    ] {
+        let script = std::fs::read(node_modules.join(file)).unwrap();
+        h.upstream
+            .serve_static(url, "text/javascript", script.into());
+    }
+    h
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct BrowserResult {
+    size: u64,
+    sha256: String,
+    result: Outcome,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Outcome {
+    ok: bool,
+    message: String,
+}
+
+/// Uploads one file of `size` random bytes from the browser; returns what the page saw.
+async fn browser_upload(
+    h: &Harness,
+    library: &str,
+    size: u64,
+    name: &str,
+    options: &str,
+) -> BrowserResult {
+    let page = h.url("/");
+    let args = [
+        page,
+        library.to_string(),
+        size.to_string(),
+        name.to_string(),
+        options.to_string(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(browser_dir().join("upload.mjs"))
+            .args(args)
+            .output()
+            .expect("node runs (Node.js 18+ is required)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "browser: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the driver prints one JSON line")
+}
+
+/// The one request the upstream got carries the browser's file, and the browser's success
+/// message is the upstream's answer.
+fn assert_browser_file_delivered(h: &Harness, seen: &BrowserResult, name: &str) -> Received {
+    assert!(
+        seen.result.ok,
+        "the browser reports success: {}",
+        seen.result.message
+    );
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "exactly one upstream request");
+    let file = &received[0].files[0];
+    assert_eq!(file.field, "document");
+    assert_eq!(file.file_name.as_deref(), Some(name));
+    assert_eq!(file.len, seen.size);
+    assert_eq!(file.sha256, seen.sha256);
+    received[0].clone()
+}
+
+#[tokio::test]
+async fn resumable_with_default_options_uploads_through_stitch() {
+    let h = harness().await;
+    h.upstream.answer_with(201, r#"{"id":"r1"}"#);
+    let seen = browser_upload(
+        &h,
+        "resumable",
+        3_500_000,
+        "Résumé (final) #1.pdf",
+        r#"{"chunkSize":1000000}"#,
+    )
+    .await;
+    let request = assert_browser_file_delivered(&h, &seen, "Résumé (final) #1.pdf");
+    assert_eq!(seen.result.message, r#"{"id":"r1"}"#);
+    assert_eq!(
+        request.files[0].content_type.as_deref(),
+        Some("application/pdf")
+    );
+}
+
+#[tokio::test]
+async fn flow_with_default_options_uploads_through_stitch() {
+    let h = harness().await;
+    h.upstream.answer_with(200, r#"{"id":"f1"}"#);
+    let seen = browser_upload(
+        &h,
+        "flow",
+        2_600_000,
+        "photo.png",
+        r#"{"chunkSize":500000}"#,
+    )
+    .await;
+    assert_browser_file_delivered(&h, &seen, "photo.png");
+    assert_eq!(seen.result.message, r#"{"id":"f1"}"#);
+}
+
+#[tokio::test]
+async fn resumable_octet_put_without_tests_and_forced_chunk_size_uploads_once() {
+    let h = harness().await;
+    let options = r#"{"chunkSize":300000,"method":"octet","uploadMethod":"PUT","testChunks":false,
+        "forceChunkSize":true,"prioritizeFirstAndLastChunk":true,"query":{"folder":"7"}}"#;
+    let seen = browser_upload(&h, "resumable", 1_000_001, "data.bin", options).await;
+    let request = assert_browser_file_delivered(&h, &seen, "data.bin");
+    assert_eq!(request.field("folder"), Some("7"));
+}
+
+#[tokio::test]
+async fn flow_octet_put_with_custom_query_fields_forwards_them() {
+    let h = harness().await;
+    let options = r#"{"chunkSize":250000,"method":"octet","uploadMethod":"PUT",
+        "query":{"csrf_token":"t0k","album":"summer"}}"#;
+    let seen = browser_upload(&h, "flow", 1_100_000, "noext", options).await;
+    let request = assert_browser_file_delivered(&h, &seen, "noext");
+    assert_eq!(request.field("csrf_token"), Some("t0k"));
+    assert_eq!(request.field("album"), Some("summer"));
+}
+
+#[tokio::test]
+async fn resumable_with_a_parameter_namespace_and_a_dropped_type_uploads() {
+    let h = harness().await;
+    let options = r#"{"target":"/ns-upload","chunkSize":400000,"parameterNamespace":"ns_",
+        "typeParameterName":null,"query":{"token":"abc"}}"#;
+    let seen = browser_upload(&h, "resumable", 1_300_000, "namespaced.txt", options).await;
+    let request = assert_browser_file_delivered(&h, &seen, "namespaced.txt");
+    assert_eq!(
+        request.field("ns_token"),
+        Some("abc"),
+        "Resumable prefixes custom fields too"
+    );
+}
+
+#[tokio::test]
+async fn flow_uploads_an_empty_file() {
+    let h = harness().await;
+    let seen = browser_upload(&h, "flow", 0, "empty.txt", "{}").await;
+    let request = assert_browser_file_delivered(&h, &seen, "empty.txt");
+    assert_eq!(request.files[0].len, 0);
+}
