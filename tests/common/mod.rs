@@ -27,14 +27,19 @@ routes:
     forward: { path: /app/upload, field: document }
 "#;
 
-pub fn config(upstream: SocketAddr, dir: &Path, yaml_tail: &str) -> Config {
-    let yaml = format!(
+/// A config for a test: `storage` lines go under `storage:` (indented by two spaces).
+pub fn config_yaml(upstream: SocketAddr, dir: &Path, storage: &str, yaml_tail: &str) -> String {
+    format!(
         "listen: {}\nupstream: {upstream}\nthreads: 2\nshutdown_grace: 0\n\
-         storage:\n  dir: {}\n  fsync: true\n{yaml_tail}",
+         storage:\n  dir: {}\n  fsync: true\n{storage}{yaml_tail}",
         free_addr(),
         dir.display()
-    );
-    Config::from_yaml(&yaml, "test").expect("test config is valid")
+    )
+}
+
+pub fn config(upstream: SocketAddr, dir: &Path, storage: &str, yaml_tail: &str) -> Config {
+    Config::from_yaml(&config_yaml(upstream, dir, storage, yaml_tail), "test")
+        .expect("test config is valid")
 }
 
 pub struct Harness {
@@ -42,6 +47,7 @@ pub struct Harness {
     pub stitch: Option<Running>,
     pub dir: tempfile::TempDir,
     pub client: reqwest::Client,
+    storage: String,
     yaml_tail: String,
 }
 
@@ -51,18 +57,20 @@ impl Harness {
     }
 
     pub async fn with_routes(yaml_tail: &str) -> Harness {
-        let upstream = Upstream::start().await;
-        Harness::in_front_of(upstream, yaml_tail)
+        Harness::with_storage("", yaml_tail).await
     }
 
-    pub fn in_front_of(upstream: Upstream, yaml_tail: &str) -> Harness {
+    /// `storage`: extra lines for the `storage:` section, e.g. `"  upload_ttl: 1s\n"`.
+    pub async fn with_storage(storage: &str, yaml_tail: &str) -> Harness {
+        let upstream = Upstream::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let stitch = stitch::spawn(&config(upstream.addr, dir.path(), yaml_tail)).unwrap();
+        let stitch = stitch::spawn(&config(upstream.addr, dir.path(), storage, yaml_tail)).unwrap();
         Harness {
             upstream,
             stitch: Some(stitch),
             dir,
             client: reqwest::Client::new(),
+            storage: storage.to_string(),
             yaml_tail: yaml_tail.to_string(),
         }
     }
@@ -77,7 +85,12 @@ impl Harness {
         if let Some(running) = self.stitch.take() {
             running.stop();
         }
-        let config = config(self.upstream.addr, self.dir.path(), &self.yaml_tail);
+        let config = config(
+            self.upstream.addr,
+            self.dir.path(),
+            &self.storage,
+            &self.yaml_tail,
+        );
         self.stitch = Some(stitch::spawn(&config).unwrap());
     }
 

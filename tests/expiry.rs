@@ -1,0 +1,47 @@
+//! Abandoned uploads expire on their own (clients never say they gave up), and recorded answers
+//! are replayed only for a while.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[tokio::test]
+async fn an_abandoned_upload_expires_and_its_chunks_are_deleted() {
+    let h = Harness::with_storage("  upload_ttl: 1s\n", ROUTES).await;
+    let file = ChunkedFile::resumable("abandoned.bin", random_bytes(3000, 50), 1000);
+    assert_eq!(file.upload(&h, 1).await.status(), 200);
+    assert_eq!(file.test(&h, 1).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        file.test(&h, 1).await.status(),
+        204,
+        "expired: the client uploads it again"
+    );
+    assert!(h
+        .stored_files()
+        .iter()
+        .all(|(p, _)| !p.contains("/blobs/") && !p.contains("/uploads/")));
+}
+
+#[tokio::test]
+async fn a_recorded_answer_is_replayed_until_it_expires_then_a_new_upload_starts() {
+    let h = Harness::with_storage("  result_ttl: 1s\n", ROUTES).await;
+    h.upstream.answer_with(201, "first");
+    let file = ChunkedFile::flow("again.txt", random_bytes(10, 51), 1000);
+    assert_eq!(file.upload(&h, 1).await.status(), 201);
+    assert_eq!(
+        file.upload(&h, 1).await.text().await.unwrap(),
+        "first",
+        "replayed"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    h.upstream.answer_with(201, "second");
+    let again = file.upload(&h, 1).await;
+    assert_eq!(
+        again.text().await.unwrap(),
+        "second",
+        "the same file uploaded anew"
+    );
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 2);
+}
