@@ -22,7 +22,7 @@ fn start_binary(
         .unwrap();
     let path = dir.with_extension("yaml");
     std::fs::write(&path, yaml).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_stitch"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stitch"))
         .arg("--config")
         .arg(&path)
         .stdout(Stdio::null())
@@ -35,6 +35,8 @@ fn start_binary(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
+    child.kill().unwrap();
+    child.wait().unwrap();
     panic!("stitch did not start");
 }
 
