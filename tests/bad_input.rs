@@ -168,9 +168,7 @@ async fn a_truncated_octet_body_is_refused_and_stores_nothing() {
     let (h, mut file) = harness_with_first_chunk().await;
     file.body = Body::Octet;
     let before = h.stored_files();
-    let query = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(file.params(2))
-        .finish();
+    let query = file.query_string(2);
     let addr = h.stitch.as_ref().unwrap().addr;
     let head = format!(
         "POST /upload?{query} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\n\

@@ -128,9 +128,7 @@ async fn head_is_treated_like_a_test_get() {
     let h = Harness::start().await;
     let file = ChunkedFile::flow("head.txt", random_bytes(3000, 8), 1000);
     file.upload(&h, 1).await;
-    let query = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(file.params(1))
-        .finish();
+    let query = file.query_string(1);
     let stored = h
         .client
         .head(h.url(&format!("/flow?{query}")))
@@ -138,9 +136,7 @@ async fn head_is_treated_like_a_test_get() {
         .await
         .unwrap();
     assert_eq!(stored.status(), 200);
-    let query = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(file.params(2))
-        .finish();
+    let query = file.query_string(2);
     let missing = h
         .client
         .head(h.url(&format!("/flow?{query}")))
@@ -174,4 +170,45 @@ routes:
     let last = file.upload_all(&h).await;
     assert_eq!(last.status(), 200);
     assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn a_multipart_request_without_a_file_part_is_a_test() {
+    // Flow.js with `testMethod: 'POST'` sends its test as multipart fields without a file.
+    let h = Harness::start().await;
+    let file = ChunkedFile::flow("posted-test.txt", random_bytes(3000, 9), 1000);
+    let post_test = |n: u64| {
+        let boundary = "----WebKitFormBoundaryPostTest";
+        let mut body = String::new();
+        for (name, value) in file.params(n) {
+            body.push_str(&format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+            ));
+        }
+        body.push_str(&format!("--{boundary}--\r\n"));
+        h.client
+            .post(h.url("/flow"))
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(body)
+            .send()
+    };
+    assert_eq!(post_test(1).await.unwrap().status(), 204);
+    file.upload(&h, 1).await;
+    assert_eq!(post_test(1).await.unwrap().status(), 200);
+    assert!(h.upstream.received().is_empty());
+}
+
+#[tokio::test]
+async fn a_bodiless_post_with_chunk_parameters_is_a_test() {
+    // Resumable.js with `testMethod: 'POST'` sends its parameters in the URL and no body.
+    let h = Harness::start().await;
+    let file = ChunkedFile::resumable("posted.txt", random_bytes(3000, 10), 1000);
+    let query = file.query_string(2);
+    let url = h.url(&format!("/upload?{query}"));
+    assert_eq!(h.client.post(&url).send().await.unwrap().status(), 204);
+    file.upload(&h, 2).await;
+    assert_eq!(h.client.post(&url).send().await.unwrap().status(), 200);
 }

@@ -62,9 +62,7 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
                     for step in 0..parts {
                         let n = (step + worker * 16 + round as u64 * 5) % parts + 1;
                         let (start, end) = file.bounds(n);
-                        let query = url::form_urlencoded::Serializer::new(String::new())
-                            .extend_pairs(file.params(n))
-                            .finish();
+                        let query = file.query_string(n);
                         let _ = client
                             .post(format!("http://{addr}/upload?{query}"))
                             .body(file.data.slice(start, end))
@@ -85,9 +83,7 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
     let (mut child, addr) = start_binary(upstream.addr, &dir);
     let mut survived = 0;
     for n in 1..=file.count() {
-        let query = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(file.params(n))
-            .finish();
+        let query = file.query_string(n);
         let url = format!("http://{addr}/upload?{query}");
         let test = client.get(&url).send().await.unwrap().status();
         if test == 200 {

@@ -203,9 +203,7 @@ async fn identical_chunks_of_different_uploads_are_stored_once() {
 async fn the_forward_carries_the_clients_cookie_and_authorization() {
     let h = Harness::start().await;
     let file = ChunkedFile::flow("auth.txt", random_bytes(10, 21), 1000);
-    let query = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(file.params(1))
-        .finish();
+    let query = file.query_string(1);
     let response = h
         .client
         .post(h.url(&format!("/flow?{query}")))
@@ -236,11 +234,7 @@ routes:
     )
     .await;
     let file = ChunkedFile::resumable("same.txt", random_bytes(2000, 22), 1000);
-    let query = |n| {
-        url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(file.params(n))
-            .finish()
-    };
+    let query = |n| file.query_string(n);
     let send = |n: u64, cookie: &'static str| {
         let (start, end) = file.bounds(n);
         h.client

@@ -72,9 +72,7 @@ async fn requests_on_an_upload_route_without_chunk_parameters_pass_through() {
 async fn one_connection_carries_chunk_answers_and_proxied_answers_alike() {
     let h = Harness::start().await;
     let file = ChunkedFile::resumable("keepalive.txt", random_bytes(3000, 41), 1000);
-    let query = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(file.params(1))
-        .finish();
+    let query = file.query_string(1);
     let addr = h.stitch.as_ref().unwrap().addr;
     let statuses = tokio::task::spawn_blocking(move || {
         let stream = std::net::TcpStream::connect(addr).unwrap();

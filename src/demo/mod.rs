@@ -86,13 +86,7 @@ async fn receive(session: &mut ServerSession) -> Response<Vec<u8>> {
             b"expected multipart/form-data\n".to_vec(),
         );
     };
-    let stream = futures::stream::unfold(&mut *session, |session| async move {
-        match session.read_request_body().await {
-            Ok(Some(piece)) => Some((Ok(piece), session)),
-            Ok(None) => None,
-            Err(e) => Some((Err(e), session)),
-        }
-    });
+    let stream = crate::proxy::io::body_stream(session);
     let mut multipart = multer::Multipart::new(stream, boundary);
     let mut fields = serde_json::Map::new();
     let mut files = Vec::new();

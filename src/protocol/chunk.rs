@@ -17,7 +17,7 @@
 use super::params::{ChunkParams, Fields, ParamError};
 use crate::config::{Route, Scope};
 use crate::forward::DeliveryRequest;
-use crate::proxy::io::{accept_expect_continue, Reply, RequestBody};
+use crate::proxy::io::{accept_expect_continue, body_stream, Reply, RequestBody};
 use crate::store::{BodySource, StageError, UploadKey, UploadMeta};
 use crate::upload::{CoreError, PartStatus, UploadCore};
 use async_trait::async_trait;
@@ -27,7 +27,8 @@ use pingora::proxy::Session;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Room for multipart framing and text fields on top of a route's largest chunk.
+/// Room for multipart framing and text fields on top of a route's largest chunk; also the most
+/// text (names and values) a multipart request may carry.
 const MULTIPART_SLACK: u64 = 1 << 20;
 /// Largest single multipart text field.
 const MAX_TEXT_FIELD: usize = 64 << 10;
@@ -165,16 +166,11 @@ impl Exchange<'_> {
         mut fields: Fields,
         boundary: String,
     ) -> Reply {
-        let stream = futures::stream::unfold(&mut *session, |session| async move {
-            match session.read_request_body().await {
-                Ok(Some(piece)) => Some((Ok(piece), session)),
-                Ok(None) => None,
-                Err(e) => Some((Err(e), session)),
-            }
-        });
+        let stream = body_stream(session.as_downstream_mut());
         let mut multipart = multer::Multipart::new(stream, boundary);
         let file_field = &self.route.params.file_field;
         let mut file = None;
+        let mut text_bytes = 0usize;
         loop {
             match multipart.next_field().await {
                 Ok(Some(field)) if field.name() == Some(file_field.as_str()) => {
@@ -182,7 +178,13 @@ impl Exchange<'_> {
                     break;
                 }
                 Ok(Some(field)) => match read_text(field).await {
-                    Ok((name, value)) => fields.push_body(name, value),
+                    Ok((name, value)) => {
+                        text_bytes += name.len() + value.len();
+                        if text_bytes as u64 > MULTIPART_SLACK {
+                            return Reply::text(415, "too many or too long multipart fields");
+                        }
+                        fields.push_body(name, value)
+                    }
                     Err(reply) => return reply,
                 },
                 Ok(None) => break,

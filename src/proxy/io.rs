@@ -3,7 +3,9 @@
 use crate::store::BodySource;
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::Stream;
 use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
 
 /// A complete response Stitch answers itself.
@@ -69,6 +71,19 @@ impl BodySource for RequestBody<'_> {
     async fn next_piece(&mut self) -> Result<Option<Bytes>, String> {
         self.0.read_request_body().await.map_err(|e| e.to_string())
     }
+}
+
+/// The request body as a stream, for a streaming parser such as multer.
+pub fn body_stream(
+    session: &mut ServerSession,
+) -> impl Stream<Item = pingora::Result<Bytes>> + Send + '_ {
+    futures::stream::unfold(session, |session| async move {
+        match session.read_request_body().await {
+            Ok(Some(piece)) => Some((Ok(piece), session)),
+            Ok(None) => None,
+            Err(e) => Some((Err(e), session)),
+        }
+    })
 }
 
 /// Answers `Expect: 100-continue` (Pingora leaves it to us on this path) without losing

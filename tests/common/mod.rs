@@ -291,6 +291,11 @@ impl ChunkedFile {
         params
     }
 
+    /// The URL query of chunk `number`'s protocol parameters.
+    pub fn query_string(&self, number: u64) -> String {
+        self.query(&self.params(number))
+    }
+
     fn query(&self, pairs: &[(String, String)]) -> String {
         url::form_urlencoded::Serializer::new(String::new())
             .extend_pairs(pairs)

@@ -1,0 +1,186 @@
+//! Ingest and forward benchmark: a 1 GiB file uploaded in 8 MiB multipart chunks, 3 in flight,
+//! through the real `stitch` binary to a recording upstream, with and without per-part fsync.
+//! Compares ingest speed with the disk's own fsync'd write speed, measured in the same run, and
+//! reports Stitch's peak memory (VmHWM). Results go to `benches/results.md`.
+//!
+//! Run: `cargo bench --bench upload` (FILE_MIB=… CHUNK_MIB=… to change the sizes).
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Writes `total` bytes as files of `piece` bytes, each fsynced (as Stitch does per part).
+fn disk_baseline(dir: &std::path::Path, total: u64, piece: u64, fsync: bool) -> f64 {
+    let data = random_bytes(piece as usize, 1);
+    let started = Instant::now();
+    for i in 0..total / piece {
+        let path = dir.join(format!("baseline-{i}"));
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&data).unwrap();
+        if fsync {
+            file.sync_all().unwrap();
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    for i in 0..total / piece {
+        let _ = std::fs::remove_file(dir.join(format!("baseline-{i}")));
+    }
+    mib_per_s(total, seconds)
+}
+
+fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / seconds
+}
+
+fn peak_rss_mib(child: &Child) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+struct Run {
+    fsync: bool,
+    ingest_mib_s: f64,
+    forward_mib_s: f64,
+    peak_rss_mib: f64,
+}
+
+async fn run(file_mib: u64, chunk_mib: u64, fsync: bool) -> Run {
+    let upstream = Upstream::start().await;
+    let root = tempfile::tempdir_in(".").unwrap();
+    let dir = root.path().join("data");
+    let storage = format!("  fsync: {fsync}\n");
+    let routes = format!(
+        "routes:\n  - path: /upload\n    protocol: resumable\n    limits: {{ max_chunk_size: {}MiB }}\n    \
+         forward: {{ path: /app/upload, field: document, timeout: 30m }}\n",
+        chunk_mib * 2
+    );
+    // The test helper writes `fsync: true`; the later key wins in serde_yaml? No: duplicate keys
+    // are an error, so replace it.
+    let yaml = config_yaml(upstream.addr, &dir, "", &routes).replace("  fsync: true\n", &storage);
+    let path = root.path().join("stitch.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let listen: std::net::SocketAddr = yaml.lines().next().unwrap()["listen: ".len()..]
+        .parse()
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stitch"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(listen).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    let chunk = chunk_mib << 20;
+    let count = file_mib / chunk_mib;
+    let client = reqwest::Client::new();
+    let send = |n: u64| {
+        let client = client.clone();
+        async move {
+            let body = random_bytes(chunk as usize, n);
+            let params = [
+                ("resumableChunkNumber", n.to_string()),
+                ("resumableChunkSize", chunk.to_string()),
+                ("resumableCurrentChunkSize", chunk.to_string()),
+                ("resumableTotalSize", (count * chunk).to_string()),
+                ("resumableIdentifier", format!("bench-{fsync}")),
+                ("resumableFilename", "bench.bin".to_string()),
+            ];
+            let pairs: Vec<(String, String)> = params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            let (boundary, head, tail) =
+                multipart_frame(&pairs, "file", "bench.bin", "application/octet-stream");
+            let len = head.len() + body.len() + tail.len();
+            let pieces: Vec<reqwest::Result<bytes::Bytes>> = vec![Ok(head), Ok(body), Ok(tail)];
+            let response = client
+                .post(format!("http://{listen}/upload"))
+                .header(
+                    "content-type",
+                    format!("multipart/form-data; boundary={boundary}"),
+                )
+                .header("content-length", len)
+                .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200, "chunk {n}");
+        }
+    };
+    let started = Instant::now();
+    let mut in_flight = futures::stream::iter((1..count).map(send)).buffer_unordered(3);
+    use futures::StreamExt;
+    while in_flight.next().await.is_some() {}
+    let ingest = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    send(count).await;
+    let forward = started.elapsed().as_secs_f64();
+    let peak = peak_rss_mib(&child);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].files[0].len, count * chunk);
+    Run {
+        fsync,
+        ingest_mib_s: mib_per_s((count - 1) * chunk, ingest),
+        forward_mib_s: mib_per_s(count * chunk, forward),
+        peak_rss_mib: peak,
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let file_mib = env_u64("FILE_MIB", 1024);
+    let chunk_mib = env_u64("CHUNK_MIB", 8);
+    let here = std::path::Path::new(".");
+    let disk_fsync = disk_baseline(here, file_mib << 20, chunk_mib << 20, true);
+    let disk_plain = disk_baseline(here, file_mib << 20, chunk_mib << 20, false);
+    let mut runs = Vec::new();
+    for fsync in [true, false] {
+        runs.push(run(file_mib, chunk_mib, fsync).await);
+    }
+    let mut report = format!(
+        "# Benchmark: {file_mib} MiB file, {chunk_mib} MiB multipart chunks, 3 in flight\n\n\
+         Machine: {} cores. Disk baseline (same directory, {chunk_mib} MiB files): \
+         {disk_fsync:.0} MiB/s with fsync, {disk_plain:.0} MiB/s without.\n\n\
+         | per-part fsync | ingest (MiB/s) | ingest / disk | final chunk + forward of the whole file (MiB/s) | Stitch peak RSS (MiB) |\n\
+         |---|---|---|---|---|\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    for r in &runs {
+        let disk = if r.fsync { disk_fsync } else { disk_plain };
+        report.push_str(&format!(
+            "| {} | {:.0} | {:.0}% | {:.0} | {:.1} |\n",
+            if r.fsync { "on" } else { "off" },
+            r.ingest_mib_s,
+            100.0 * r.ingest_mib_s / disk,
+            r.forward_mib_s,
+            r.peak_rss_mib
+        ));
+    }
+    report.push_str("\nProduced by `cargo bench --bench upload`.\n");
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results.md");
+    std::fs::write(&out, &report).unwrap();
+    println!("{report}");
+}
