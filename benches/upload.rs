@@ -6,7 +6,6 @@
 //! Run: `cargo bench --bench upload` (FILE_MIB=… CHUNK_MIB=… to change the sizes).
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use common::*;
@@ -71,8 +70,7 @@ async fn run(file_mib: u64, chunk_mib: u64, fsync: bool) -> Run {
          forward: {{ path: /app/upload, field: document, timeout: 30m }}\n",
         chunk_mib * 2
     );
-    // The test helper writes `fsync: true`; the later key wins in serde_yaml? No: duplicate keys
-    // are an error, so replace it.
+    // The test helper writes `fsync: true`; YAML keys may not repeat, so it is replaced.
     let yaml = config_yaml(upstream.addr, &dir, "", &routes).replace("  fsync: true\n", &storage);
     let path = root.path().join("stitch.yaml");
     std::fs::write(&path, &yaml).unwrap();
