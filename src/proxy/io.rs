@@ -7,6 +7,8 @@ use futures::Stream;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 /// A complete response Stitch answers itself.
 #[derive(Debug, Clone)]
@@ -74,16 +76,45 @@ impl BodySource for RequestBody<'_> {
 }
 
 /// The request body as a stream, for a streaming parser such as multer.
+///
+/// multer pulls from its stream until the stream is not ready; over a fast connection that
+/// would buffer a whole chunk in memory. This stream hands out one piece (at most 64 KiB on
+/// HTTP/1) per pull, so the parser holds no more than that.
 pub fn body_stream(
     session: &mut ServerSession,
 ) -> impl Stream<Item = pingora::Result<Bytes>> + Send + '_ {
-    futures::stream::unfold(session, |session| async move {
+    let pieces = futures::stream::unfold(session, |session| async move {
         match session.read_request_body().await {
             Ok(Some(piece)) => Some((Ok(piece), session)),
             Ok(None) => None,
             Err(e) => Some((Err(e), session)),
         }
-    })
+    });
+    OnePieceAtATime {
+        inner: Box::pin(pieces),
+        just_yielded: false,
+    }
+}
+
+struct OnePieceAtATime<S> {
+    inner: Pin<Box<S>>,
+    just_yielded: bool,
+}
+
+impl<S: Stream> Stream for OnePieceAtATime<S> {
+    type Item = S::Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        if self.just_yielded {
+            // Not ready "yet": the consumer gets to use the last piece first. Wake at once.
+            self.just_yielded = false;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let next = self.inner.as_mut().poll_next(cx);
+        self.just_yielded = matches!(next, Poll::Ready(Some(_)));
+        next
+    }
 }
 
 /// Answers `Expect: 100-continue` (Pingora leaves it to us on this path) without losing
