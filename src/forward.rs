@@ -6,7 +6,7 @@
 //! and connection settings.
 
 use crate::config::ForwardConfig;
-use crate::store::{ChunkStore, RecordedAnswer, StoreError, UploadKey, UploadMeta};
+use crate::store::{ChunkStore, RecordedAnswer, StoreError, StoredPart, UploadKey, UploadMeta};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue};
 use pingora::connectors::http::Connector;
@@ -73,24 +73,86 @@ impl Forwarder {
         }
     }
 
-    /// Sends parts `1..=part_lens.len()` of `upload` as one file and returns the upstream's answer.
+    /// Sends `file` (the upload's parts, in order) as one file and returns the upstream's
+    /// answer. A pooled connection that turns out to be dead is replaced once; an upstream that
+    /// answers before taking the whole body (a 413, a 401) is heard, not reported as a failure.
     pub async fn send(
         &self,
         chunks: &dyn ChunkStore,
         upload: &UploadKey,
         meta: &UploadMeta,
-        part_lens: &[u64],
+        file: &[StoredPart],
         forward: &ForwardConfig,
         request: &DeliveryRequest,
     ) -> Result<RecordedAnswer, ForwardError> {
         let body = MultipartBody::new(meta, forward, request);
-        let file_len: u64 = part_lens.iter().sum();
+        let header = self.request_header(&body, file, forward, request)?;
+        let mut peer = HttpPeer::new(self.upstream, false, String::new());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.read_timeout = Some(forward.timeout);
+        peer.options.write_timeout = Some(forward.timeout);
+        let mut retried = false;
+        loop {
+            let (mut session, reused) = self
+                .connector
+                .get_http_session(&peer)
+                .await
+                .map_err(classify)?;
+            let sent = send_body(&mut session, header.clone(), &body, chunks, upload, file).await;
+            let answer = match sent {
+                Ok(()) => read_answer(&mut session, upload).await,
+                Err(Failure::Store(e)) => {
+                    session.shutdown().await;
+                    return Err(ForwardError::Store(e));
+                }
+                // The upstream may have refused the request early and said why.
+                Err(Failure::Upstream(e)) => {
+                    match tokio::time::timeout(EARLY_ANSWER_WAIT, read_answer(&mut session, upload))
+                        .await
+                    {
+                        Ok(Ok(answer)) => Ok(answer),
+                        _ => Err(e),
+                    }
+                }
+            };
+            match answer {
+                Ok(answer) => {
+                    self.connector
+                        .release_http_session(session, &peer, peer.idle_timeout())
+                        .await;
+                    return Ok(answer);
+                }
+                Err(e) => {
+                    session.shutdown().await;
+                    // A reused connection may have been closed by the upstream while idle; the
+                    // upstream answered nothing on it, so one more try on another is safe.
+                    if reused && !retried {
+                        log::debug!(
+                            "{upload:?}: pooled upstream connection failed ({e}); retrying"
+                        );
+                        retried = true;
+                        continue;
+                    }
+                    return Err(classify(e));
+                }
+            }
+        }
+    }
+
+    fn request_header(
+        &self,
+        body: &MultipartBody,
+        file: &[StoredPart],
+        forward: &ForwardConfig,
+        request: &DeliveryRequest,
+    ) -> Result<RequestHeader, ForwardError> {
         let mut header = RequestHeader::build("POST", forward.path.as_bytes(), None)
             .map_err(|e| ForwardError::Upstream(e.to_string()))?;
         let host = request
             .host
             .clone()
             .unwrap_or_else(|| HeaderValue::from_str(&self.upstream.to_string()).expect("ascii"));
+        let file_len: u64 = file.iter().map(|p| p.len).sum();
         let content_length = body.head.len() as u64 + file_len + body.tail.len() as u64;
         let content_type = format!("multipart/form-data; boundary={}", body.boundary);
         let fixed = [
@@ -109,61 +171,61 @@ impl Forwarder {
                 .append_header(name, value)
                 .map_err(|e| ForwardError::Upstream(e.to_string()))?;
         }
+        Ok(header)
+    }
+}
 
-        let mut peer = HttpPeer::new(self.upstream, false, String::new());
-        peer.options.connection_timeout = Some(self.connect_timeout);
-        peer.options.read_timeout = Some(forward.timeout);
-        peer.options.write_timeout = Some(forward.timeout);
-        let (mut session, _reused) = self
-            .connector
-            .get_http_session(&peer)
-            .await
-            .map_err(classify)?;
-        let exchange = async {
-            session
-                .write_request_header(Box::new(header))
+/// How long to listen for an early answer after the upstream stopped taking the body.
+const EARLY_ANSWER_WAIT: Duration = Duration::from_secs(5);
+
+enum Failure {
+    Upstream(Box<pingora::Error>),
+    Store(StoreError),
+}
+
+/// Writes the request: header, the text parts, every part of the file from the store, the tail.
+async fn send_body(
+    session: &mut HttpSession,
+    header: RequestHeader,
+    body: &MultipartBody,
+    chunks: &dyn ChunkStore,
+    upload: &UploadKey,
+    file: &[StoredPart],
+) -> Result<(), Failure> {
+    session
+        .write_request_header(Box::new(header))
+        .await
+        .map_err(Failure::Upstream)?;
+    session
+        .write_request_body(body.head.clone(), false)
+        .await
+        .map_err(Failure::Upstream)?;
+    for part in file {
+        let mut reader = chunks.open(upload, part).await.map_err(Failure::Store)?;
+        let mut buffer = BytesMut::with_capacity(READ_BUFFER);
+        loop {
+            buffer.reserve(READ_BUFFER);
+            let read = reader
+                .read_buf(&mut buffer)
                 .await
-                .map_err(classify)?;
-            session
-                .write_request_body(body.head.clone(), false)
-                .await
-                .map_err(classify)?;
-            for number in 1..=part_lens.len() as u64 {
-                let mut part = chunks.open(upload, number).await?;
-                let mut buffer = BytesMut::with_capacity(READ_BUFFER);
-                loop {
-                    buffer.reserve(READ_BUFFER);
-                    if part.read_buf(&mut buffer).await.map_err(StoreError::Io)? == 0 {
-                        break;
-                    }
-                    let piece = buffer.split().freeze();
-                    session
-                        .write_request_body(piece, false)
-                        .await
-                        .map_err(classify)?;
-                }
+                .map_err(|e| Failure::Store(StoreError::Io(e)))?;
+            if read == 0 {
+                break;
             }
             session
-                .write_request_body(body.tail.clone(), true)
+                .write_request_body(buffer.split().freeze(), false)
                 .await
-                .map_err(classify)?;
-            session.finish_request_body().await.map_err(classify)?;
-            read_answer(&mut session, upload).await.map_err(classify)
-        }
-        .await;
-        match exchange {
-            Ok(answer) => {
-                self.connector
-                    .release_http_session(session, &peer, peer.idle_timeout())
-                    .await;
-                Ok(answer)
-            }
-            Err(e) => {
-                session.shutdown().await;
-                Err(e)
-            }
+                .map_err(Failure::Upstream)?;
         }
     }
+    session
+        .write_request_body(body.tail.clone(), true)
+        .await
+        .map_err(Failure::Upstream)?;
+    session
+        .finish_request_body()
+        .await
+        .map_err(Failure::Upstream)
 }
 
 /// Reads the upstream's response (skipping 1xx) into a record that can be replayed.
@@ -194,6 +256,7 @@ async fn read_answer(
     }
     Ok(RecordedAnswer {
         status: response.status.as_u16(),
+        fields: String::new(),
         headers: response
             .headers
             .iter()

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod demo;
 pub mod forward;
+mod locks;
 pub mod protocol;
 pub mod proxy;
 pub mod server;

@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot open storage directory {dir}: {source}")]
-    Storage { dir: String, source: std::io::Error },
+    Storage {
+        dir: String,
+        source: crate::store::fs::OpenError,
+    },
     #[error("nothing accepts connections on {0} (is the port taken?)")]
     Listen(SocketAddr),
 }

@@ -189,8 +189,9 @@ async fn a_truncated_multipart_body_is_refused_and_stores_nothing() {
     let (boundary, head_part, _) = multipart_frame(&file.params(2), "file", &file.name, "x/y");
     let addr = h.stitch.as_ref().unwrap().addr;
     let body = [head_part.to_vec(), vec![9u8; 500]].concat();
+    let query = file.query_string(2);
     let head = format!(
-        "POST /upload HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n\
+        "POST /upload?{query} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n\
          Content-Length: {}\r\n\r\n",
         body.len() + 600
     );

@@ -264,3 +264,80 @@ routes:
     let request = assert_delivered_once(&h, &file);
     assert_eq!(request.header("cookie"), Some("session=alice"));
 }
+
+#[tokio::test]
+async fn an_upstream_500_reaches_the_client_as_502_so_it_retries_and_the_retry_delivers() {
+    let h = Harness::start().await;
+    h.upstream.answer_with(500, "database down");
+    let file = ChunkedFile::resumable("flaky.txt", random_bytes(2000, 23), 1000);
+    let failed = file.upload_all(&h).await;
+    assert_eq!(
+        failed.status(),
+        502,
+        "500 would make both clients give up for good"
+    );
+    assert_eq!(failed.text().await.unwrap(), "database down");
+    h.upstream.answer_with(200, "saved");
+    assert_eq!(file.upload(&h, 2).await.status(), 200);
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 2);
+    assert_eq!(blob_count(&h), 0);
+}
+
+#[tokio::test]
+async fn an_upstream_success_without_content_reaches_the_client_as_200() {
+    let h = Harness::start().await;
+    h.upstream.answer_with(204, "");
+    let file = ChunkedFile::flow("nocontent.txt", random_bytes(1500, 24), 1000);
+    let done = file.upload_all(&h).await;
+    assert_eq!(
+        done.status(),
+        200,
+        "Resumable.js retries a 204, Flow.js fails it"
+    );
+    assert_delivered_once(&h, &file);
+    assert_eq!(file.upload(&h, 1).await.status(), 200, "the replay too");
+}
+
+#[tokio::test]
+async fn the_same_file_sent_again_with_other_fields_is_a_new_upload() {
+    let h = Harness::start().await;
+    let mut file = ChunkedFile::resumable("report.pdf", random_bytes(2000, 25), 1000);
+    file.extra = vec![("folder".into(), "a".into())];
+    h.upstream.answer_with(201, "in a");
+    assert_eq!(file.upload_all(&h).await.text().await.unwrap(), "in a");
+    assert_eq!(
+        file.upload(&h, 2).await.text().await.unwrap(),
+        "in a",
+        "same fields: replay"
+    );
+
+    file.extra = vec![("folder".into(), "b".into())];
+    h.upstream.answer_with(201, "in b");
+    assert_eq!(
+        file.test(&h, 1).await.status(),
+        204,
+        "nothing stored for this one yet"
+    );
+    assert_eq!(file.upload_all(&h).await.text().await.unwrap(), "in b");
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].field("folder"), Some("b"));
+    assert_eq!(received[1].files[0].sha256, file.sha256());
+}
+
+#[tokio::test]
+async fn an_upstream_refusing_before_reading_the_file_is_heard() {
+    let h = Harness::start().await;
+    h.upstream.refuse_early(413, "too big for us");
+    let file = ChunkedFile::resumable("huge.bin", random_bytes(16 << 20, 28), 4 << 20);
+    let refused = file.upload_all(&h).await;
+    assert_eq!(refused.status(), 413);
+    assert_eq!(refused.text().await.unwrap(), "too big for us");
+    assert_eq!(blob_count(&h), 0, "a final refusal ends the upload");
+    assert_eq!(
+        file.upload(&h, 4).await.status(),
+        413,
+        "replayed, not sent again"
+    );
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+}

@@ -15,11 +15,11 @@
 //! | upstream unreachable / too slow at completion | 502 / 504 (parts kept) |
 
 use super::params::{ChunkParams, Fields, ParamError};
-use crate::config::{Route, Scope};
+use crate::config::{Protocol, Route, Scope};
 use crate::forward::DeliveryRequest;
 use crate::proxy::io::{accept_expect_continue, body_stream, Reply, RequestBody};
 use crate::store::{BodySource, StageError, UploadKey, UploadMeta};
-use crate::upload::{CoreError, PartStatus, UploadCore};
+use crate::upload::{CoreError, FieldsDigest, PartStatus, UploadCore};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::Method;
@@ -30,6 +30,9 @@ use std::time::Duration;
 /// Room for multipart framing and text fields on top of a route's largest chunk; also the most
 /// text (names and values) a multipart request may carry.
 const MULTIPART_SLACK: u64 = 1 << 20;
+/// What each multipart field counts against the text budget besides its name and value, so that
+/// a flood of empty fields is bounded too.
+const FIELD_OVERHEAD: usize = 128;
 /// Largest single multipart text field.
 const MAX_TEXT_FIELD: usize = 64 << 10;
 /// How long an unread body may take to drain before an early answer is sent.
@@ -50,7 +53,10 @@ pub async fn handle(
         .and_then(|ct| multer::parse_boundary(ct).ok());
     let is_test_method = header.method == Method::GET || header.method == Method::HEAD;
     let in_query = fields.get(&route.params.chunk_number).is_some();
-    if !in_query && (is_test_method || boundary.is_none()) {
+    // Resumable.js always puts its parameters in the URL; Flow.js puts them only in a multipart
+    // body, so on a Flow route every multipart upload is chunk traffic.
+    let flow_multipart = route.protocol == Protocol::Flow && boundary.is_some() && !is_test_method;
+    if !in_query && !flow_multipart {
         return Ok(false);
     }
     let exchange = Exchange {
@@ -69,7 +75,6 @@ pub async fn handle(
         accept_expect_continue(session).await?;
         exchange.multipart(session, fields, boundary).await
     } else {
-        accept_expect_continue(session).await?;
         exchange.octet(session, &fields).await
     };
     if !session.is_body_done() {
@@ -92,11 +97,7 @@ struct Exchange<'a> {
 
 impl Exchange<'_> {
     /// Parses and checks the parameters, and derives the upload's key.
-    fn identify(
-        &self,
-        fields: &Fields,
-        body_type: Option<&str>,
-    ) -> Result<(UploadKey, UploadMeta, ChunkParams), ParamError> {
+    fn identify(&self, fields: &Fields, body_type: Option<&str>) -> Result<Chunk, ParamError> {
         let params = ChunkParams::parse(fields, &self.route.params, &self.route.limits)?;
         let key = UploadKey::derive(&[
             b"stitch upload v1",
@@ -110,32 +111,44 @@ impl Exchange<'_> {
             file_name: params.file_name.clone(),
             file_type: params.file_type(self.route.protocol, body_type),
         };
-        Ok((key, meta, params))
+        let app_fields = self.app_fields(fields);
+        Ok(Chunk {
+            key,
+            meta,
+            params,
+            digest: FieldsDigest::of(&app_fields),
+            app_fields,
+        })
     }
 
     /// A test: is this chunk stored? If the upload is complete, this request delivers it.
     async fn test(&self, fields: &Fields, body_type: Option<&str>) -> Reply {
-        let (key, meta, params) = match self.identify(fields, body_type) {
-            Ok(found) => found,
+        let chunk = match self.identify(fields, body_type) {
+            Ok(chunk) => chunk,
             Err(e) => return Reply::text(415, e.0),
         };
-        match self.core.status(&key, &meta, params.part).await {
+        let status = self
+            .core
+            .status(&chunk.key, &chunk.meta, chunk.params.part, &chunk.digest)
+            .await;
+        match status {
             Ok(PartStatus::Missing) => Reply::empty(204),
-            Ok(status) => self.conclude(key, fields, status).await,
+            Ok(status) => self.conclude(chunk, status).await,
             Err(e) => core_error(e),
         }
     }
 
     /// Turns the state after a stored (or already present) chunk into the reply.
-    async fn conclude(&self, key: UploadKey, fields: &Fields, status: PartStatus) -> Reply {
+    async fn conclude(&self, chunk: Chunk, status: PartStatus) -> Reply {
         match status {
-            PartStatus::Missing => Reply::text(500, "the chunk was not stored; retry"),
+            PartStatus::Missing => Reply::text(503, "the chunk was not stored; retry"),
             PartStatus::Stored { complete: false } => Reply::text(200, "chunk stored"),
             PartStatus::Delivered(answer) => relay(answer),
             PartStatus::Stored { complete: true } => {
                 let mut request = self.delivery.clone();
-                request.fields = self.app_fields(fields);
-                let delivery = self.core.deliver(key, &self.route.forward, request).await;
+                request.fields = chunk.app_fields;
+                let forward = &self.route.forward;
+                let delivery = self.core.deliver(chunk.key, forward, request).await;
                 relay(delivery.answer.clone())
             }
         }
@@ -144,17 +157,21 @@ impl Exchange<'_> {
     /// A raw-body upload (`method: 'octet'`): parameters in the URL, the chunk is the body.
     async fn octet(&self, session: &mut Session, fields: &Fields) -> Reply {
         let body_type = header_str(session, http::header::CONTENT_TYPE).map(str::to_string);
-        let (key, meta, params) = match self.identify(fields, body_type.as_deref()) {
-            Ok(found) => found,
+        let chunk = match self.identify(fields, body_type.as_deref()) {
+            Ok(chunk) => chunk,
             Err(e) => return Reply::text(415, e.0),
         };
-        if params.part.len > 0 && session.is_body_empty() {
+        if chunk.params.part.len > 0 && session.is_body_empty() {
             return self.test(fields, body_type.as_deref()).await;
+        }
+        // Only now, with the parameters checked, ask a waiting client for the body.
+        if let Err(e) = accept_expect_continue(session).await {
+            return Reply::text(400, format!("could not answer Expect: {e}"));
         }
         let declared = content_length(session);
         let mut body = RequestBody(session);
-        match self.store(&key, &meta, &params, &mut body, declared).await {
-            Ok(status) => self.conclude(key, fields, status).await,
+        match self.store(&chunk, &mut body, declared).await {
+            Ok(status) => self.conclude(chunk, status).await,
             Err(reply) => reply,
         }
     }
@@ -179,7 +196,7 @@ impl Exchange<'_> {
                 }
                 Ok(Some(field)) => match read_text(field).await {
                     Ok((name, value)) => {
-                        text_bytes += name.len() + value.len();
+                        text_bytes += name.len() + value.len() + FIELD_OVERHEAD;
                         if text_bytes as u64 > MULTIPART_SLACK {
                             return Reply::text(415, "too many or too long multipart fields");
                         }
@@ -199,18 +216,18 @@ impl Exchange<'_> {
             // Chunk parameters without a chunk: Flow's test when `testMethod` is not GET.
             return self.test(&fields, body_type.as_deref()).await;
         };
-        let (key, meta, params) = match self.identify(&fields, body_type.as_deref()) {
-            Ok(found) => found,
+        let chunk = match self.identify(&fields, body_type.as_deref()) {
+            Ok(chunk) => chunk,
             Err(e) => return Reply::text(415, e.0),
         };
         let mut body = FieldBody(field);
-        let stored = self.store(&key, &meta, &params, &mut body, None).await;
+        let stored = self.store(&chunk, &mut body, None).await;
         drop(body);
         while let Ok(Some(mut rest)) = multipart.next_field().await {
             while let Ok(Some(_)) = rest.chunk().await {}
         }
         match stored {
-            Ok(status) => self.conclude(key, &fields, status).await,
+            Ok(status) => self.conclude(chunk, status).await,
             Err(reply) => reply,
         }
     }
@@ -219,13 +236,18 @@ impl Exchange<'_> {
     /// `framed_len` is the body length the request's framing announced, if any.
     async fn store(
         &self,
-        key: &UploadKey,
-        meta: &UploadMeta,
-        params: &ChunkParams,
+        chunk: &Chunk,
         body: &mut dyn BodySource,
         framed_len: Option<u64>,
     ) -> Result<PartStatus, Reply> {
-        match self.core.status(key, meta, params.part).await {
+        let Chunk {
+            key, meta, params, ..
+        } = chunk;
+        match self
+            .core
+            .status(key, meta, params.part, &chunk.digest)
+            .await
+        {
             Ok(PartStatus::Missing) => {}
             Ok(known) => {
                 while let Ok(Some(_)) = body.next_piece().await {}
@@ -263,7 +285,7 @@ impl Exchange<'_> {
             return Err(Reply::text(415, message));
         }
         self.core
-            .commit(key, meta, params.part, staged)
+            .commit(key, meta, params.part, staged, &chunk.digest)
             .await
             .map_err(core_error)
     }
@@ -284,6 +306,15 @@ impl Exchange<'_> {
             })
             .collect()
     }
+}
+
+/// One chunk request, understood: which upload, what it declares, what the upstream would get.
+struct Chunk {
+    key: UploadKey,
+    meta: UploadMeta,
+    params: ChunkParams,
+    app_fields: Vec<(String, String)>,
+    digest: FieldsDigest,
 }
 
 /// The file part as a body source.
@@ -319,9 +350,19 @@ async fn read_text(mut field: multer::Field<'_>) -> Result<(String, String), Rep
     Ok((name, value))
 }
 
+/// The upstream's answer as the client should see it: its headers and body, with a status the
+/// clients read as intended. Resumable.js retries a 202 or 204 as if it failed and Flow.js fails
+/// a 204, so a success is 200 (or 201); both give up for good on 500 and 501, so an upstream
+/// failure that a retry can mend is 502.
 fn relay(answer: crate::store::RecordedAnswer) -> Reply {
+    let status = match answer.status {
+        200 | 201 => answer.status,
+        202..=299 => 200,
+        500 | 501 => 502,
+        other => other,
+    };
     Reply {
-        status: answer.status,
+        status,
         headers: answer.headers,
         body: answer.body,
     }

@@ -46,13 +46,13 @@ impl Fields {
 
     /// Every name once, with its chosen value, in the order the client sent them.
     pub fn merged(&self) -> Vec<(String, String)> {
-        let mut out: Vec<(String, String)> = Vec::new();
-        for (name, value) in self.body.iter().chain(&self.query) {
-            if !out.iter().any(|(n, _)| n == name) {
-                out.push((name.clone(), value.clone()));
-            }
-        }
-        out
+        let mut seen = std::collections::HashSet::new();
+        self.body
+            .iter()
+            .chain(&self.query)
+            .filter(|(name, _)| seen.insert(name.as_str()))
+            .cloned()
+            .collect()
     }
 }
 

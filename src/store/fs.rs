@@ -1,6 +1,7 @@
 //! Local-disk engine for both stores (the default, single-instance setup).
 //!
 //! ```text
+//! <dir>/lock                             held by the one Stitch process using this directory
 //! <dir>/tmp/<random>                     bytes being staged; cleared at start-up
 //! <dir>/blobs/<aa>/<sha256>              one file per distinct content (deduplication)
 //! <dir>/uploads/<key>/meta.json          pinned metadata
@@ -8,14 +9,16 @@
 //! <dir>/uploads/<key>/answer             the upstream's recorded answer
 //! ```
 //!
-//! Publishing is `rename` (blob) then `link` (part), each atomic, with the file and its directory
-//! fsynced first when `fsync` is on. A crash leaves either no part or a whole one. A blob's link
-//! count says how many parts use it, so the last upload to let go of it deletes it.
+//! Publishing is `rename` (blob) then `link` (part), each atomic, with the file and every
+//! directory it is entered in fsynced first when `fsync` is on. A crash leaves either no part or
+//! a whole one. A blob's link count says how many parts use it, so whoever lets go of it last
+//! deletes it; a blob orphaned by a crash between `rename` and `link` is collected later.
 
 use super::{
     BodySource, ChunkStore, RecordedAnswer, StageError, StagedPart, StateStore, StoreError,
-    UploadKey, UploadMeta,
+    StoredPart, UploadKey, UploadMeta,
 };
+use crate::locks::KeyedLocks;
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -24,29 +27,48 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncWriteExt};
-use tokio::sync::Mutex;
+
+/// Linux's "too many links" (a blob shared by ~65,000 parts on ext4).
+const EMLINK: i32 = 31;
 
 pub struct FsStore {
     root: PathBuf,
     fsync: bool,
-    /// Serializes link/unlink of blobs so that a blob is never deleted while a part is linked to
-    /// it. Held only for renames and links, never while bytes are written.
-    blob_lock: Mutex<()>,
+    /// Held while a blob is created or linked, and while it is unlinked, so that a blob is never
+    /// deleted between the check that it exists and the link that uses it.
+    blob_locks: KeyedLocks<[u8; 32]>,
+    /// The directory lock: kept open for the life of the store.
+    _lock: std::fs::File,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("another Stitch process uses this storage directory")]
+    InUse,
 }
 
 impl FsStore {
-    /// Opens (creating if needed) a storage directory and clears half-written leftovers.
-    pub fn open(root: &Path, fsync: bool) -> std::io::Result<FsStore> {
+    /// Opens (creating if needed) a storage directory, takes its lock, and clears half-written
+    /// leftovers.
+    pub fn open(root: &Path, fsync: bool) -> Result<FsStore, OpenError> {
         for sub in ["tmp", "blobs", "uploads"] {
             std::fs::create_dir_all(root.join(sub))?;
         }
+        let lock = std::fs::File::create(root.join("lock"))?;
+        lock.try_lock().map_err(|e| match e {
+            std::fs::TryLockError::WouldBlock => OpenError::InUse,
+            std::fs::TryLockError::Error(e) => OpenError::Io(e),
+        })?;
         for entry in std::fs::read_dir(root.join("tmp"))? {
             let _ = std::fs::remove_file(entry?.path());
         }
         Ok(FsStore {
             root: root.to_path_buf(),
             fsync,
-            blob_lock: Mutex::new(()),
+            blob_locks: KeyedLocks::default(),
+            _lock: lock,
         })
     }
 
@@ -59,6 +81,12 @@ impl FsStore {
         self.root.join("blobs").join(&hex[..2]).join(hex)
     }
 
+    fn tmp_path(&self) -> (String, PathBuf) {
+        let name = hex::encode(rand::random::<[u8; 16]>());
+        let path = self.root.join("tmp").join(&name);
+        (name, path)
+    }
+
     async fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
         if !self.fsync {
             return Ok(());
@@ -69,11 +97,34 @@ impl FsStore {
             .map_err(std::io::Error::other)?
     }
 
+    /// Creates `dir` and any missing parents, making each new entry durable in its parent.
+    async fn create_dir_durable(&self, dir: &Path) -> std::io::Result<()> {
+        let mut missing = Vec::new();
+        let mut cursor = dir;
+        while !tokio::fs::try_exists(cursor).await? {
+            missing.push(cursor.to_path_buf());
+            cursor = match cursor.parent() {
+                Some(parent) => parent,
+                None => break,
+            };
+        }
+        for created in missing.iter().rev() {
+            match tokio::fs::create_dir(created).await {
+                Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+            if let Some(parent) = created.parent() {
+                self.sync_dir(parent).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes a small file atomically: temporary name, fsync, rename, fsync the directory.
     async fn write_atomic(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let dir = path.parent().expect("store paths have a parent");
-        tokio::fs::create_dir_all(dir).await?;
-        let tmp = self.root.join("tmp").join(random_name());
+        self.create_dir_durable(dir).await?;
+        let (_, tmp) = self.tmp_path();
         let mut file = tokio::fs::File::create(&tmp).await?;
         file.write_all(bytes).await?;
         if self.fsync {
@@ -82,15 +133,6 @@ impl FsStore {
         drop(file);
         tokio::fs::rename(&tmp, path).await?;
         self.sync_dir(dir).await
-    }
-
-    /// Finds the directory entry of part `number`, if stored.
-    async fn part_entry(&self, upload: &UploadKey, number: u64) -> std::io::Result<Option<Part>> {
-        Ok(self
-            .list_parts(upload)
-            .await?
-            .into_iter()
-            .find(|p| p.number == number))
     }
 
     async fn list_parts(&self, upload: &UploadKey) -> std::io::Result<Vec<Part>> {
@@ -103,13 +145,25 @@ impl FsStore {
         let mut parts = Vec::new();
         while let Some(entry) = entries.next_entry().await? {
             if let Some(part) = entry.file_name().to_str().and_then(Part::parse) {
-                parts.push(Part {
-                    path: entry.path(),
-                    ..part
-                });
+                parts.push(part);
             }
         }
         Ok(parts)
+    }
+
+    /// Links part `name` to its blob; past the file system's link limit, copies the blob.
+    async fn link_part(&self, blob: &Path, part: &Path) -> std::io::Result<()> {
+        match tokio::fs::hard_link(blob, part).await {
+            Err(e) if e.raw_os_error() == Some(EMLINK) => {
+                let (_, tmp) = self.tmp_path();
+                tokio::fs::copy(blob, &tmp).await?;
+                if self.fsync {
+                    tokio::fs::File::open(&tmp).await?.sync_all().await?;
+                }
+                tokio::fs::rename(&tmp, part).await
+            }
+            other => other,
+        }
     }
 }
 
@@ -118,7 +172,7 @@ struct Part {
     number: u64,
     len: u64,
     digest: [u8; 32],
-    path: PathBuf,
+    name: String,
 }
 
 impl Part {
@@ -132,20 +186,15 @@ impl Part {
             number,
             len,
             digest,
-            path: PathBuf::new(),
+            name: name.to_string(),
         })
     }
-}
-
-fn random_name() -> String {
-    hex::encode(rand::random::<[u8; 16]>())
 }
 
 #[async_trait]
 impl ChunkStore for FsStore {
     async fn stage(&self, body: &mut dyn BodySource, limit: u64) -> Result<StagedPart, StageError> {
-        let token = random_name();
-        let path = self.root.join("tmp").join(&token);
+        let (token, path) = self.tmp_path();
         let mut file = tokio::fs::File::create(&path)
             .await
             .map_err(StoreError::Io)?;
@@ -190,8 +239,13 @@ impl ChunkStore for FsStore {
         let tmp = self.root.join("tmp").join(&staged.token);
         let blob = self.blob_path(&staged.digest);
         let parts_dir = self.upload_dir(upload).join("parts");
-        let _guard = self.blob_lock.lock().await;
-        if self.part_entry(upload, number).await?.is_some() {
+        let _guard = self.blob_locks.lock(staged.digest).await;
+        if self
+            .list_parts(upload)
+            .await?
+            .iter()
+            .any(|p| p.number == number)
+        {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Ok(false);
         }
@@ -199,50 +253,54 @@ impl ChunkStore for FsStore {
             let _ = tokio::fs::remove_file(&tmp).await;
         } else {
             let blob_dir = blob.parent().expect("blob paths have a parent");
-            tokio::fs::create_dir_all(blob_dir).await?;
+            self.create_dir_durable(blob_dir).await?;
             tokio::fs::rename(&tmp, &blob).await?;
             self.sync_dir(blob_dir).await?;
         }
-        tokio::fs::create_dir_all(&parts_dir).await?;
+        self.create_dir_durable(&parts_dir).await?;
         let name = format!("{number}-{}-{}", staged.len, hex::encode(staged.digest));
-        tokio::fs::hard_link(&blob, parts_dir.join(name)).await?;
+        self.link_part(&blob, &parts_dir.join(name)).await?;
         self.sync_dir(&parts_dir).await?;
         Ok(true)
     }
 
-    async fn parts(&self, upload: &UploadKey) -> Result<BTreeMap<u64, u64>, StoreError> {
+    async fn parts(&self, upload: &UploadKey) -> Result<BTreeMap<u64, StoredPart>, StoreError> {
         Ok(self
             .list_parts(upload)
             .await?
             .into_iter()
-            .map(|p| (p.number, p.len))
+            .map(|p| {
+                let part = StoredPart {
+                    len: p.len,
+                    locator: p.name,
+                };
+                (p.number, part)
+            })
             .collect())
     }
 
     async fn open(
         &self,
         upload: &UploadKey,
-        number: u64,
+        part: &StoredPart,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StoreError> {
-        let part = self
-            .part_entry(upload, number)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(format!("{upload:?} has no part {number}")))?;
-        let file = tokio::fs::File::open(&part.path).await?;
+        let path = self.upload_dir(upload).join("parts").join(&part.locator);
+        let file = tokio::fs::File::open(&path).await?;
         let actual = file.metadata().await?.len();
         if actual != part.len {
             return Err(StoreError::Corrupt(format!(
-                "{upload:?} part {number} has {actual} bytes, expected {}",
-                part.len
+                "{upload:?} part {} has {actual} bytes, expected {}",
+                part.locator, part.len
             )));
         }
         Ok(Box::new(file))
     }
 
     async fn remove_parts(&self, upload: &UploadKey) -> Result<(), StoreError> {
-        let _guard = self.blob_lock.lock().await;
+        let parts_dir = self.upload_dir(upload).join("parts");
         for part in self.list_parts(upload).await? {
-            tokio::fs::remove_file(&part.path).await?;
+            let _guard = self.blob_locks.lock(part.digest).await;
+            tokio::fs::remove_file(parts_dir.join(&part.name)).await?;
             let blob = self.blob_path(&part.digest);
             match tokio::fs::metadata(&blob).await {
                 Ok(meta) if meta.nlink() <= 1 => tokio::fs::remove_file(&blob).await?,
@@ -251,10 +309,34 @@ impl ChunkStore for FsStore {
                 Err(e) => return Err(e.into()),
             }
         }
-        match tokio::fs::remove_dir(self.upload_dir(upload).join("parts")).await {
+        match tokio::fs::remove_dir(&parts_dir).await {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
+    }
+
+    async fn collect_garbage(&self) -> Result<usize, StoreError> {
+        let mut removed = 0;
+        let mut shards = tokio::fs::read_dir(self.root.join("blobs")).await?;
+        while let Some(shard) = shards.next_entry().await? {
+            let mut blobs = tokio::fs::read_dir(shard.path()).await?;
+            while let Some(blob) = blobs.next_entry().await? {
+                let mut digest = [0u8; 32];
+                let name = blob.file_name();
+                let Some(hex) = name.to_str() else { continue };
+                if hex::decode_to_slice(hex, &mut digest).is_err() {
+                    continue;
+                }
+                // Under the blob's lock, one link means no part uses it and no publish is
+                // between creating and linking it.
+                let _guard = self.blob_locks.lock(digest).await;
+                if tokio::fs::metadata(blob.path()).await?.nlink() <= 1 {
+                    tokio::fs::remove_file(blob.path()).await?;
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -309,22 +391,30 @@ impl StateStore for FsStore {
         Ok(self.write_atomic(&path, &bytes).await?)
     }
 
-    async fn uploads(&self) -> Result<Vec<(UploadKey, SystemTime)>, StoreError> {
+    async fn uploads(&self) -> Result<Vec<UploadKey>, StoreError> {
         let mut found = Vec::new();
         let mut entries = tokio::fs::read_dir(self.root.join("uploads")).await?;
         while let Some(entry) = entries.next_entry().await? {
-            let Some(key) = entry.file_name().to_str().and_then(UploadKey::from_hex) else {
-                continue;
-            };
-            let mut latest = entry.metadata().await?.modified()?;
-            for name in ["meta.json", "parts", "answer"] {
-                if let Ok(meta) = tokio::fs::metadata(entry.path().join(name)).await {
-                    latest = latest.max(meta.modified()?);
-                }
+            if let Some(key) = entry.file_name().to_str().and_then(UploadKey::from_hex) {
+                found.push(key);
             }
-            found.push((key, latest));
         }
         Ok(found)
+    }
+
+    async fn last_activity(&self, upload: &UploadKey) -> Result<Option<SystemTime>, StoreError> {
+        let dir = self.upload_dir(upload);
+        let mut latest = match tokio::fs::metadata(&dir).await {
+            Ok(meta) => meta.modified()?,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        for name in ["meta.json", "parts", "answer"] {
+            if let Ok(meta) = tokio::fs::metadata(dir.join(name)).await {
+                latest = latest.max(meta.modified()?);
+            }
+        }
+        Ok(Some(latest))
     }
 
     async fn remove(&self, upload: &UploadKey) -> Result<(), StoreError> {

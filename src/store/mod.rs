@@ -64,8 +64,19 @@ pub struct UploadMeta {
 pub struct RecordedAnswer {
     pub status: u16,
     pub headers: Vec<(String, String)>,
+    /// Digest of the application fields the upstream was sent (see `upload::FieldsDigest`).
+    #[serde(default)]
+    pub fields: String,
     #[serde(skip)]
     pub body: Bytes,
+}
+
+/// A published part: its length, and where the engine keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPart {
+    pub len: u64,
+    /// Engine-specific (for `fs`, the part's file name).
+    locator: String,
 }
 
 /// Bytes of one part, written and flushed but not yet visible as a part of any upload.
@@ -116,16 +127,19 @@ pub trait ChunkStore: Send + Sync {
         number: u64,
         staged: StagedPart,
     ) -> Result<bool, StoreError>;
-    /// Stored parts of an upload: part number to length.
-    async fn parts(&self, upload: &UploadKey) -> Result<BTreeMap<u64, u64>, StoreError>;
+    /// Stored parts of an upload, by part number.
+    async fn parts(&self, upload: &UploadKey) -> Result<BTreeMap<u64, StoredPart>, StoreError>;
     /// Reads one stored part.
     async fn open(
         &self,
         upload: &UploadKey,
-        number: u64,
+        part: &StoredPart,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StoreError>;
     /// Forgets every part of an upload; bytes no other upload shares are deleted.
     async fn remove_parts(&self, upload: &UploadKey) -> Result<(), StoreError>;
+    /// Deletes bytes that no part uses (left by a crash between storing and publishing).
+    /// Returns how many blobs were deleted.
+    async fn collect_garbage(&self) -> Result<usize, StoreError>;
 }
 
 #[async_trait]
@@ -142,8 +156,10 @@ pub trait StateStore: Send + Sync {
         upload: &UploadKey,
         answer: &RecordedAnswer,
     ) -> Result<(), StoreError>;
-    /// Every upload with its last activity (for expiry).
-    async fn uploads(&self) -> Result<Vec<(UploadKey, SystemTime)>, StoreError>;
+    /// Every upload that has state.
+    async fn uploads(&self) -> Result<Vec<UploadKey>, StoreError>;
+    /// When the upload last changed (a part published, metadata or answer saved).
+    async fn last_activity(&self, upload: &UploadKey) -> Result<Option<SystemTime>, StoreError>;
     /// Forgets an upload's state (call `ChunkStore::remove_parts` first).
     async fn remove(&self, upload: &UploadKey) -> Result<(), StoreError>;
 }

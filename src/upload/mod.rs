@@ -11,17 +11,16 @@
 //! publishing, delivering) happen under the upload's lock. Deliveries are single-flight: requests
 //! that complete the same upload at once share one forward and its answer.
 
-mod locks;
-
 use crate::config::ForwardConfig;
 use crate::forward::{DeliveryRequest, ForwardError, Forwarder};
+use crate::locks::KeyedLocks;
 use crate::store::{
     BodySource, ChunkStore, RecordedAnswer, StageError, StagedPart, StateStore, StoreError,
-    UploadKey, UploadMeta,
+    StoredPart, UploadKey, UploadMeta,
 };
 use bytes::Bytes;
 use dashmap::DashMap;
-use locks::UploadLocks;
+use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -34,6 +33,25 @@ pub struct PartRef {
     pub number: u64,
     /// Bytes the chunk holds.
     pub len: u64,
+}
+
+/// What a request would send to the upstream besides the file (its application fields). A
+/// recorded answer is replayed only to requests with the same fields: the same file sent again
+/// with other fields (another folder, another record) is a new upload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldsDigest(String);
+
+impl FieldsDigest {
+    pub fn of(fields: &[(String, String)]) -> FieldsDigest {
+        let mut hasher = Sha256::new();
+        for (name, value) in fields {
+            for text in [name, value] {
+                hasher.update((text.len() as u64).to_be_bytes());
+                hasher.update(text.as_bytes());
+            }
+        }
+        FieldsDigest(hex::encode(hasher.finalize()))
+    }
 }
 
 /// Where an upload stands, as seen by one request.
@@ -70,7 +88,7 @@ pub struct UploadCore {
     chunks: Arc<dyn ChunkStore>,
     state: Arc<dyn StateStore>,
     forwarder: Forwarder,
-    locks: UploadLocks,
+    locks: KeyedLocks<UploadKey>,
     flights: DashMap<UploadKey, Flight>,
     upload_ttl: Duration,
     result_ttl: Duration,
@@ -88,7 +106,7 @@ impl UploadCore {
             chunks,
             state,
             forwarder,
-            locks: UploadLocks::default(),
+            locks: KeyedLocks::default(),
             flights: DashMap::new(),
             upload_ttl,
             result_ttl,
@@ -101,12 +119,13 @@ impl UploadCore {
         upload: &UploadKey,
         declared: &UploadMeta,
         part: PartRef,
+        fields: &FieldsDigest,
     ) -> Result<PartStatus, CoreError> {
-        if let Some(answer) = self.fresh_answer(upload).await? {
-            return Ok(PartStatus::Delivered(answer));
-        }
         if let Some(pinned) = self.state.meta(upload).await? {
             check_pinned(&pinned, declared)?;
+        }
+        if let Some(answer) = self.fresh_answer(upload, fields).await? {
+            return Ok(PartStatus::Delivered(answer));
         }
         self.part_status(upload, declared, part).await
     }
@@ -120,9 +139,9 @@ impl UploadCore {
         let parts = self.chunks.parts(upload).await?;
         match parts.get(&part.number) {
             None => Ok(PartStatus::Missing),
-            Some(&len) if len != part.len => Err(CoreError::Conflict(format!(
-                "chunk {} is stored with {len} bytes, this request declares {}",
-                part.number, part.len
+            Some(stored) if stored.len != part.len => Err(CoreError::Conflict(format!(
+                "chunk {} is stored with {} bytes, this request declares {}",
+                part.number, stored.len, part.len
             ))),
             Some(_) => Ok(PartStatus::Stored {
                 complete: complete_len(&parts, meta).is_some(),
@@ -150,15 +169,16 @@ impl UploadCore {
         declared: &UploadMeta,
         part: PartRef,
         staged: StagedPart,
+        fields: &FieldsDigest,
     ) -> Result<PartStatus, CoreError> {
         let _guard = self.locks.lock(*upload).await;
         let checked = async {
-            if let Some(answer) = self.fresh_answer(upload).await? {
-                return Ok(Some(PartStatus::Delivered(answer)));
-            }
             match self.state.meta(upload).await? {
                 Some(pinned) => check_pinned(&pinned, declared)?,
                 None => self.state.save_meta(upload, declared).await?,
+            }
+            if let Some(answer) = self.fresh_answer(upload, fields).await? {
+                return Ok(Some(PartStatus::Delivered(answer)));
             }
             Ok::<_, CoreError>(None)
         }
@@ -195,8 +215,12 @@ impl UploadCore {
                 let forward = forward.clone();
                 // A task of its own: a client that gives up must not cut a delivery in half.
                 tokio::spawn(async move {
+                    let landing = Landing {
+                        core: &core,
+                        upload,
+                    };
                     let delivery = core.deliver_once(&upload, &forward, &request).await;
-                    core.flights.remove(&upload);
+                    drop(landing);
                     let _ = done.send(Some(Arc::new(delivery)));
                 });
                 flight
@@ -204,7 +228,7 @@ impl UploadCore {
         };
         let delivery = match flight.wait_for(|d| d.is_some()).await {
             Ok(delivery) => delivery.clone().expect("waited for a delivery"),
-            Err(_) => Arc::new(failure(500, "the delivery task failed; retry")),
+            Err(_) => Arc::new(failure(503, "the delivery failed; retry")),
         };
         delivery
     }
@@ -225,7 +249,7 @@ impl UploadCore {
                     DeliverError::Forward(ForwardError::Upstream(_)) => {
                         failure(502, &e.to_string())
                     }
-                    _ => failure(500, &e.to_string()),
+                    _ => failure(503, &e.to_string()),
                 }
             }
         }
@@ -237,7 +261,8 @@ impl UploadCore {
         forward: &ForwardConfig,
         request: &DeliveryRequest,
     ) -> Result<Delivery, DeliverError> {
-        if let Some(answer) = self.fresh_answer(upload).await? {
+        let fields = FieldsDigest::of(&request.fields);
+        if let Some(answer) = self.fresh_answer(upload, &fields).await? {
             return Ok(Delivery {
                 answer,
                 recorded: true,
@@ -250,10 +275,10 @@ impl UploadCore {
             .ok_or(DeliverError::Incomplete)?;
         let parts = self.chunks.parts(upload).await?;
         let count = complete_len(&parts, &meta).ok_or(DeliverError::Incomplete)?;
-        let lens: Vec<u64> = (1..=count).map(|n| parts[&n]).collect();
-        let answer = self
+        let file: Vec<StoredPart> = (1..=count).map(|n| parts[&n].clone()).collect();
+        let mut answer = self
             .forwarder
-            .send(self.chunks.as_ref(), upload, &meta, &lens, forward, request)
+            .send(self.chunks.as_ref(), upload, &meta, &file, forward, request)
             .await?;
         if !is_final(answer.status) {
             log::warn!(
@@ -265,8 +290,12 @@ impl UploadCore {
                 recorded: false,
             });
         }
+        answer.fields = fields.0;
         self.state.save_answer(upload, &answer).await?;
-        self.chunks.remove_parts(upload).await?;
+        // The upstream has the file: a failed clean-up only leaves bytes for expiry to delete.
+        if let Err(e) = self.chunks.remove_parts(upload).await {
+            log::error!("{upload:?}: delivered, but removing its parts failed: {e}");
+        }
         log::info!("{upload:?}: delivered, upstream answered {}", answer.status);
         Ok(Delivery {
             answer,
@@ -274,32 +303,58 @@ impl UploadCore {
         })
     }
 
-    /// The recorded answer, if there is one and it has not expired. An expired one makes the
-    /// upload start over (a new session of the same file).
-    async fn fresh_answer(&self, upload: &UploadKey) -> Result<Option<RecordedAnswer>, StoreError> {
+    /// The recorded answer, if there is one for these fields and it has not expired. Otherwise
+    /// the upload starts over (a new upload of the same file).
+    async fn fresh_answer(
+        &self,
+        upload: &UploadKey,
+        fields: &FieldsDigest,
+    ) -> Result<Option<RecordedAnswer>, StoreError> {
         match self.state.answer(upload).await? {
-            Some((answer, at)) if !expired(at, self.result_ttl) => Ok(Some(answer)),
+            Some((answer, at)) if !expired(at, self.result_ttl) && answer.fields == fields.0 => {
+                Ok(Some(answer))
+            }
             _ => Ok(None),
         }
     }
 
-    /// Deletes uploads nobody touched within `upload_ttl`, and answers older than `result_ttl`.
-    /// Returns how many uploads were removed.
+    /// Deletes uploads nobody touched within `upload_ttl`, answers older than `result_ttl`,
+    /// and bytes no part uses. Returns how many uploads were removed.
     pub async fn sweep(&self) -> Result<usize, StoreError> {
         let mut removed = 0;
-        for (upload, last_activity) in self.state.uploads().await? {
+        for upload in self.state.uploads().await? {
             let _guard = self.locks.lock(upload).await;
+            // Read under the lock: the upload may have moved on while we waited for it.
             let stale = match self.state.answer(&upload).await? {
                 Some((_, at)) => expired(at, self.result_ttl),
-                None => expired(last_activity, self.upload_ttl),
+                None => match self.state.last_activity(&upload).await? {
+                    Some(at) => expired(at, self.upload_ttl),
+                    None => false,
+                },
             };
-            if stale && !self.flights.contains_key(&upload) {
+            if stale {
                 self.chunks.remove_parts(&upload).await?;
                 self.state.remove(&upload).await?;
                 removed += 1;
             }
         }
+        let orphans = self.chunks.collect_garbage().await?;
+        if orphans > 0 {
+            log::info!("deleted {orphans} stored chunks that no upload used");
+        }
         Ok(removed)
+    }
+}
+
+/// Removes an upload's delivery from the in-flight table when the delivery ends, even by panic.
+struct Landing<'a> {
+    core: &'a UploadCore,
+    upload: UploadKey,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        self.core.flights.remove(&self.upload);
     }
 }
 
@@ -318,6 +373,7 @@ fn failure(status: u16, message: &str) -> Delivery {
         answer: RecordedAnswer {
             status,
             headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
+            fields: String::new(),
             body: Bytes::from(format!("{message}\n")),
         },
         recorded: false,
@@ -358,14 +414,20 @@ fn check_pinned(pinned: &UploadMeta, declared: &UploadMeta) -> Result<(), CoreEr
 }
 
 /// If parts 1..=K are stored and part K ends exactly at the file's end, returns K.
-fn complete_len(parts: &BTreeMap<u64, u64>, meta: &UploadMeta) -> Option<u64> {
+fn complete_len(parts: &BTreeMap<u64, StoredPart>, meta: &UploadMeta) -> Option<u64> {
+    let lens: BTreeMap<u64, u64> = parts.iter().map(|(n, p)| (*n, p.len)).collect();
+    count_to_end(&lens, meta.total_size)
+}
+
+/// With these part lengths, how many consecutive parts from 1 end exactly at `total`?
+fn count_to_end(lens: &BTreeMap<u64, u64>, total: u64) -> Option<u64> {
     let mut offset = 0u64;
-    for number in 1..=parts.len() as u64 {
-        offset = offset.checked_add(*parts.get(&number)?)?;
-        if offset == meta.total_size {
+    for number in 1..=lens.len() as u64 {
+        offset = offset.checked_add(*lens.get(&number)?)?;
+        if offset == total {
             return Some(number);
         }
-        if offset > meta.total_size {
+        if offset > total {
             return None;
         }
     }
@@ -376,30 +438,22 @@ fn complete_len(parts: &BTreeMap<u64, u64>, meta: &UploadMeta) -> Option<u64> {
 mod tests {
     use super::*;
 
-    fn meta(chunk_size: u64, total_size: u64) -> UploadMeta {
-        UploadMeta {
-            chunk_size,
-            total_size,
-            file_name: "f".into(),
-            file_type: None,
-        }
-    }
-
     #[test]
     fn an_upload_is_complete_when_consecutive_parts_reach_the_end() {
-        let parts = BTreeMap::from([(1, 1000), (2, 1500)]);
-        assert_eq!(complete_len(&parts, &meta(1000, 2500)), Some(2));
-        let parts = BTreeMap::from([(1, 1000), (3, 500)]);
-        assert_eq!(complete_len(&parts, &meta(1000, 2500)), None);
+        assert_eq!(
+            count_to_end(&BTreeMap::from([(1, 1000), (2, 1500)]), 2500),
+            Some(2)
+        );
+        assert_eq!(
+            count_to_end(&BTreeMap::from([(1, 1000), (3, 500)]), 2500),
+            None
+        );
     }
 
     #[test]
     fn an_empty_file_is_complete_with_its_one_empty_part() {
-        assert_eq!(
-            complete_len(&BTreeMap::from([(1, 0)]), &meta(1000, 0)),
-            Some(1)
-        );
-        assert_eq!(complete_len(&BTreeMap::new(), &meta(1000, 0)), None);
+        assert_eq!(count_to_end(&BTreeMap::from([(1, 0)]), 0), Some(1));
+        assert_eq!(count_to_end(&BTreeMap::new(), 0), None);
     }
 
     #[test]

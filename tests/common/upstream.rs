@@ -57,6 +57,8 @@ pub struct Answer {
     pub status: u16,
     pub body: String,
     pub delay: Duration,
+    /// Answer at once, without reading the request body (an early refusal).
+    pub early: bool,
 }
 
 type StaticFiles = Arc<Mutex<Vec<(String, &'static str, Bytes)>>>;
@@ -82,6 +84,7 @@ impl Upstream {
             status: 200,
             body: r#"{"stored":true}"#.to_string(),
             delay: Duration::ZERO,
+            early: false,
         }));
         let statics = StaticFiles::default();
         let task = tokio::spawn(serve(
@@ -132,6 +135,14 @@ impl Upstream {
         let mut answer = self.answer.lock().unwrap();
         answer.status = status;
         answer.body = body.to_string();
+    }
+
+    /// Refuse every request with `status` before reading its body.
+    pub fn refuse_early(&self, status: u16, body: &str) {
+        let mut answer = self.answer.lock().unwrap();
+        answer.status = status;
+        answer.body = body.to_string();
+        answer.early = true;
     }
 
     pub fn delay_answers(&self, delay: Duration) {
@@ -201,6 +212,24 @@ async fn handle(
     answer: Arc<Mutex<Answer>>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let (parts, body) = request.into_parts();
+    let early = answer.lock().unwrap().clone();
+    if early.early {
+        received.lock().unwrap().push(Received {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            headers: parts.headers,
+            fields: Vec::new(),
+            files: Vec::new(),
+            body_len: 0,
+            body_sha256: String::new(),
+        });
+        let response = Response::builder()
+            .status(early.status)
+            .header("connection", "close")
+            .body(Full::new(Bytes::from(early.body)))
+            .unwrap();
+        return Ok(response);
+    }
     let boundary = parts
         .headers
         .get(http::header::CONTENT_TYPE)

@@ -1,25 +1,33 @@
-//! One async lock per upload, created on demand and dropped when nobody holds or awaits it.
+//! One async lock per key (an upload, a blob), created on demand and dropped when nobody holds
+//! or awaits it.
 
-use crate::store::UploadKey;
 use dashmap::DashMap;
+use std::hash::Hash;
 use std::sync::Arc;
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-#[derive(Default)]
-pub struct UploadLocks {
-    map: DashMap<UploadKey, Arc<Mutex<()>>>,
+pub struct KeyedLocks<K: Eq + Hash + Clone> {
+    map: DashMap<K, Arc<Mutex<()>>>,
 }
 
-pub struct UploadGuard<'a> {
-    locks: &'a UploadLocks,
-    key: UploadKey,
+impl<K: Eq + Hash + Clone> Default for KeyedLocks<K> {
+    fn default() -> Self {
+        KeyedLocks {
+            map: DashMap::new(),
+        }
+    }
+}
+
+pub struct KeyGuard<'a, K: Eq + Hash + Clone> {
+    locks: &'a KeyedLocks<K>,
+    key: K,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
-impl UploadLocks {
-    pub async fn lock(&self, key: UploadKey) -> UploadGuard<'_> {
-        let mutex = self.map.entry(key).or_default().clone();
-        UploadGuard {
+impl<K: Eq + Hash + Clone> KeyedLocks<K> {
+    pub async fn lock(&self, key: K) -> KeyGuard<'_, K> {
+        let mutex = self.map.entry(key.clone()).or_default().clone();
+        KeyGuard {
             locks: self,
             key,
             guard: Some(mutex.lock_owned().await),
@@ -32,7 +40,7 @@ impl UploadLocks {
     }
 }
 
-impl Drop for UploadGuard<'_> {
+impl<K: Eq + Hash + Clone> Drop for KeyGuard<'_, K> {
     fn drop(&mut self) {
         drop(self.guard.take());
         // Only the map's own reference left: nobody holds or waits for this lock.
@@ -48,16 +56,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_released_lock_leaves_no_entry_behind() {
-        let locks = UploadLocks::default();
-        let key = UploadKey::derive(&[b"a"]);
+        let locks = KeyedLocks::default();
+        let key = "a";
         drop(locks.lock(key).await);
         assert_eq!(locks.len(), 0);
     }
 
     #[tokio::test]
     async fn a_second_holder_waits_for_the_first() {
-        let locks = Arc::new(UploadLocks::default());
-        let key = UploadKey::derive(&[b"a"]);
+        let locks = Arc::new(KeyedLocks::default());
+        let key = "a";
         let first = locks.lock(key).await;
         let waiter = {
             let locks = locks.clone();
