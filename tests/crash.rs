@@ -48,6 +48,9 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
     std::fs::create_dir(&dir).unwrap();
     let file = ChunkedFile::resumable("crash.bin", random_bytes(64 << 20, 60), 1 << 20);
     let client = reqwest::Client::new();
+    // Chunks Stitch answered 200 for: each must still be reported after every crash.
+    let acknowledged =
+        std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
 
     for (round, delay_ms) in [15u64, 40, 70, 110, 160].into_iter().enumerate() {
         let (mut child, addr) = start_binary(upstream.addr, &dir);
@@ -55,6 +58,7 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
             .map(|worker| {
                 let file = file.clone();
                 let client = client.clone();
+                let acknowledged = acknowledged.clone();
                 tokio::spawn(async move {
                     // Each worker walks the chunks from its own starting point. The last chunk
                     // is kept back so that the upload completes only after the last restart.
@@ -63,11 +67,14 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
                         let n = (step + worker * 16 + round as u64 * 5) % parts + 1;
                         let (start, end) = file.bounds(n);
                         let query = file.query_string(n);
-                        let _ = client
+                        let sent = client
                             .post(format!("http://{addr}/upload?{query}"))
                             .body(file.data.slice(start, end))
                             .send()
                             .await;
+                        if sent.is_ok_and(|r| r.status() == 200) {
+                            acknowledged.lock().unwrap().insert(n);
+                        }
                     }
                 })
             })
@@ -86,6 +93,9 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
         let query = file.query_string(n);
         let url = format!("http://{addr}/upload?{query}");
         let test = client.get(&url).send().await.unwrap().status();
+        if acknowledged.lock().unwrap().contains(&n) {
+            assert_eq!(test, 200, "chunk {n} was acknowledged before a crash");
+        }
         if test == 200 {
             survived += 1;
             continue;
@@ -103,6 +113,7 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(survived > 0, "some parts were published before the kills");
+    assert!(survived >= acknowledged.lock().unwrap().len());
     let received = upstream.received_at("/app/upload");
     assert_eq!(received.len(), 1);
     assert_eq!(
@@ -114,4 +125,12 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
         std::fs::read_dir(dir.join("tmp")).unwrap().next().is_none(),
         "no staging leftovers"
     );
+}
+
+#[tokio::test]
+async fn a_second_process_cannot_share_a_storage_directory() {
+    let h = Harness::start().await;
+    let second = stitch::spawn(&config(h.upstream.addr, h.dir.path(), "", ROUTES));
+    let error = second.err().expect("the directory is taken").to_string();
+    assert!(error.contains("another Stitch process"), "{error}");
 }

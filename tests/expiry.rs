@@ -45,3 +45,15 @@ async fn a_recorded_answer_is_replayed_until_it_expires_then_a_new_upload_starts
     );
     assert_eq!(h.upstream.received_at("/app/upload").len(), 2);
 }
+
+#[tokio::test]
+async fn chunk_bytes_no_upload_uses_are_collected() {
+    // What a crash between storing a chunk's bytes and publishing the part leaves behind.
+    let h = Harness::with_storage("  upload_ttl: 1s\n", ROUTES).await;
+    let orphan_dir = h.dir.path().join("blobs").join("ab");
+    std::fs::create_dir_all(&orphan_dir).unwrap();
+    let orphan = orphan_dir.join(format!("ab{}", "0".repeat(62)));
+    std::fs::write(&orphan, b"left behind").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!orphan.exists(), "the orphan was collected");
+}

@@ -121,3 +121,32 @@ fn read_response(reader: &mut impl BufRead) -> u16 {
     reader.read_exact(&mut body).unwrap();
     status
 }
+
+#[tokio::test]
+async fn a_plain_form_upload_to_a_resumable_route_reaches_the_application() {
+    // The application's own non-JavaScript form keeps working at the same URL.
+    let h = Harness::start().await;
+    let file = random_bytes(3000, 42);
+    let fields = vec![("title".to_string(), "plain form".to_string())];
+    let (boundary, head, tail) = multipart_frame(&fields, "file", "form.txt", "text/plain");
+    let body = [head.to_vec(), file.to_vec(), tail.to_vec()].concat();
+    let response = h
+        .client
+        .post(h.url("/upload"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let received = h.upstream.received_at("/upload");
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].field("title"), Some("plain form"));
+    assert_eq!(
+        received[0].files[0].sha256,
+        hex::encode(Sha256::digest(&file))
+    );
+}
