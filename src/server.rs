@@ -28,6 +28,13 @@ pub enum StartError {
 
 /// Builds a ready-to-run server.
 pub fn build(config: &Config) -> Result<Server, StartError> {
+    for route in config.routes.iter().filter(|r| r.scope.is_none()) {
+        log::warn!(
+            "route {}: no `scope`, so every client shares one namespace of upload identifiers; \
+             set `scope: {{ cookie: NAME }}` or `{{ header: NAME }}` to keep users apart",
+            route.id
+        );
+    }
     let store = FsStore::open(&config.storage.dir, config.storage.fsync).map_err(|source| {
         StartError::Storage {
             dir: config.storage.dir.display().to_string(),

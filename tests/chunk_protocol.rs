@@ -212,3 +212,57 @@ async fn a_bodiless_post_with_chunk_parameters_is_a_test() {
     file.upload(&h, 2).await;
     assert_eq!(h.client.post(&url).send().await.unwrap().status(), 200);
 }
+
+/// Sends a request head with `Expect: 100-continue`; returns the first status line and the
+/// connection (reader and writer).
+fn first_status_after_expect(
+    addr: std::net::SocketAddr,
+    target: &str,
+    len: usize,
+) -> (
+    String,
+    std::io::BufReader<std::net::TcpStream>,
+    std::net::TcpStream,
+) {
+    use std::io::{BufRead, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        stream,
+        "PUT {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {len}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    (line, reader, stream)
+}
+
+#[tokio::test]
+async fn expect_continue_is_answered_for_valid_chunks_and_refused_ones_are_not_read() {
+    let h = Harness::start().await;
+    let mut file = ChunkedFile::resumable("expect.bin", random_bytes(3000, 11), 3000);
+    file.body = Body::Octet;
+    let addr = h.stitch.as_ref().unwrap().addr;
+    let good = format!("/upload?{}", file.query_string(1));
+    let bad = good.replace("resumableChunkNumber=1", "resumableChunkNumber=0");
+    let data = random_bytes(3000, 11);
+    let (refused, accepted, last) = tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Write};
+        let (refused, _, _) = first_status_after_expect(addr, &bad, 3000);
+        let (accepted, mut reader, mut stream) = first_status_after_expect(addr, &good, 3000);
+        stream.write_all(&data).unwrap();
+        let mut line = String::new();
+        while line.trim().is_empty() {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+        }
+        (refused, accepted, line)
+    })
+    .await
+    .unwrap();
+    assert!(refused.starts_with("HTTP/1.1 415"), "{refused}");
+    assert!(accepted.starts_with("HTTP/1.1 100"), "{accepted}");
+    assert!(last.starts_with("HTTP/1.1 200"), "{last}");
+    assert_delivered_once(&h, &file);
+}

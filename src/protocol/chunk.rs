@@ -17,13 +17,14 @@
 use super::params::{ChunkParams, Fields, ParamError};
 use crate::config::{Protocol, Route, Scope};
 use crate::forward::DeliveryRequest;
-use crate::proxy::io::{accept_expect_continue, body_stream, Reply, RequestBody};
+use crate::proxy::io::{accept_expect_continue, body_stream, expects_continue, Reply, RequestBody};
 use crate::store::{BodySource, StageError, UploadKey, UploadMeta};
 use crate::upload::{CoreError, FieldsDigest, PartStatus, UploadCore};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::Method;
 use pingora::proxy::Session;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,6 +65,7 @@ pub async fn handle(
         core,
         delivery: delivery_request(session, route),
         scope: scope_value(session, route.scope.as_ref()),
+        continued: AtomicBool::new(false),
     };
     let declared_length = content_length(session);
     let reply = if is_test_method {
@@ -72,12 +74,15 @@ pub async fn handle(
         let reply = Reply::text(415, "the request body is larger than this route accepts");
         return reply.send(session).await.map(|_| true);
     } else if let Some(boundary) = boundary {
-        accept_expect_continue(session).await?;
+        exchange.proceed(session).await?;
         exchange.multipart(session, fields, boundary).await
     } else {
         exchange.octet(session, &fields).await
     };
-    if !session.is_body_done() {
+    // Read what is left of the body so the connection stays usable, unless the client is
+    // still waiting for a `100 Continue` it will now never get (it sends no body then).
+    let body_coming = !expects_continue(session) || exchange.continued.load(Ordering::Relaxed);
+    if body_coming && !session.is_body_done() {
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, session.drain_request_body()).await;
     }
     reply
@@ -93,9 +98,18 @@ struct Exchange<'a> {
     core: &'a Arc<UploadCore>,
     delivery: DeliveryRequest,
     scope: Vec<u8>,
+    /// Whether a `100 Continue` was sent.
+    continued: AtomicBool,
 }
 
 impl Exchange<'_> {
+    /// Lets a client that sent `Expect: 100-continue` send its body.
+    async fn proceed(&self, session: &mut Session) -> pingora::Result<()> {
+        accept_expect_continue(session).await?;
+        self.continued.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Parses and checks the parameters, and derives the upload's key.
     fn identify(&self, fields: &Fields, body_type: Option<&str>) -> Result<Chunk, ParamError> {
         let params = ChunkParams::parse(fields, &self.route.params, &self.route.limits)?;
@@ -165,7 +179,7 @@ impl Exchange<'_> {
             return self.test(fields, body_type.as_deref()).await;
         }
         // Only now, with the parameters checked, ask a waiting client for the body.
-        if let Err(e) = accept_expect_continue(session).await {
+        if let Err(e) = self.proceed(session).await {
             return Reply::text(400, format!("could not answer Expect: {e}"));
         }
         let declared = content_length(session);

@@ -120,15 +120,19 @@ impl<S: Stream> Stream for OnePieceAtATime<S> {
 /// Answers `Expect: 100-continue` (Pingora leaves it to us on this path) without losing
 /// keep-alive.
 pub async fn accept_expect_continue(session: &mut Session) -> pingora::Result<()> {
-    let expects = session
-        .req_header()
-        .headers
-        .get(http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if expects {
+    if expects_continue(session) {
         session.set_close_on_response_before_downstream_finish(false);
         session.write_continue_response().await?;
         session.set_close_on_response_before_downstream_finish(true);
     }
     Ok(())
+}
+
+/// Does the client wait for `100 Continue` before it sends the body?
+pub fn expects_continue(session: &Session) -> bool {
+    session
+        .req_header()
+        .headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
