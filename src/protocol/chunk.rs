@@ -8,7 +8,7 @@
 //! |---|---|
 //! | test: chunk stored and verified / not stored | 200 / 204, `Cache-Control: no-store` |
 //! | upload stored | 200 |
-//! | upload completes the file | the upstream's answer, recorded and replayed later |
+//! | upload completes the file | the upstream's answer, recorded and replayed later (see `relay`) |
 //! | invalid parameters, limits, disagreement with the first chunk | 415 (final for both clients) |
 //! | body ended early or malformed multipart | 400 |
 //! | storage failure | 503 |
