@@ -24,6 +24,11 @@ pub enum StartError {
     },
     #[error("nothing accepts connections on {0} (is the port taken?)")]
     Listen(SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Builds a ready-to-run server.
@@ -161,8 +166,17 @@ impl Drop for Running {
     }
 }
 
+/// Fails early, with a clear message, if an address cannot be listened on (Pingora would
+/// panic inside its service thread and leave the process running without the listener).
+pub fn check_can_listen(addr: SocketAddr) -> Result<(), StartError> {
+    std::net::TcpListener::bind(addr)
+        .map(drop)
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
 /// Runs in the foreground until SIGINT (fast) or SIGTERM (graceful).
 pub fn run(config: &Config) -> Result<(), StartError> {
+    check_can_listen(config.listen)?;
     let server = build(config)?;
     server.run(RunArgs::default());
     Ok(())

@@ -89,3 +89,28 @@ fn check_without_a_config_validates_the_embedded_default() {
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("embedded default"));
 }
+
+#[test]
+fn a_taken_listen_address_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stitch.yaml");
+    let storage = dir.path().join("data");
+    std::fs::write(
+        &path,
+        format!("listen: {addr}\nstorage:\n  dir: {}\n", storage.display()),
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_stitch"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        message.contains(&format!("cannot listen on {addr}")),
+        "{message}"
+    );
+}

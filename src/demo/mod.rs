@@ -146,6 +146,8 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
 
 /// Runs Stitch and the demo application until interrupted.
 pub fn run(config: &Config, node_modules: &Path) -> Result<(), StartError> {
+    server::check_can_listen(config.listen)?;
+    server::check_can_listen(config.upstream)?;
     let mut server = server::build(config)?;
     let mut app = Service::new("demo application".to_string(), DemoApp::new(node_modules));
     app.add_tcp(&config.upstream.to_string());

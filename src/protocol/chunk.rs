@@ -19,13 +19,13 @@ use crate::config::{Protocol, Route, Scope};
 use crate::forward::DeliveryRequest;
 use crate::proxy::io::{accept_expect_continue, body_stream, expects_continue, Reply, RequestBody};
 use crate::store::{BodySource, StageError, UploadKey, UploadMeta};
-use crate::upload::{CoreError, FieldsDigest, PartStatus, UploadCore};
+use crate::upload::{CoreError, FieldsDigest, PartStatus, ReplyHold, UploadCore};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::Method;
 use pingora::proxy::Session;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Room for multipart framing and text fields on top of a route's largest chunk; also the most
@@ -66,6 +66,7 @@ pub async fn handle(
         delivery: delivery_request(session, route),
         scope: scope_value(session, route.scope.as_ref()),
         continued: AtomicBool::new(false),
+        hold: Mutex::new(None),
     };
     let declared_length = content_length(session);
     let reply = if is_test_method {
@@ -85,11 +86,12 @@ pub async fn handle(
     if body_coming && !session.is_body_done() {
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, session.drain_request_body()).await;
     }
-    reply
+    let sent = reply
         .with_header("cache-control", "no-store")
         .send(session)
-        .await?;
-    Ok(true)
+        .await;
+    drop(exchange);
+    sent.map(|_| true)
 }
 
 /// Everything about one request that the protocol steps share.
@@ -100,6 +102,8 @@ struct Exchange<'a> {
     scope: Vec<u8>,
     /// Whether a `100 Continue` was sent.
     continued: AtomicBool,
+    /// Keeps the upload's completing answer behind this request's reply until it is sent.
+    hold: Mutex<Option<ReplyHold>>,
 }
 
 impl Exchange<'_> {
@@ -156,13 +160,23 @@ impl Exchange<'_> {
     async fn conclude(&self, chunk: Chunk, status: PartStatus) -> Reply {
         match status {
             PartStatus::Missing => Reply::text(503, "the chunk was not stored; retry"),
-            PartStatus::Stored { complete: false } => Reply::text(200, "chunk stored"),
+            PartStatus::Stored { complete: false } => {
+                // Held until this reply is sent; then look again: another request may have
+                // completed the upload meanwhile, and its answer must be the last word.
+                let hold = self.core.hold_reply(chunk.key);
+                *self.hold.lock().expect("hold lock") = Some(hold);
+                match self.core.settled(&chunk.key, &chunk.digest).await {
+                    Some(answer) => relay(answer),
+                    None => Reply::text(200, "chunk stored"),
+                }
+            }
             PartStatus::Delivered(answer) => relay(answer),
             PartStatus::Stored { complete: true } => {
                 let mut request = self.delivery.clone();
                 request.fields = chunk.app_fields;
                 let forward = &self.route.forward;
                 let delivery = self.core.deliver(chunk.key, forward, request).await;
+                self.core.earlier_replies_sent(&chunk.key).await;
                 relay(delivery.answer.clone())
             }
         }

@@ -22,9 +22,10 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// One chunk as a request declares it.
 #[derive(Debug, Clone, Copy)]
@@ -84,12 +85,44 @@ pub struct Delivery {
 
 type Flight = watch::Receiver<Option<Arc<Delivery>>>;
 
+/// Replies to an upload's requests that are decided but not yet sent (see [`ReplyHold`]).
+#[derive(Default)]
+struct PendingReplies {
+    count: AtomicUsize,
+    sent: Notify,
+}
+
+/// Held by a request that answers "chunk stored" until its answer is sent: the request that
+/// completes the upload sends the upstream's answer only after such replies, so that the answer
+/// is the last response the client gets (both clients report the last body they receive).
+pub struct ReplyHold {
+    core: Arc<UploadCore>,
+    upload: UploadKey,
+}
+
+impl Drop for ReplyHold {
+    fn drop(&mut self) {
+        if let Some(pending) = self.core.replies.get(&self.upload) {
+            if pending.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+                pending.sent.notify_waiters();
+            }
+        }
+        self.core
+            .replies
+            .remove_if(&self.upload, |_, p| p.count.load(Ordering::SeqCst) == 0);
+    }
+}
+
+/// How long a completing request waits for earlier replies to go out.
+const EARLIER_REPLIES_WAIT: Duration = Duration::from_secs(5);
+
 pub struct UploadCore {
     chunks: Arc<dyn ChunkStore>,
     state: Arc<dyn StateStore>,
     forwarder: Forwarder,
     locks: KeyedLocks<UploadKey>,
     flights: DashMap<UploadKey, Flight>,
+    replies: DashMap<UploadKey, Arc<PendingReplies>>,
     upload_ttl: Duration,
     result_ttl: Duration,
 }
@@ -108,6 +141,7 @@ impl UploadCore {
             forwarder,
             locks: KeyedLocks::default(),
             flights: DashMap::new(),
+            replies: DashMap::new(),
             upload_ttl,
             result_ttl,
         }
@@ -197,6 +231,54 @@ impl UploadCore {
                 self.part_status(upload, declared, part).await
             }
         }
+    }
+
+    /// The upload's outcome if it has one by now: the answer of a delivery under way (waited
+    /// for) or recorded. A chunk stored just before another request completed the upload must
+    /// answer with it too: the clients report the body of whichever response they get last.
+    pub async fn settled(
+        &self,
+        upload: &UploadKey,
+        fields: &FieldsDigest,
+    ) -> Option<RecordedAnswer> {
+        let flight = self.flights.get(upload).map(|f| f.clone());
+        if let Some(mut flight) = flight {
+            if let Ok(delivery) = flight.wait_for(|d| d.is_some()).await {
+                return delivery.as_ref().map(|d| d.answer.clone());
+            }
+        }
+        self.fresh_answer(upload, fields).await.ok().flatten()
+    }
+
+    /// Registers a reply about to be sent for `upload`; see [`ReplyHold`].
+    pub fn hold_reply(self: &Arc<Self>, upload: UploadKey) -> ReplyHold {
+        // Counted inside the map's entry guard, so a concurrent last drop cannot remove it.
+        self.replies
+            .entry(upload)
+            .or_default()
+            .count
+            .fetch_add(1, Ordering::SeqCst);
+        ReplyHold {
+            core: Arc::clone(self),
+            upload,
+        }
+    }
+
+    /// Waits (briefly, at most) until no reply held for `upload` is still unsent.
+    pub async fn earlier_replies_sent(&self, upload: &UploadKey) {
+        let wait = async {
+            loop {
+                let Some(pending) = self.replies.get(upload).map(|p| Arc::clone(&p)) else {
+                    return;
+                };
+                let sent = pending.sent.notified();
+                if pending.count.load(Ordering::SeqCst) == 0 {
+                    return;
+                }
+                sent.await;
+            }
+        };
+        let _ = tokio::time::timeout(EARLIER_REPLIES_WAIT, wait).await;
     }
 
     /// Delivers a complete upload, or joins the delivery already under way for it.
