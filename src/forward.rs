@@ -99,43 +99,57 @@ impl Forwarder {
                 .await
                 .map_err(classify)?;
             let sent = send_body(&mut session, header.clone(), &body, chunks, upload, file).await;
-            let answer = match sent {
-                Ok(()) => read_answer(&mut session, upload).await,
+            let write_error = match sent {
+                Ok(()) => {
+                    // The whole request went out: whatever happens now, never send it again.
+                    let answer = read_answer(&mut session, upload, forward.timeout).await;
+                    return match answer {
+                        Ok(answer) => {
+                            self.connector
+                                .release_http_session(session, &peer, peer.idle_timeout())
+                                .await;
+                            Ok(answer)
+                        }
+                        Err(e) => {
+                            session.shutdown().await;
+                            Err(classify(e))
+                        }
+                    };
+                }
                 Err(Failure::Store(e)) => {
                     session.shutdown().await;
                     return Err(ForwardError::Store(e));
                 }
-                // The upstream may have refused the request early and said why.
-                Err(Failure::Upstream(e)) => {
-                    match tokio::time::timeout(EARLY_ANSWER_WAIT, read_answer(&mut session, upload))
-                        .await
-                    {
-                        Ok(Ok(answer)) => Ok(answer),
-                        _ => Err(e),
-                    }
-                }
+                Err(Failure::Upstream(e)) => e,
             };
-            match answer {
-                Ok(answer) => {
-                    self.connector
-                        .release_http_session(session, &peer, peer.idle_timeout())
-                        .await;
-                    return Ok(answer);
+            // The upstream stopped taking the request. It may have refused it early and said
+            // why (a 413, a 401): that answer counts, unless it claims success for a file it
+            // never fully received.
+            let early = tokio::time::timeout(
+                EARLY_ANSWER_WAIT,
+                read_answer(&mut session, upload, EARLY_ANSWER_WAIT),
+            )
+            .await;
+            session.shutdown().await;
+            if let Ok(Ok(answer)) = early {
+                if (200..300).contains(&answer.status) {
+                    return Err(ForwardError::Upstream(format!(
+                        "the upstream answered {} before it had the whole file",
+                        answer.status
+                    )));
                 }
-                Err(e) => {
-                    session.shutdown().await;
-                    // A reused connection may have been closed by the upstream while idle; the
-                    // upstream answered nothing on it, so one more try on another is safe.
-                    if reused && !retried {
-                        log::debug!(
-                            "{upload:?}: pooled upstream connection failed ({e}); retrying"
-                        );
-                        retried = true;
-                        continue;
-                    }
-                    return Err(classify(e));
-                }
+                return Ok(answer);
             }
+            // A pooled connection the upstream had closed fails on the first writes; nothing
+            // was processed, so one more try on another connection is safe.
+            if reused && !retried && !is_timeout(&write_error) {
+                log::debug!(
+                    "{upload:?}: pooled upstream connection failed ({write_error}); retrying"
+                );
+                retried = true;
+                continue;
+            }
+            return Err(classify(write_error));
         }
     }
 
@@ -228,8 +242,23 @@ async fn send_body(
         .map_err(Failure::Upstream)
 }
 
-/// Reads the upstream's response (skipping 1xx) into a record that can be replayed.
+/// Reads the upstream's response (skipping 1xx) into a record that can be replayed, within
+/// `deadline` overall.
 async fn read_answer(
+    session: &mut HttpSession,
+    upload: &UploadKey,
+    deadline: Duration,
+) -> pingora::Result<RecordedAnswer> {
+    match tokio::time::timeout(deadline, read_answer_unbounded(session, upload)).await {
+        Ok(answer) => answer,
+        Err(_) => pingora::Error::e_explain(
+            ErrorType::ReadTimedout,
+            "the upstream's answer took too long",
+        ),
+    }
+}
+
+async fn read_answer_unbounded(
     session: &mut HttpSession,
     upload: &UploadKey,
 ) -> pingora::Result<RecordedAnswer> {
@@ -248,11 +277,13 @@ async fn read_answer(
         .clone();
     let mut body = BytesMut::new();
     while let Some(piece) = session.read_response_body().await? {
-        let room = MAX_ANSWER_BODY.saturating_sub(body.len());
+        let room = MAX_ANSWER_BODY - body.len();
         if piece.len() > room {
+            body.extend_from_slice(&piece[..room]);
             log::warn!("{upload:?}: the upstream's answer exceeds {MAX_ANSWER_BODY} bytes; the rest is cut");
+            break;
         }
-        body.extend_from_slice(&piece[..piece.len().min(room)]);
+        body.extend_from_slice(&piece);
     }
     Ok(RecordedAnswer {
         status: response.status.as_u16(),
@@ -267,12 +298,18 @@ async fn read_answer(
     })
 }
 
+fn is_timeout(e: &pingora::Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+    )
+}
+
 fn classify(e: Box<pingora::Error>) -> ForwardError {
-    match e.etype() {
-        ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
-            ForwardError::Timeout(e.to_string())
-        }
-        _ => ForwardError::Upstream(e.to_string()),
+    if is_timeout(&e) {
+        ForwardError::Timeout(e.to_string())
+    } else {
+        ForwardError::Upstream(e.to_string())
     }
 }
 

@@ -149,24 +149,9 @@ async fn a_flood_of_multipart_fields_is_refused_with_415() {
         .map(|_| (String::new(), String::new()))
         .collect();
     fields.extend(file.params(1));
-    let (boundary, head, tail) = multipart_frame(&fields, "file", &file.name, "text/plain");
-    let body = [
-        head.to_vec(),
-        random_bytes(1000, 36).to_vec(),
-        tail.to_vec(),
-    ]
-    .concat();
     let response = h
-        .client
-        .post(h.url("/flow"))
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+        .post_form("/flow", &fields, &file.name, &random_bytes(1000, 36))
+        .await;
     assert_eq!(response.status(), 415);
     assert!(h
         .stored_files()

@@ -341,3 +341,36 @@ async fn an_upstream_refusing_before_reading_the_file_is_heard() {
     );
     assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
 }
+
+#[tokio::test]
+async fn an_upstream_claiming_success_before_it_had_the_file_is_not_believed() {
+    let h = Harness::start().await;
+    h.upstream.refuse_early(200, "sure");
+    let file = ChunkedFile::flow("doubt.bin", random_bytes(16 << 20, 29), 4 << 20);
+    let response = file.upload_all(&h).await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(blob_count(&h), 4, "the parts stay for a retry");
+}
+
+#[tokio::test]
+async fn a_retry_right_after_a_failed_delivery_waits_before_sending_the_file_again() {
+    let h = Harness::with_routes(
+        r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    forward: { path: /app/upload, field: document, retry_pause: 1s }
+"#,
+    )
+    .await;
+    h.upstream.answer_with(503, "busy");
+    let file = ChunkedFile::resumable("pause.txt", random_bytes(2000, 30), 1000);
+    assert_eq!(file.upload_all(&h).await.status(), 503);
+    let started = std::time::Instant::now();
+    assert_eq!(file.upload(&h, 2).await.status(), 503);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the second attempt waited for retry_pause"
+    );
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 2);
+}

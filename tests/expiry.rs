@@ -57,3 +57,25 @@ async fn chunk_bytes_no_upload_uses_are_collected() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert!(!orphan.exists(), "the orphan was collected");
 }
+
+#[tokio::test]
+async fn an_upload_of_the_same_file_again_outlives_the_old_answer() {
+    let h = Harness::with_storage("  result_ttl: 1s\n", ROUTES).await;
+    let mut file = ChunkedFile::resumable("twice.pdf", random_bytes(3000, 53), 1000);
+    file.extra = vec![("folder".into(), "1".into())];
+    file.upload_all(&h).await;
+    file.extra = vec![("folder".into(), "2".into())];
+    assert_eq!(file.upload(&h, 1).await.status(), 200);
+    assert_eq!(file.upload(&h, 2).await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        file.test(&h, 1).await.status(),
+        200,
+        "the new upload's parts survived"
+    );
+    assert_eq!(file.upload(&h, 3).await.status(), 200);
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].field("folder"), Some("2"));
+    assert_eq!(received[1].files[0].sha256, file.sha256());
+}

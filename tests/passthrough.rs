@@ -128,19 +128,7 @@ async fn a_plain_form_upload_to_a_resumable_route_reaches_the_application() {
     let h = Harness::start().await;
     let file = random_bytes(3000, 42);
     let fields = vec![("title".to_string(), "plain form".to_string())];
-    let (boundary, head, tail) = multipart_frame(&fields, "file", "form.txt", "text/plain");
-    let body = [head.to_vec(), file.to_vec(), tail.to_vec()].concat();
-    let response = h
-        .client
-        .post(h.url("/upload"))
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    let response = h.post_form("/upload", &fields, "form.txt", &file).await;
     assert_eq!(response.status(), 200);
     let received = h.upstream.received_at("/upload");
     assert_eq!(received.len(), 1);

@@ -245,6 +245,8 @@ struct RawForward {
     protocol_fields: bool,
     #[serde(default = "default_forward_timeout")]
     timeout: Span,
+    #[serde(default = "default_retry_pause")]
+    retry_pause: Span,
 }
 
 impl Default for RawForward {
@@ -256,6 +258,7 @@ impl Default for RawForward {
             headers: default_headers(),
             protocol_fields: false,
             timeout: default_forward_timeout(),
+            retry_pause: default_retry_pause(),
         }
     }
 }
@@ -273,6 +276,9 @@ pub struct ForwardConfig {
     pub protocol_fields: bool,
     /// How long the upstream may take to answer (per read, while it receives and processes).
     pub timeout: Duration,
+    /// After a failed delivery, the next attempt for the same upload waits this long: Resumable.js
+    /// retries at once, up to 100 times, and each attempt sends the whole file.
+    pub retry_pause: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -385,6 +391,7 @@ impl TryFrom<RawRoute> for Route {
                 headers,
                 protocol_fields: raw.forward.protocol_fields,
                 timeout: raw.forward.timeout.0,
+                retry_pause: raw.forward.retry_pause.0,
             },
         })
     }
@@ -422,6 +429,9 @@ fn default_headers() -> Vec<String> {
 }
 fn default_forward_timeout() -> Span {
     Span(Duration::from_secs(300))
+}
+fn default_retry_pause() -> Span {
+    Span(Duration::from_secs(2))
 }
 
 #[cfg(test)]

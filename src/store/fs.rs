@@ -330,9 +330,15 @@ impl ChunkStore for FsStore {
                 // Under the blob's lock, one link means no part uses it and no publish is
                 // between creating and linking it.
                 let _guard = self.blob_locks.lock(digest).await;
-                if tokio::fs::metadata(blob.path()).await?.nlink() <= 1 {
-                    tokio::fs::remove_file(blob.path()).await?;
-                    removed += 1;
+                match tokio::fs::metadata(blob.path()).await {
+                    Ok(meta) if meta.nlink() <= 1 => {
+                        tokio::fs::remove_file(blob.path()).await?;
+                        removed += 1;
+                    }
+                    Ok(_) => {}
+                    // Deleted by its last upload since the directory was listed.
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
         }
@@ -389,6 +395,13 @@ impl StateStore for FsStore {
         bytes.extend_from_slice(&answer.body);
         let path = self.upload_dir(upload).join("answer");
         Ok(self.write_atomic(&path, &bytes).await?)
+    }
+
+    async fn remove_answer(&self, upload: &UploadKey) -> Result<(), StoreError> {
+        match tokio::fs::remove_file(self.upload_dir(upload).join("answer")).await {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 
     async fn uploads(&self) -> Result<Vec<UploadKey>, StoreError> {

@@ -156,6 +156,8 @@ pub trait StateStore: Send + Sync {
         upload: &UploadKey,
         answer: &RecordedAnswer,
     ) -> Result<(), StoreError>;
+    /// Forgets the recorded answer (the upload starts over).
+    async fn remove_answer(&self, upload: &UploadKey) -> Result<(), StoreError>;
     /// Every upload that has state.
     async fn uploads(&self) -> Result<Vec<UploadKey>, StoreError>;
     /// When the upload last changed (a part published, metadata or answer saved).

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{watch, Notify};
 
 /// One chunk as a request declares it.
@@ -123,6 +123,8 @@ pub struct UploadCore {
     locks: KeyedLocks<UploadKey>,
     flights: DashMap<UploadKey, Flight>,
     replies: DashMap<UploadKey, Arc<PendingReplies>>,
+    /// When each upload's last delivery attempt failed (for `retry_pause`).
+    failures: DashMap<UploadKey, Instant>,
     upload_ttl: Duration,
     result_ttl: Duration,
 }
@@ -142,6 +144,7 @@ impl UploadCore {
             locks: KeyedLocks::default(),
             flights: DashMap::new(),
             replies: DashMap::new(),
+            failures: DashMap::new(),
             upload_ttl,
             result_ttl,
         }
@@ -214,6 +217,9 @@ impl UploadCore {
             if let Some(answer) = self.fresh_answer(upload, fields).await? {
                 return Ok(Some(PartStatus::Delivered(answer)));
             }
+            // An answer that does not apply (expired, or for other fields) belongs to an
+            // earlier upload of this file; this one starts over without it.
+            self.state.remove_answer(upload).await?;
             Ok::<_, CoreError>(None)
         }
         .await;
@@ -293,15 +299,14 @@ impl UploadCore {
             dashmap::Entry::Vacant(entry) => {
                 let (done, flight) = watch::channel(None);
                 entry.insert(flight.clone());
-                let core = Arc::clone(self);
+                let landing = Landing {
+                    core: Arc::clone(self),
+                    upload,
+                };
                 let forward = forward.clone();
                 // A task of its own: a client that gives up must not cut a delivery in half.
                 tokio::spawn(async move {
-                    let landing = Landing {
-                        core: &core,
-                        upload,
-                    };
-                    let delivery = core.deliver_once(&upload, &forward, &request).await;
+                    let delivery = landing.core.deliver_once(&upload, &forward, &request).await;
                     drop(landing);
                     let _ = done.send(Some(Arc::new(delivery)));
                 });
@@ -321,7 +326,29 @@ impl UploadCore {
         forward: &ForwardConfig,
         request: &DeliveryRequest,
     ) -> Delivery {
+        // Back-pressure: a retry right after a failure waits, instead of sending the whole file
+        // again at once (Resumable.js retries immediately, up to 100 times).
+        let failed_at = self.failures.get(upload).map(|at| *at);
+        if let Some(pause) = failed_at.and_then(|at| forward.retry_pause.checked_sub(at.elapsed()))
+        {
+            tokio::time::sleep(pause).await;
+        }
         let _guard = self.locks.lock(*upload).await;
+        let delivery = self.attempt(upload, forward, request).await;
+        if delivery.recorded {
+            self.failures.remove(upload);
+        } else {
+            self.failures.insert(*upload, Instant::now());
+        }
+        delivery
+    }
+
+    async fn attempt(
+        &self,
+        upload: &UploadKey,
+        forward: &ForwardConfig,
+        request: &DeliveryRequest,
+    ) -> Delivery {
         match self.try_deliver(upload, forward, request).await {
             Ok(delivery) => delivery,
             Err(e) => {
@@ -373,8 +400,11 @@ impl UploadCore {
             });
         }
         answer.fields = fields.0;
-        self.state.save_answer(upload, &answer).await?;
-        // The upstream has the file: a failed clean-up only leaves bytes for expiry to delete.
+        // The upstream has the file, whatever happens here: never report a retryable failure
+        // (a retry would send the file again).
+        if let Err(e) = self.state.save_answer(upload, &answer).await {
+            log::error!("{upload:?}: delivered, but recording the answer failed: {e}");
+        }
         if let Err(e) = self.chunks.remove_parts(upload).await {
             log::error!("{upload:?}: delivered, but removing its parts failed: {e}");
         }
@@ -405,19 +435,10 @@ impl UploadCore {
     pub async fn sweep(&self) -> Result<usize, StoreError> {
         let mut removed = 0;
         for upload in self.state.uploads().await? {
-            let _guard = self.locks.lock(upload).await;
-            // Read under the lock: the upload may have moved on while we waited for it.
-            let stale = match self.state.answer(&upload).await? {
-                Some((_, at)) => expired(at, self.result_ttl),
-                None => match self.state.last_activity(&upload).await? {
-                    Some(at) => expired(at, self.upload_ttl),
-                    None => false,
-                },
-            };
-            if stale {
-                self.chunks.remove_parts(&upload).await?;
-                self.state.remove(&upload).await?;
-                removed += 1;
+            match self.expire(&upload).await {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => log::error!("{upload:?}: expiry failed: {e}"),
             }
         }
         let orphans = self.chunks.collect_garbage().await?;
@@ -428,13 +449,42 @@ impl UploadCore {
     }
 }
 
-/// Removes an upload's delivery from the in-flight table when the delivery ends, even by panic.
-struct Landing<'a> {
-    core: &'a UploadCore,
+impl UploadCore {
+    /// Expires one upload, under its lock (it may have moved on while the sweep waited).
+    /// Returns whether the upload was removed.
+    async fn expire(&self, upload: &UploadKey) -> Result<bool, StoreError> {
+        let _guard = self.locks.lock(*upload).await;
+        let answered_at = self.state.answer(upload).await?.map(|(_, at)| at);
+        if let Some(at) = answered_at {
+            if !expired(at, self.result_ttl) {
+                return Ok(false);
+            }
+            if !self.chunks.parts(upload).await?.is_empty() {
+                // The file is being uploaded again: only the old answer goes.
+                self.state.remove_answer(upload).await?;
+                return Ok(false);
+            }
+        } else {
+            match self.state.last_activity(upload).await? {
+                Some(at) if expired(at, self.upload_ttl) => {}
+                _ => return Ok(false),
+            }
+        }
+        self.chunks.remove_parts(upload).await?;
+        self.state.remove(upload).await?;
+        self.failures.remove(upload);
+        Ok(true)
+    }
+}
+
+/// Removes an upload's delivery from the in-flight table when the delivery ends, even by panic
+/// or by the task never running.
+struct Landing {
+    core: Arc<UploadCore>,
     upload: UploadKey,
 }
 
-impl Drop for Landing<'_> {
+impl Drop for Landing {
     fn drop(&mut self) {
         self.core.flights.remove(&self.upload);
     }

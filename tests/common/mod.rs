@@ -414,6 +414,29 @@ pub fn multipart_frame(
     (boundary, Bytes::from(head), Bytes::from(tail))
 }
 
+impl Harness {
+    /// POSTs a browser-style multipart body (`fields`, then a `file` part with `data`) to `path`.
+    pub async fn post_form(
+        &self,
+        path: &str,
+        fields: &[(String, String)],
+        file_name: &str,
+        data: &[u8],
+    ) -> reqwest::Response {
+        let (boundary, head, tail) = multipart_frame(fields, "file", file_name, "text/plain");
+        self.client
+            .post(self.url(path))
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body([&head[..], data, &tail[..]].concat())
+            .send()
+            .await
+            .expect("form post")
+    }
+}
+
 /// Asserts that the upstream received `file` exactly once, whole, as the `document` field.
 pub fn assert_delivered_once(h: &Harness, file: &ChunkedFile) -> Received {
     let received = h.upstream.received_at("/app/upload");
