@@ -111,8 +111,12 @@ async fn run(file_mib: u64, chunk_mib: u64, fsync: bool) -> Run {
                 multipart_frame(&pairs, "file", "bench.bin", "application/octet-stream");
             let len = head.len() + body.len() + tail.len();
             let pieces: Vec<reqwest::Result<bytes::Bytes>> = vec![Ok(head), Ok(body), Ok(tail)];
+            // Resumable.js repeats its parameters in the URL of a multipart upload.
+            let query = url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&pairs)
+                .finish();
             let response = client
-                .post(format!("http://{listen}/upload"))
+                .post(format!("http://{listen}/upload?{query}"))
                 .header(
                     "content-type",
                     format!("multipart/form-data; boundary={boundary}"),

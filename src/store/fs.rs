@@ -15,16 +15,17 @@
 //! deletes it; a blob orphaned by a crash between `rename` and `link` is collected later.
 
 use super::{
-    BodySource, ChunkStore, RecordedAnswer, StageError, StagedPart, StateStore, StoreError,
-    StoredPart, UploadKey, UploadMeta,
+    BodySource, ChunkStore, PartIndex, RecordedAnswer, StageError, StagedPart, StateStore,
+    StoreError, StoredPart, UploadKey, UploadMeta,
 };
 use crate::locks::KeyedLocks;
 use async_trait::async_trait;
+use dashmap::DashMap;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 
@@ -37,6 +38,11 @@ pub struct FsStore {
     /// Held while a blob is created or linked, and while it is unlinked, so that a blob is never
     /// deleted between the check that it exists and the link that uses it.
     blob_locks: KeyedLocks<[u8; 32]>,
+    /// Each upload's parts, read from disk once and then kept up to date (this process is the
+    /// only one using the directory), so that no chunk request lists a directory.
+    index: DashMap<UploadKey, Arc<PartIndex>>,
+    /// Serializes loading an upload's index with changes to it.
+    index_locks: KeyedLocks<UploadKey>,
     /// The directory lock: kept open for the life of the store.
     _lock: std::fs::File,
 }
@@ -68,6 +74,8 @@ impl FsStore {
             root: root.to_path_buf(),
             fsync,
             blob_locks: KeyedLocks::default(),
+            index: DashMap::new(),
+            index_locks: KeyedLocks::default(),
             _lock: lock,
         })
     }
@@ -135,17 +143,44 @@ impl FsStore {
         self.sync_dir(dir).await
     }
 
-    async fn list_parts(&self, upload: &UploadKey) -> std::io::Result<Vec<Part>> {
+    fn part_path(&self, upload: &UploadKey, part: &StoredPart) -> PathBuf {
+        let name = format!("{}-{}-{}", part.number, part.len, hex::encode(part.digest));
+        self.upload_dir(upload).join("parts").join(name)
+    }
+
+    /// The upload's parts, from the index (loaded from disk on first use).
+    async fn indexed(&self, upload: &UploadKey) -> std::io::Result<Arc<PartIndex>> {
+        if let Some(parts) = self.index.get(upload) {
+            return Ok(Arc::clone(&parts));
+        }
+        let _guard = self.index_locks.lock(*upload).await;
+        self.load_index(upload).await
+    }
+
+    /// Like `indexed`, for callers that hold the upload's index lock.
+    async fn load_index(&self, upload: &UploadKey) -> std::io::Result<Arc<PartIndex>> {
+        if let Some(parts) = self.index.get(upload) {
+            return Ok(Arc::clone(&parts));
+        }
+        let parts = Arc::new(self.list_parts(upload).await?);
+        if !parts.is_empty() {
+            self.index.insert(*upload, Arc::clone(&parts));
+        }
+        Ok(parts)
+    }
+
+    /// Reads the parts directory: each entry is `<number>-<len>-<sha256>`.
+    async fn list_parts(&self, upload: &UploadKey) -> std::io::Result<PartIndex> {
         let dir = self.upload_dir(upload).join("parts");
         let mut entries = match tokio::fs::read_dir(&dir).await {
             Ok(entries) => entries,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(PartIndex::new()),
             Err(e) => return Err(e),
         };
-        let mut parts = Vec::new();
+        let mut parts = PartIndex::new();
         while let Some(entry) = entries.next_entry().await? {
-            if let Some(part) = entry.file_name().to_str().and_then(Part::parse) {
-                parts.push(part);
+            if let Some(part) = entry.file_name().to_str().and_then(parse_part_name) {
+                parts.insert(part.number, part);
             }
         }
         Ok(parts)
@@ -167,28 +202,17 @@ impl FsStore {
     }
 }
 
-/// A published part, as its link's name records it: `<number>-<len>-<sha256>`.
-struct Part {
-    number: u64,
-    len: u64,
-    digest: [u8; 32],
-    name: String,
-}
-
-impl Part {
-    fn parse(name: &str) -> Option<Part> {
-        let mut fields = name.splitn(3, '-');
-        let number = fields.next()?.parse().ok()?;
-        let len = fields.next()?.parse().ok()?;
-        let mut digest = [0u8; 32];
-        hex::decode_to_slice(fields.next()?, &mut digest).ok()?;
-        Some(Part {
-            number,
-            len,
-            digest,
-            name: name.to_string(),
-        })
-    }
+fn parse_part_name(name: &str) -> Option<StoredPart> {
+    let mut fields = name.splitn(3, '-');
+    let number = fields.next()?.parse().ok()?;
+    let len = fields.next()?.parse().ok()?;
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(fields.next()?, &mut digest).ok()?;
+    Some(StoredPart {
+        number,
+        len,
+        digest,
+    })
 }
 
 #[async_trait]
@@ -237,46 +261,40 @@ impl ChunkStore for FsStore {
         staged: StagedPart,
     ) -> Result<bool, StoreError> {
         let tmp = self.root.join("tmp").join(&staged.token);
-        let blob = self.blob_path(&staged.digest);
-        let parts_dir = self.upload_dir(upload).join("parts");
-        let _guard = self.blob_locks.lock(staged.digest).await;
-        if self
-            .list_parts(upload)
-            .await?
-            .iter()
-            .any(|p| p.number == number)
-        {
+        let _index_guard = self.index_locks.lock(*upload).await;
+        let parts = self.load_index(upload).await?;
+        if parts.contains_key(&number) {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Ok(false);
         }
+        let part = StoredPart {
+            number,
+            len: staged.len,
+            digest: staged.digest,
+        };
+        let blob = self.blob_path(&staged.digest);
+        let _blob_guard = self.blob_locks.lock(staged.digest).await;
         if tokio::fs::try_exists(&blob).await? {
             let _ = tokio::fs::remove_file(&tmp).await;
         } else {
-            let blob_dir = blob.parent().expect("blob paths have a parent");
-            self.create_dir_durable(blob_dir).await?;
+            // The blob's own directory entry needs no fsync: the part's link below is what
+            // makes the bytes reachable, and it is fsynced.
+            tokio::fs::create_dir_all(blob.parent().expect("blob paths have a parent")).await?;
             tokio::fs::rename(&tmp, &blob).await?;
-            self.sync_dir(blob_dir).await?;
         }
-        self.create_dir_durable(&parts_dir).await?;
-        let name = format!("{number}-{}-{}", staged.len, hex::encode(staged.digest));
-        self.link_part(&blob, &parts_dir.join(name)).await?;
-        self.sync_dir(&parts_dir).await?;
+        let part_path = self.part_path(upload, &part);
+        let parts_dir = part_path.parent().expect("part paths have a parent");
+        self.create_dir_durable(parts_dir).await?;
+        self.link_part(&blob, &part_path).await?;
+        self.sync_dir(parts_dir).await?;
+        let mut updated = PartIndex::clone(&parts);
+        updated.insert(number, part);
+        self.index.insert(*upload, Arc::new(updated));
         Ok(true)
     }
 
-    async fn parts(&self, upload: &UploadKey) -> Result<BTreeMap<u64, StoredPart>, StoreError> {
-        Ok(self
-            .list_parts(upload)
-            .await?
-            .into_iter()
-            .map(|p| {
-                let part = StoredPart {
-                    len: p.len,
-                    locator: p.name,
-                };
-                (p.number, part)
-            })
-            .collect())
+    async fn parts(&self, upload: &UploadKey) -> Result<Arc<PartIndex>, StoreError> {
+        Ok(self.indexed(upload).await?)
     }
 
     async fn open(
@@ -284,23 +302,27 @@ impl ChunkStore for FsStore {
         upload: &UploadKey,
         part: &StoredPart,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StoreError> {
-        let path = self.upload_dir(upload).join("parts").join(&part.locator);
-        let file = tokio::fs::File::open(&path).await?;
+        let file = tokio::fs::File::open(self.part_path(upload, part)).await?;
         let actual = file.metadata().await?.len();
         if actual != part.len {
             return Err(StoreError::Corrupt(format!(
                 "{upload:?} part {} has {actual} bytes, expected {}",
-                part.locator, part.len
+                part.number, part.len
             )));
         }
         Ok(Box::new(file))
     }
 
     async fn remove_parts(&self, upload: &UploadKey) -> Result<(), StoreError> {
-        let parts_dir = self.upload_dir(upload).join("parts");
-        for part in self.list_parts(upload).await? {
-            let _guard = self.blob_locks.lock(part.digest).await;
-            tokio::fs::remove_file(parts_dir.join(&part.name)).await?;
+        let _index_guard = self.index_locks.lock(*upload).await;
+        let parts = self.load_index(upload).await?;
+        self.index.remove(upload);
+        for part in parts.values() {
+            let _blob_guard = self.blob_locks.lock(part.digest).await;
+            match tokio::fs::remove_file(self.part_path(upload, part)).await {
+                Err(e) if e.kind() != ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
             let blob = self.blob_path(&part.digest);
             match tokio::fs::metadata(&blob).await {
                 Ok(meta) if meta.nlink() <= 1 => tokio::fs::remove_file(&blob).await?,
@@ -309,7 +331,7 @@ impl ChunkStore for FsStore {
                 Err(e) => return Err(e.into()),
             }
         }
-        match tokio::fs::remove_dir(&parts_dir).await {
+        match tokio::fs::remove_dir(self.upload_dir(upload).join("parts")).await {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }

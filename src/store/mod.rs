@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::io::AsyncRead;
 
@@ -71,13 +72,16 @@ pub struct RecordedAnswer {
     pub body: Bytes,
 }
 
-/// A published part: its length, and where the engine keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A published part: its number, length and content digest (which names its bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoredPart {
+    pub number: u64,
     pub len: u64,
-    /// Engine-specific (for `fs`, the part's file name).
-    locator: String,
+    pub digest: [u8; 32],
 }
+
+/// An upload's stored parts, by number.
+pub type PartIndex = BTreeMap<u64, StoredPart>;
 
 /// Bytes of one part, written and flushed but not yet visible as a part of any upload.
 #[derive(Debug)]
@@ -128,7 +132,7 @@ pub trait ChunkStore: Send + Sync {
         staged: StagedPart,
     ) -> Result<bool, StoreError>;
     /// Stored parts of an upload, by part number.
-    async fn parts(&self, upload: &UploadKey) -> Result<BTreeMap<u64, StoredPart>, StoreError>;
+    async fn parts(&self, upload: &UploadKey) -> Result<Arc<PartIndex>, StoreError>;
     /// Reads one stored part.
     async fn open(
         &self,

@@ -15,13 +15,12 @@ use crate::config::ForwardConfig;
 use crate::forward::{DeliveryRequest, ForwardError, Forwarder};
 use crate::locks::KeyedLocks;
 use crate::store::{
-    BodySource, ChunkStore, RecordedAnswer, StageError, StagedPart, StateStore, StoreError,
-    StoredPart, UploadKey, UploadMeta,
+    BodySource, ChunkStore, PartIndex, RecordedAnswer, StageError, StagedPart, StateStore,
+    StoreError, StoredPart, UploadKey, UploadMeta,
 };
 use bytes::Bytes;
 use dashmap::DashMap;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -384,7 +383,7 @@ impl UploadCore {
             .ok_or(DeliverError::Incomplete)?;
         let parts = self.chunks.parts(upload).await?;
         let count = complete_len(&parts, &meta).ok_or(DeliverError::Incomplete)?;
-        let file: Vec<StoredPart> = (1..=count).map(|n| parts[&n].clone()).collect();
+        let file: Vec<StoredPart> = (1..=count).map(|n| parts[&n]).collect();
         let mut answer = self
             .forwarder
             .send(self.chunks.as_ref(), upload, &meta, &file, forward, request)
@@ -546,16 +545,20 @@ fn check_pinned(pinned: &UploadMeta, declared: &UploadMeta) -> Result<(), CoreEr
 }
 
 /// If parts 1..=K are stored and part K ends exactly at the file's end, returns K.
-fn complete_len(parts: &BTreeMap<u64, StoredPart>, meta: &UploadMeta) -> Option<u64> {
-    let lens: BTreeMap<u64, u64> = parts.iter().map(|(n, p)| (*n, p.len)).collect();
-    count_to_end(&lens, meta.total_size)
+fn complete_len(parts: &PartIndex, meta: &UploadMeta) -> Option<u64> {
+    count_to_end(
+        |n| parts.get(&n).map(|p| p.len),
+        parts.len(),
+        meta.total_size,
+    )
 }
 
-/// With these part lengths, how many consecutive parts from 1 end exactly at `total`?
-fn count_to_end(lens: &BTreeMap<u64, u64>, total: u64) -> Option<u64> {
+/// Given part lengths (`None`: not stored) and how many parts there are, how many consecutive
+/// parts from 1 end exactly at `total`?
+fn count_to_end(len_of: impl Fn(u64) -> Option<u64>, parts: usize, total: u64) -> Option<u64> {
     let mut offset = 0u64;
-    for number in 1..=lens.len() as u64 {
-        offset = offset.checked_add(*lens.get(&number)?)?;
+    for number in 1..=parts as u64 {
+        offset = offset.checked_add(len_of(number)?)?;
         if offset == total {
             return Some(number);
         }
@@ -569,23 +572,21 @@ fn count_to_end(lens: &BTreeMap<u64, u64>, total: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn an_upload_is_complete_when_consecutive_parts_reach_the_end() {
-        assert_eq!(
-            count_to_end(&BTreeMap::from([(1, 1000), (2, 1500)]), 2500),
-            Some(2)
-        );
-        assert_eq!(
-            count_to_end(&BTreeMap::from([(1, 1000), (3, 500)]), 2500),
-            None
-        );
+        let lens = |map: BTreeMap<u64, u64>| move |n| map.get(&n).copied();
+        let both = BTreeMap::from([(1, 1000), (2, 1500)]);
+        assert_eq!(count_to_end(lens(both), 2, 2500), Some(2));
+        let gap = BTreeMap::from([(1, 1000), (3, 500)]);
+        assert_eq!(count_to_end(lens(gap), 2, 2500), None);
     }
 
     #[test]
     fn an_empty_file_is_complete_with_its_one_empty_part() {
-        assert_eq!(count_to_end(&BTreeMap::from([(1, 0)]), 0), Some(1));
-        assert_eq!(count_to_end(&BTreeMap::new(), 0), None);
+        assert_eq!(count_to_end(|n| (n == 1).then_some(0), 1, 0), Some(1));
+        assert_eq!(count_to_end(|_| None, 0, 0), None);
     }
 
     #[test]
