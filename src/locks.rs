@@ -26,12 +26,16 @@ pub struct KeyGuard<'a, K: Eq + Hash + Clone> {
 
 impl<K: Eq + Hash + Clone> KeyedLocks<K> {
     pub async fn lock(&self, key: K) -> KeyGuard<'_, K> {
-        let mutex = self.map.entry(key.clone()).or_default().clone();
-        KeyGuard {
+        // The guard exists before the wait, so that a wait given up (its future dropped) still
+        // cleans up the entry.
+        let mut guard = KeyGuard {
             locks: self,
-            key,
-            guard: Some(mutex.lock_owned().await),
-        }
+            key: key.clone(),
+            guard: None,
+        };
+        let mutex = self.map.entry(key).or_default().clone();
+        guard.guard = Some(mutex.lock_owned().await);
+        guard
     }
 
     #[cfg(test)]
@@ -59,6 +63,17 @@ mod tests {
         let locks = KeyedLocks::default();
         let key = "a";
         drop(locks.lock(key).await);
+        assert_eq!(locks.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_wait_given_up_leaves_no_entry_behind() {
+        let locks = KeyedLocks::default();
+        let first = locks.lock("a").await;
+        let mut waiter = Box::pin(locks.lock("a"));
+        assert!(futures::poll!(&mut waiter).is_pending());
+        drop(first);
+        drop(waiter); // given up after the lock was handed to it, before it saw so
         assert_eq!(locks.len(), 0);
     }
 
