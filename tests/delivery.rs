@@ -219,6 +219,7 @@ async fn the_forward_carries_the_clients_cookie_and_authorization() {
     assert_eq!(request.header("cookie"), Some("session=abc"));
     assert_eq!(request.header("authorization"), Some("Bearer xyz"));
     assert_eq!(request.header("x-other"), None);
+    assert_eq!(request.header("x-forwarded-for"), Some("127.0.0.1"));
 }
 
 #[tokio::test]

@@ -27,6 +27,23 @@ async fn a_get_to_another_path_reaches_the_upstream_unchanged() {
     assert_eq!(received[0].path, "/dashboard");
     assert_eq!(received[0].header("x-custom"), Some("kept"));
     assert_eq!(received[0].header("cookie"), Some("sid=1"));
+    assert_eq!(received[0].header("x-forwarded-for"), Some("127.0.0.1"));
+}
+
+#[tokio::test]
+async fn the_client_address_is_appended_to_x_forwarded_for() {
+    let h = Harness::start().await;
+    h.client
+        .get(h.url("/page"))
+        .header("x-forwarded-for", "203.0.113.5")
+        .send()
+        .await
+        .unwrap();
+    let received = h.upstream.received_at("/page");
+    assert_eq!(
+        received[0].header("x-forwarded-for"),
+        Some("203.0.113.5, 127.0.0.1")
+    );
 }
 
 #[tokio::test]

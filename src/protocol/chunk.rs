@@ -17,7 +17,9 @@
 use super::params::{ChunkParams, Fields, ParamError};
 use crate::config::{Protocol, Route, Scope};
 use crate::forward::DeliveryRequest;
-use crate::proxy::io::{accept_expect_continue, body_stream, expects_continue, Reply, RequestBody};
+use crate::proxy::io::{
+    accept_expect_continue, body_stream, expects_continue, forwarded_for, Reply, RequestBody,
+};
 use crate::store::{BodySource, StageError, UploadKey, UploadMeta};
 use crate::upload::{CoreError, FieldsDigest, PartStatus, ReplyHold, UploadCore};
 use async_trait::async_trait;
@@ -421,10 +423,18 @@ fn content_length(session: &Session) -> Option<u64> {
 fn delivery_request(session: &Session, route: &Route) -> DeliveryRequest {
     let header = session.req_header();
     let mut headers = Vec::new();
-    for name in &route.forward.headers {
+    for name in route
+        .forward
+        .headers
+        .iter()
+        .filter(|n| *n != "x-forwarded-for")
+    {
         for value in header.headers.get_all(name) {
             headers.push((name.clone(), value.clone()));
         }
+    }
+    if let Some(value) = forwarded_for(session) {
+        headers.push((http::HeaderName::from_static("x-forwarded-for"), value));
     }
     let host = header.headers.get(http::header::HOST).cloned().or_else(|| {
         let authority = header.uri.authority()?;

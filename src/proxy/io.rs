@@ -136,3 +136,19 @@ pub fn expects_continue(session: &Session) -> bool {
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
+
+/// `X-Forwarded-For` for a request to the upstream: the client's value, if any, with the
+/// client's own address appended.
+pub fn forwarded_for(session: &Session) -> Option<http::HeaderValue> {
+    let client = session.client_addr()?.as_inet()?.ip();
+    let earlier = session
+        .req_header()
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let value = match earlier {
+        Some(earlier) => format!("{earlier}, {client}"),
+        None => client.to_string(),
+    };
+    http::HeaderValue::from_str(&value).ok()
+}

@@ -59,6 +59,19 @@ impl ProxyHttp for StitchProxy {
         Ok(Box::new(peer))
     }
 
+    /// The application now sits behind a proxy: tell it who the client is.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut pingora::http::RequestHeader,
+        _ctx: &mut (),
+    ) -> pingora::Result<()> {
+        if let Some(value) = io::forwarded_for(session) {
+            upstream_request.insert_header("x-forwarded-for", value)?;
+        }
+        Ok(())
+    }
+
     async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {
         match self.route_for(session) {
             Some(route) => protocol::handle(session, route, &self.core).await,
