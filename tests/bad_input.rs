@@ -185,6 +185,9 @@ routes:
 /// Writes a raw HTTP/1.1 request and returns the response's status line.
 fn raw_exchange(addr: std::net::SocketAddr, head: &str, body: &[u8]) -> String {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
     stream.write_all(head.as_bytes()).unwrap();
     stream.write_all(body).unwrap();
     stream.shutdown(std::net::Shutdown::Write).unwrap();

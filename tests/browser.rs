@@ -176,11 +176,10 @@ async fn resumable_with_a_parameter_namespace_and_a_dropped_type_uploads() {
         "typeParameterName":null,"query":{"token":"abc"}}"#;
     let seen = browser_upload(&h, "resumable", 1_300_000, "namespaced.txt", options).await;
     let request = assert_browser_file_delivered(&h, &seen, "namespaced.txt");
-    assert_eq!(
-        request.field("ns_token"),
-        Some("abc"),
-        "Resumable prefixes custom fields too"
-    );
+    // Resumable.js prefixes the site's own fields with the namespace too; the application gets
+    // them by the names it gave them.
+    assert_eq!(request.field("token"), Some("abc"));
+    assert_eq!(request.field("ns_token"), None);
 }
 
 #[tokio::test]

@@ -147,25 +147,24 @@ async fn head_is_treated_like_a_test_get() {
 }
 
 #[tokio::test]
-async fn a_file_over_two_gibibytes_keeps_its_64_bit_sizes() {
+async fn a_file_over_four_gibibytes_keeps_its_64_bit_sizes() {
     let h = Harness::with_routes(
         r#"
 routes:
   - path: /upload
     protocol: resumable
-    limits: { max_chunk_size: 1GiB }
+    limits: { max_chunk_size: 2GiB }
     forward: { path: /app/upload, field: document }
 "#,
     )
     .await;
-    let size = (1u64 << 31) + 1000;
-    let file = ChunkedFile::new(
-        Client::Resumable,
-        "/upload",
-        "big.iso",
-        Content::Zeros(size),
-        512 << 20,
-    );
+    let size = (1u64 << 32) + 1000;
+    let chunk = 1u64 << 30;
+    let data = Content::Stripes {
+        size,
+        stripe: chunk,
+    };
+    let file = ChunkedFile::new(Client::Resumable, "/upload", "big.iso", data, chunk);
     assert_eq!(file.count(), 4);
     let last = file.upload_all(&h).await;
     assert_eq!(last.status(), 200);
@@ -226,6 +225,9 @@ fn first_status_after_expect(
 ) {
     use std::io::{BufRead, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
     write!(
         stream,
         "PUT {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\n\
@@ -265,4 +267,24 @@ async fn expect_continue_is_answered_for_valid_chunks_and_refused_ones_are_not_r
     assert!(accepted.starts_with("HTTP/1.1 100"), "{accepted}");
     assert!(last.starts_with("HTTP/1.1 200"), "{last}");
     assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn multipart_chunks_by_put_and_patch_work() {
+    let h = Harness::start().await;
+    for (method, name) in [
+        (reqwest::Method::PUT, "put.txt"),
+        (reqwest::Method::PATCH, "patch.txt"),
+    ] {
+        let mut file = ChunkedFile::resumable(name, random_bytes(2500, 12), 1000);
+        file.method = method;
+        assert_eq!(file.upload_all(&h).await.status(), 200, "{name}");
+    }
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].files[0].file_name.as_deref(), Some("patch.txt"));
+    assert_eq!(
+        received[1].files[0].sha256,
+        Content::Bytes(random_bytes(2500, 12)).sha256()
+    );
 }

@@ -114,3 +114,15 @@ fn a_taken_listen_address_is_a_clear_error() {
         "{message}"
     );
 }
+
+#[test]
+fn headers_stitch_sets_itself_cannot_be_copied_from_the_client() {
+    let (ok, message) = check_text(
+        "routes:\n  - path: /upload\n    protocol: resumable\n    forward:\n      headers: [cookie, Host]\n",
+    );
+    assert!(!ok);
+    assert!(
+        message.contains("forward.headers") && message.contains("host"),
+        "{message}"
+    );
+}

@@ -193,6 +193,12 @@ async fn identical_chunks_of_different_uploads_are_stored_once() {
     b.upload(&h, 1).await;
     b.upload(&h, 2).await;
     assert_eq!(blob_count(&h), 2, "chunk 1 is shared");
+    let parts = h
+        .stored_files()
+        .iter()
+        .filter(|(p, _)| p.contains("/parts/"))
+        .count();
+    assert_eq!(parts, 3, "each upload still has its own parts");
     b.upload(&h, 3).await;
     assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
     assert_eq!(blob_count(&h), 1, "a's chunk 1 survives b's cleanup");
@@ -367,11 +373,28 @@ routes:
     h.upstream.answer_with(503, "busy");
     let file = ChunkedFile::resumable("pause.txt", random_bytes(2000, 30), 1000);
     assert_eq!(file.upload_all(&h).await.status(), 503);
-    let started = std::time::Instant::now();
     assert_eq!(file.upload(&h, 2).await.status(), 503);
+    let attempts = h.upstream.received_at("/app/upload");
+    assert_eq!(attempts.len(), 2);
     assert!(
-        started.elapsed() >= Duration::from_secs(1),
-        "the second attempt waited for retry_pause"
+        attempts[1].at.duration_since(attempts[0].at) >= Duration::from_secs(1),
+        "the second attempt reached the upstream retry_pause after the first"
     );
-    assert_eq!(h.upstream.received_at("/app/upload").len(), 2);
+}
+
+#[tokio::test]
+async fn an_upstream_too_slow_to_answer_gets_504_and_the_parts_stay() {
+    let h = Harness::with_routes(
+        r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    forward: { path: /app/upload, field: document, timeout: 1s }
+"#,
+    )
+    .await;
+    h.upstream.delay_answers(Duration::from_secs(3));
+    let file = ChunkedFile::resumable("slow.txt", random_bytes(2000, 31), 1000);
+    assert_eq!(file.upload_all(&h).await.status(), 504);
+    assert_eq!(blob_count(&h), 2, "the parts stay for a retry");
 }

@@ -12,12 +12,15 @@ async fn an_abandoned_upload_expires_and_its_chunks_are_deleted() {
     let file = ChunkedFile::resumable("abandoned.bin", random_bytes(3000, 50), 1000);
     assert_eq!(file.upload(&h, 1).await.status(), 200);
     assert_eq!(file.test(&h, 1).await.status(), 200);
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    assert_eq!(
-        file.test(&h, 1).await.status(),
-        204,
-        "expired: the client uploads it again"
-    );
+    // Expired: its test requests answer 204 again, so the client uploads it anew.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while file.test(&h, 1).await.status() != 204 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the upload never expired"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(h
         .stored_files()
         .iter()
@@ -26,7 +29,7 @@ async fn an_abandoned_upload_expires_and_its_chunks_are_deleted() {
 
 #[tokio::test]
 async fn a_recorded_answer_is_replayed_until_it_expires_then_a_new_upload_starts() {
-    let h = Harness::with_storage("  result_ttl: 1s\n", ROUTES).await;
+    let h = Harness::with_storage("  result_ttl: 3s\n", ROUTES).await;
     h.upstream.answer_with(201, "first");
     let file = ChunkedFile::flow("again.txt", random_bytes(10, 51), 1000);
     assert_eq!(file.upload(&h, 1).await.status(), 201);
@@ -35,7 +38,7 @@ async fn a_recorded_answer_is_replayed_until_it_expires_then_a_new_upload_starts
         "first",
         "replayed"
     );
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     h.upstream.answer_with(201, "second");
     let again = file.upload(&h, 1).await;
     assert_eq!(
@@ -54,8 +57,14 @@ async fn chunk_bytes_no_upload_uses_are_collected() {
     std::fs::create_dir_all(&orphan_dir).unwrap();
     let orphan = orphan_dir.join(format!("ab{}", "0".repeat(62)));
     std::fs::write(&orphan, b"left behind").unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(!orphan.exists(), "the orphan was collected");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while orphan.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the orphan was never collected"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test]

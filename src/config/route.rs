@@ -135,6 +135,9 @@ pub struct ParamNames {
     pub total_chunks: Option<String>,
     /// The multipart field that carries the chunk bytes.
     pub file_field: String,
+    /// Resumable.js's `parameterNamespace`, which it also puts in front of the site's own
+    /// fields; Stitch takes it off again before they reach the application.
+    pub namespace: String,
 }
 
 impl ParamNames {
@@ -190,6 +193,7 @@ impl ParamNames {
             relative_path: name(raw.relative_path, "RelativePath"),
             total_chunks: name(raw.total_chunks, "TotalChunks"),
             file_field: format!("{ns}{}", raw.file.unwrap_or_else(|| "file".into())),
+            namespace: ns,
         })
     }
 
@@ -362,7 +366,13 @@ impl TryFrom<RawRoute> for Route {
                 http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
                     .map_err(|_| format!("forward.headers: {h:?} is not a header name"))
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<http::HeaderName>, _>>()?;
+        if let Some(fixed) = headers.iter().find(|h| FIXED_HEADERS.contains(&h.as_str())) {
+            return Err(format!(
+                "forward.headers: {fixed} is set by Stitch itself (the client's Host, the \
+                 length and type of the new body)"
+            ));
+        }
         if raw.forward.field.is_empty() || raw.forward.field.contains(['"', '\r', '\n']) {
             return Err("forward.field must be a plain, non-empty field name".into());
         }
@@ -411,6 +421,14 @@ impl Route {
         }
     }
 }
+
+/// Headers of the forwarded request that Stitch sets itself.
+const FIXED_HEADERS: [&str; 4] = [
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+];
 
 fn default_max_file_size() -> ByteSize {
     ByteSize(10 << 30)

@@ -77,8 +77,14 @@ pub async fn handle(
         let reply = Reply::text(415, "the request body is larger than this route accepts");
         return reply.send(session).await.map(|_| true);
     } else if let Some(boundary) = boundary {
-        exchange.proceed(session).await?;
-        exchange.multipart(session, fields, boundary).await
+        // Resumable.js repeats its parameters in the URL: check them before asking for the body.
+        match in_query.then(|| exchange.identify(&fields, None)) {
+            Some(Err(e)) => Reply::text(415, e.0),
+            _ => {
+                exchange.proceed(session).await?;
+                exchange.multipart(session, fields, boundary).await
+            }
+        }
     } else {
         exchange.octet(session, &fields).await
     };
@@ -322,17 +328,23 @@ impl Exchange<'_> {
 
     /// The application's own fields: everything that is not a protocol parameter, filtered by
     /// the route's policy (protocol parameters too when the route asks for them).
+    /// Resumable.js puts its `parameterNamespace` in front of them; the application gets them
+    /// by the names it gave them.
     fn app_fields(&self, fields: &Fields) -> Vec<(String, String)> {
         let forward = &self.route.forward;
+        let params = &self.route.params;
         fields
             .merged()
             .into_iter()
-            .filter(|(name, _)| {
-                if self.route.params.is_protocol_param(name) {
-                    forward.protocol_fields
-                } else {
-                    forward.fields.allows(name)
+            .filter_map(|(name, value)| {
+                if params.is_protocol_param(&name) {
+                    return forward.protocol_fields.then_some((name, value));
                 }
+                let own = name
+                    .strip_prefix(params.namespace.as_str())
+                    .unwrap_or(&name)
+                    .to_string();
+                forward.fields.allows(&own).then_some((own, value))
             })
             .collect()
     }

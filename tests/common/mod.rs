@@ -144,25 +144,36 @@ pub struct ChunkedFile {
     pub method: reqwest::Method,
 }
 
-/// File contents: real bytes, or a large file of zeros that costs no memory to describe.
+/// File contents: real bytes, or a large file that costs no memory to describe: `size` bytes
+/// in stripes of `stripe` bytes, each stripe a different byte value (so parts out of order show).
 #[derive(Debug, Clone)]
 pub enum Content {
     Bytes(Bytes),
-    Zeros(u64),
+    Stripes { size: u64, stripe: u64 },
 }
 
 impl Content {
     pub fn len(&self) -> u64 {
         match self {
             Content::Bytes(b) => b.len() as u64,
-            Content::Zeros(n) => *n,
+            Content::Stripes { size, .. } => *size,
         }
     }
 
     pub fn slice(&self, start: u64, end: u64) -> Bytes {
         match self {
             Content::Bytes(b) => b.slice(start as usize..end as usize),
-            Content::Zeros(_) => Bytes::from(vec![0u8; (end - start) as usize]),
+            Content::Stripes { stripe, .. } => {
+                let mut out = Vec::with_capacity((end - start) as usize);
+                let mut at = start;
+                while at < end {
+                    let stripe_end = ((at / stripe) + 1) * stripe;
+                    let upto = stripe_end.min(end);
+                    out.resize(out.len() + (upto - at) as usize, stripe_byte(at, *stripe));
+                    at = upto;
+                }
+                Bytes::from(out)
+            }
         }
     }
 
@@ -170,18 +181,21 @@ impl Content {
         let mut hasher = Sha256::new();
         match self {
             Content::Bytes(b) => hasher.update(b),
-            Content::Zeros(n) => {
-                let block = vec![0u8; 1 << 20];
-                let mut left = *n;
-                while left > 0 {
-                    let take = left.min(block.len() as u64);
-                    hasher.update(&block[..take as usize]);
-                    left -= take;
+            Content::Stripes { size, stripe } => {
+                let mut at = 0;
+                while at < *size {
+                    let upto = (at + (1 << 20)).min(*size).min((at / stripe + 1) * stripe);
+                    hasher.update(vec![stripe_byte(at, *stripe); (upto - at) as usize]);
+                    at = upto;
                 }
             }
         }
         hex::encode(hasher.finalize())
     }
+}
+
+fn stripe_byte(offset: u64, stripe: u64) -> u8 {
+    (offset / stripe % 251) as u8 + 1
 }
 
 /// Deterministic pseudo-random bytes.

@@ -27,8 +27,12 @@ pub struct ReceivedFile {
 
 #[derive(Debug, Clone)]
 pub struct Received {
+    /// When the request's head arrived.
+    pub at: std::time::Instant,
     pub method: String,
     pub path: String,
+    /// Path and query, as sent.
+    pub target: String,
     pub headers: http::HeaderMap,
     /// Text parts of a multipart body, in order.
     pub fields: Vec<(String, String)>,
@@ -211,12 +215,15 @@ async fn handle(
     received: Arc<Mutex<Vec<Received>>>,
     answer: Arc<Mutex<Answer>>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
+    let arrived = std::time::Instant::now();
     let (parts, body) = request.into_parts();
     let early = answer.lock().unwrap().clone();
     if early.early {
         received.lock().unwrap().push(Received {
+            at: arrived,
             method: parts.method.to_string(),
             path: parts.uri.path().to_string(),
+            target: parts.uri.to_string(),
             headers: parts.headers,
             fields: Vec::new(),
             files: Vec::new(),
@@ -280,8 +287,10 @@ async fn handle(
     }
     let (hasher, body_len) = std::mem::take(&mut *raw.lock().unwrap());
     received.lock().unwrap().push(Received {
+        at: arrived,
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
+        target: parts.uri.to_string(),
         headers: parts.headers,
         fields,
         files,
