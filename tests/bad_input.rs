@@ -1,4 +1,4 @@
-//! Bad input gets the status PROTOCOLS.md prescribes (415: both clients give the file up; 400:
+//! Bad input gets the status both clients read right (415: both give the file up; 400:
 //! the body itself was broken) and never changes what is stored.
 
 mod common;

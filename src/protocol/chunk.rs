@@ -2,7 +2,8 @@
 //!
 //! A request on an upload route is a *test* (GET/HEAD, or any request whose body carries no chunk)
 //! or an *upload* (POST/PUT/PATCH with the chunk as a multipart file part or as the raw body).
-//! Status codes follow PROTOCOLS.md 1.4, chosen so that both clients read them the same way:
+//! Status codes are chosen so that Resumable.js and Flow.js read them the same way (README,
+//! "Status codes"):
 //!
 //! | situation | status |
 //! |---|---|

@@ -1,5 +1,5 @@
 //! Chunk parameters of Resumable.js and Flow.js: merged from the URL query and the multipart text
-//! fields, parsed, and checked against each other (PROTOCOLS.md 1.1 and 1.3).
+//! fields, parsed, and checked against each other.
 //!
 //! The two clients speak the same protocol with different names (see `config::ParamNames`);
 //! the only other difference is where the file's MIME type comes from, see [`ChunkParams::file_type`].
@@ -178,7 +178,7 @@ fn number(fields: &Fields, name: &str) -> Result<u64, ParamError> {
     }
 }
 
-/// The chunk arithmetic of PROTOCOLS.md 1.3: every chunk but the last has exactly `chunk_size`
+/// The clients' chunk arithmetic: every chunk but the last has exactly `chunk_size`
 /// bytes; the last ends at `total` and holds fewer than `2 * chunk_size` bytes (the client's
 /// default) or at most `chunk_size` (`forceChunkSize`).
 fn check_bounds(number: u64, len: u64, chunk_size: u64, total: u64) -> Result<(), ParamError> {
