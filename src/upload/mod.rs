@@ -213,12 +213,15 @@ impl UploadCore {
                 Some(pinned) => check_pinned(&pinned, declared)?,
                 None => self.state.save_meta(upload, declared).await?,
             }
-            if let Some(answer) = self.fresh_answer(upload, fields).await? {
-                return Ok(Some(PartStatus::Delivered(answer)));
+            match self.state.answer(upload).await? {
+                Some((answer, at)) if self.applies(&answer, at, fields) => {
+                    return Ok(Some(PartStatus::Delivered(answer)));
+                }
+                // An answer that does not apply (expired, or for other fields) belongs to an
+                // earlier upload of this file; this one starts over without it.
+                Some(_) => self.state.remove_answer(upload).await?,
+                None => {}
             }
-            // An answer that does not apply (expired, or for other fields) belongs to an
-            // earlier upload of this file; this one starts over without it.
-            self.state.remove_answer(upload).await?;
             Ok::<_, CoreError>(None)
         }
         .await;
@@ -422,11 +425,14 @@ impl UploadCore {
         fields: &FieldsDigest,
     ) -> Result<Option<RecordedAnswer>, StoreError> {
         match self.state.answer(upload).await? {
-            Some((answer, at)) if !expired(at, self.result_ttl) && answer.fields == fields.0 => {
-                Ok(Some(answer))
-            }
+            Some((answer, at)) if self.applies(&answer, at, fields) => Ok(Some(answer)),
             _ => Ok(None),
         }
+    }
+
+    /// Is a recorded answer still the answer for a request with these fields?
+    fn applies(&self, answer: &RecordedAnswer, at: SystemTime, fields: &FieldsDigest) -> bool {
+        !expired(at, self.result_ttl) && answer.fields == fields.0
     }
 
     /// Deletes uploads nobody touched within `upload_ttl`, answers older than `result_ttl`,

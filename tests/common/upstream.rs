@@ -43,6 +43,27 @@ pub struct Received {
 }
 
 impl Received {
+    fn of(
+        at: std::time::Instant,
+        parts: http::request::Parts,
+        fields: Vec<(String, String)>,
+        files: Vec<ReceivedFile>,
+        body_len: u64,
+        body_sha256: String,
+    ) -> Received {
+        Received {
+            at,
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_string(),
+            target: parts.uri.to_string(),
+            headers: parts.headers,
+            fields,
+            files,
+            body_len,
+            body_sha256,
+        }
+    }
+
     pub fn field(&self, name: &str) -> Option<&str> {
         self.fields
             .iter()
@@ -219,17 +240,8 @@ async fn handle(
     let (parts, body) = request.into_parts();
     let early = answer.lock().unwrap().clone();
     if early.early {
-        received.lock().unwrap().push(Received {
-            at: arrived,
-            method: parts.method.to_string(),
-            path: parts.uri.path().to_string(),
-            target: parts.uri.to_string(),
-            headers: parts.headers,
-            fields: Vec::new(),
-            files: Vec::new(),
-            body_len: 0,
-            body_sha256: String::new(),
-        });
+        let request = Received::of(arrived, parts, Vec::new(), Vec::new(), 0, String::new());
+        received.lock().unwrap().push(request);
         let response = Response::builder()
             .status(early.status)
             .header("connection", "close")
@@ -286,17 +298,9 @@ async fn handle(
         }
     }
     let (hasher, body_len) = std::mem::take(&mut *raw.lock().unwrap());
-    received.lock().unwrap().push(Received {
-        at: arrived,
-        method: parts.method.to_string(),
-        path: parts.uri.path().to_string(),
-        target: parts.uri.to_string(),
-        headers: parts.headers,
-        fields,
-        files,
-        body_len,
-        body_sha256: hex::encode(hasher.finalize()),
-    });
+    let sha256 = hex::encode(hasher.finalize());
+    let request = Received::of(arrived, parts, fields, files, body_len, sha256);
+    received.lock().unwrap().push(request);
     let answer = answer.lock().unwrap().clone();
     if !answer.delay.is_zero() {
         tokio::time::sleep(answer.delay).await;
