@@ -10,7 +10,7 @@ use crate::store::{ChunkStore, RecordedAnswer, StoreError, StoredPart, UploadKey
 use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue};
 use pingora::connectors::http::Connector;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::client::HttpSession;
 use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::ErrorType;
@@ -50,12 +50,32 @@ pub struct DeliveryRequest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("the upstream did not answer in time: {0}")]
-    Timeout(String),
-    #[error("the upstream could not be reached or broke off: {0}")]
-    Upstream(String),
+    #[error("the upstream did not answer in time: {message}")]
+    Timeout { message: String, in_doubt: bool },
+    #[error("the upstream could not be reached or broke off: {message}")]
+    Upstream { message: String, in_doubt: bool },
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl ForwardError {
+    /// True if the whole request reached the upstream and no answer came back: the upstream
+    /// may have the file. Nothing can tell; a later delivery is logged as "in doubt".
+    pub fn in_doubt(&self) -> bool {
+        match self {
+            ForwardError::Timeout { in_doubt, .. } | ForwardError::Upstream { in_doubt, .. } => {
+                *in_doubt
+            }
+            ForwardError::Store(_) => false,
+        }
+    }
+
+    fn upstream(message: impl Into<String>) -> ForwardError {
+        ForwardError::Upstream {
+            message: message.into(),
+            in_doubt: false,
+        }
+    }
 }
 
 pub struct Forwarder {
@@ -76,6 +96,8 @@ impl Forwarder {
     /// Sends `file` (the upload's parts, in order) as one file and returns the upstream's
     /// answer. A pooled connection that turns out to be dead is replaced once; an upstream that
     /// answers before taking the whole body (a 413, a 401) is heard, not reported as a failure.
+    /// `forward.timeout` bounds every read and write, and the wait for the answer.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         chunks: &dyn ChunkStore,
@@ -84,35 +106,45 @@ impl Forwarder {
         file: &[StoredPart],
         forward: &ForwardConfig,
         request: &DeliveryRequest,
+        idempotency_key: &str,
     ) -> Result<RecordedAnswer, ForwardError> {
         let body = MultipartBody::new(meta, forward, request);
-        let header = self.request_header(&body, file, forward, request)?;
+        let header = self.request_header(&body, file, forward, request, idempotency_key)?;
         let mut peer = HttpPeer::new(self.upstream, false, String::new());
         peer.options.connection_timeout = Some(self.connect_timeout);
-        peer.options.read_timeout = Some(forward.timeout);
-        peer.options.write_timeout = Some(forward.timeout);
         let mut retried = false;
         loop {
             let (mut session, reused) = self
                 .connector
                 .get_http_session(&peer)
                 .await
-                .map_err(classify)?;
+                .map_err(|e| classify(e, false))?;
+            // The connector does not apply a peer's read and write timeouts: set them here, or
+            // an upstream that stops reading holds the delivery forever.
+            session.set_read_timeout(Some(forward.timeout));
+            session.set_write_timeout(Some(forward.timeout));
             let sent = send_body(&mut session, header.clone(), &body, chunks, upload, file).await;
             let write_error = match sent {
                 Ok(()) => {
                     // The whole request went out: whatever happens now, never send it again.
-                    let answer = read_answer(&mut session, upload, forward.timeout).await;
-                    return match answer {
-                        Ok(answer) => {
-                            self.connector
-                                .release_http_session(session, &peer, peer.idle_timeout())
-                                .await;
+                    return match read_answer(&mut session, upload, forward.timeout).await {
+                        Ok((answer, whole)) => {
+                            if whole {
+                                self.connector
+                                    .release_http_session(session, &peer, peer.idle_timeout())
+                                    .await;
+                            } else {
+                                session.shutdown().await;
+                            }
                             Ok(answer)
                         }
                         Err(e) => {
                             session.shutdown().await;
-                            Err(classify(e))
+                            log::warn!(
+                                "{upload:?}: the upstream got the whole file and gave no answer \
+                                 ({e}); whether it kept the file is in doubt"
+                            );
+                            Err(classify(e, true))
                         }
                     };
                 }
@@ -122,6 +154,11 @@ impl Forwarder {
                 }
                 Err(Failure::Upstream(e)) => e,
             };
+            if is_timeout(&write_error) {
+                // It stopped reading: no answer is coming either.
+                session.shutdown().await;
+                return Err(classify(write_error, false));
+            }
             // The upstream stopped taking the request. It may have refused it early and said
             // why (a 413, a 401): that answer counts, unless it claims success for a file it
             // never fully received.
@@ -131,9 +168,9 @@ impl Forwarder {
             )
             .await;
             session.shutdown().await;
-            if let Ok(Ok(answer)) = early {
+            if let Ok(Ok((answer, _))) = early {
                 if (200..300).contains(&answer.status) {
-                    return Err(ForwardError::Upstream(format!(
+                    return Err(ForwardError::upstream(format!(
                         "the upstream answered {} before it had the whole file",
                         answer.status
                     )));
@@ -142,14 +179,14 @@ impl Forwarder {
             }
             // A pooled connection the upstream had closed fails on the first writes; nothing
             // was processed, so one more try on another connection is safe.
-            if reused && !retried && !is_timeout(&write_error) {
+            if reused && !retried {
                 log::debug!(
                     "{upload:?}: pooled upstream connection failed ({write_error}); retrying"
                 );
                 retried = true;
                 continue;
             }
-            return Err(classify(write_error));
+            return Err(classify(write_error, false));
         }
     }
 
@@ -159,9 +196,10 @@ impl Forwarder {
         file: &[StoredPart],
         forward: &ForwardConfig,
         request: &DeliveryRequest,
+        idempotency_key: &str,
     ) -> Result<RequestHeader, ForwardError> {
         let mut header = RequestHeader::build("POST", forward.path.as_bytes(), None)
-            .map_err(|e| ForwardError::Upstream(e.to_string()))?;
+            .map_err(|e| ForwardError::upstream(e.to_string()))?;
         let host = request
             .host
             .clone()
@@ -179,11 +217,16 @@ impl Forwarder {
                 http::header::CONTENT_LENGTH,
                 HeaderValue::from(content_length),
             ),
+            // A structured-field string, as the IETF httpapi draft has it.
+            (
+                HeaderName::from_static("idempotency-key"),
+                HeaderValue::from_str(&format!("\"{idempotency_key}\"")).expect("hex is ascii"),
+            ),
         ];
         for (name, value) in request.headers.iter().cloned().chain(fixed) {
             header
                 .append_header(name, value)
-                .map_err(|e| ForwardError::Upstream(e.to_string()))?;
+                .map_err(|e| ForwardError::upstream(e.to_string()))?;
         }
         Ok(header)
     }
@@ -243,59 +286,91 @@ async fn send_body(
 }
 
 /// Reads the upstream's response (skipping 1xx) into a record that can be replayed, within
-/// `deadline` overall.
+/// `deadline` overall. Once a final status has arrived the upstream has decided: if the body
+/// then breaks off or runs late, the status counts with the part of the body that arrived
+/// (`false`: the answer is not whole, the connection cannot be reused).
 async fn read_answer(
     session: &mut HttpSession,
     upload: &UploadKey,
     deadline: Duration,
-) -> pingora::Result<RecordedAnswer> {
-    match tokio::time::timeout(deadline, read_answer_unbounded(session, upload)).await {
-        Ok(answer) => answer,
-        Err(_) => pingora::Error::e_explain(
+) -> pingora::Result<(RecordedAnswer, bool)> {
+    let started = tokio::time::Instant::now();
+    let Ok(header) = tokio::time::timeout(deadline, read_final_header(session)).await else {
+        return pingora::Error::e_explain(
             ErrorType::ReadTimedout,
             "the upstream's answer took too long",
-        ),
-    }
-}
-
-async fn read_answer_unbounded(
-    session: &mut HttpSession,
-    upload: &UploadKey,
-) -> pingora::Result<RecordedAnswer> {
-    loop {
-        session.read_response_header().await?;
-        let informational = session
-            .response_header()
-            .is_some_and(|h| h.status.is_informational());
-        if !informational {
-            break;
-        }
-    }
-    let response = session
-        .response_header()
-        .expect("a response header was read")
-        .clone();
+        );
+    };
+    let header = header?;
     let mut body = BytesMut::new();
-    while let Some(piece) = session.read_response_body().await? {
-        let room = MAX_ANSWER_BODY - body.len();
-        if piece.len() > room {
-            body.extend_from_slice(&piece[..room]);
-            log::warn!("{upload:?}: the upstream's answer exceeds {MAX_ANSWER_BODY} bytes; the rest is cut");
-            break;
+    let rest = deadline.saturating_sub(started.elapsed());
+    let read = tokio::time::timeout(rest, read_body(session, upload, &mut body)).await;
+    let whole = match read {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            log::warn!(
+                "{upload:?}: the upstream's {} answer broke off after {} body bytes ({e}); \
+                 its status stands",
+                header.status,
+                body.len()
+            );
+            false
         }
-        body.extend_from_slice(&piece);
-    }
-    Ok(RecordedAnswer {
-        status: response.status.as_u16(),
+        Err(_) => {
+            log::warn!(
+                "{upload:?}: the upstream's {} answer body took too long; its status stands",
+                header.status
+            );
+            false
+        }
+    };
+    let answer = RecordedAnswer {
+        status: header.status.as_u16(),
         fields: String::new(),
-        headers: response
+        file: None,
+        refused_for: None,
+        headers: header
             .headers
             .iter()
             .filter(|(name, _)| !HOP_BY_HOP.contains(&name.as_str()))
             .filter_map(|(name, value)| Some((name.to_string(), value.to_str().ok()?.to_string())))
             .collect(),
         body: body.freeze(),
-    })
+    };
+    Ok((answer, whole))
+}
+
+async fn read_final_header(session: &mut HttpSession) -> pingora::Result<ResponseHeader> {
+    loop {
+        session.read_response_header().await?;
+        let header = session
+            .response_header()
+            .expect("a response header was read");
+        if !header.status.is_informational() {
+            return Ok(header.clone());
+        }
+    }
+}
+
+/// Appends the response body to `body`, up to [`MAX_ANSWER_BODY`]; what arrived stays in
+/// `body` if this fails or is cancelled.
+async fn read_body(
+    session: &mut HttpSession,
+    upload: &UploadKey,
+    body: &mut BytesMut,
+) -> pingora::Result<()> {
+    while let Some(piece) = session.read_response_body().await? {
+        let room = MAX_ANSWER_BODY - body.len();
+        if piece.len() > room {
+            body.extend_from_slice(&piece[..room]);
+            log::warn!(
+                "{upload:?}: the upstream's answer exceeds {MAX_ANSWER_BODY} bytes; the rest is cut"
+            );
+            return Ok(());
+        }
+        body.extend_from_slice(&piece);
+    }
+    Ok(())
 }
 
 fn is_timeout(e: &pingora::Error) -> bool {
@@ -305,11 +380,12 @@ fn is_timeout(e: &pingora::Error) -> bool {
     )
 }
 
-fn classify(e: Box<pingora::Error>) -> ForwardError {
+fn classify(e: Box<pingora::Error>, in_doubt: bool) -> ForwardError {
+    let message = e.to_string();
     if is_timeout(&e) {
-        ForwardError::Timeout(e.to_string())
+        ForwardError::Timeout { message, in_doubt }
     } else {
-        ForwardError::Upstream(e.to_string())
+        ForwardError::Upstream { message, in_doubt }
     }
 }
 

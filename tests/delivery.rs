@@ -73,10 +73,69 @@ async fn retried_final_chunk_replays_the_upstream_answer() {
     assert_eq!(retried.status(), 201);
     assert_eq!(retried.headers().get("x-upstream").unwrap(), "demo-app");
     assert_eq!(retried.text().await.unwrap(), r#"{"id":99}"#);
-    let late_test = file.test(&h, 1).await;
-    assert_eq!(late_test.status(), 201);
-    assert_eq!(late_test.text().await.unwrap(), r#"{"id":99}"#);
     assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
+async fn a_page_reload_after_delivery_resends_the_file_and_gets_the_answer_without_a_second_delivery(
+) {
+    let h = Harness::start().await;
+    h.upstream.answer_with(201, r#"{"id":7}"#);
+    let file = ChunkedFile::resumable("reload.bin", random_bytes(3000, 40), 1000);
+    assert_eq!(file.upload_all(&h).await.status(), 201);
+    // A test cannot prove the client has the same file: "not stored", so it sends the bytes.
+    for n in 1..=file.count() {
+        assert_eq!(file.test(&h, n).await.status(), 204, "test of chunk {n}");
+        let resent = file.upload(&h, n).await;
+        assert_eq!(
+            resent.status(),
+            201,
+            "chunk {n} carries the delivered bytes"
+        );
+        assert_eq!(resent.text().await.unwrap(), r#"{"id":7}"#);
+    }
+    assert_delivered_once(&h, &file);
+    assert_eq!(blob_count(&h), 0, "the resent copy is not kept");
+}
+
+#[tokio::test]
+async fn a_different_file_under_a_delivered_identifier_is_delivered_not_answered_from_the_first() {
+    let h = Harness::start().await;
+    let first = ChunkedFile::resumable("c.bin", random_bytes(7_000_000, 41), 1 << 20);
+    assert_eq!(first.upload_all(&h).await.status(), 200);
+    // Same name and size, so the same default identifier; other bytes.
+    let second = ChunkedFile::resumable("c.bin", random_bytes(7_000_000, 42), 1 << 20);
+    assert_eq!(second.identifier, first.identifier);
+    h.upstream.answer_with(201, "second");
+    let done = second.upload_all(&h).await;
+    assert_eq!(done.status(), 201);
+    assert_eq!(done.text().await.unwrap(), "second");
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2, "both files reach the application");
+    assert_eq!(received[0].files[0].sha256, first.sha256());
+    assert_eq!(received[1].files[0].sha256, second.sha256());
+}
+
+#[tokio::test]
+async fn a_new_file_sharing_chunks_with_the_delivered_one_arrives_whole() {
+    let h = Harness::start().await;
+    let old = random_bytes(3000, 43);
+    let first = ChunkedFile::flow("edited.txt", old.clone(), 1000);
+    first.upload_all(&h).await;
+    // The same document edited in its first kilobyte only.
+    let mut new = old.to_vec();
+    new[..1000].copy_from_slice(&random_bytes(1000, 44));
+    let second = ChunkedFile::flow("edited.txt", new.into(), 1000);
+    h.upstream.answer_with(201, "edited");
+    // Chunk 2 arrives first and matches what was delivered: it gets that answer...
+    assert_eq!(second.upload(&h, 2).await.status(), 200);
+    // ...and is kept, so when chunk 1 shows the file is new, nothing is missing.
+    assert_eq!(second.upload(&h, 1).await.status(), 200);
+    let done = second.upload(&h, 3).await;
+    assert_eq!(done.status(), 201);
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].files[0].sha256, second.sha256());
 }
 
 #[tokio::test]
@@ -397,4 +456,67 @@ routes:
     let file = ChunkedFile::resumable("slow.txt", random_bytes(2000, 31), 1000);
     assert_eq!(file.upload_all(&h).await.status(), 504);
     assert_eq!(blob_count(&h), 2, "the parts stay for a retry");
+}
+
+#[tokio::test]
+async fn an_expired_session_keeps_the_parts_and_new_credentials_deliver() {
+    let h = Harness::start().await;
+    h.upstream.require_authorization("Bearer fresh");
+    let mut file = ChunkedFile::resumable("long.bin", random_bytes(3000, 45), 1000);
+    file.headers = vec![("authorization".into(), "Bearer stale".into())];
+    let refused = file.upload_all(&h).await;
+    assert_eq!(refused.status(), 401);
+    assert_eq!(blob_count(&h), 3, "a 401 keeps every part");
+
+    let again = file.upload(&h, 3).await;
+    assert_eq!(
+        again.status(),
+        401,
+        "the same credentials get the same answer"
+    );
+    assert_eq!(again.text().await.unwrap(), "who are you?");
+    assert_eq!(
+        h.upstream.received_at("/app/upload").len(),
+        1,
+        "replayed, not sent again"
+    );
+
+    file.headers = vec![("authorization".into(), "Bearer fresh".into())];
+    let delivered = file.upload(&h, 3).await;
+    assert_eq!(delivered.status(), 200);
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].header("authorization"), Some("Bearer fresh"));
+    assert_eq!(received[1].files[0].sha256, file.sha256());
+    assert_eq!(blob_count(&h), 0);
+}
+
+#[tokio::test]
+async fn every_forward_carries_an_idempotency_key_stable_for_the_same_delivery() {
+    let h = Harness::start().await;
+    h.upstream.answer_with(503, "busy");
+    let file = ChunkedFile::flow("key.bin", random_bytes(2000, 46), 1000);
+    file.upload_all(&h).await;
+    h.upstream.answer_with(200, "ok");
+    tokio::time::sleep(Duration::from_millis(2100)).await; // retry_pause
+    assert_eq!(file.upload(&h, 2).await.status(), 200);
+    let other = ChunkedFile::flow("other.bin", random_bytes(2000, 47), 1000);
+    other.upload_all(&h).await;
+    let keys: Vec<String> = h
+        .upstream
+        .received_at("/app/upload")
+        .iter()
+        .map(|r| r.header("idempotency-key").expect("a key").to_string())
+        .collect();
+    assert_eq!(keys.len(), 3);
+    assert_eq!(
+        keys[0], keys[1],
+        "a retry of the same delivery: the same key"
+    );
+    assert_ne!(keys[1], keys[2], "another file: another key");
+    assert!(
+        keys[0].starts_with('"') && keys[0].len() > 20,
+        "{}",
+        keys[0]
+    );
 }

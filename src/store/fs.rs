@@ -7,6 +7,7 @@
 //! <dir>/uploads/<key>/meta.json          pinned metadata
 //! <dir>/uploads/<key>/parts/<n>-<len>-<sha256>   a hard link to the blob: one published part
 //! <dir>/uploads/<key>/answer             the upstream's recorded answer
+//! <dir>/uploads/<key>/delivering         present while a delivery is being sent
 //! ```
 //!
 //! Publishing is `rename` (blob) then `link` (part), each atomic, with the file and every
@@ -128,18 +129,23 @@ impl FsStore {
         Ok(())
     }
 
-    /// Writes a small file atomically: temporary name, fsync, rename, fsync the directory.
-    async fn write_atomic(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    /// Writes a small file atomically: temporary name, fsync, rename, fsync the directory. Every
+    /// step's error is reported (a full disk must never leave a short file in place), and the
+    /// temporary file is removed when a step fails.
+    async fn write_atomic(&self, path: &Path, bytes: Vec<u8>) -> std::io::Result<()> {
         let dir = path.parent().expect("store paths have a parent");
         self.create_dir_durable(dir).await?;
         let (_, tmp) = self.tmp_path();
-        let mut file = tokio::fs::File::create(&tmp).await?;
-        file.write_all(bytes).await?;
-        if self.fsync {
-            file.sync_all().await?;
-        }
-        drop(file);
-        tokio::fs::rename(&tmp, path).await?;
+        let (path, fsync) = (path.to_path_buf(), self.fsync);
+        tokio::task::spawn_blocking(move || {
+            let written = write_then_rename(&tmp, &path, &bytes, fsync);
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            written
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         self.sync_dir(dir).await
     }
 
@@ -186,20 +192,95 @@ impl FsStore {
         Ok(parts)
     }
 
+    /// [`ChunkStore::publish`], under the upload's index lock.
+    async fn publish_locked(
+        &self,
+        upload: &UploadKey,
+        part: &StoredPart,
+        tmp: &Path,
+        part_path: &Path,
+    ) -> Result<bool, StoreError> {
+        let parts = self.load_index(upload).await?;
+        if parts.contains_key(&part.number) {
+            let _ = tokio::fs::remove_file(tmp).await;
+            return Ok(false);
+        }
+        let blob = self.blob_path(&part.digest);
+        let _blob_guard = self.blob_locks.lock(part.digest).await;
+        if tokio::fs::try_exists(&blob).await? {
+            let _ = tokio::fs::remove_file(tmp).await;
+        } else {
+            // The blob's own directory entry needs no fsync: the part's link below is what
+            // makes the bytes reachable, and it is fsynced.
+            tokio::fs::create_dir_all(blob.parent().expect("blob paths have a parent")).await?;
+            tokio::fs::rename(tmp, &blob).await?;
+        }
+        let parts_dir = part_path.parent().expect("part paths have a parent");
+        self.create_dir_durable(parts_dir).await?;
+        self.link_part(&blob, part_path).await?;
+        self.sync_dir(parts_dir).await?;
+        let mut updated = PartIndex::clone(&parts);
+        updated.insert(part.number, *part);
+        self.index.insert(*upload, Arc::new(updated));
+        Ok(true)
+    }
+
     /// Links part `name` to its blob; past the file system's link limit, copies the blob.
     async fn link_part(&self, blob: &Path, part: &Path) -> std::io::Result<()> {
         match tokio::fs::hard_link(blob, part).await {
             Err(e) if e.raw_os_error() == Some(EMLINK) => {
                 let (_, tmp) = self.tmp_path();
-                tokio::fs::copy(blob, &tmp).await?;
-                if self.fsync {
-                    tokio::fs::File::open(&tmp).await?.sync_all().await?;
+                let copied = async {
+                    tokio::fs::copy(blob, &tmp).await?;
+                    if self.fsync {
+                        tokio::fs::File::open(&tmp).await?.sync_all().await?;
+                    }
+                    tokio::fs::rename(&tmp, part).await
                 }
-                tokio::fs::rename(&tmp, part).await
+                .await;
+                if copied.is_err() {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                }
+                copied
             }
             other => other,
         }
     }
+}
+
+async fn remove_if_present(path: &Path) -> Result<(), StoreError> {
+    match tokio::fs::remove_file(path).await {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// A state file that cannot be read back (written short by an older version on a full disk) is
+/// treated as absent, so that it is written anew instead of failing every request for good.
+fn parse_or_absent<T>(
+    upload: &UploadKey,
+    what: &str,
+    parse: impl FnOnce() -> Result<T, String>,
+) -> Option<T> {
+    match parse() {
+        Ok(value) => Some(value),
+        Err(e) => {
+            log::warn!("{upload:?}: ignoring a damaged {what} ({e})");
+            None
+        }
+    }
+}
+
+/// The blocking steps of [`FsStore::write_atomic`].
+fn write_then_rename(tmp: &Path, path: &Path, bytes: &[u8], fsync: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(tmp)?;
+    file.write_all(bytes)?;
+    if fsync {
+        file.sync_all()?;
+    }
+    drop(file);
+    std::fs::rename(tmp, path)
 }
 
 fn parse_part_name(name: &str) -> Option<StoredPart> {
@@ -261,36 +342,21 @@ impl ChunkStore for FsStore {
         staged: StagedPart,
     ) -> Result<bool, StoreError> {
         let tmp = self.root.join("tmp").join(&staged.token);
-        let _index_guard = self.index_locks.lock(*upload).await;
-        let parts = self.load_index(upload).await?;
-        if parts.contains_key(&number) {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Ok(false);
-        }
         let part = StoredPart {
             number,
             len: staged.len,
             digest: staged.digest,
         };
-        let blob = self.blob_path(&staged.digest);
-        let _blob_guard = self.blob_locks.lock(staged.digest).await;
-        if tokio::fs::try_exists(&blob).await? {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        } else {
-            // The blob's own directory entry needs no fsync: the part's link below is what
-            // makes the bytes reachable, and it is fsynced.
-            tokio::fs::create_dir_all(blob.parent().expect("blob paths have a parent")).await?;
-            tokio::fs::rename(&tmp, &blob).await?;
-        }
         let part_path = self.part_path(upload, &part);
-        let parts_dir = part_path.parent().expect("part paths have a parent");
-        self.create_dir_durable(parts_dir).await?;
-        self.link_part(&blob, &part_path).await?;
-        self.sync_dir(parts_dir).await?;
-        let mut updated = PartIndex::clone(&parts);
-        updated.insert(number, part);
-        self.index.insert(*upload, Arc::new(updated));
-        Ok(true)
+        let _index_guard = self.index_locks.lock(*upload).await;
+        let published = self.publish_locked(upload, &part, &tmp, &part_path).await;
+        if published.is_err() {
+            // Give the space back at once, and leave no link the index does not know about (a
+            // retry would trip over it). A blob this left behind is collected by the sweep.
+            let _ = tokio::fs::remove_file(&tmp).await;
+            let _ = tokio::fs::remove_file(&part_path).await;
+        }
+        published
     }
 
     async fn parts(&self, upload: &UploadKey) -> Result<Arc<PartIndex>, StoreError> {
@@ -372,9 +438,9 @@ impl ChunkStore for FsStore {
 impl StateStore for FsStore {
     async fn meta(&self, upload: &UploadKey) -> Result<Option<UploadMeta>, StoreError> {
         match tokio::fs::read(self.upload_dir(upload).join("meta.json")).await {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| StoreError::Corrupt(format!("{upload:?} meta.json: {e}"))),
+            Ok(bytes) => Ok(parse_or_absent(upload, "meta.json", || {
+                serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+            })),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -383,7 +449,7 @@ impl StateStore for FsStore {
     async fn save_meta(&self, upload: &UploadKey, meta: &UploadMeta) -> Result<(), StoreError> {
         let json = serde_json::to_vec(meta).expect("metadata serializes");
         let path = self.upload_dir(upload).join("meta.json");
-        Ok(self.write_atomic(&path, &json).await?)
+        Ok(self.write_atomic(&path, json).await?)
     }
 
     async fn answer(
@@ -397,14 +463,17 @@ impl StateStore for FsStore {
             Err(e) => return Err(e.into()),
         };
         let recorded_at = tokio::fs::metadata(&path).await?.modified()?;
-        let newline = bytes
-            .iter()
-            .position(|b| *b == b'\n')
-            .ok_or_else(|| StoreError::Corrupt(format!("{upload:?} answer has no header")))?;
-        let mut answer: RecordedAnswer = serde_json::from_slice(&bytes[..newline])
-            .map_err(|e| StoreError::Corrupt(format!("{upload:?} answer: {e}")))?;
-        answer.body = bytes::Bytes::copy_from_slice(&bytes[newline + 1..]);
-        Ok(Some((answer, recorded_at)))
+        let answer = parse_or_absent(upload, "answer", || {
+            let newline = bytes
+                .iter()
+                .position(|b| *b == b'\n')
+                .ok_or("no header line")?;
+            let mut answer: RecordedAnswer =
+                serde_json::from_slice(&bytes[..newline]).map_err(|e| e.to_string())?;
+            answer.body = bytes::Bytes::copy_from_slice(&bytes[newline + 1..]);
+            Ok(answer)
+        });
+        Ok(answer.map(|answer| (answer, recorded_at)))
     }
 
     async fn save_answer(
@@ -416,14 +485,32 @@ impl StateStore for FsStore {
         bytes.push(b'\n');
         bytes.extend_from_slice(&answer.body);
         let path = self.upload_dir(upload).join("answer");
-        Ok(self.write_atomic(&path, &bytes).await?)
+        Ok(self.write_atomic(&path, bytes).await?)
     }
 
     async fn remove_answer(&self, upload: &UploadKey) -> Result<(), StoreError> {
-        match tokio::fs::remove_file(self.upload_dir(upload).join("answer")).await {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+        remove_if_present(&self.upload_dir(upload).join("answer")).await
+    }
+
+    async fn remove_meta(&self, upload: &UploadKey) -> Result<(), StoreError> {
+        remove_if_present(&self.upload_dir(upload).join("meta.json")).await
+    }
+
+    async fn mark_delivering(
+        &self,
+        upload: &UploadKey,
+        delivering: bool,
+    ) -> Result<(), StoreError> {
+        let path = self.upload_dir(upload).join("delivering");
+        if delivering {
+            Ok(self.write_atomic(&path, Vec::new()).await?)
+        } else {
+            remove_if_present(&path).await
         }
+    }
+
+    async fn was_delivering(&self, upload: &UploadKey) -> Result<bool, StoreError> {
+        Ok(tokio::fs::try_exists(self.upload_dir(upload).join("delivering")).await?)
     }
 
     async fn uploads(&self) -> Result<Vec<UploadKey>, StoreError> {

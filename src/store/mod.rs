@@ -60,7 +60,12 @@ pub struct UploadMeta {
     pub file_type: Option<String>,
 }
 
-/// The upstream's answer to a delivered upload, replayed to every later request for it.
+/// The upstream's answer to an upload, recorded so that it can be replayed.
+///
+/// Two kinds: the answer to a delivered file (`file` says which file it was, so that a later
+/// chunk can prove it carries the same one), and a refusal that means "who are you" (401, 403,
+/// ...: `refused_for` is the digest of the credentials it was given; the parts are kept and a
+/// request with other credentials delivers again).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordedAnswer {
     pub status: u16,
@@ -68,15 +73,48 @@ pub struct RecordedAnswer {
     /// Digest of the application fields the upstream was sent (see `upload::FieldsDigest`).
     #[serde(default)]
     pub fields: String,
+    /// The file the upstream received (a delivered file's answer only).
+    #[serde(default)]
+    pub file: Option<DeliveredFile>,
+    /// Digest of the credentials of a "who are you" refusal (see `upload::Credentials`).
+    #[serde(default)]
+    pub refused_for: Option<String>,
     #[serde(skip)]
     pub body: Bytes,
 }
 
+impl RecordedAnswer {
+    /// Is this the answer to a delivered file (not a refusal that keeps the parts)?
+    pub fn is_delivery(&self) -> bool {
+        self.refused_for.is_none()
+    }
+}
+
+/// What the upstream received: the file's metadata and the digest of each part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveredFile {
+    pub meta: UploadMeta,
+    pub parts: Vec<StoredPart>,
+}
+
+impl DeliveredFile {
+    /// Does a chunk with this metadata, number and content belong to this very file?
+    pub fn contains(&self, meta: &UploadMeta, part: &StoredPart) -> bool {
+        self.meta == *meta
+            && part
+                .number
+                .checked_sub(1)
+                .and_then(|i| self.parts.get(usize::try_from(i).ok()?))
+                .is_some_and(|delivered| delivered == part)
+    }
+}
+
 /// A published part: its number, length and content digest (which names its bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredPart {
     pub number: u64,
     pub len: u64,
+    #[serde(with = "hex")]
     pub digest: [u8; 32],
 }
 
@@ -162,6 +200,14 @@ pub trait StateStore: Send + Sync {
     ) -> Result<(), StoreError>;
     /// Forgets the recorded answer (the upload starts over).
     async fn remove_answer(&self, upload: &UploadKey) -> Result<(), StoreError>;
+    /// Forgets the pinned metadata (the file was delivered; the next upload pins its own).
+    async fn remove_meta(&self, upload: &UploadKey) -> Result<(), StoreError>;
+    /// Notes, durably, that a delivery is being sent (`true`) or has ended (`false`). A note
+    /// still there when the next delivery starts means an earlier one may have reached the
+    /// upstream without its answer being recorded (a crash, a timeout after the whole request).
+    async fn mark_delivering(&self, upload: &UploadKey, delivering: bool)
+        -> Result<(), StoreError>;
+    async fn was_delivering(&self, upload: &UploadKey) -> Result<bool, StoreError>;
     /// Every upload that has state.
     async fn uploads(&self) -> Result<Vec<UploadKey>, StoreError>;
     /// When the upload last changed (a part published, metadata or answer saved).

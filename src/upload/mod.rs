@@ -15,8 +15,8 @@ use crate::config::ForwardConfig;
 use crate::forward::{DeliveryRequest, ForwardError, Forwarder};
 use crate::locks::KeyedLocks;
 use crate::store::{
-    BodySource, ChunkStore, PartIndex, RecordedAnswer, StageError, StagedPart, StateStore,
-    StoreError, StoredPart, UploadKey, UploadMeta,
+    BodySource, ChunkStore, DeliveredFile, PartIndex, RecordedAnswer, StageError, StagedPart,
+    StateStore, StoreError, StoredPart, UploadKey, UploadMeta,
 };
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -54,6 +54,27 @@ impl FieldsDigest {
     }
 }
 
+/// Who the upstream is told the client is: a digest of the Cookie and Authorization headers
+/// forwarded with the file. An answer that means "who are you" is replayed only to requests
+/// with the same credentials; new credentials (a new login) deliver again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials(String);
+
+impl Credentials {
+    pub fn of(headers: &[(http::HeaderName, http::HeaderValue)]) -> Credentials {
+        let mut hasher = Sha256::new();
+        for (name, value) in headers {
+            if name == http::header::COOKIE || name == http::header::AUTHORIZATION {
+                for text in [name.as_str().as_bytes(), value.as_bytes()] {
+                    hasher.update((text.len() as u64).to_be_bytes());
+                    hasher.update(text);
+                }
+            }
+        }
+        Credentials(hex::encode(hasher.finalize()))
+    }
+}
+
 /// Where an upload stands, as seen by one request.
 #[derive(Debug)]
 pub enum PartStatus {
@@ -61,7 +82,8 @@ pub enum PartStatus {
     Missing,
     /// The part is stored; `complete` says whether the upload now has every part.
     Stored { complete: bool },
-    /// The upload was delivered: this is the upstream's answer, replayed.
+    /// The upload was delivered and this chunk's bytes are the delivered ones: this is the
+    /// upstream's answer, replayed.
     Delivered(RecordedAnswer),
 }
 
@@ -78,8 +100,9 @@ pub enum CoreError {
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub answer: RecordedAnswer,
-    /// True if the upload is finished for good (the answer was recorded, the parts removed).
-    pub recorded: bool,
+    /// True if the attempt failed in a way a later attempt may mend (the upstream unreachable,
+    /// a 5xx, 408, 429): the next attempt waits `retry_pause`.
+    pub retryable: bool,
 }
 
 type Flight = watch::Receiver<Option<Arc<Delivery>>>;
@@ -124,6 +147,9 @@ pub struct UploadCore {
     replies: DashMap<UploadKey, Arc<PendingReplies>>,
     /// When each upload's last delivery attempt failed (for `retry_pause`).
     failures: DashMap<UploadKey, Instant>,
+    /// Answers to delivered files that could not be written down yet (a full disk). They are replayed from here, and written again (then the parts removed) by
+    /// the next request for the upload or the sweep, whichever comes first.
+    unrecorded: DashMap<UploadKey, RecordedAnswer>,
     upload_ttl: Duration,
     result_ttl: Duration,
 }
@@ -144,12 +170,17 @@ impl UploadCore {
             flights: DashMap::new(),
             replies: DashMap::new(),
             failures: DashMap::new(),
+            unrecorded: DashMap::new(),
             upload_ttl,
             result_ttl,
         }
     }
 
     /// Is this part stored? Read-only: a test request never changes anything.
+    ///
+    /// For a delivered file the answer is "not stored": a test cannot prove that the client
+    /// has the same file (the default identifier is only its size and name), so the client
+    /// sends the bytes, and a chunk whose bytes match the delivered ones gets the answer.
     pub async fn status(
         &self,
         upload: &UploadKey,
@@ -160,8 +191,8 @@ impl UploadCore {
         if let Some(pinned) = self.state.meta(upload).await? {
             check_pinned(&pinned, declared)?;
         }
-        if let Some(answer) = self.fresh_answer(upload, fields).await? {
-            return Ok(PartStatus::Delivered(answer));
+        if self.fresh_answer(upload, fields).await?.is_some() {
+            return Ok(PartStatus::Missing);
         }
         self.part_status(upload, declared, part).await
     }
@@ -199,6 +230,11 @@ impl UploadCore {
     }
 
     /// Publishes staged bytes as a part, pinning the upload's metadata if this is its first part.
+    ///
+    /// After a delivery, a chunk whose bytes are the delivered file's part gets the recorded
+    /// answer; it is stored all the same, because the client's file may still turn out to
+    /// differ in a later chunk (same name and size, other content), and then the chunks that
+    /// matched belong to the new upload. A chunk that differs starts that new upload.
     pub async fn commit(
         &self,
         upload: &UploadKey,
@@ -208,35 +244,105 @@ impl UploadCore {
         fields: &FieldsDigest,
     ) -> Result<PartStatus, CoreError> {
         let _guard = self.locks.lock(*upload).await;
-        let checked = async {
-            match self.state.meta(upload).await? {
-                Some(pinned) => check_pinned(&pinned, declared)?,
-                None => self.state.save_meta(upload, declared).await?,
-            }
-            match self.state.answer(upload).await? {
-                Some((answer, at)) if self.applies(&answer, at, fields) => {
-                    return Ok(Some(PartStatus::Delivered(answer)));
-                }
-                // An answer that does not apply (expired, or for other fields) belongs to an
-                // earlier upload of this file; this one starts over without it.
-                Some(_) => self.state.remove_answer(upload).await?,
-                None => {}
-            }
-            Ok::<_, CoreError>(None)
-        }
-        .await;
-        match checked {
-            Ok(Some(early)) => {
-                self.chunks.discard(staged).await;
-                Ok(early)
-            }
+        let chunk = StoredPart {
+            number: part.number,
+            len: staged.len,
+            digest: staged.digest,
+        };
+        let delivered = match self.pinned_or_delivered(upload, declared, fields).await {
+            Ok(delivered) => delivered,
             Err(e) => {
                 self.chunks.discard(staged).await;
-                Err(e)
+                return Err(e);
             }
-            Ok(None) => {
-                self.chunks.publish(upload, part.number, staged).await?;
-                self.part_status(upload, declared, part).await
+        };
+        if let Some((answer, false)) = &delivered {
+            // The answer is not written down yet (a full disk): it stays the word for the
+            // delivered file, and nothing new can be stored meanwhile.
+            self.chunks.discard(staged).await;
+            return match answer
+                .file
+                .as_ref()
+                .is_some_and(|f| f.contains(declared, &chunk))
+            {
+                true => Ok(PartStatus::Delivered(answer.clone())),
+                false => Err(CoreError::Store(StoreError::Io(std::io::Error::other(
+                    "the last delivery's answer is not recorded yet",
+                )))),
+            };
+        }
+        self.chunks.publish(upload, part.number, staged).await?;
+        if let Some((answer, _)) = delivered {
+            let same = answer
+                .file
+                .as_ref()
+                .is_some_and(|f| f.contains(declared, &chunk));
+            if same {
+                let parts = self.chunks.parts(upload).await?;
+                if complete_len(&parts, declared).is_some() {
+                    // The delivered file, sent again whole: nothing new to deliver.
+                    self.finish(upload).await?;
+                }
+                return Ok(PartStatus::Delivered(answer));
+            }
+            self.state.remove_answer(upload).await?;
+        }
+        self.part_status(upload, declared, part).await
+    }
+
+    /// Checks the declared metadata against the pinned one (pinning it if there is none) and
+    /// returns the delivered file's answer that applies to these fields, if any, with whether
+    /// it is recorded. An answer that does not apply (expired, other fields) is forgotten:
+    /// this is a new upload of the file.
+    async fn pinned_or_delivered(
+        &self,
+        upload: &UploadKey,
+        declared: &UploadMeta,
+        fields: &FieldsDigest,
+    ) -> Result<Option<(RecordedAnswer, bool)>, CoreError> {
+        self.record_pending(upload).await;
+        if let Some(entry) = self.unrecorded.get(upload) {
+            return Ok(Some((entry.clone(), false)));
+        }
+        let delivered = match self.state.answer(upload).await? {
+            Some((answer, at)) if answer.is_delivery() => {
+                if self.applies(&answer, at, fields) {
+                    Some((answer, true))
+                } else {
+                    self.state.remove_answer(upload).await?;
+                    None
+                }
+            }
+            _ => None,
+        };
+        match self.state.meta(upload).await? {
+            Some(pinned) => check_pinned(&pinned, declared)?,
+            None => self.state.save_meta(upload, declared).await?,
+        }
+        Ok(delivered)
+    }
+
+    /// Ends a delivered upload: its parts and pinned metadata go, its answer stays.
+    async fn finish(&self, upload: &UploadKey) -> Result<(), StoreError> {
+        self.chunks.remove_parts(upload).await?;
+        self.state.remove_meta(upload).await
+    }
+
+    /// Writes down an answer kept in memory because storage failed, then ends the upload.
+    /// Call under the upload's lock.
+    async fn record_pending(&self, upload: &UploadKey) {
+        let Some(answer) = self.unrecorded.get(upload).map(|e| e.clone()) else {
+            return;
+        };
+        let recorded = async {
+            self.state.save_answer(upload, &answer).await?;
+            self.unrecorded.remove(upload);
+            self.finish(upload).await
+        };
+        match recorded.await {
+            Ok(()) => log::info!("{upload:?}: the delivered file's answer is recorded now"),
+            Err(e) => {
+                log::warn!("{upload:?}: recording the delivered file's answer failed again: {e}")
             }
         }
     }
@@ -337,10 +443,10 @@ impl UploadCore {
         }
         let _guard = self.locks.lock(*upload).await;
         let delivery = self.attempt(upload, forward, request).await;
-        if delivery.recorded {
-            self.failures.remove(upload);
-        } else {
+        if delivery.retryable {
             self.failures.insert(*upload, Instant::now());
+        } else {
+            self.failures.remove(upload);
         }
         delivery
     }
@@ -356,8 +462,10 @@ impl UploadCore {
             Err(e) => {
                 log::error!("{upload:?}: delivery failed: {e}");
                 match e {
-                    DeliverError::Forward(ForwardError::Timeout(_)) => failure(504, &e.to_string()),
-                    DeliverError::Forward(ForwardError::Upstream(_)) => {
+                    DeliverError::Forward(ForwardError::Timeout { .. }) => {
+                        failure(504, &e.to_string())
+                    }
+                    DeliverError::Forward(ForwardError::Upstream { .. }) => {
                         failure(502, &e.to_string())
                     }
                     _ => failure(503, &e.to_string()),
@@ -373,11 +481,24 @@ impl UploadCore {
         request: &DeliveryRequest,
     ) -> Result<Delivery, DeliverError> {
         let fields = FieldsDigest::of(&request.fields);
+        let credentials = Credentials::of(&request.headers);
+        self.record_pending(upload).await;
         if let Some(answer) = self.fresh_answer(upload, &fields).await? {
             return Ok(Delivery {
                 answer,
-                recorded: true,
+                retryable: false,
             });
+        }
+        if let Some((refusal, at)) = self.state.answer(upload).await? {
+            let same_client = refusal.refused_for.as_deref() == Some(credentials.0.as_str());
+            if same_client && self.applies(&refusal, at, &fields) {
+                // Asked again with the credentials it refused: the same answer, without
+                // sending the file again. New credentials (a new login) deliver below.
+                return Ok(Delivery {
+                    answer: refusal,
+                    retryable: false,
+                });
+            }
         }
         let meta = self
             .state
@@ -387,45 +508,102 @@ impl UploadCore {
         let parts = self.chunks.parts(upload).await?;
         let count = complete_len(&parts, &meta).ok_or(DeliverError::Incomplete)?;
         let file: Vec<StoredPart> = (1..=count).map(|n| parts[&n]).collect();
-        let mut answer = self
+        let key = idempotency_key(upload, &fields, &credentials, &file);
+        if self.state.was_delivering(upload).await? {
+            log::warn!(
+                "{upload:?}: delivering again, in doubt: an earlier attempt sent the file and                  its answer was never recorded (Idempotency-Key {key})"
+            );
+        }
+        self.state.mark_delivering(upload, true).await?;
+        let sent = self
             .forwarder
-            .send(self.chunks.as_ref(), upload, &meta, &file, forward, request)
-            .await?;
+            .send(
+                self.chunks.as_ref(),
+                upload,
+                &meta,
+                &file,
+                forward,
+                request,
+                &key,
+            )
+            .await;
+        let mut answer = match sent {
+            Ok(answer) => answer,
+            Err(e) => {
+                // Unless the whole request went out, the upstream cannot have the file.
+                if !e.in_doubt() {
+                    self.state.mark_delivering(upload, false).await?;
+                }
+                return Err(e.into());
+            }
+        };
+        answer.fields = fields.0;
+        if who_are_you(answer.status) {
+            log::warn!(
+                "{upload:?}: upstream answered {} (who are you?); parts kept for a request                  with other credentials",
+                answer.status
+            );
+            answer.refused_for = Some(credentials.0);
+            self.state.save_answer(upload, &answer).await?;
+            self.state.mark_delivering(upload, false).await?;
+            return Ok(Delivery {
+                answer,
+                retryable: false,
+            });
+        }
         if !is_final(answer.status) {
             log::warn!(
                 "{upload:?}: upstream answered {}; parts kept for a retry",
                 answer.status
             );
+            self.state.mark_delivering(upload, false).await?;
             return Ok(Delivery {
                 answer,
-                recorded: false,
+                retryable: true,
             });
         }
-        answer.fields = fields.0;
+        answer.file = Some(DeliveredFile { meta, parts: file });
+        log::info!("{upload:?}: delivered, upstream answered {}", answer.status);
         // The upstream has the file, whatever happens here: never report a retryable failure
         // (a retry would send the file again).
-        if let Err(e) = self.state.save_answer(upload, &answer).await {
-            log::error!("{upload:?}: delivered, but recording the answer failed: {e}");
+        let recorded = self.state.save_answer(upload, &answer).await;
+        match recorded {
+            Ok(()) => {
+                if let Err(e) = self.finish(upload).await {
+                    log::error!("{upload:?}: delivered, but removing its parts failed: {e}");
+                }
+            }
+            Err(e) => {
+                log::error!(
+                    "{upload:?}: delivered, but recording the answer failed ({e}); it is \
+                     replayed from memory and recorded when storage allows"
+                );
+                self.unrecorded.insert(*upload, answer.clone());
+            }
         }
-        if let Err(e) = self.chunks.remove_parts(upload).await {
-            log::error!("{upload:?}: delivered, but removing its parts failed: {e}");
+        if let Err(e) = self.state.mark_delivering(upload, false).await {
+            log::warn!("{upload:?}: clearing the delivery note failed: {e}");
         }
-        log::info!("{upload:?}: delivered, upstream answered {}", answer.status);
         Ok(Delivery {
             answer,
-            recorded: true,
+            retryable: false,
         })
     }
 
-    /// The recorded answer, if there is one for these fields and it has not expired. Otherwise
-    /// the upload starts over (a new upload of the same file).
+    /// The answer to the delivered file, if there is one for these fields and it has not
+    /// expired. Otherwise the upload starts over (a new upload of the same file).
     async fn fresh_answer(
         &self,
         upload: &UploadKey,
         fields: &FieldsDigest,
     ) -> Result<Option<RecordedAnswer>, StoreError> {
+        if let Some(entry) = self.unrecorded.get(upload) {
+            return Ok(Some(entry.clone()));
+        }
         match self.state.answer(upload).await? {
-            Some((answer, at)) if self.applies(&answer, at, fields) => Ok(Some(answer)),
+            Some((answer, at)) if answer.is_delivery() && self.applies(&answer, at, fields) => {
+                Ok(Some(answer))
+            }
             _ => Ok(None),
         }
     }
@@ -439,6 +617,11 @@ impl UploadCore {
     /// and bytes no part uses. Returns how many uploads were removed.
     pub async fn sweep(&self) -> Result<usize, StoreError> {
         let mut removed = 0;
+        let pending: Vec<UploadKey> = self.unrecorded.iter().map(|e| *e.key()).collect();
+        for upload in pending {
+            let _guard = self.locks.lock(upload).await;
+            self.record_pending(&upload).await;
+        }
         for upload in self.state.uploads().await? {
             match self.expire(&upload).await {
                 Ok(true) => removed += 1,
@@ -459,7 +642,15 @@ impl UploadCore {
     /// Returns whether the upload was removed.
     async fn expire(&self, upload: &UploadKey) -> Result<bool, StoreError> {
         let _guard = self.locks.lock(*upload).await;
-        let answered_at = self.state.answer(upload).await?.map(|(_, at)| at);
+        self.record_pending(upload).await;
+        if self.unrecorded.contains_key(upload) {
+            return Ok(false);
+        }
+        // A refusal keeps the upload going: it expires like an unfinished upload.
+        let answered_at = match self.state.answer(upload).await? {
+            Some((answer, at)) if answer.is_delivery() => Some(at),
+            _ => None,
+        };
         if let Some(at) = answered_at {
             if !expired(at, self.result_ttl) {
                 return Ok(false);
@@ -511,16 +702,46 @@ fn failure(status: u16, message: &str) -> Delivery {
             status,
             headers: vec![("content-type".into(), "text/plain; charset=utf-8".into())],
             fields: String::new(),
+            file: None,
+            refused_for: None,
             body: Bytes::from(format!("{message}\n")),
         },
-        recorded: false,
+        retryable: true,
     }
 }
 
-/// Whether an upstream status ends the upload for good. Server errors and "try again later"
-/// (408, 429) keep the parts so that a retry can deliver again.
+/// Whether an upstream status ends the upload for good. Server errors, "try again later"
+/// (408, 429) and "who are you" keep the parts so that a retry can deliver again.
 pub fn is_final(status: u16) -> bool {
-    !(status >= 500 || status == 408 || status == 429)
+    !(status >= 500 || status == 408 || status == 429 || who_are_you(status))
+}
+
+/// Statuses that mean "who are you": an expired session or missing login, which a retry with
+/// fresh credentials mends (401, 403, 407, and the 419 and 440 some frameworks send for an
+/// expired session or CSRF token).
+pub fn who_are_you(status: u16) -> bool {
+    matches!(status, 401 | 403 | 407 | 419 | 440)
+}
+
+/// A stable `Idempotency-Key` for one delivery of one file: the same upload, fields,
+/// credentials and bytes always give the same key, so an application that honours the header
+/// can drop a delivery repeated after a crash.
+fn idempotency_key(
+    upload: &UploadKey,
+    fields: &FieldsDigest,
+    credentials: &Credentials,
+    file: &[StoredPart],
+) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"stitch delivery v1");
+    hasher.update(upload.hex());
+    hasher.update(&fields.0);
+    hasher.update(&credentials.0);
+    for part in file {
+        hasher.update(part.len.to_be_bytes());
+        hasher.update(part.digest);
+    }
+    hex::encode(&hasher.finalize()[..16])
 }
 
 fn expired(at: SystemTime, ttl: Duration) -> bool {

@@ -139,6 +139,8 @@ pub struct ChunkedFile {
     pub force_chunk_size: bool,
     /// The site's custom `query` fields.
     pub extra: Vec<(String, String)>,
+    /// The site's custom `headers` (sent with tests and uploads).
+    pub headers: Vec<(String, String)>,
     pub route: String,
     pub body: Body,
     pub method: reqwest::Method,
@@ -249,6 +251,7 @@ impl ChunkedFile {
             chunk_size,
             force_chunk_size: false,
             extra: Vec::new(),
+            headers: Vec::new(),
             route: route.to_string(),
             body: Body::Multipart,
             method: reqwest::Method::POST,
@@ -321,7 +324,11 @@ impl ChunkedFile {
         let mut pairs = self.extra.clone();
         pairs.extend(self.params(number));
         let url = h.url(&format!("{}?{}", self.route, self.query(&pairs)));
-        h.client.get(url).send().await.expect("test request")
+        let mut request = h.client.get(url);
+        for (name, value) in &self.headers {
+            request = request.header(name, value);
+        }
+        request.send().await.expect("test request")
     }
 
     /// Uploads chunk `number` the way the client library would.
@@ -386,6 +393,10 @@ impl ChunkedFile {
                     .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
             }
         };
+        let mut request = request;
+        for (name, value) in &self.headers {
+            request = request.header(name, value);
+        }
         request.send().await
     }
 

@@ -84,6 +84,8 @@ pub struct Answer {
     pub delay: Duration,
     /// Answer at once, without reading the request body (an early refusal).
     pub early: bool,
+    /// Answer 401 to requests whose Authorization header is not this one.
+    pub authorization: Option<String>,
 }
 
 type StaticFiles = Arc<Mutex<Vec<(String, &'static str, Bytes)>>>;
@@ -110,6 +112,7 @@ impl Upstream {
             body: r#"{"stored":true}"#.to_string(),
             delay: Duration::ZERO,
             early: false,
+            authorization: None,
         }));
         let statics = StaticFiles::default();
         let task = tokio::spawn(serve(
@@ -168,6 +171,11 @@ impl Upstream {
         answer.status = status;
         answer.body = body.to_string();
         answer.early = true;
+    }
+
+    /// Answer 401 (after reading the request) unless it carries `Authorization: value`.
+    pub fn require_authorization(&self, value: &str) {
+        self.answer.lock().unwrap().authorization = Some(value.to_string());
     }
 
     pub fn delay_answers(&self, delay: Duration) {
@@ -300,10 +308,23 @@ async fn handle(
     let (hasher, body_len) = std::mem::take(&mut *raw.lock().unwrap());
     let sha256 = hex::encode(hasher.finalize());
     let request = Received::of(arrived, parts, fields, files, body_len, sha256);
+    let authorization = request.header("authorization").map(str::to_string);
     received.lock().unwrap().push(request);
     let answer = answer.lock().unwrap().clone();
     if !answer.delay.is_zero() {
         tokio::time::sleep(answer.delay).await;
+    }
+    let authorized = answer
+        .authorization
+        .as_deref()
+        .is_none_or(|want| authorization.as_deref() == Some(want));
+    if !authorized {
+        let response = Response::builder()
+            .status(401)
+            .header("www-authenticate", "Bearer")
+            .body(Full::new(Bytes::from_static(b"who are you?")))
+            .unwrap();
+        return Ok(response);
     }
     let response = Response::builder()
         .status(answer.status)
