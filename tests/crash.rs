@@ -3,42 +3,9 @@
 
 mod common;
 
+use common::process::StitchProcess;
 use common::*;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-/// Starts the real `stitch` binary on `dir` and waits until it accepts connections.
-fn start_binary(
-    upstream: std::net::SocketAddr,
-    dir: &std::path::Path,
-) -> (Child, std::net::SocketAddr) {
-    let yaml = config_yaml(upstream, dir, "", ROUTES);
-    let listen: std::net::SocketAddr = yaml
-        .lines()
-        .next()
-        .and_then(|l| l.strip_prefix("listen: "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    let path = dir.with_extension("yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stitch"))
-        .arg("--config")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    for _ in 0..500 {
-        if std::net::TcpStream::connect(listen).is_ok() {
-            return (child, listen);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    panic!("stitch did not start");
-}
 
 #[tokio::test]
 async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
@@ -53,7 +20,8 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
         std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
 
     for (round, delay_ms) in [40u64, 90, 150, 220, 300].into_iter().enumerate() {
-        let (mut child, addr) = start_binary(upstream.addr, &dir);
+        let stitch = StitchProcess::start(upstream.addr, &dir, ROUTES);
+        let addr = stitch.addr;
         let workers: Vec<_> = (0..3u64)
             .map(|worker| {
                 let file = file.clone();
@@ -80,14 +48,14 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
             })
             .collect();
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        child.kill().unwrap();
-        child.wait().unwrap();
+        stitch.kill();
         for worker in workers {
             worker.abort();
         }
     }
 
-    let (mut child, addr) = start_binary(upstream.addr, &dir);
+    let stitch = StitchProcess::start(upstream.addr, &dir, ROUTES);
+    let addr = stitch.addr;
     let mut survived = 0;
     for n in 1..=file.count() {
         let query = file.query_string(n);
@@ -110,8 +78,7 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
             .unwrap();
         assert_eq!(response.status(), 200, "chunk {n}");
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    stitch.kill();
     assert!(survived > 0, "some parts were published before the kills");
     let received = upstream.received_at("/app/upload");
     assert_eq!(received.len(), 1);
@@ -132,4 +99,67 @@ async fn a_second_process_cannot_share_a_storage_directory() {
     let second = stitch::spawn(&config(h.upstream.addr, h.dir.path(), "", ROUTES));
     let error = second.err().expect("the directory is taken").to_string();
     assert!(error.contains("another Stitch process"), "{error}");
+}
+
+#[tokio::test]
+async fn a_delivery_cut_by_kill_9_is_sent_again_with_the_same_idempotency_key_and_logged_in_doubt()
+{
+    let upstream = Upstream::start().await;
+    // The application takes the whole file, then is slow to answer: the in-doubt window.
+    upstream.delay_answers(Duration::from_secs(30));
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let file = ChunkedFile::resumable("doubt.bin", random_bytes(3 << 20, 61), 1 << 20);
+    let client = reqwest::Client::new();
+    let send = |addr: std::net::SocketAddr, n: u64| {
+        let (start, end) = file.bounds(n);
+        client
+            .post(format!("http://{addr}/upload?{}", file.query_string(n)))
+            .body(file.data.slice(start, end))
+            .send()
+    };
+    let stitch = StitchProcess::start(upstream.addr, &dir, ROUTES);
+    for n in 1..file.count() {
+        assert_eq!(send(stitch.addr, n).await.unwrap().status(), 200);
+    }
+    let last = tokio::spawn(send(stitch.addr, file.count()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while upstream.received_at("/app/upload").is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delivery never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stitch.kill();
+    assert!(
+        last.await.unwrap().is_err(),
+        "the client lost its connection"
+    );
+
+    upstream.delay_answers(Duration::ZERO);
+    let stitch = StitchProcess::start(upstream.addr, &dir, ROUTES);
+    let retried = send(stitch.addr, file.count()).await.unwrap();
+    assert_eq!(retried.status(), 200);
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(
+        received.len(),
+        2,
+        "delivered again: the answer was never recorded"
+    );
+    assert_eq!(received[1].files[0].sha256, file.sha256());
+    let keys: Vec<_> = received
+        .iter()
+        .map(|r| r.header("idempotency-key"))
+        .collect();
+    assert!(keys[0].is_some());
+    assert_eq!(
+        keys[0], keys[1],
+        "the application can tell it is the same delivery"
+    );
+    let log = stitch.log_text();
+    assert!(
+        log.contains("in doubt"),
+        "the re-delivery is logged as in doubt:\n{log}"
+    );
 }

@@ -2,6 +2,9 @@
 //! upstream, and a client that sends exactly what Resumable.js 1.1.0 and Flow.js 2.14.1 send.
 #![allow(dead_code)]
 
+pub mod disk;
+pub mod process;
+pub mod relay;
 pub mod upstream;
 
 use bytes::Bytes;
@@ -49,6 +52,10 @@ pub struct Harness {
     pub client: reqwest::Client,
     storage: String,
     yaml_tail: String,
+    /// Where Stitch forwards (the recording upstream unless a test puts something else there).
+    forward_to: SocketAddr,
+    /// The storage directory (in `dir` unless a test puts it elsewhere).
+    storage_dir: std::path::PathBuf,
 }
 
 impl Harness {
@@ -62,9 +69,23 @@ impl Harness {
 
     /// `storage`: extra lines for the `storage:` section, e.g. `"  upload_ttl: 1s\n"`.
     pub async fn with_storage(storage: &str, yaml_tail: &str) -> Harness {
+        Harness::custom(storage, yaml_tail, None, None).await
+    }
+
+    /// Stitch in front of `forward_to` (default: the recording upstream), storing in
+    /// `storage_dir` (default: a new temporary directory).
+    pub async fn custom(
+        storage: &str,
+        yaml_tail: &str,
+        forward_to: Option<SocketAddr>,
+        storage_dir: Option<&Path>,
+    ) -> Harness {
         let upstream = Upstream::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let stitch = stitch::spawn(&config(upstream.addr, dir.path(), storage, yaml_tail)).unwrap();
+        let forward_to = forward_to.unwrap_or(upstream.addr);
+        let storage_dir = storage_dir.unwrap_or(dir.path()).to_path_buf();
+        let config = config(forward_to, &storage_dir, storage, yaml_tail);
+        let stitch = stitch::spawn(&config).unwrap();
         Harness {
             upstream,
             stitch: Some(stitch),
@@ -72,6 +93,8 @@ impl Harness {
             client: reqwest::Client::new(),
             storage: storage.to_string(),
             yaml_tail: yaml_tail.to_string(),
+            forward_to,
+            storage_dir,
         }
     }
 
@@ -86,18 +109,22 @@ impl Harness {
             running.stop();
         }
         let config = config(
-            self.upstream.addr,
-            self.dir.path(),
+            self.forward_to,
+            &self.storage_dir,
             &self.storage,
             &self.yaml_tail,
         );
         self.stitch = Some(stitch::spawn(&config).unwrap());
     }
 
+    pub fn storage_dir(&self) -> &Path {
+        &self.storage_dir
+    }
+
     /// Every regular file under the storage directory, with its contents' length.
     pub fn stored_files(&self) -> Vec<(String, u64)> {
         let mut found = Vec::new();
-        walk(self.dir.path(), &mut found);
+        walk(&self.storage_dir, &mut found);
         found.sort();
         found
     }

@@ -1,0 +1,179 @@
+//! Faults a production proxy meets: a full disk, an application that stops reading or cuts its
+//! answer short, a crash in the middle of a delivery. Each was found by fault injection; each
+//! test fails on the code from before its fix.
+
+mod common;
+
+use common::disk::SmallDisk;
+use common::process::Recorder;
+use common::relay::CuttingRelay;
+use common::*;
+use std::time::{Duration, Instant};
+
+/// Files under `uploads/` that are empty where they never may be, and leftovers in `tmp/`.
+fn damage(h: &Harness) -> Vec<String> {
+    let root = h.storage_dir().display().to_string();
+    h.stored_files()
+        .into_iter()
+        .filter(|(path, len)| {
+            let state = path.ends_with("/meta.json") || path.ends_with("/answer");
+            (state && *len == 0) || path.starts_with(&format!("{root}/tmp/"))
+        })
+        .map(|(path, len)| format!("{path} ({len} bytes)"))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_chunks_with_503_damages_nothing_and_every_upload_completes_later() {
+    let disk = SmallDisk::new(16);
+    let dir = disk.dir("data");
+    let h = Harness::custom("", ROUTES, None, Some(&dir)).await;
+    let mut files = Vec::new();
+    let mut refused = 0;
+    // Leave less and less room, starting a new upload and continuing the earlier ones each time:
+    // every request either succeeds or gets 503, and never leaves damaged state behind.
+    for (i, free_kib) in [8u64, 6, 5, 4, 3, 2, 1, 0].into_iter().enumerate() {
+        let file = ChunkedFile::resumable(
+            &format!("f{i}.bin"),
+            random_bytes(3000, 70 + i as u64),
+            1000,
+        );
+        files.push(file);
+        disk.leave_free(free_kib * 1024);
+        for file in &files {
+            for n in 1..file.count() {
+                let status = file.upload(&h, n).await.status();
+                assert!(
+                    status == 200 || status == 503,
+                    "{} chunk {n} with {free_kib} KiB free: {status}",
+                    file.name
+                );
+                refused += usize::from(status == 503);
+                let test = file.test(&h, n).await.status();
+                assert!(
+                    test == 200 || test == 204,
+                    "test with {free_kib} KiB free: {test}"
+                );
+            }
+        }
+        assert_eq!(damage(&h), Vec::<String>::new(), "{free_kib} KiB free");
+    }
+    assert!(refused > 0, "the disk was full at times");
+    disk.free();
+    for file in &files {
+        let done = file.upload_all(&h).await;
+        assert_eq!(
+            done.status(),
+            200,
+            "{} completes once space is back",
+            file.name
+        );
+    }
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), files.len(), "each file delivered once");
+    for (file, request) in files.iter().zip(&received) {
+        assert_eq!(request.files[0].sha256, file.sha256(), "{}", file.name);
+    }
+    assert_eq!(damage(&h), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn an_answer_that_cannot_be_written_down_is_replayed_and_recorded_once_space_returns() {
+    let disk = SmallDisk::new(16);
+    let dir = disk.dir("data");
+    let mut h = Harness::custom("  result_ttl: 10s\n", ROUTES, None, Some(&dir)).await;
+    let answer = format!(r#"{{"receipt":"{}"}}"#, "r".repeat(48 << 10));
+    h.upstream.answer_with(201, &answer);
+    let file = ChunkedFile::resumable("receipt.bin", random_bytes(3000, 80), 1000);
+    file.upload(&h, 1).await;
+    file.upload(&h, 2).await;
+    // Room for the last chunk, not for the 48 KiB answer.
+    disk.leave_free(12 << 10);
+    let done = file.upload(&h, 3).await;
+    assert_eq!(done.status(), 201);
+    assert_eq!(done.text().await.unwrap(), answer);
+    let retried = file.upload(&h, 3).await;
+    assert_eq!(retried.status(), 201, "replayed while the disk is full");
+    assert_eq!(retried.text().await.unwrap(), answer);
+    assert_eq!(damage(&h), Vec::<String>::new());
+    assert!(
+        !h.stored_files().iter().any(|(p, _)| p.ends_with("/answer")),
+        "the answer could not be written while the disk was full"
+    );
+
+    disk.free();
+    // The next request for the upload (or the sweep) writes the answer down.
+    assert_eq!(file.upload(&h, 3).await.status(), 201);
+    h.restart();
+    let after_restart = file.upload(&h, 3).await;
+    assert_eq!(
+        after_restart.status(),
+        201,
+        "the answer survived the restart"
+    );
+    assert_eq!(after_restart.text().await.unwrap(), answer);
+    assert_eq!(
+        h.upstream.received_at("/app/upload").len(),
+        1,
+        "delivered once"
+    );
+    assert_eq!(damage(&h), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn an_application_that_stops_reading_gets_504_in_time_and_a_later_retry_delivers_once() {
+    let app = Recorder::start(0.0);
+    let routes = r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    forward: { path: /app/upload, field: document, timeout: 2s, retry_pause: 0s }
+"#;
+    let h = Harness::custom("", routes, Some(app.app.addr), None).await;
+    // Larger than what the kernel buffers between the two processes.
+    let file = ChunkedFile::resumable("stalled.bin", random_bytes(32 << 20, 81), 4 << 20);
+    for n in 1..file.count() {
+        assert_eq!(file.upload(&h, n).await.status(), 200);
+    }
+    app.app.signal("STOP");
+    let started = Instant::now();
+    let last = tokio::time::timeout(Duration::from_secs(60), file.upload(&h, file.count()))
+        .await
+        .expect("Stitch answers while the application is stopped");
+    assert_eq!(last.status(), 504);
+    let waited = started.elapsed();
+    app.app.signal("CONT");
+    assert!(
+        waited < Duration::from_secs(20),
+        "answered after {waited:?} with a 2 s timeout"
+    );
+    let retried = file.upload(&h, file.count()).await;
+    assert_eq!(retried.status(), 201);
+    let complete = app.complete();
+    assert_eq!(complete.len(), 1, "delivered once: {complete:?}");
+    assert_eq!(complete[0]["files"][0]["sha256"], file.sha256());
+}
+
+#[tokio::test]
+async fn an_answer_cut_after_its_status_line_still_counts_and_is_never_followed_by_a_second_delivery(
+) {
+    let upstream = Upstream::start().await;
+    upstream.answer_with(201, &format!(r#"{{"id":"{}"}}"#, "9".repeat(4000)));
+    // The status line and headers pass; the 4 KB body is cut after about 100 bytes.
+    let relay = CuttingRelay::start(upstream.addr, 250).await;
+    let h = Harness::custom("", ROUTES, Some(relay.addr), None).await;
+    let file = ChunkedFile::flow("cut.bin", random_bytes(3000, 82), 1000);
+    let done = file.upload_all(&h).await;
+    assert_eq!(done.status(), 201, "the application decided: 201");
+    let retried = file.upload(&h, 3).await;
+    assert_eq!(retried.status(), 201, "replayed");
+    assert_eq!(
+        upstream.received_at("/app/upload").len(),
+        1,
+        "never delivered again"
+    );
+    assert_eq!(
+        upstream.received_at("/app/upload")[0].files[0].sha256,
+        file.sha256()
+    );
+}
