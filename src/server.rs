@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::forward::Forwarder;
+use crate::proxy::connections::Guarded;
 use crate::proxy::StitchProxy;
 use crate::store::fs::FsStore;
 use crate::upload::UploadCore;
@@ -10,8 +11,9 @@ use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,8 +33,32 @@ pub enum StartError {
     },
 }
 
+/// A ready-to-run server, and a handle to tell when its storage has been let go.
+pub struct Built {
+    pub server: Server,
+    pub storage: StorageHandle,
+}
+
+/// Tells when every user of the storage is gone. Pingora's fast shutdown lets tasks outlive
+/// `Server::run`, and the storage directory stays locked until the last of them is dropped.
+pub struct StorageHandle(Weak<FsStore>);
+
+impl StorageHandle {
+    /// Waits (up to `within`) until the storage is closed; true if it is.
+    pub fn wait_closed(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.0.strong_count() > 0 {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+}
+
 /// Builds a ready-to-run server.
-pub fn build(config: &Config) -> Result<Server, StartError> {
+pub fn build(config: &Config) -> Result<Built, StartError> {
     for route in config.routes.iter().filter(|r| r.scope.is_none()) {
         log::warn!(
             "route {}: no `scope`, so every client shares one namespace of upload identifiers; \
@@ -47,6 +73,7 @@ pub fn build(config: &Config) -> Result<Server, StartError> {
         }
     })?;
     let store = Arc::new(store);
+    let storage = StorageHandle(Arc::downgrade(&store));
     let core = Arc::new(UploadCore::new(
         store.clone(),
         store,
@@ -65,9 +92,13 @@ pub fn build(config: &Config) -> Result<Server, StartError> {
         },
     );
     server.bootstrap();
-    let mut proxy = pingora::proxy::http_proxy_service(
+    let proxy = pingora::proxy::http_proxy(
         &server.configuration,
         StitchProxy::new(config, core.clone()),
+    );
+    let mut proxy = Service::new(
+        "stitch proxy".to_string(),
+        Guarded::new(proxy, config.connections.clone()),
     );
     proxy.add_tcp(&config.listen.to_string());
     server.add_service(proxy);
@@ -79,7 +110,7 @@ pub fn build(config: &Config) -> Result<Server, StartError> {
         .div_f64(10.0)
         .clamp(Duration::from_secs(1), Duration::from_secs(300));
     server.add_service(background_service("expiry", Sweeper { core, interval }));
-    Ok(server)
+    Ok(Built { server, storage })
 }
 
 /// Deletes expired uploads and answers now and then.
@@ -110,6 +141,7 @@ pub struct Running {
     pub addr: SocketAddr,
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
+    storage: StorageHandle,
 }
 
 struct StopSignal(tokio::sync::watch::Receiver<bool>);
@@ -125,7 +157,7 @@ impl ShutdownSignalWatch for StopSignal {
 
 /// Starts a server in a background thread and waits until it accepts connections.
 pub fn spawn(config: &Config) -> Result<Running, StartError> {
-    let server = build(config)?;
+    let Built { server, storage } = build(config)?;
     let (stop, watch) = tokio::sync::watch::channel(false);
     let thread = std::thread::spawn(move || {
         server.run(RunArgs {
@@ -136,6 +168,7 @@ pub fn spawn(config: &Config) -> Result<Running, StartError> {
         addr: config.listen,
         stop,
         thread: Some(thread),
+        storage,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(config.listen).is_err() {
@@ -152,10 +185,14 @@ impl Running {
         self.shutdown();
     }
 
+    /// Stops the server and returns once its storage is closed (a new server can open it).
     fn shutdown(&mut self) {
         let _ = self.stop.send(true);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
+            if !self.storage.wait_closed(Duration::from_secs(30)) {
+                log::error!("the stopped server's storage is still in use after 30 s");
+            }
         }
     }
 }
@@ -177,7 +214,6 @@ pub fn check_can_listen(addr: SocketAddr) -> Result<(), StartError> {
 /// Runs in the foreground until SIGINT (fast) or SIGTERM (graceful).
 pub fn run(config: &Config) -> Result<(), StartError> {
     check_can_listen(config.listen)?;
-    let server = build(config)?;
-    server.run(RunArgs::default());
+    build(config)?.server.run(RunArgs::default());
     Ok(())
 }

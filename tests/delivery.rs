@@ -520,3 +520,35 @@ async fn every_forward_carries_an_idempotency_key_stable_for_the_same_delivery()
         keys[0]
     );
 }
+
+#[tokio::test]
+async fn a_stopped_server_has_let_go_of_its_storage_even_with_requests_in_flight() {
+    let mut h = Harness::start().await;
+    h.upstream.delay_answers(Duration::from_millis(300));
+    for round in 0..40u64 {
+        // Chunks being written and a delivery waiting for the upstream, cut by the stop.
+        let file = ChunkedFile::resumable(
+            &format!("inflight{round}.bin"),
+            random_bytes(64 << 10, 200 + round),
+            8 << 10,
+        );
+        file.upload(&h, 1).await;
+        let in_flight: Vec<_> = (2..=file.count())
+            .map(|n| {
+                let (start, end) = file.bounds(n);
+                let request = h
+                    .client
+                    .post(h.url(&format!("/upload?{}", file.query_string(n))))
+                    .body(file.data.slice(start, end));
+                tokio::spawn(request.send())
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(3 * (round % 20))).await;
+        // Panics with "another Stitch process uses this storage directory" if the stopped
+        // server still holds it.
+        h.restart();
+        for request in in_flight {
+            let _ = request.await;
+        }
+    }
+}

@@ -37,6 +37,9 @@ pub struct Config {
     /// How long a graceful shutdown (SIGTERM) waits for requests in flight.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: Span,
+    /// Limits on client connections (slow, idle and too many clients).
+    #[serde(default)]
+    pub connections: ConnectionLimits,
     #[serde(default)]
     pub storage: StorageConfig,
     #[serde(default)]
@@ -71,6 +74,100 @@ impl Default for StorageConfig {
         }
     }
 }
+
+/// Limits on client connections; see `proxy::connections` for how each is enforced.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(try_from = "RawConnectionLimits")]
+pub struct ConnectionLimits {
+    /// Connections open at once; more are answered 503 and closed.
+    pub max: usize,
+    /// Connections open at once from one client address (`None`: no limit, the default,
+    /// since behind a load balancer or TLS terminator every client has its address).
+    pub max_per_client: Option<usize>,
+    /// From a request's first byte to the end of its header.
+    pub header_timeout: Duration,
+    /// How long a kept-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// How long a request body may send nothing.
+    pub body_timeout: Duration,
+    /// Largest request header (request line and header fields); larger ones get 431.
+    pub max_header_size: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        RawConnectionLimits::default()
+            .try_into()
+            .expect("the defaults are valid")
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConnectionLimits {
+    #[serde(default = "default_max_connections")]
+    max: usize,
+    max_per_client: Option<usize>,
+    #[serde(default = "default_header_timeout")]
+    header_timeout: Span,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout: Span,
+    #[serde(default = "default_body_timeout")]
+    body_timeout: Span,
+    #[serde(default = "default_max_header_size")]
+    max_header_size: ByteSize,
+}
+
+impl Default for RawConnectionLimits {
+    fn default() -> Self {
+        RawConnectionLimits {
+            max: default_max_connections(),
+            max_per_client: None,
+            header_timeout: default_header_timeout(),
+            idle_timeout: default_idle_timeout(),
+            body_timeout: default_body_timeout(),
+            max_header_size: default_max_header_size(),
+        }
+    }
+}
+
+impl TryFrom<RawConnectionLimits> for ConnectionLimits {
+    type Error = String;
+
+    fn try_from(raw: RawConnectionLimits) -> Result<Self, String> {
+        if raw.max == 0 || raw.max_per_client == Some(0) {
+            return Err("connections.max and max_per_client must be at least 1".into());
+        }
+        for (key, span) in [
+            ("header_timeout", raw.header_timeout),
+            ("idle_timeout", raw.idle_timeout),
+            ("body_timeout", raw.body_timeout),
+        ] {
+            if span.0 < Duration::from_secs(1) {
+                return Err(format!("connections.{key} must be at least 1s"));
+            }
+        }
+        let max_header_size = usize::try_from(raw.max_header_size.0)
+            .ok()
+            .filter(|n| (1024..=MAX_HEADER_LIMIT).contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "connections.max_header_size must be between 1KiB and {MAX_HEADER_LIMIT} bytes"
+                )
+            })?;
+        Ok(ConnectionLimits {
+            max: raw.max,
+            max_per_client: raw.max_per_client,
+            header_timeout: raw.header_timeout.0,
+            idle_timeout: raw.idle_timeout.0,
+            body_timeout: raw.body_timeout.0,
+            max_header_size,
+        })
+    }
+}
+
+/// Pingora reads at most about 1 MiB of request header in any case.
+const MAX_HEADER_LIMIT: usize = (1 << 20) - 1;
 
 /// A config that failed to load, with serde_yaml's key path and line in the message.
 #[derive(Debug, thiserror::Error)]
@@ -172,4 +269,19 @@ fn default_upload_ttl() -> Span {
 }
 fn default_result_ttl() -> Span {
     Span(Duration::from_secs(3600))
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_header_timeout() -> Span {
+    Span(Duration::from_secs(20))
+}
+fn default_idle_timeout() -> Span {
+    Span(Duration::from_secs(60))
+}
+fn default_body_timeout() -> Span {
+    Span(Duration::from_secs(60))
+}
+fn default_max_header_size() -> ByteSize {
+    ByteSize(64 << 10)
 }

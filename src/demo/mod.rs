@@ -148,7 +148,7 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
 pub fn run(config: &Config, node_modules: &Path) -> Result<(), StartError> {
     server::check_can_listen(config.listen)?;
     server::check_can_listen(config.upstream)?;
-    let mut server = server::build(config)?;
+    let mut server = server::build(config)?.server;
     let mut app = Service::new("demo application".to_string(), DemoApp::new(node_modules));
     app.add_tcp(&config.upstream.to_string());
     server.add_service(app);

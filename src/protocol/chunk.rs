@@ -12,6 +12,7 @@
 //! | upload completes the file | the upstream's answer, recorded and replayed later (see `relay`) |
 //! | invalid parameters, limits, disagreement with the first chunk | 415 (final for both clients) |
 //! | body ended early or malformed multipart | 400 |
+//! | body sent nothing for `connections.body_timeout` | 408 |
 //! | storage failure | 503 |
 //! | upstream unreachable / too slow at completion | 502 / 504 (parts kept) |
 
@@ -21,7 +22,7 @@ use crate::forward::DeliveryRequest;
 use crate::proxy::io::{
     accept_expect_continue, body_stream, expects_continue, forwarded_for, Reply, RequestBody,
 };
-use crate::store::{BodySource, StageError, UploadKey, UploadMeta};
+use crate::store::{BodyError, BodySource, StageError, UploadKey, UploadMeta};
 use crate::upload::{CoreError, FieldsDigest, PartStatus, ReplyHold, UploadCore};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -29,7 +30,6 @@ use http::Method;
 use pingora::proxy::Session;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// Room for multipart framing and text fields on top of a route's largest chunk; also the most
 /// text (names and values) a multipart request may carry.
@@ -39,8 +39,6 @@ const MULTIPART_SLACK: u64 = 1 << 20;
 const FIELD_OVERHEAD: usize = 128;
 /// Largest single multipart text field.
 const MAX_TEXT_FIELD: usize = 64 << 10;
-/// How long an unread body may take to drain before an early answer is sent.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Handles a request on an upload route. `Ok(false)`: not chunk traffic, pass it through.
 pub async fn handle(
@@ -93,7 +91,8 @@ pub async fn handle(
     // still waiting for a `100 Continue` it will now never get (it sends no body then).
     let body_coming = !expects_continue(session) || exchange.continued.load(Ordering::Relaxed);
     if body_coming && !session.is_body_done() {
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, session.drain_request_body()).await;
+        // Bounded by the body timeout, set on the session (`proxy::connections`).
+        let _ = session.drain_request_body().await;
     }
     let sent = reply
         .with_header("cache-control", "no-store")
@@ -294,9 +293,13 @@ impl Exchange<'_> {
         }
         let staged = match self.core.stage(body, params.part.len).await {
             Ok(staged) => staged,
-            Err(StageError::Body(e)) => {
-                return Err(Reply::text(400, format!("the request body broke off: {e}")))
+            Err(StageError::Body(BodyError::Stalled)) => {
+                return Err(Reply::text(
+                    408,
+                    "the request body stalled; send the chunk again",
+                ))
             }
+            Err(StageError::Body(e)) => return Err(Reply::text(400, e.to_string())),
             Err(StageError::TooLong(n)) => {
                 return Err(Reply::text(
                     415,
@@ -365,8 +368,20 @@ struct FieldBody<'r>(multer::Field<'r>);
 
 #[async_trait]
 impl BodySource for FieldBody<'_> {
-    async fn next_piece(&mut self) -> Result<Option<Bytes>, String> {
-        self.0.chunk().await.map_err(|e| e.to_string())
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, BodyError> {
+        self.0.chunk().await.map_err(|e| multipart_body_error(&e))
+    }
+}
+
+/// multer wraps the body reader's errors: a stalled body is still a stalled body.
+fn multipart_body_error(e: &multer::Error) -> BodyError {
+    let source = match e {
+        multer::Error::StreamReadFailed(source) => source.downcast_ref::<pingora::Error>(),
+        _ => None,
+    };
+    match source {
+        Some(e) => BodyError::from_pingora(e),
+        None => BodyError::Broken(e.to_string()),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Reading request bodies and writing whole responses on a Pingora session.
 
-use crate::store::BodySource;
+use crate::store::{BodyError, BodySource};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
@@ -70,8 +70,11 @@ pub struct RequestBody<'s>(pub &'s mut Session);
 
 #[async_trait]
 impl BodySource for RequestBody<'_> {
-    async fn next_piece(&mut self) -> Result<Option<Bytes>, String> {
-        self.0.read_request_body().await.map_err(|e| e.to_string())
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, BodyError> {
+        self.0
+            .read_request_body()
+            .await
+            .map_err(|e| BodyError::from_pingora(&e))
     }
 }
 

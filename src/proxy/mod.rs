@@ -1,14 +1,16 @@
 //! The Pingora glue: upload routes are answered in `request_filter`; everything else is proxied
 //! to the upstream untouched (streaming both ways, keep-alive kept).
 
+pub mod connections;
 pub mod io;
 
-use crate::config::{Config, Route};
+use crate::config::{Config, ConnectionLimits, Route};
 use crate::protocol;
 use crate::upload::UploadCore;
 use async_trait::async_trait;
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +20,7 @@ pub struct StitchProxy {
     core: Arc<UploadCore>,
     upstream: SocketAddr,
     connect_timeout: Duration,
+    limits: ConnectionLimits,
 }
 
 impl StitchProxy {
@@ -27,6 +30,7 @@ impl StitchProxy {
             core,
             upstream: config.upstream,
             connect_timeout: config.connect_timeout.0,
+            limits: config.connections.clone(),
         }
     }
 
@@ -70,6 +74,59 @@ impl ProxyHttp for StitchProxy {
             upstream_request.insert_header("x-forwarded-for", value)?;
         }
         Ok(())
+    }
+
+    /// The header is in: the connection limits that apply from here on (see `connections`).
+    async fn early_request_filter(
+        &self,
+        session: &mut Session,
+        _ctx: &mut (),
+    ) -> pingora::Result<()> {
+        connections::header_arrived();
+        let header_size = session
+            .as_downstream()
+            .as_http1()
+            .map_or(0, |h1| h1.get_headers_raw_bytes().len());
+        if header_size > self.limits.max_header_size {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(431),
+                format!(
+                    "request header of {header_size} bytes, over {}",
+                    self.limits.max_header_size
+                ),
+            );
+        }
+        // Pingora keeps HTTP/1.1 connections alive forever unless told otherwise.
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.limits.idle_timeout.as_secs().max(1)));
+        }
+        session.set_read_timeout(Some(self.limits.body_timeout));
+        session.set_total_drain_timeout(Some(self.limits.body_timeout));
+        Ok(())
+    }
+
+    /// Pingora's own choice of status, except that a client whose body stalled gets 408.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut ()) -> FailToProxy {
+        let code = match (e.etype(), e.esource()) {
+            (ErrorType::HTTPStatus(code), _) => *code,
+            (_, ErrorSource::Upstream) => 502,
+            (ErrorType::ReadTimedout, ErrorSource::Downstream) => 408,
+            (
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed,
+                ErrorSource::Downstream,
+            ) => 0, // the client is gone
+            (_, ErrorSource::Downstream) => 400,
+            _ => 500,
+        };
+        if code > 0 {
+            if let Err(e) = session.respond_error(code).await {
+                log::debug!("could not send a {code} to the client: {e}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {

@@ -306,7 +306,7 @@ impl ChunkStore for FsStore {
         let written = async {
             let mut hasher = Sha256::new();
             let mut len = 0u64;
-            while let Some(piece) = body.next_piece().await.map_err(StageError::Body)? {
+            while let Some(piece) = body.next_piece().await? {
                 len += piece.len() as u64;
                 if len > limit {
                     return Err(StageError::TooLong(limit));

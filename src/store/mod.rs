@@ -141,8 +141,8 @@ pub enum StoreError {
 /// Why staging a part's bytes stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
-    #[error("the request body could not be read: {0}")]
-    Body(String),
+    #[error(transparent)]
+    Body(#[from] BodyError),
     #[error("the chunk has more than the {0} bytes it declared")]
     TooLong(u64),
     #[error(transparent)]
@@ -152,7 +152,27 @@ pub enum StageError {
 /// A source of request-body bytes, read piece by piece (never held whole).
 #[async_trait]
 pub trait BodySource: Send {
-    async fn next_piece(&mut self) -> Result<Option<Bytes>, String>;
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, BodyError>;
+}
+
+/// Why a request body could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The client sent nothing for longer than the body timeout.
+    #[error("the request body stalled")]
+    Stalled,
+    #[error("the request body broke off: {0}")]
+    Broken(String),
+}
+
+impl BodyError {
+    /// Classifies an error of Pingora's body reader.
+    pub fn from_pingora(e: &pingora::Error) -> BodyError {
+        match e.etype() {
+            pingora::ErrorType::ReadTimedout => BodyError::Stalled,
+            _ => BodyError::Broken(e.to_string()),
+        }
+    }
 }
 
 #[async_trait]

@@ -4,6 +4,7 @@
 
 pub mod disk;
 pub mod process;
+pub mod raw;
 pub mod relay;
 pub mod upstream;
 

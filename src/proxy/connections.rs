@@ -1,0 +1,190 @@
+//! Limits on client connections, so that slow or idle clients cannot hold the proxy: how many
+//! connections (in all, and per client address), how long a request header may take, how long
+//! a kept-alive connection may sit idle.
+//!
+//! Pingora 0.9 has none of these for HTTP/1: it reads a header with a per-read timeout only
+//! (a client sending one byte a second is never cut) and keeps HTTP/1.1 connections alive
+//! forever after the first request. So the listener runs [`Guarded`], which counts each
+//! connection and drives Pingora's HTTP/1 request loop itself:
+//!
+//! 1. wait for the first byte of a request: `header_timeout` on a new connection,
+//!    `idle_timeout` between requests on a kept-alive one; silence closes the connection;
+//! 2. hand the connection to the proxy for one request, and close it if the whole header has
+//!    not arrived `header_timeout` after that first byte (the proxy marks the header's arrival
+//!    through [`header_arrived`], from its first filter);
+//! 3. repeat while the proxy hands the connection back.
+//!
+//! The statuses (README, "Connections"): over a connection limit, 503 and the connection
+//! closed at once; a header too slow, the connection closed without an answer (there is no
+//! request to answer yet); a header over `max_header_size`, 431 (see `StitchProxy`); a body
+//! that stalls longer than `body_timeout`, 408.
+
+use crate::config::ConnectionLimits;
+use async_trait::async_trait;
+use dashmap::DashMap;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::Stream;
+use pingora::server::ShutdownWatch;
+use std::future::Future;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+
+tokio::task_local! {
+    /// Set by the proxy once a request's header has been read (HTTP/1 runs each connection in
+    /// one task, so the proxy's filters see the value [`Guarded`] put there).
+    static HEADER_ARRIVED: Arc<AtomicBool>;
+}
+
+/// Tells the connection's guard that the whole request header is in: the header deadline no
+/// longer applies. A no-op outside a guarded connection.
+pub fn header_arrived() {
+    let _ = HEADER_ARRIVED.try_with(|arrived| arrived.store(true, Ordering::Relaxed));
+}
+
+/// An HTTP/1 application behind connection limits.
+pub struct Guarded<A> {
+    app: Arc<A>,
+    limits: ConnectionLimits,
+    open: OpenConnections,
+}
+
+impl<A> Guarded<A> {
+    pub fn new(app: A, limits: ConnectionLimits) -> Guarded<A> {
+        Guarded {
+            app: Arc::new(app),
+            limits,
+            open: OpenConnections::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
+    async fn process_new(
+        self: &Arc<Self>,
+        mut stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        let Some(_slot) = self.open.admit(client, &self.limits) else {
+            refuse(stream).await;
+            return None;
+        };
+        let mut settings: Option<HttpPersistentSettings> = None;
+        let mut kept_alive = false;
+        loop {
+            let wait = match kept_alive {
+                false => self.limits.header_timeout,
+                true => self.limits.idle_timeout,
+            };
+            let first_byte = tokio::time::timeout(wait, stream.try_peek(&mut [0u8; 1])).await;
+            if !matches!(first_byte, Ok(Ok(true))) {
+                return None;
+            }
+            let mut session = ServerSession::new_http1(stream);
+            match settings.take() {
+                Some(settings) => settings.apply_to_session(&mut session),
+                None => session.set_keepalive(Some(self.limits.idle_timeout.as_secs().max(1))),
+            }
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            }
+            let request = self.app.process_new_http(session, shutdown);
+            let reused = within_header_deadline(request, self.limits.header_timeout).await?;
+            (stream, settings) = reused?.consume();
+            kept_alive = true;
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.app.http_cleanup().await;
+    }
+}
+
+/// Runs one request, unless its header is still incomplete `deadline` after it began. `None`:
+/// the deadline passed (the request is dropped, which closes the connection).
+async fn within_header_deadline<F: Future>(
+    request: F,
+    deadline: std::time::Duration,
+) -> Option<F::Output> {
+    let arrived = Arc::new(AtomicBool::new(false));
+    let request = HEADER_ARRIVED.scope(arrived.clone(), request);
+    tokio::pin!(request);
+    tokio::select! {
+        output = &mut request => return Some(output),
+        _ = tokio::time::sleep(deadline) => {}
+    }
+    if !arrived.load(Ordering::Relaxed) {
+        log::debug!("a request header took longer than {deadline:?}; connection closed");
+        return None;
+    }
+    Some(request.await)
+}
+
+/// Answers a connection over the limits with 503 and closes it.
+async fn refuse(mut stream: Stream) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+        Content-Length: 21\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections\n";
+    let _ = stream.write_all(BUSY).await;
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+}
+
+/// Open connections, in all and per client address.
+#[derive(Default)]
+struct OpenConnections {
+    total: Arc<AtomicUsize>,
+    per_client: Arc<DashMap<IpAddr, usize>>,
+}
+
+/// One admitted connection; counted until dropped.
+struct Slot {
+    total: Arc<AtomicUsize>,
+    per_client: Arc<DashMap<IpAddr, usize>>,
+    client: Option<IpAddr>,
+}
+
+impl OpenConnections {
+    fn admit(&self, client: Option<IpAddr>, limits: &ConnectionLimits) -> Option<Slot> {
+        if self.total.fetch_add(1, Ordering::SeqCst) >= limits.max {
+            self.total.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("refused a connection: {} connections are open", limits.max);
+            return None;
+        }
+        let slot = Slot {
+            total: self.total.clone(),
+            per_client: self.per_client.clone(),
+            client: None,
+        };
+        let (Some(ip), Some(max)) = (client, limits.max_per_client) else {
+            return Some(slot);
+        };
+        let mut count = self.per_client.entry(ip).or_insert(0);
+        if *count >= max {
+            drop(count);
+            log::warn!("refused a connection from {ip}: it has {max} open");
+            return None;
+        }
+        *count += 1;
+        let mut slot = slot;
+        slot.client = Some(ip);
+        Some(slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.total.fetch_sub(1, Ordering::SeqCst);
+        if let Some(ip) = self.client {
+            if let Some(mut count) = self.per_client.get_mut(&ip) {
+                *count -= 1;
+            }
+            self.per_client.remove_if(&ip, |_, count| *count == 0);
+        }
+    }
+}
