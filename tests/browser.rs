@@ -189,3 +189,31 @@ async fn flow_uploads_an_empty_file() {
     let request = assert_browser_file_delivered(&h, &seen, "empty.txt");
     assert_eq!(request.files[0].len, 0);
 }
+
+#[tokio::test]
+async fn the_demo_pages_identifiers_keep_a_half_sent_file_of_the_same_name_and_size_apart() {
+    let h = harness().await;
+    // Chunks 1-2 of another report.bin (3 MiB, 1 MiB chunks) sent with the library's default
+    // identifier, size and name, as curl or an older page would.
+    let other = ChunkedFile::new(
+        Client::Resumable,
+        "/upload",
+        "report.bin",
+        Content::Bytes(random_bytes(3 << 20, 110)),
+        1 << 20,
+    );
+    assert_eq!(other.identifier, "3145728-reportbin");
+    for n in 1..=2 {
+        assert_eq!(other.upload(&h, n).await.status(), 200);
+    }
+    // The demo page identifies the browser's file by size, lastModified and name.
+    let seen = browser_upload(
+        &h,
+        "resumable",
+        3 << 20,
+        "report.bin",
+        r#"{"chunkSize":1048576}"#,
+    )
+    .await;
+    assert_browser_file_delivered(&h, &seen, "report.bin");
+}
