@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod drain;
 pub mod forward;
 mod locks;
 pub mod protocol;

@@ -20,13 +20,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate the configuration and exit (non-zero with the first error).
+    /// Check the configuration (--config, or the embedded default) and exit: 0 when Stitch
+    /// would run with it, otherwise non-zero with the first error, naming the key and line.
     Check,
     /// Run Stitch in front of a small demo application (on the configured upstream address).
     Demo {
-        /// Where npm installed resumablejs and @flowjs/flow.js.
-        #[arg(long, default_value = "tests/browser/node_modules")]
-        node_modules: PathBuf,
+        /// Where npm installed resumablejs and @flowjs/flow.js (default: the source tree's
+        /// tests/browser/node_modules, wherever Stitch is started from).
+        #[arg(long)]
+        node_modules: Option<PathBuf>,
     },
 }
 
@@ -46,27 +48,32 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Some(Command::Check) => {
-            println!(
-                "{}: ok, {} upload routes",
-                origin(&cli.config),
-                config.routes.len()
-            );
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
+            let routes = config.routes.len();
+            let plural = if routes == 1 { "" } else { "s" };
+            println!("{}: ok, {routes} upload route{plural}", origin(&cli.config));
             ExitCode::SUCCESS
         }
-        Some(Command::Demo { node_modules }) => finish(stitch::demo::run(&config, &node_modules)),
+        Some(Command::Demo { node_modules }) => {
+            finish(stitch::demo::run(&config, node_modules.as_deref()))
+        }
         None => {
-            log::info!(
+            let started = format!(
                 "stitch listening on {}, upstream {}, storage {}",
                 config.listen,
                 config.upstream,
                 config.storage.dir.display()
             );
-            finish(stitch::server::run(&config))
+            finish(stitch::server::run(&config, move || {
+                log::info!("{started}")
+            }))
         }
     }
 }
 
-fn finish(result: Result<(), stitch::server::StartError>) -> ExitCode {
+fn finish(result: Result<(), impl std::fmt::Display>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

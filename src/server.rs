@@ -2,6 +2,7 @@
 //! expiry sweeper) and runs it, in the foreground (`stitch`) or in a thread (tests, benchmarks).
 
 use crate::config::Config;
+use crate::drain::InFlight;
 use crate::forward::Forwarder;
 use crate::proxy::connections::Guarded;
 use crate::proxy::StitchProxy;
@@ -9,11 +10,14 @@ use crate::store::fs::FsStore;
 use crate::upload::UploadCore;
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::server::{
+    RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch, UnixShutdownSignalWatch,
+};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -37,17 +41,18 @@ pub enum StartError {
 pub struct Built {
     pub server: Server,
     pub storage: StorageHandle,
+    pub in_flight: InFlight,
 }
 
 /// Tells when every user of the storage is gone. Pingora's fast shutdown lets tasks outlive
 /// `Server::run`, and the storage directory stays locked until the last of them is dropped.
-pub struct StorageHandle(Weak<FsStore>);
+pub struct StorageHandle(Arc<AtomicBool>);
 
 impl StorageHandle {
     /// Waits (up to `within`) until the storage is closed; true if it is.
     pub fn wait_closed(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
-        while self.0.strong_count() > 0 {
+        while !self.0.load(Ordering::SeqCst) {
             if Instant::now() > deadline {
                 return false;
             }
@@ -59,12 +64,8 @@ impl StorageHandle {
 
 /// Builds a ready-to-run server.
 pub fn build(config: &Config) -> Result<Built, StartError> {
-    for route in config.routes.iter().filter(|r| r.scope.is_none()) {
-        log::warn!(
-            "route {}: no `scope`, so every client shares one namespace of upload identifiers; \
-             set `scope: {{ cookie: NAME }}` or `{{ header: NAME }}` to keep users apart",
-            route.id
-        );
+    for warning in config.warnings() {
+        log::warn!("{warning}");
     }
     let store = FsStore::open(&config.storage.dir, config.storage.fsync).map_err(|source| {
         StartError::Storage {
@@ -73,13 +74,15 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
         }
     })?;
     let store = Arc::new(store);
-    let storage = StorageHandle(Arc::downgrade(&store));
+    let storage = StorageHandle(store.released());
+    let in_flight = InFlight::default();
     let core = Arc::new(UploadCore::new(
         store.clone(),
         store,
         Forwarder::new(config.upstream, config.connect_timeout.0),
         config.storage.upload_ttl.0,
         config.storage.result_ttl.0,
+        in_flight.clone(),
     ));
     let grace = config.shutdown_grace.0.as_secs();
     let mut server = Server::new_with_opt_and_conf(
@@ -98,7 +101,7 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
     );
     let mut proxy = Service::new(
         "stitch proxy".to_string(),
-        Guarded::new(proxy, config.connections.clone()),
+        Guarded::new(proxy, config.connections.clone(), in_flight.clone()),
     );
     proxy.add_tcp(&config.listen.to_string());
     server.add_service(proxy);
@@ -109,14 +112,24 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
         .min(config.storage.result_ttl.0)
         .div_f64(10.0)
         .clamp(Duration::from_secs(1), Duration::from_secs(300));
-    server.add_service(background_service("expiry", Sweeper { core, interval }));
-    Ok(Built { server, storage })
+    let sweeper = Sweeper {
+        core,
+        interval,
+        in_flight: in_flight.clone(),
+    };
+    server.add_service(background_service("expiry", sweeper));
+    Ok(Built {
+        server,
+        storage,
+        in_flight,
+    })
 }
 
 /// Deletes expired uploads and answers now and then.
 struct Sweeper {
     core: Arc<UploadCore>,
     interval: Duration,
+    in_flight: InFlight,
 }
 
 #[async_trait]
@@ -127,6 +140,7 @@ impl BackgroundService for Sweeper {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(self.interval) => {}
             }
+            let _working = self.in_flight.start();
             match self.core.sweep().await {
                 Ok(0) => {}
                 Ok(n) => log::info!("expired {n} uploads"),
@@ -157,7 +171,9 @@ impl ShutdownSignalWatch for StopSignal {
 
 /// Starts a server in a background thread and waits until it accepts connections.
 pub fn spawn(config: &Config) -> Result<Running, StartError> {
-    let Built { server, storage } = build(config)?;
+    let Built {
+        server, storage, ..
+    } = build(config)?;
     let (stop, watch) = tokio::sync::watch::channel(false);
     let thread = std::thread::spawn(move || {
         server.run(RunArgs {
@@ -211,9 +227,57 @@ pub fn check_can_listen(addr: SocketAddr) -> Result<(), StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Runs in the foreground until SIGINT (fast) or SIGTERM (graceful).
-pub fn run(config: &Config) -> Result<(), StartError> {
+/// Runs in the foreground until SIGINT (fast) or SIGTERM (graceful). `ready` is called once
+/// the server accepts connections on `listen`, so that its line comes after everything
+/// start-up prints, errors included.
+pub fn run(config: &Config, ready: impl FnOnce() + Send + 'static) -> Result<(), StartError> {
     check_can_listen(config.listen)?;
-    build(config)?.server.run(RunArgs::default());
+    run_built(build(config)?, config, ready);
     Ok(())
+}
+
+/// Runs a built server in the foreground (see [`run`]).
+pub fn run_built(built: Built, config: &Config, ready: impl FnOnce() + Send + 'static) {
+    let signals = Signals {
+        in_flight: built.in_flight,
+        grace: config.shutdown_grace.0,
+    };
+    let listen = config.listen;
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(listen).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ready();
+    });
+    built.server.run(RunArgs {
+        shutdown_signal: Box::new(signals),
+    });
+}
+
+/// Pingora's signals (SIGINT fast, SIGTERM graceful, SIGQUIT graceful upgrade), except that a
+/// graceful shutdown ends as soon as nothing is in flight: Pingora itself always waits out the
+/// whole grace period, even with nothing to wait for.
+struct Signals {
+    in_flight: InFlight,
+    grace: Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        let signal = UnixShutdownSignalWatch.recv().await;
+        if let ShutdownSignal::GracefulTerminate = signal {
+            let (in_flight, grace) = (self.in_flight.clone(), self.grace);
+            std::thread::spawn(move || {
+                // Pingora closes the listeners first; then only work in flight remains.
+                std::thread::sleep(Duration::from_millis(200));
+                if in_flight.wait_idle(grace) {
+                    log::info!("nothing in flight; exiting");
+                    std::process::exit(0);
+                }
+            });
+        }
+        signal
+    }
 }

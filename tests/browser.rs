@@ -217,3 +217,190 @@ async fn the_demo_pages_identifiers_keep_a_half_sent_file_of_the_same_name_and_s
     .await;
     assert_browser_file_delivered(&h, &seen, "report.bin");
 }
+
+/// `stitch demo` (the real binary), started from a directory outside the source tree, with
+/// files over 8 MiB refused by the routes.
+struct Demo {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_demo() -> Demo {
+    assert!(
+        browser_dir().join("node_modules/playwright-core").exists(),
+        "browser tests need Chromium and the npm packages: run .ci/setup"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, upstream) = (free_addr(), free_addr());
+    let routes = r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    scope: { cookie: session }
+    limits: { max_file_size: 8MiB }
+    forward: { path: /upload, field: file }
+  - path: /flow-upload
+    protocol: flow
+    scope: { cookie: session }
+    limits: { max_file_size: 8MiB }
+    forward: { path: /upload, field: file }
+"#;
+    let yaml = format!(
+        "listen: {listen}\nupstream: {upstream}\nshutdown_grace: 0\nstorage:\n  dir: {}\n{routes}",
+        dir.path().join("data").display()
+    );
+    std::fs::write(dir.path().join("demo.yaml"), yaml).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_stitch"))
+        .current_dir(dir.path())
+        .args(["--config", "demo.yaml", "demo"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let demo = Demo {
+        child,
+        addr: listen,
+        _dir: dir,
+    };
+    for _ in 0..1000 {
+        if std::net::TcpStream::connect(listen).is_ok() {
+            return demo;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("stitch demo did not start");
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct DemoRun {
+    files: Vec<DemoFile>,
+    received: Vec<serde_json::Value>,
+    sha256: std::collections::HashMap<String, String>,
+    paused: Paused,
+    text: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct DemoFile {
+    name: String,
+    state: String,
+    status: Option<u16>,
+    message: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Paused {
+    before: f64,
+    after: f64,
+    states: Vec<String>,
+}
+
+async fn drive_demo(library: &str) {
+    let demo = start_demo();
+    let screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+    std::fs::create_dir_all(&screenshots).unwrap();
+    let screenshot = screenshots.join(format!("demo-{library}.png"));
+    let _ = std::fs::remove_file(&screenshot);
+    let args = [
+        format!("http://{}/", demo.addr),
+        library.to_string(),
+        screenshot.display().to_string(),
+        "holiday.mov:4000000".to_string(),
+        "notes.txt:3000000".to_string(),
+        "empty.txt:0".to_string(),
+        "too-big.iso:9000000".to_string(),
+    ];
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(browser_dir().join("demo.mjs"))
+            .args(args)
+            .output()
+            .expect("node runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "browser: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let run: DemoRun = serde_json::from_slice(&output.stdout).expect("one JSON line");
+
+    assert_eq!(run.files.len(), 4, "one row per file: {:?}", run.files);
+    for file in &run.files {
+        if file.name == "too-big.iso" {
+            assert_eq!(file.state, "failed", "{file:?}");
+            assert_eq!(file.status, Some(415), "{file:?}");
+            let message = file.message.as_deref().unwrap_or_default();
+            assert!(message.contains("accepts at most"), "{message}");
+        } else {
+            assert_eq!(file.state, "uploaded", "{file:?}");
+        }
+    }
+    assert!(run.paused.states.iter().any(|s| s == "paused"));
+    assert_eq!(
+        run.paused.before, run.paused.after,
+        "nothing moved while paused"
+    );
+    let mut received: Vec<(String, String)> = run
+        .received
+        .iter()
+        .flat_map(|upload| upload["files"].as_array().unwrap().clone())
+        .map(|f| {
+            let name = f["filename"].as_str().unwrap().to_string();
+            (name, f["sha256"].as_str().unwrap().to_string())
+        })
+        .collect();
+    received.sort();
+    let mut expected: Vec<(String, String)> = run
+        .sha256
+        .iter()
+        .filter(|(name, _)| *name != "too-big.iso")
+        .map(|(n, h)| (n.clone(), h.clone()))
+        .collect();
+    expected.sort();
+    assert_eq!(
+        received, expected,
+        "the application got each file once, whole"
+    );
+    assert!(run.text.contains("Failed (415)"), "{}", run.text);
+    assert!(
+        run.text.contains("The application received holiday.mov"),
+        "{}",
+        run.text
+    );
+    let png = std::fs::read(&screenshot).expect("a screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "the screenshot is a PNG");
+}
+
+#[tokio::test]
+async fn the_demo_page_uploads_several_files_with_resumable_pauses_resumes_and_shows_a_refusal() {
+    drive_demo("resumable").await;
+}
+
+#[tokio::test]
+async fn the_demo_page_uploads_several_files_with_flow_pauses_resumes_and_shows_a_refusal() {
+    drive_demo("flow").await;
+}
+
+#[test]
+fn the_demo_refuses_to_start_without_the_client_libraries_and_says_how_to_get_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_stitch"))
+        .current_dir(dir.path())
+        .args(["demo", "--node-modules", "missing/node_modules"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    assert!(message.contains(".ci/setup --demo"), "{message}");
+    assert!(message.contains("npm install resumablejs"), "{message}");
+}

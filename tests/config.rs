@@ -126,3 +126,142 @@ fn headers_stitch_sets_itself_cannot_be_copied_from_the_client() {
         "{message}"
     );
 }
+
+/// `stitch check` on `yaml`: refused, with a message containing every one of `words`.
+fn refused_naming(yaml: &str, words: &[&str]) {
+    let (ok, message) = check_text(yaml);
+    assert!(!ok, "accepted: {yaml}");
+    for word in words {
+        assert!(message.contains(word), "{word:?} missing from: {message}");
+    }
+}
+
+#[test]
+fn values_that_could_not_run_are_refused_by_check() {
+    refused_naming("threads: 0\n", &["threads", "at least 1", "line 1"]);
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: flow\n    methods: [GET, FETCH]\n",
+        &["methods", "FETCH", "line 4"],
+    );
+    refused_naming(
+        "storage:\n  upload_ttl: 0\n",
+        &["storage.upload_ttl", "at least 1s", "line 2"],
+    );
+    refused_naming(
+        "storage:\n  result_ttl: 0s\n",
+        &["storage.result_ttl", "line 2"],
+    );
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: flow\n    limits: { max_file_size: 1MiB, max_chunk_size: 2MiB }\n",
+        &["max_chunk_size", "max_file_size", "line 2"],
+    );
+    refused_naming(
+        "connections:\n  idle_timeout: 0\n",
+        &["idle_timeout", "line 2"],
+    );
+}
+
+#[test]
+fn a_smaller_max_file_size_lowers_the_default_chunk_limit_with_it() {
+    let (ok, message) = check_text(
+        "routes:\n  - path: /x\n    protocol: flow\n    scope: { cookie: s }\n    limits: { max_file_size: 1MiB }\n",
+    );
+    assert!(ok, "{message}");
+}
+
+#[test]
+fn messages_use_plain_words_not_rust_type_names() {
+    for (yaml, plain) in [
+        ("threads: many\n", "a whole number"),
+        ("routes:\n  - 7\n", "expected a route"),
+        ("routes: 7\n", "expected a list"),
+        (
+            "routes:\n  - path: /x\n    protocol: flow\n    forward: { fields: 7 }\n",
+            "`all`, `none` or a list of field names",
+        ),
+    ] {
+        let (ok, message) = check_text(yaml);
+        assert!(!ok);
+        assert!(message.contains(plain), "{message}");
+        for rust in ["usize", "u64", "struct", "Raw", "enum", "FieldPolicy"] {
+            assert!(!message.contains(rust), "{rust:?} in: {message}");
+        }
+    }
+}
+
+#[test]
+fn a_duplicate_key_names_its_line() {
+    refused_naming(
+        "listen: 127.0.0.1:1\nupstream: 127.0.0.1:2\nlisten: 127.0.0.1:3\n",
+        &["duplicate", "listen", "line 3"],
+    );
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: flow\n  - path: /y\n    protocol: flow\n    protocol: resumable\n",
+        &["duplicate", "protocol", "line 6"],
+    );
+}
+
+#[test]
+fn an_empty_file_is_valid_and_check_warns_that_it_only_passes_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("empty.yaml");
+    std::fs::write(&path, "").unwrap();
+    let output = stitch_check(&path);
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("ok, 0 upload routes"));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("pass-through only"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn check_counts_routes_in_plain_english() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one.yaml");
+    std::fs::write(
+        &path,
+        "routes:\n  - path: /x\n    protocol: flow\n    scope: { cookie: s }\n",
+    )
+    .unwrap();
+    let output = stitch_check(&path);
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("ok, 1 upload route\n"), "{stdout}");
+    assert!(output.stderr.is_empty(), "no warning for a scoped route");
+}
+
+#[test]
+fn check_help_says_what_check_does() {
+    let output = Command::new(env!("CARGO_BIN_EXE_stitch"))
+        .args(["check", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("Check the configuration"), "{help}");
+    assert!(help.contains("key and line"), "{help}");
+}
+
+#[tokio::test]
+async fn a_host_name_listen_address_is_resolved_and_served() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listen: localhost:{port}\nthreads: 1\nshutdown_grace: 0\nstorage:\n  dir: {}\n",
+        dir.path().display()
+    );
+    let config = stitch::Config::from_yaml(&yaml, "test").expect("a host name is accepted");
+    assert!(config.listen.ip().is_loopback());
+    let running = stitch::spawn(&config).unwrap();
+    let status = reqwest::get(format!("http://localhost:{port}/anything"))
+        .await
+        .map(|r| r.status().as_u16());
+    // Nothing listens upstream: the proxy itself answered (502), so it listened on localhost.
+    assert_eq!(status.ok(), Some(502));
+    running.stop();
+}

@@ -11,6 +11,8 @@ pub use route::{
 };
 pub use units::{ByteSize, Span};
 
+use units::{at_least_a_second, at_least_one, some_at_least_one};
+
 use serde::{Deserialize, Deserializer};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -22,14 +24,14 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../conf/stitch.yaml");
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Where browsers connect.
-    #[serde(default = "default_listen")]
+    /// Where browsers connect. A host name is resolved once, when the config is loaded.
+    #[serde(default = "default_listen", deserialize_with = "resolve_listen")]
     pub listen: SocketAddr,
     /// The existing application. A host name is resolved once, when the config is loaded.
     #[serde(default = "default_upstream", deserialize_with = "resolve_address")]
     pub upstream: SocketAddr,
     /// Worker threads for the proxy; defaults to the number of cores.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "some_at_least_one")]
     pub threads: Option<usize>,
     /// How long a connection to the upstream may take to open.
     #[serde(default = "default_connect_timeout")]
@@ -57,10 +59,10 @@ pub struct StorageConfig {
     #[serde(default = "default_true")]
     pub fsync: bool,
     /// Unfinished uploads with no activity for this long are deleted.
-    #[serde(default = "default_upload_ttl")]
+    #[serde(default = "default_upload_ttl", deserialize_with = "at_least_a_second")]
     pub upload_ttl: Span,
     /// How long the upstream's answer to a finished upload is kept and replayed.
-    #[serde(default = "default_result_ttl")]
+    #[serde(default = "default_result_ttl", deserialize_with = "at_least_a_second")]
     pub result_ttl: Span,
 }
 
@@ -105,14 +107,24 @@ impl Default for ConnectionLimits {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConnectionLimits {
-    #[serde(default = "default_max_connections")]
+    #[serde(default = "default_max_connections", deserialize_with = "at_least_one")]
     max: usize,
+    #[serde(default, deserialize_with = "some_at_least_one")]
     max_per_client: Option<usize>,
-    #[serde(default = "default_header_timeout")]
+    #[serde(
+        default = "default_header_timeout",
+        deserialize_with = "at_least_a_second"
+    )]
     header_timeout: Span,
-    #[serde(default = "default_idle_timeout")]
+    #[serde(
+        default = "default_idle_timeout",
+        deserialize_with = "at_least_a_second"
+    )]
     idle_timeout: Span,
-    #[serde(default = "default_body_timeout")]
+    #[serde(
+        default = "default_body_timeout",
+        deserialize_with = "at_least_a_second"
+    )]
     body_timeout: Span,
     #[serde(default = "default_max_header_size")]
     max_header_size: ByteSize,
@@ -135,18 +147,6 @@ impl TryFrom<RawConnectionLimits> for ConnectionLimits {
     type Error = String;
 
     fn try_from(raw: RawConnectionLimits) -> Result<Self, String> {
-        if raw.max == 0 || raw.max_per_client == Some(0) {
-            return Err("connections.max and max_per_client must be at least 1".into());
-        }
-        for (key, span) in [
-            ("header_timeout", raw.header_timeout),
-            ("idle_timeout", raw.idle_timeout),
-            ("body_timeout", raw.body_timeout),
-        ] {
-            if span.0 < Duration::from_secs(1) {
-                return Err(format!("connections.{key} must be at least 1s"));
-            }
-        }
         let max_header_size = usize::try_from(raw.max_header_size.0)
             .ok()
             .filter(|n| (1024..=MAX_HEADER_LIMIT).contains(n))
@@ -183,9 +183,11 @@ pub enum ConfigError {
 
 impl Config {
     pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        // An empty file is an empty mapping: every default, no routes.
+        let text = if text.trim().is_empty() { "{}" } else { text };
         let config: Config = serde_yaml::from_str(text).map_err(|e| ConfigError::Invalid {
             origin: origin.to_string(),
-            message: e.to_string(),
+            message: plain_message(&e.to_string(), text),
         })?;
         config
             .check_routes()
@@ -224,6 +226,27 @@ impl Config {
         Ok(())
     }
 
+    /// What is valid but probably not what the operator meant.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.routes.is_empty() {
+            warnings.push(
+                "no upload routes: Stitch passes every request through to the upstream \
+                 (pass-through only)"
+                    .to_string(),
+            );
+        }
+        for route in self.routes.iter().filter(|r| r.scope.is_none()) {
+            warnings.push(format!(
+                "route {}: no `scope`, so every client shares one namespace of upload \
+                 identifiers; set `scope: {{ cookie: NAME }}` or `{{ header: NAME }}` to keep \
+                 users apart",
+                route.id
+            ));
+        }
+        warnings
+    }
+
     pub fn threads(&self) -> usize {
         self.threads.unwrap_or_else(|| {
             std::thread::available_parallelism()
@@ -235,15 +258,102 @@ impl Config {
 
 fn resolve_address<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let text = String::deserialize(d)?;
-    parse_address(&text).map_err(serde::de::Error::custom)
+    parse_address(&text, "upstream").map_err(serde::de::Error::custom)
 }
 
-/// Resolves `host:port` once, at load time: Pingora panics on an address it cannot use.
-pub fn parse_address(text: &str) -> Result<SocketAddr, String> {
+fn resolve_listen<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_address(&text, "listen").map_err(serde::de::Error::custom)
+}
+
+/// Resolves `host:port` (an IP address or a host name) once, at load time: Pingora panics on
+/// an address it cannot use.
+pub fn parse_address(text: &str, what: &str) -> Result<SocketAddr, String> {
+    if !text.contains(':') {
+        return Err(format!(
+            "{what} address {text:?} needs a port, e.g. \"127.0.0.1:8080\" or \"localhost:8080\""
+        ));
+    }
     text.to_socket_addrs()
-        .map_err(|e| format!("cannot resolve upstream address {text:?}: {e}"))?
+        .map_err(|e| format!("cannot resolve {what} address {text:?}: {e}"))?
         .next()
-        .ok_or_else(|| format!("upstream address {text:?} resolves to nothing"))
+        .ok_or_else(|| format!("{what} address {text:?} resolves to nothing"))
+}
+
+/// serde's messages in words a person configuring a proxy uses: no Rust type names, and the
+/// line of a duplicate key (serde names the key only).
+fn plain_message(message: &str, text: &str) -> String {
+    static TYPE_NAMES: once_cell::sync::Lazy<[(regex::Regex, &str); 5]> =
+        once_cell::sync::Lazy::new(|| {
+            let re = |pattern: &str| regex::Regex::new(pattern).expect("a valid pattern");
+            [
+                (
+                    re(r"expected (usize|u64|u32|u16|u8|i64|i32)\b"),
+                    "expected a whole number",
+                ),
+                (
+                    re(r"expected struct RawRoute\b"),
+                    "expected a route (a mapping with `path:` and `protocol:`)",
+                ),
+                (
+                    re(r"expected struct \w+"),
+                    "expected a mapping of keys and values",
+                ),
+                (re(r"expected a sequence"), "expected a list"),
+                (
+                    re(r"expected (a )?(borrowed )?str(ing)?\b"),
+                    "expected text",
+                ),
+            ]
+        });
+    let mut message = message.to_string();
+    for (pattern, words) in TYPE_NAMES.iter() {
+        message = pattern.replace_all(&message, *words).into_owned();
+    }
+    if let Some(key) = message
+        .split_once("duplicate field `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(key, _)| key.to_string())
+    {
+        if let Some(line) = duplicate_key_line(text, &key) {
+            let without_location = message.split(" at line ").next().unwrap_or("").to_string();
+            message = format!("{without_location} at line {line}");
+        }
+    }
+    message
+}
+
+/// The line of the second `key:` at the same indentation as an earlier one, with no line of
+/// smaller indentation between them (the same block mapping).
+fn duplicate_key_line(text: &str, key: &str) -> Option<usize> {
+    let mut seen: Vec<usize> = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let content = line.trim_start();
+        let indent = line.len() - content.len();
+        let content = content.strip_prefix("- ").unwrap_or(content);
+        let indent = if line.trim_start().starts_with("- ") {
+            indent + 2
+        } else {
+            indent
+        };
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        seen.retain(|&i| i <= indent);
+        if line.trim_start().starts_with("- ") {
+            seen.retain(|&i| i < indent);
+        }
+        let is_key = content
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.trim_start().starts_with(':'));
+        if is_key {
+            if seen.contains(&indent) {
+                return Some(number + 1);
+            }
+            seen.push(indent);
+        }
+    }
+    None
 }
 
 fn default_listen() -> SocketAddr {

@@ -46,7 +46,7 @@ impl PathMatch {
 
 /// Which of the application's own fields (not protocol parameters) reach the upstream.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[serde(try_from = "serde_yaml::Value")]
 pub enum FieldPolicy {
     /// `all` or `none`.
     Keyword(FieldKeyword),
@@ -54,11 +54,34 @@ pub enum FieldPolicy {
     Only(Vec<String>),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FieldKeyword {
     All,
     None,
+}
+
+impl TryFrom<serde_yaml::Value> for FieldPolicy {
+    type Error = String;
+
+    fn try_from(value: serde_yaml::Value) -> Result<FieldPolicy, String> {
+        let wrong = || "expected `all`, `none` or a list of field names".to_string();
+        match value {
+            serde_yaml::Value::String(word) => match word.as_str() {
+                "all" => Ok(FieldPolicy::Keyword(FieldKeyword::All)),
+                "none" => Ok(FieldPolicy::Keyword(FieldKeyword::None)),
+                _ => Err(wrong()),
+            },
+            serde_yaml::Value::Sequence(names) => names
+                .into_iter()
+                .map(|name| match name {
+                    serde_yaml::Value::String(name) => Ok(name),
+                    _ => Err(wrong()),
+                })
+                .collect::<Result<_, _>>()
+                .map(FieldPolicy::Only),
+            _ => Err(wrong()),
+        }
+    }
 }
 
 impl FieldPolicy {
@@ -216,22 +239,52 @@ impl ParamNames {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawLimits")]
 pub struct Limits {
     /// Largest file a client may declare.
-    #[serde(default = "default_max_file_size")]
     pub max_file_size: ByteSize,
     /// Largest single chunk (bytes of one request).
-    #[serde(default = "default_max_chunk_size")]
     pub max_chunk_size: ByteSize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_file_size: default_max_file_size(),
-            max_chunk_size: default_max_chunk_size(),
+        RawLimits::default()
+            .try_into()
+            .expect("the defaults are valid")
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_file_size: Option<ByteSize>,
+    max_chunk_size: Option<ByteSize>,
+}
+
+impl TryFrom<RawLimits> for Limits {
+    type Error = String;
+
+    fn try_from(raw: RawLimits) -> Result<Limits, String> {
+        let max_file_size = raw.max_file_size.unwrap_or(default_max_file_size());
+        // A chunk is never larger than the file: the default follows a smaller max_file_size.
+        let max_chunk_size = raw
+            .max_chunk_size
+            .unwrap_or(default_max_chunk_size().min(max_file_size.max(ByteSize(1))));
+        if max_chunk_size.0 == 0 {
+            return Err("limits.max_chunk_size must be above zero".into());
         }
+        if max_chunk_size > max_file_size.max(ByteSize(1)) {
+            return Err(format!(
+                "limits.max_chunk_size ({} bytes) is larger than limits.max_file_size ({} bytes): \
+                 no chunk could ever be that large",
+                max_chunk_size.0, max_file_size.0
+            ));
+        }
+        Ok(Limits {
+            max_file_size,
+            max_chunk_size,
+        })
     }
 }
 
@@ -292,7 +345,7 @@ struct RawRoute {
     #[serde(default, rename = "match")]
     match_kind: MatchKind,
     host: Option<String>,
-    methods: Option<Vec<String>>,
+    methods: Option<Vec<KnownMethod>>,
     protocol: Protocol,
     #[serde(default)]
     parameters: RawParamNames,
@@ -336,17 +389,14 @@ impl TryFrom<RawRoute> for Route {
             ),
         };
         let methods = match raw.methods {
-            None => ["GET", "HEAD", "POST", "PUT", "PATCH"]
-                .iter()
-                .map(|m| Method::from_bytes(m.as_bytes()).expect("static method"))
-                .collect(),
-            Some(list) => list
-                .iter()
-                .map(|m| {
-                    Method::from_bytes(m.to_ascii_uppercase().as_bytes())
-                        .map_err(|_| format!("{m:?} is not an HTTP method"))
-                })
-                .collect::<Result<_, _>>()?,
+            None => vec![
+                Method::GET,
+                Method::HEAD,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+            ],
+            Some(list) => list.into_iter().map(|m| m.0).collect(),
         };
         let forward_path = match (raw.forward.path, raw.match_kind) {
             (Some(p), _) if p.starts_with('/') => p,
@@ -375,9 +425,6 @@ impl TryFrom<RawRoute> for Route {
         }
         if raw.forward.field.is_empty() || raw.forward.field.contains(['"', '\r', '\n']) {
             return Err("forward.field must be a plain, non-empty field name".into());
-        }
-        if raw.limits.max_chunk_size.0 == 0 {
-            return Err("limits.max_chunk_size must be above zero".into());
         }
         let host = raw.host.map(|h| h.to_ascii_lowercase());
         Ok(Route {
@@ -421,6 +468,36 @@ impl Route {
         }
     }
 }
+
+/// A method a route may list, checked while the file is read (so the error has its line).
+#[derive(Debug, Clone)]
+struct KnownMethod(Method);
+
+impl<'de> Deserialize<'de> for KnownMethod {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        let upper = name.to_ascii_uppercase();
+        KNOWN_METHODS
+            .iter()
+            .find(|known| known.as_str() == upper)
+            .map(|known| KnownMethod(known.clone()))
+            .ok_or_else(|| {
+                let known: Vec<&str> = KNOWN_METHODS.iter().map(Method::as_str).collect();
+                serde::de::Error::custom(format!("{name:?} is not one of {}", known.join(", ")))
+            })
+    }
+}
+
+/// The methods a route may list.
+const KNOWN_METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
 
 /// Headers of the forwarded request that Stitch sets itself.
 const FIXED_HEADERS: [&str; 4] = [

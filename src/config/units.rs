@@ -58,11 +58,13 @@ impl Span {
     }
 }
 
-/// One visitor for both types: an unsigned integer or a string with a unit.
+/// One visitor for both types: an unsigned integer or a string with a unit. Values `accept`
+/// refuses are errors raised inside the visitor, so that serde_yaml reports their line.
 struct UnitVisitor<T> {
     expecting: &'static str,
     parse: fn(&str) -> Option<T>,
     from_int: fn(u64) -> T,
+    accept: fn(&T) -> bool,
 }
 
 impl<T> Visitor<'_> for UnitVisitor<T> {
@@ -73,17 +75,21 @@ impl<T> Visitor<'_> for UnitVisitor<T> {
     }
 
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
-        Ok((self.from_int)(v))
+        Some((self.from_int)(v))
+            .filter(self.accept)
+            .ok_or_else(|| E::custom(format!("expected {}, found {v}", self.expecting)))
     }
 
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
-        u64::try_from(v)
-            .map(self.from_int)
-            .map_err(|_| E::custom(format!("expected {}, found {v}", self.expecting)))
+        match u64::try_from(v) {
+            Ok(v) => self.visit_u64(v),
+            Err(_) => Err(E::custom(format!("expected {}, found {v}", self.expecting))),
+        }
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
         (self.parse)(v)
+            .filter(self.accept)
             .ok_or_else(|| E::custom(format!("expected {}, found {v:?}", self.expecting)))
     }
 }
@@ -94,6 +100,7 @@ impl<'de> Deserialize<'de> for ByteSize {
             expecting: "a size such as 1048576, 512KiB, 64MiB or 10GiB",
             parse: ByteSize::parse,
             from_int: ByteSize,
+            accept: |_| true,
         })
     }
 }
@@ -104,8 +111,35 @@ impl<'de> Deserialize<'de> for Span {
             expecting: "a duration such as 30, 500ms, 30s, 15m, 24h or 7d",
             parse: Span::parse,
             from_int: |secs| Span(Duration::from_secs(secs)),
+            accept: |_| true,
         })
     }
+}
+
+/// For a duration that must be at least a second (`upload_ttl: 0` would expire every upload
+/// at once): `#[serde(deserialize_with = "at_least_a_second")]`.
+pub fn at_least_a_second<'de, D: Deserializer<'de>>(d: D) -> Result<Span, D::Error> {
+    d.deserialize_any(UnitVisitor {
+        expecting: "a duration of at least 1s, such as 30s, 15m or 24h",
+        parse: Span::parse,
+        from_int: |secs| Span(Duration::from_secs(secs)),
+        accept: |span| span.0 >= Duration::from_secs(1),
+    })
+}
+
+/// For a count that must be at least 1 (`threads: 0` cannot run).
+pub fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    d.deserialize_any(UnitVisitor {
+        expecting: "a whole number of at least 1",
+        parse: |_| None,
+        from_int: |n| usize::try_from(n).unwrap_or(usize::MAX),
+        accept: |n| *n >= 1,
+    })
+}
+
+/// [`at_least_one`] for an optional key.
+pub fn some_at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    at_least_one(d).map(Some)
 }
 
 #[cfg(test)]

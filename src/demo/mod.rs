@@ -1,36 +1,160 @@
 //! `stitch demo`: Stitch on its embedded default, in front of a small application that knows
-//! nothing about chunks. The application serves a page with Resumable.js and Flow.js and has one
-//! ordinary upload endpoint (`POST /upload`, multipart) that answers with what it received.
+//! nothing about chunks. The application serves a page with Resumable.js and Flow.js, has one
+//! ordinary upload endpoint (`POST /upload`, multipart) that answers with what it received, and
+//! lists every file it has received (`GET /received`).
 
 use crate::config::Config;
 use crate::server::{self, StartError};
 use async_trait::async_trait;
+use bytes::Bytes;
 use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
-use pingora::server::RunArgs;
 use pingora::services::listening::Service;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 const PAGE: &str = include_str!("page.html");
 
-/// The client libraries, as npm installs them under `node_modules`.
+/// The client libraries the page loads: URL, and where npm installs them under `node_modules`.
 const LIBRARIES: [(&str, &str); 2] = [
     ("/lib/resumable.js", "resumablejs/resumable.js"),
     ("/lib/flow.js", "@flowjs/flow.js/dist/flow.js"),
 ];
 
+/// What to run when the libraries are missing.
+const INSTALL_HINT: &str = "run `.ci/setup --demo` in the Stitch source tree, or \
+     `npm install resumablejs@1.1.0 @flowjs/flow.js@2.14.1` in a directory and pass \
+     `--node-modules DIR/node_modules`";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(
+        "the demo page needs Resumable.js and Flow.js, and they are not in {searched}: {INSTALL_HINT}"
+    )]
+    Libraries { searched: String },
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
+
+/// Finds a `node_modules` holding both libraries: the one given, else the source tree's (from
+/// the working directory, from the binary's place in `target/`, or where it was built).
+pub fn find_libraries(given: Option<&Path>) -> Result<PathBuf, DemoError> {
+    let candidates: Vec<PathBuf> = match given {
+        Some(dir) => vec![dir.to_path_buf()],
+        None => {
+            let in_tree = Path::new("tests/browser/node_modules");
+            let mut candidates = vec![in_tree.to_path_buf()];
+            if let Ok(exe) = std::env::current_exe() {
+                // target/<profile>/stitch -> the source tree
+                if let Some(tree) = exe.ancestors().nth(3) {
+                    candidates.push(tree.join(in_tree));
+                }
+            }
+            candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join(in_tree));
+            candidates
+        }
+    };
+    candidates
+        .iter()
+        .find(|dir| LIBRARIES.iter().all(|(_, file)| dir.join(file).is_file()))
+        .cloned()
+        .ok_or_else(|| DemoError::Libraries {
+            searched: candidates
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// A file the application received.
+#[derive(Debug, Clone, serde::Serialize)]
+struct ReceivedFile {
+    field: String,
+    filename: String,
+    #[serde(rename = "type")]
+    content_type: Option<String>,
+    size: u64,
+    sha256: String,
+}
+
 /// The stand-in for an existing application.
 pub struct DemoApp {
-    node_modules: PathBuf,
+    libraries: Vec<(&'static str, Bytes)>,
+    /// Every upload so far, newest last: its fields and files.
+    received: Mutex<Vec<serde_json::Value>>,
 }
 
 impl DemoApp {
-    pub fn new(node_modules: &Path) -> DemoApp {
-        DemoApp {
-            node_modules: node_modules.to_path_buf(),
+    /// Reads the client libraries from `node_modules` (see [`find_libraries`]).
+    pub fn new(node_modules: &Path) -> std::io::Result<DemoApp> {
+        let libraries = LIBRARIES
+            .iter()
+            .map(|(url, file)| Ok((*url, Bytes::from(std::fs::read(node_modules.join(file))?))))
+            .collect::<std::io::Result<_>>()?;
+        Ok(DemoApp {
+            libraries,
+            received: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A plain form upload: every text field, and for each file its name, type, size and
+    /// SHA-256, answered as JSON and remembered for `GET /received`.
+    async fn receive(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let boundary = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|ct| multer::parse_boundary(ct).ok());
+        let Some(boundary) = boundary else {
+            return text(StatusCode::BAD_REQUEST, "expected multipart/form-data\n");
+        };
+        let stream = crate::proxy::io::body_stream(session);
+        let mut multipart = multer::Multipart::new(stream, boundary);
+        let mut fields = serde_json::Map::new();
+        let mut files = Vec::new();
+        loop {
+            let mut field = match multipart.next_field().await {
+                Ok(Some(field)) => field,
+                Ok(None) => break,
+                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+            };
+            let name = field.name().unwrap_or_default().to_string();
+            let Some(filename) = field.file_name().map(str::to_string) else {
+                let value = field.text().await.unwrap_or_default();
+                fields.insert(name, value.into());
+                continue;
+            };
+            let content_type = field.content_type().map(|m| m.to_string());
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            while let Ok(Some(piece)) = field.chunk().await {
+                hasher.update(&piece);
+                size += piece.len() as u64;
+            }
+            files.push(ReceivedFile {
+                field: name,
+                filename,
+                content_type,
+                size,
+                sha256: hex::encode(hasher.finalize()),
+            });
         }
+        for file in &files {
+            log::info!(
+                "demo application received {:?}: {} bytes, sha256 {}…, {} field(s)",
+                file.filename,
+                file.size,
+                &file.sha256[..16],
+                fields.len()
+            );
+        }
+        let body = serde_json::json!({ "fields": fields, "files": files });
+        self.received.lock().expect("received").push(body.clone());
+        json(StatusCode::OK, &body)
     }
 }
 
@@ -39,100 +163,20 @@ impl ServeHttp for DemoApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_string();
-        if method == Method::POST && path == "/upload" {
-            return receive(session).await;
-        }
-        if method != Method::GET {
-            return reply(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "text/plain",
-                b"GET or POST /upload\n".to_vec(),
-            );
-        }
-        if path == "/" {
-            return reply(
-                StatusCode::OK,
-                "text/html; charset=utf-8",
-                PAGE.as_bytes().to_vec(),
-            );
-        }
-        match LIBRARIES.iter().find(|(url, _)| *url == path) {
-            Some((_, file)) => match tokio::fs::read(self.node_modules.join(file)).await {
-                Ok(script) => reply(StatusCode::OK, "text/javascript", script),
-                Err(e) => reply(
-                    StatusCode::NOT_FOUND,
-                    "text/plain",
-                    format!("{file}: {e} (run .ci/setup to install the npm packages)\n")
-                        .into_bytes(),
-                ),
+        match (method, path.as_str()) {
+            (Method::POST, "/upload") => self.receive(session).await,
+            (Method::GET, "/") => reply(StatusCode::OK, "text/html; charset=utf-8", PAGE.into()),
+            (Method::GET, "/received") => {
+                let received = self.received.lock().expect("received").clone();
+                json(StatusCode::OK, &serde_json::Value::Array(received))
+            }
+            (Method::GET, path) => match self.libraries.iter().find(|(url, _)| *url == path) {
+                Some((_, script)) => reply(StatusCode::OK, "text/javascript", script.to_vec()),
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
             },
-            None => reply(StatusCode::NOT_FOUND, "text/plain", b"not found\n".to_vec()),
+            _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET, or POST /upload\n"),
         }
     }
-}
-
-/// A plain form upload: every text field, and for the file its name, type, size and SHA-256.
-async fn receive(session: &mut ServerSession) -> Response<Vec<u8>> {
-    let boundary = session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|ct| multer::parse_boundary(ct).ok());
-    let Some(boundary) = boundary else {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            "text/plain",
-            b"expected multipart/form-data\n".to_vec(),
-        );
-    };
-    let stream = crate::proxy::io::body_stream(session);
-    let mut multipart = multer::Multipart::new(stream, boundary);
-    let mut fields = serde_json::Map::new();
-    let mut files = Vec::new();
-    loop {
-        let mut field = match multipart.next_field().await {
-            Ok(Some(field)) => field,
-            Ok(None) => break,
-            Err(e) => {
-                return reply(
-                    StatusCode::BAD_REQUEST,
-                    "text/plain",
-                    format!("{e}\n").into_bytes(),
-                )
-            }
-        };
-        let name = field.name().unwrap_or_default().to_string();
-        match field.file_name().map(str::to_string) {
-            None => {
-                let value = field.text().await.unwrap_or_default();
-                fields.insert(name, value.into());
-            }
-            Some(file_name) => {
-                let content_type = field.content_type().map(|m| m.to_string());
-                let mut hasher = Sha256::new();
-                let mut size = 0u64;
-                while let Ok(Some(piece)) = field.chunk().await {
-                    hasher.update(&piece);
-                    size += piece.len() as u64;
-                }
-                files.push(serde_json::json!({
-                    "field": name,
-                    "filename": file_name,
-                    "type": content_type,
-                    "size": size,
-                    "sha256": hex::encode(hasher.finalize()),
-                }));
-            }
-        }
-    }
-    log::info!("demo app received {} file(s): {files:?}", files.len());
-    let body = serde_json::json!({ "fields": fields, "files": files });
-    reply(
-        StatusCode::OK,
-        "application/json",
-        body.to_string().into_bytes(),
-    )
 }
 
 fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
@@ -140,23 +184,40 @@ fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<
         .status(status)
         .header(http::header::CONTENT_TYPE, content_type)
         .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
         .body(body)
         .expect("a valid response")
 }
 
+fn text(status: StatusCode, message: &str) -> Response<Vec<u8>> {
+    reply(
+        status,
+        "text/plain; charset=utf-8",
+        message.as_bytes().to_vec(),
+    )
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Vec<u8>> {
+    reply(status, "application/json", value.to_string().into_bytes())
+}
+
 /// Runs Stitch and the demo application until interrupted.
-pub fn run(config: &Config, node_modules: &Path) -> Result<(), StartError> {
+pub fn run(config: &Config, node_modules: Option<&Path>) -> Result<(), DemoError> {
+    let node_modules = find_libraries(node_modules)?;
+    let app = DemoApp::new(&node_modules).map_err(|_| DemoError::Libraries {
+        searched: node_modules.display().to_string(),
+    })?;
     server::check_can_listen(config.listen)?;
     server::check_can_listen(config.upstream)?;
-    let mut server = server::build(config)?.server;
-    let mut app = Service::new("demo application".to_string(), DemoApp::new(node_modules));
-    app.add_tcp(&config.upstream.to_string());
-    server.add_service(app);
-    log::info!(
-        "demo: open http://{}/ (the application itself listens on {})",
-        config.listen,
-        config.upstream
-    );
-    server.run(RunArgs::default());
+    let mut built = server::build(config)?;
+    let mut service = Service::new("demo application".to_string(), app);
+    service.add_tcp(&config.upstream.to_string());
+    built.server.add_service(service);
+    let (listen, upstream) = (config.listen, config.upstream);
+    server::run_built(built, config, move || {
+        log::info!(
+            "demo: open http://{listen}/ (Stitch; the application behind it listens on {upstream})"
+        )
+    });
     Ok(())
 }

@@ -73,12 +73,12 @@ pub async fn handle(
     let reply = if is_test_method {
         exchange.test(&fields, None).await
     } else if declared_length.is_some_and(|n| n > route.limits.max_chunk_size.0 + MULTIPART_SLACK) {
-        let reply = Reply::text(415, "the request body is larger than this route accepts");
+        let reply = Reply::refuse(415, "the request body is larger than this route accepts");
         return reply.send(session).await.map(|_| true);
     } else if let Some(boundary) = boundary {
         // Resumable.js repeats its parameters in the URL: check them before asking for the body.
         match in_query.then(|| exchange.identify(&fields, None)) {
-            Some(Err(e)) => Reply::text(415, e.0),
+            Some(Err(e)) => Reply::refuse(415, e.0),
             _ => {
                 exchange.proceed(session).await?;
                 exchange.multipart(session, fields, boundary).await
@@ -151,7 +151,7 @@ impl Exchange<'_> {
     async fn test(&self, fields: &Fields, body_type: Option<&str>) -> Reply {
         let chunk = match self.identify(fields, body_type) {
             Ok(chunk) => chunk,
-            Err(e) => return Reply::text(415, e.0),
+            Err(e) => return Reply::refuse(415, e.0),
         };
         let status = self
             .core
@@ -195,14 +195,14 @@ impl Exchange<'_> {
         let body_type = header_str(session, http::header::CONTENT_TYPE).map(str::to_string);
         let chunk = match self.identify(fields, body_type.as_deref()) {
             Ok(chunk) => chunk,
-            Err(e) => return Reply::text(415, e.0),
+            Err(e) => return Reply::refuse(415, e.0),
         };
         if chunk.params.part.len > 0 && session.is_body_empty() {
             return self.test(fields, body_type.as_deref()).await;
         }
         // Only now, with the parameters checked, ask a waiting client for the body.
         if let Err(e) = self.proceed(session).await {
-            return Reply::text(400, format!("could not answer Expect: {e}"));
+            return Reply::refuse(400, format!("could not answer Expect: {e}"));
         }
         let declared = content_length(session);
         let mut body = RequestBody(session);
@@ -234,14 +234,14 @@ impl Exchange<'_> {
                     Ok((name, value)) => {
                         text_bytes += name.len() + value.len() + FIELD_OVERHEAD;
                         if text_bytes as u64 > MULTIPART_SLACK {
-                            return Reply::text(415, "too many or too long multipart fields");
+                            return Reply::refuse(415, "too many or too long multipart fields");
                         }
                         fields.push_body(name, value)
                     }
                     Err(reply) => return reply,
                 },
                 Ok(None) => break,
-                Err(e) => return Reply::text(400, format!("malformed multipart body: {e}")),
+                Err(e) => return Reply::refuse(400, format!("malformed multipart body: {e}")),
             }
         }
         let body_type = file
@@ -254,7 +254,7 @@ impl Exchange<'_> {
         };
         let chunk = match self.identify(&fields, body_type.as_deref()) {
             Ok(chunk) => chunk,
-            Err(e) => return Reply::text(415, e.0),
+            Err(e) => return Reply::refuse(415, e.0),
         };
         let mut body = FieldBody(field);
         let stored = self.store(&chunk, &mut body, None).await;
@@ -294,12 +294,12 @@ impl Exchange<'_> {
         let staged = match self.core.stage(body, params.part.len).await {
             Ok(staged) => staged,
             Err(StageError::Body(BodyError::Stalled)) => {
-                return Err(Reply::text(
+                return Err(Reply::refuse(
                     408,
                     "the request body stalled; send the chunk again",
                 ))
             }
-            Err(StageError::Body(e)) => return Err(Reply::text(400, e.to_string())),
+            Err(StageError::Body(e)) => return Err(Reply::refuse(400, e.to_string())),
             Err(StageError::TooLong(n)) => {
                 return Err(Reply::text(
                     415,
@@ -316,13 +316,13 @@ impl Exchange<'_> {
             let truncated = framed_len.is_some_and(|n| received < n);
             self.core.discard(staged).await;
             if truncated {
-                return Err(Reply::text(400, "the request body ended early"));
+                return Err(Reply::refuse(400, "the request body ended early"));
             }
             let message = format!(
                 "the chunk declares {} bytes but carries {}",
                 params.part.len, received
             );
-            return Err(Reply::text(415, message));
+            return Err(Reply::refuse(415, message));
         }
         self.core
             .commit(key, meta, params.part, staged, &chunk.digest)
@@ -400,11 +400,11 @@ async fn read_text(mut field: multer::Field<'_>) -> Result<(String, String), Rep
                 ))
             }
             Ok(None) => break,
-            Err(e) => return Err(Reply::text(400, format!("malformed multipart body: {e}"))),
+            Err(e) => return Err(Reply::refuse(400, format!("malformed multipart body: {e}"))),
         }
     }
     let value = String::from_utf8(value)
-        .map_err(|_| Reply::text(415, format!("field {name:?} is not UTF-8 text")))?;
+        .map_err(|_| Reply::refuse(415, format!("field {name:?} is not UTF-8 text")))?;
     Ok((name, value))
 }
 
@@ -428,7 +428,7 @@ fn relay(answer: crate::store::RecordedAnswer) -> Reply {
 
 fn core_error(e: CoreError) -> Reply {
     match e {
-        CoreError::Conflict(message) => Reply::text(415, message),
+        CoreError::Conflict(message) => Reply::refuse(415, message),
         CoreError::Store(e) => {
             log::error!("storage failed: {e}");
             Reply::text(503, "storage is unavailable; retry later")

@@ -20,6 +20,7 @@
 //! that stalls longer than `body_timeout`, 408.
 
 use crate::config::ConnectionLimits;
+use crate::drain::InFlight;
 use async_trait::async_trait;
 use dashmap::DashMap;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
@@ -49,14 +50,17 @@ pub struct Guarded<A> {
     app: Arc<A>,
     limits: ConnectionLimits,
     open: OpenConnections,
+    /// Requests being answered (not connections waiting for their next request).
+    in_flight: InFlight,
 }
 
 impl<A> Guarded<A> {
-    pub fn new(app: A, limits: ConnectionLimits) -> Guarded<A> {
+    pub fn new(app: A, limits: ConnectionLimits, in_flight: InFlight) -> Guarded<A> {
         Guarded {
             app: Arc::new(app),
             limits,
             open: OpenConnections::default(),
+            in_flight,
         }
     }
 }
@@ -94,8 +98,10 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             if *shutdown.borrow() {
                 session.set_keepalive(None);
             }
+            let working = self.in_flight.start();
             let request = self.app.process_new_http(session, shutdown);
             let reused = within_header_deadline(request, self.limits.header_timeout).await?;
+            drop(working);
             (stream, settings) = reused?.consume();
             kept_alive = true;
         }

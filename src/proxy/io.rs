@@ -29,6 +29,14 @@ impl Reply {
         }
     }
 
+    /// A request Stitch refuses (bad parameters, a broken body): logged with its reason, since
+    /// the client often shows nothing of it.
+    pub fn refuse(status: u16, reason: impl Into<String>) -> Reply {
+        let reason = reason.into();
+        log::info!("refused a chunk request with {status}: {reason}");
+        Reply::text(status, reason)
+    }
+
     pub fn empty(status: u16) -> Reply {
         Reply {
             status,

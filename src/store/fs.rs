@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::io::{AsyncRead, AsyncWriteExt};
@@ -45,7 +46,16 @@ pub struct FsStore {
     /// Serializes loading an upload's index with changes to it.
     index_locks: KeyedLocks<UploadKey>,
     /// The directory lock: kept open for the life of the store.
-    _lock: std::fs::File,
+    lock: Option<std::fs::File>,
+    /// Set once the directory lock is released (see [`FsStore::released`]).
+    released: Arc<AtomicBool>,
+}
+
+impl Drop for FsStore {
+    fn drop(&mut self) {
+        drop(self.lock.take());
+        self.released.store(true, Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,8 +87,16 @@ impl FsStore {
             blob_locks: KeyedLocks::default(),
             index: DashMap::new(),
             index_locks: KeyedLocks::default(),
-            _lock: lock,
+            lock: Some(lock),
+            released: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Becomes true once the store is dropped and its directory lock released, so that another
+    /// store can open the directory (an `Arc`'s count reaches zero before its value is dropped,
+    /// so the count alone cannot tell).
+    pub fn released(&self) -> Arc<AtomicBool> {
+        self.released.clone()
     }
 
     fn upload_dir(&self, upload: &UploadKey) -> PathBuf {

@@ -12,6 +12,7 @@
 //! that complete the same upload at once share one forward and its answer.
 
 use crate::config::ForwardConfig;
+use crate::drain::InFlight;
 use crate::forward::{DeliveryRequest, ForwardError, Forwarder};
 use crate::locks::KeyedLocks;
 use crate::store::{
@@ -152,6 +153,8 @@ pub struct UploadCore {
     unrecorded: DashMap<UploadKey, RecordedAnswer>,
     upload_ttl: Duration,
     result_ttl: Duration,
+    /// Deliveries run in tasks of their own; a graceful shutdown waits for them.
+    in_flight: InFlight,
 }
 
 impl UploadCore {
@@ -161,6 +164,7 @@ impl UploadCore {
         forwarder: Forwarder,
         upload_ttl: Duration,
         result_ttl: Duration,
+        in_flight: InFlight,
     ) -> UploadCore {
         UploadCore {
             chunks,
@@ -173,6 +177,7 @@ impl UploadCore {
             unrecorded: DashMap::new(),
             upload_ttl,
             result_ttl,
+            in_flight,
         }
     }
 
@@ -412,8 +417,10 @@ impl UploadCore {
                     upload,
                 };
                 let forward = forward.clone();
+                let working = self.in_flight.start();
                 // A task of its own: a client that gives up must not cut a delivery in half.
                 tokio::spawn(async move {
+                    let _working = working;
                     let delivery = landing.core.deliver_once(&upload, &forward, &request).await;
                     drop(landing);
                     let _ = done.send(Some(Arc::new(delivery)));
@@ -460,15 +467,18 @@ impl UploadCore {
         match self.try_deliver(upload, forward, request).await {
             Ok(delivery) => delivery,
             Err(e) => {
+                // The details are for the log; clients get a short message they can show.
                 log::error!("{upload:?}: delivery failed: {e}");
                 match e {
-                    DeliverError::Forward(ForwardError::Timeout { .. }) => {
-                        failure(504, &e.to_string())
-                    }
-                    DeliverError::Forward(ForwardError::Upstream { .. }) => {
-                        failure(502, &e.to_string())
-                    }
-                    _ => failure(503, &e.to_string()),
+                    DeliverError::Forward(ForwardError::Timeout { .. }) => failure(
+                        504,
+                        "the application did not answer in time; the file is kept, retry",
+                    ),
+                    DeliverError::Forward(ForwardError::Upstream { .. }) => failure(
+                        502,
+                        "the application could not be reached; the file is kept, retry",
+                    ),
+                    _ => failure(503, "storage is unavailable; the file is kept, retry"),
                 }
             }
         }
@@ -509,6 +519,8 @@ impl UploadCore {
         let count = complete_len(&parts, &meta).ok_or(DeliverError::Incomplete)?;
         let file: Vec<StoredPart> = (1..=count).map(|n| parts[&n]).collect();
         let key = idempotency_key(upload, &fields, &credentials, &file);
+        let size: u64 = file.iter().map(|p| p.len).sum();
+        let started = Instant::now();
         if self.state.was_delivering(upload).await? {
             log::warn!(
                 "{upload:?}: delivering again, in doubt: an earlier attempt sent the file and                  its answer was never recorded (Idempotency-Key {key})"
@@ -538,6 +550,12 @@ impl UploadCore {
             }
         };
         answer.fields = fields.0;
+        log::info!(
+            "{upload:?}: sent {size} bytes ({} parts) to the application in {:.2} s; it answered {}",
+            file.len(),
+            started.elapsed().as_secs_f64(),
+            answer.status
+        );
         if who_are_you(answer.status) {
             log::warn!(
                 "{upload:?}: upstream answered {} (who are you?); parts kept for a request                  with other credentials",
@@ -563,7 +581,6 @@ impl UploadCore {
             });
         }
         answer.file = Some(DeliveredFile { meta, parts: file });
-        log::info!("{upload:?}: delivered, upstream answered {}", answer.status);
         // The upstream has the file, whatever happens here: never report a retryable failure
         // (a retry would send the file again).
         let recorded = self.state.save_answer(upload, &answer).await;

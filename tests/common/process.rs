@@ -169,7 +169,11 @@ pub struct StitchProcess {
 impl StitchProcess {
     /// Starts it with `routes` in front of `upstream`, and waits until it accepts connections.
     pub fn start(upstream: SocketAddr, dir: &Path, routes: &str) -> StitchProcess {
-        let yaml = super::config_yaml(upstream, dir, "", routes);
+        StitchProcess::start_yaml(dir, &super::config_yaml(upstream, dir, "", routes))
+    }
+
+    /// Starts it with a whole config (whose first line is `listen: ADDRESS`).
+    pub fn start_yaml(dir: &Path, yaml: &str) -> StitchProcess {
         let addr: SocketAddr = yaml
             .lines()
             .next()
@@ -210,6 +214,33 @@ impl StitchProcess {
     pub fn kill(mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
+    }
+
+    /// Sends `signal` ("TERM", "INT"...) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits up to `within` for the process to exit; its exit status if it did.
+    pub fn exited_within(
+        &mut self,
+        within: std::time::Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// Everything it logged (all runs on this directory).

@@ -1,0 +1,207 @@
+//! Starting, stopping and failing as an operator sees it, through the real binary: start-up
+//! errors before the "listening" line, SIGTERM that ends as soon as nothing is in flight,
+//! short messages for clients and detailed ones in the log.
+
+mod common;
+
+use common::process::StitchProcess;
+use common::raw::RawConnection;
+use common::*;
+use std::time::Duration;
+
+/// A config for the binary with `shutdown_grace: 30s` (a graceful stop must not wait it out).
+fn yaml(upstream: std::net::SocketAddr, dir: &std::path::Path) -> String {
+    config_yaml(upstream, dir, "", ROUTES).replace("shutdown_grace: 0", "shutdown_grace: 30s")
+}
+
+#[tokio::test]
+async fn sigterm_on_an_idle_stitch_exits_at_once_not_after_the_grace_period() {
+    let upstream = Upstream::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let mut stitch = StitchProcess::start_yaml(&dir, &yaml(upstream.addr, &dir));
+    stitch.signal("TERM");
+    let status = stitch.exited_within(Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+}
+
+#[tokio::test]
+async fn sigterm_during_a_chunk_upload_lets_it_finish_then_exits() {
+    let upstream = Upstream::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let mut stitch = StitchProcess::start_yaml(&dir, &yaml(upstream.addr, &dir));
+    let file = ChunkedFile::resumable("drain.bin", random_bytes(4000, 120), 1000);
+    let mut client = RawConnection::open(stitch.addr).await;
+    let head = format!(
+        "POST /upload?{} HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n",
+        file.query_string(1)
+    );
+    assert!(client.send(head.as_bytes()).await);
+    assert!(client.send(&file.data.slice(0, 400)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stitch.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        stitch.exited_within(Duration::ZERO).is_none(),
+        "a request was in flight: Stitch waits for it"
+    );
+    assert!(client.send(&file.data.slice(400, 1000)).await);
+    let answer = client.response(Duration::from_secs(10)).await;
+    assert_eq!(
+        answer.map(|r| r.status),
+        Some(200),
+        "the chunk in flight is stored"
+    );
+    let status = stitch.exited_within(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "then it exits: {status:?}"
+    );
+
+    let restarted = StitchProcess::start(upstream.addr, &dir, ROUTES);
+    let test = reqwest::get(format!(
+        "http://{}/upload?{}",
+        restarted.addr,
+        file.query_string(1)
+    ))
+    .await
+    .unwrap();
+    assert_eq!(test.status(), 200, "the chunk survived the stop");
+}
+
+#[tokio::test]
+async fn a_storage_directory_in_use_is_reported_before_any_listening_line() {
+    let upstream = Upstream::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let _first = StitchProcess::start(upstream.addr, &dir, ROUTES);
+    let second_yaml = config_yaml(upstream.addr, &dir, "", ROUTES);
+    let path = root.path().join("second.yaml");
+    std::fs::write(&path, second_yaml).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_stitch"))
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("another Stitch process"), "{stderr}");
+    assert!(
+        !stderr.contains("listening"),
+        "no listening line before the error: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_delivery_tells_the_client_little_and_the_log_the_details() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    // Nothing listens here.
+    let down = free_addr();
+    let stitch = StitchProcess::start(down, &dir, ROUTES);
+    let file = ChunkedFile::resumable("down.txt", random_bytes(10, 121), 1000);
+    let response = reqwest::Client::new()
+        .post(format!(
+            "http://{}/upload?{}",
+            stitch.addr,
+            file.query_string(1)
+        ))
+        .body(file.data.slice(0, file.data.len()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 502);
+    let body = response.text().await.unwrap();
+    assert_eq!(
+        body,
+        "the application could not be reached; the file is kept, retry\n"
+    );
+    let log = stitch.log_text();
+    assert!(log.contains("delivery failed"), "{log}");
+    assert!(
+        log.contains(&down.to_string()),
+        "the log names the address: {log}"
+    );
+}
+
+#[tokio::test]
+async fn refused_chunks_and_deliveries_are_logged_with_their_reasons() {
+    let upstream = Upstream::start().await;
+    upstream.answer_with(201, "kept");
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let stitch = StitchProcess::start(upstream.addr, &dir, ROUTES);
+    let client = reqwest::Client::new();
+    let file = ChunkedFile::resumable("logged.txt", random_bytes(1500, 122), 1000);
+    let refused = client
+        .post(format!(
+            "http://{}/upload?{}",
+            stitch.addr,
+            file.query_string(1)
+                .replace("resumableTotalSize=1500", "resumableTotalSize=x")
+        ))
+        .body(file.data.slice(0, file.data.len()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 415);
+    let delivered = client
+        .post(format!(
+            "http://{}/upload?{}",
+            stitch.addr,
+            file.query_string(1)
+        ))
+        .body(file.data.slice(0, file.data.len()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(delivered.status(), 201);
+    let log = stitch.log_text();
+    assert!(
+        log.contains("refused a chunk request with 415: resumableTotalSize must be a whole number"),
+        "{log}"
+    );
+    assert!(log.contains("sent 1500 bytes"), "{log}");
+    assert!(log.contains("it answered 201"), "{log}");
+}
+
+#[tokio::test]
+async fn the_demo_says_where_to_open_it_last_after_any_warning() {
+    let root = tempfile::tempdir().unwrap();
+    let (listen, app) = (free_addr(), free_addr());
+    // Routes without a scope: start-up warns about them.
+    let yaml = format!(
+        "listen: {listen}\nupstream: {app}\nshutdown_grace: 0\nstorage:\n  dir: {}\n{ROUTES}",
+        root.path().join("data").display()
+    );
+    std::fs::write(root.path().join("demo.yaml"), yaml).unwrap();
+    let log = root.path().join("demo.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stitch"))
+        .current_dir(root.path())
+        .args(["--config", "demo.yaml", "demo"])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("demo: open") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let text = std::fs::read_to_string(&log).unwrap_or(text);
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines: Vec<&str> = text.lines().collect();
+    let open = lines.iter().position(|l| l.contains("demo: open"));
+    assert_eq!(
+        open,
+        Some(lines.len() - 1),
+        "the open line comes last:\n{text}"
+    );
+    assert!(text.contains("no `scope`"), "{text}");
+    assert!(text.contains(&format!("http://{listen}/")), "{text}");
+}
