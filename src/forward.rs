@@ -6,7 +6,8 @@
 //! and connection settings.
 
 use crate::config::ForwardConfig;
-use crate::store::{ChunkStore, RecordedAnswer, StoreError, StoredPart, UploadKey, UploadMeta};
+use crate::store::{BlobStore, RecordedAnswer, StoreError, StoredPart, UploadKey, UploadMeta};
+use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue};
 use pingora::connectors::http::Connector;
@@ -78,29 +79,70 @@ impl ForwardError {
     }
 }
 
-pub struct Forwarder {
+/// What an upstream status means for the upload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The application decided (2xx, 3xx, a 4xx other than those below): the upload is done.
+    Final,
+    /// "Who are you" (401, 403, 407, and the 419 and 440 some frameworks send for an expired
+    /// session or CSRF token): a retry with fresh credentials may succeed; the parts stay.
+    WhoAreYou,
+    /// A server error or "try again later" (408, 429): the parts stay for a retry.
+    TryLater,
+}
+
+pub fn verdict(status: u16) -> Verdict {
+    match status {
+        401 | 403 | 407 | 419 | 440 => Verdict::WhoAreYou,
+        408 | 429 | 500.. => Verdict::TryLater,
+        _ => Verdict::Final,
+    }
+}
+
+/// Sends a finished upload to the upstream. The upload core knows the forwarder only through
+/// this trait, so that its races can be tested with a stand-in.
+#[async_trait]
+pub trait Forward: Send + Sync {
+    /// Sends `file` (the upload's parts, in order, read from `blobs`) as one file and returns
+    /// the upstream's answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
+        &self,
+        blobs: &dyn BlobStore,
+        upload: &UploadKey,
+        meta: &UploadMeta,
+        file: &[StoredPart],
+        forward: &ForwardConfig,
+        request: &DeliveryRequest,
+        idempotency_key: &str,
+    ) -> Result<RecordedAnswer, ForwardError>;
+}
+
+/// The forwarder over HTTP, through Pingora's connector.
+pub struct HttpForwarder {
     connector: Connector,
     upstream: SocketAddr,
     connect_timeout: Duration,
 }
 
-impl Forwarder {
-    pub fn new(upstream: SocketAddr, connect_timeout: Duration) -> Forwarder {
-        Forwarder {
+impl HttpForwarder {
+    pub fn new(upstream: SocketAddr, connect_timeout: Duration) -> HttpForwarder {
+        HttpForwarder {
             connector: Connector::new(None),
             upstream,
             connect_timeout,
         }
     }
+}
 
-    /// Sends `file` (the upload's parts, in order) as one file and returns the upstream's
-    /// answer. A pooled connection that turns out to be dead is replaced once; an upstream that
+#[async_trait]
+impl Forward for HttpForwarder {
+    /// A pooled connection that turns out to be dead is replaced once; an upstream that
     /// answers before taking the whole body (a 413, a 401) is heard, not reported as a failure.
     /// `forward.timeout` bounds every read and write, and the wait for the answer.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn send(
+    async fn send(
         &self,
-        chunks: &dyn ChunkStore,
+        blobs: &dyn BlobStore,
         upload: &UploadKey,
         meta: &UploadMeta,
         file: &[StoredPart],
@@ -123,7 +165,7 @@ impl Forwarder {
             // an upstream that stops reading holds the delivery forever.
             session.set_read_timeout(Some(forward.timeout));
             session.set_write_timeout(Some(forward.timeout));
-            let sent = send_body(&mut session, header.clone(), &body, chunks, upload, file).await;
+            let sent = send_body(&mut session, header.clone(), &body, blobs, file).await;
             let write_error = match sent {
                 Ok(()) => {
                     // The whole request went out: whatever happens now, never send it again.
@@ -189,7 +231,9 @@ impl Forwarder {
             return Err(classify(write_error, false));
         }
     }
+}
 
+impl HttpForwarder {
     fn request_header(
         &self,
         body: &MultipartBody,
@@ -245,8 +289,7 @@ async fn send_body(
     session: &mut HttpSession,
     header: RequestHeader,
     body: &MultipartBody,
-    chunks: &dyn ChunkStore,
-    upload: &UploadKey,
+    blobs: &dyn BlobStore,
     file: &[StoredPart],
 ) -> Result<(), Failure> {
     session
@@ -258,7 +301,10 @@ async fn send_body(
         .await
         .map_err(Failure::Upstream)?;
     for part in file {
-        let mut reader = chunks.open(upload, part).await.map_err(Failure::Store)?;
+        let mut reader = blobs
+            .open(&part.digest, part.len)
+            .await
+            .map_err(Failure::Store)?;
         let mut buffer = BytesMut::with_capacity(READ_BUFFER);
         loop {
             buffer.reserve(READ_BUFFER);
@@ -410,7 +456,7 @@ impl MultipartBody {
             ));
         }
         let file_type = meta
-            .file_type
+            .media_type
             .as_deref()
             .filter(|t| !t.is_empty())
             .unwrap_or("application/octet-stream");
@@ -418,7 +464,7 @@ impl MultipartBody {
             "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"; filename=\"{}\"\r\n\
              Content-Type: {}\r\n\r\n",
             escape_quoted(&forward.field),
-            escape_quoted(&meta.file_name),
+            escape_quoted(&meta.name),
             file_type.replace(['\r', '\n'], "")
         ));
         let tail = format!("\r\n--{boundary}--\r\n");

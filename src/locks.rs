@@ -1,5 +1,6 @@
-//! One async lock per key (an upload, a blob), created on demand and dropped when nobody holds
-//! or awaits it.
+//! One async lock per key (an upload, a blob) within this process, created on demand and
+//! dropped when nobody holds or awaits it. The engines' lockers build on it: it orders the
+//! tasks of one process, and an engine adds what keeps other processes out.
 
 use dashmap::DashMap;
 use std::hash::Hash;
@@ -18,18 +19,19 @@ impl<K: Eq + Hash + Clone> Default for KeyedLocks<K> {
     }
 }
 
-pub struct KeyGuard<'a, K: Eq + Hash + Clone> {
-    locks: &'a KeyedLocks<K>,
+/// A held lock; released when dropped.
+pub struct KeyGuard<K: Eq + Hash + Clone> {
+    locks: Arc<KeyedLocks<K>>,
     key: K,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
 impl<K: Eq + Hash + Clone> KeyedLocks<K> {
-    pub async fn lock(&self, key: K) -> KeyGuard<'_, K> {
+    pub async fn lock(self: &Arc<Self>, key: K) -> KeyGuard<K> {
         // The guard exists before the wait, so that a wait given up (its future dropped) still
         // cleans up the entry.
         let mut guard = KeyGuard {
-            locks: self,
+            locks: Arc::clone(self),
             key: key.clone(),
             guard: None,
         };
@@ -44,7 +46,7 @@ impl<K: Eq + Hash + Clone> KeyedLocks<K> {
     }
 }
 
-impl<K: Eq + Hash + Clone> Drop for KeyGuard<'_, K> {
+impl<K: Eq + Hash + Clone> Drop for KeyGuard<K> {
     fn drop(&mut self) {
         drop(self.guard.take());
         // Only the map's own reference left: nobody holds or waits for this lock.
@@ -60,15 +62,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_released_lock_leaves_no_entry_behind() {
-        let locks = KeyedLocks::default();
-        let key = "a";
-        drop(locks.lock(key).await);
+        let locks = Arc::new(KeyedLocks::default());
+        drop(locks.lock("a").await);
         assert_eq!(locks.len(), 0);
     }
 
     #[tokio::test]
     async fn a_wait_given_up_leaves_no_entry_behind() {
-        let locks = KeyedLocks::default();
+        let locks = Arc::new(KeyedLocks::default());
         let first = locks.lock("a").await;
         let mut waiter = Box::pin(locks.lock("a"));
         assert!(futures::poll!(&mut waiter).is_pending());
@@ -80,15 +81,15 @@ mod tests {
     #[tokio::test]
     async fn a_second_holder_waits_for_the_first() {
         let locks = Arc::new(KeyedLocks::default());
-        let key = "a";
-        let first = locks.lock(key).await;
+        let first = locks.lock("a").await;
         let waiter = {
             let locks = locks.clone();
             tokio::spawn(async move {
-                let _second = locks.lock(key).await;
+                let _second = locks.lock("a").await;
             })
         };
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::task::yield_now().await;
+        tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
         drop(first);
         waiter.await.unwrap();

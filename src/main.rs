@@ -64,7 +64,7 @@ fn main() -> ExitCode {
                 "stitch listening on {}, upstream {}, storage {}",
                 config.listen,
                 config.upstream,
-                config.storage.dir.display()
+                config.storage.describe()
             );
             finish(stitch::server::run(&config, move || {
                 log::info!("{started}")

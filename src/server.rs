@@ -3,11 +3,10 @@
 
 use crate::config::Config;
 use crate::drain::InFlight;
-use crate::forward::Forwarder;
+use crate::forward::HttpForwarder;
 use crate::proxy::connections::Guarded;
 use crate::proxy::StitchProxy;
-use crate::store::fs::FsStore;
-use crate::upload::UploadCore;
+use crate::upload::{SystemClock, Ttls, UploadCore};
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{
@@ -23,11 +22,8 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot open storage directory {dir}: {source}")]
-    Storage {
-        dir: String,
-        source: crate::store::fs::OpenError,
-    },
+    #[error(transparent)]
+    Storage(#[from] crate::store::OpenError),
     #[error("nothing accepts connections on {0} (is the port taken?)")]
     Listen(SocketAddr),
     #[error("cannot listen on {addr}: {source}")]
@@ -45,7 +41,7 @@ pub struct Built {
 }
 
 /// Tells when every user of the storage is gone. Pingora's fast shutdown lets tasks outlive
-/// `Server::run`, and the storage directory stays locked until the last of them is dropped.
+/// `Server::run`, and the storage stays open until the last of them is dropped.
 pub struct StorageHandle(Arc<AtomicBool>);
 
 impl StorageHandle {
@@ -67,21 +63,20 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
     for warning in config.warnings() {
         log::warn!("{warning}");
     }
-    let store = FsStore::open(&config.storage.dir, config.storage.fsync).map_err(|source| {
-        StartError::Storage {
-            dir: config.storage.dir.display().to_string(),
-            source,
-        }
-    })?;
-    let store = Arc::new(store);
-    let storage = StorageHandle(store.released());
+    let engines = crate::store::open(&config.storage)?;
+    let storage = StorageHandle(engines.closed());
     let in_flight = InFlight::default();
     let core = Arc::new(UploadCore::new(
-        store.clone(),
-        store,
-        Forwarder::new(config.upstream, config.connect_timeout.0),
-        config.storage.upload_ttl.0,
-        config.storage.result_ttl.0,
+        engines,
+        Arc::new(HttpForwarder::new(
+            config.upstream,
+            config.connect_timeout.0,
+        )),
+        Arc::new(SystemClock),
+        Ttls {
+            upload: config.storage.upload_ttl,
+            result: config.storage.result_ttl,
+        },
         in_flight.clone(),
     ));
     let grace = config.shutdown_grace.0.as_secs();
@@ -108,8 +103,7 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
     let interval = config
         .storage
         .upload_ttl
-        .0
-        .min(config.storage.result_ttl.0)
+        .min(config.storage.result_ttl)
         .div_f64(10.0)
         .clamp(Duration::from_secs(1), Duration::from_secs(300));
     let sweeper = Sweeper {

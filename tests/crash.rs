@@ -78,6 +78,12 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
             .unwrap();
         assert_eq!(response.status(), 200, "chunk {n}");
     }
+    // What the killed processes were staging is gone; the live one stages in its own directory.
+    let staged: Vec<_> = walk_files(&dir.join("tmp"))
+        .into_iter()
+        .filter(|p| p.extension().is_none_or(|e| e != "lock"))
+        .collect();
+    assert!(staged.is_empty(), "no staging leftovers: {staged:?}");
     stitch.kill();
     assert!(survived > 0, "some parts were published before the kills");
     let received = upstream.received_at("/app/upload");
@@ -87,18 +93,54 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
         file.sha256(),
         "every reported part was whole"
     );
-    assert!(
-        std::fs::read_dir(dir.join("tmp")).unwrap().next().is_none(),
-        "no staging leftovers"
-    );
 }
 
 #[tokio::test]
-async fn a_second_process_cannot_share_a_storage_directory() {
-    let h = Harness::start().await;
-    let second = stitch::spawn(&config(h.upstream.addr, h.dir.path(), "", ROUTES));
-    let error = second.err().expect("the directory is taken").to_string();
-    assert!(error.contains("another Stitch process"), "{error}");
+async fn two_processes_on_one_storage_directory_share_an_upload_and_deliver_it_once() {
+    let upstream = Upstream::start().await;
+    upstream.delay_answers(Duration::from_millis(200));
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let first = StitchProcess::start(upstream.addr, &dir, ROUTES);
+    let second = StitchProcess::start_yaml(
+        &dir.with_extension("second"),
+        &config_yaml(upstream.addr, &dir, "", ROUTES),
+    );
+    let file = ChunkedFile::resumable("shared.bin", random_bytes(24 << 10, 62), 1024);
+    let client = reqwest::Client::new();
+    let send = |addr: std::net::SocketAddr, n: u64| {
+        let (start, end) = file.bounds(n);
+        client
+            .post(format!("http://{addr}/upload?{}", file.query_string(n)))
+            .body(file.data.slice(start, end))
+            .send()
+    };
+    // The chunks alternate between the two processes, three at a time, as a client of a
+    // restart would; the last ones race to complete the upload in both.
+    let mut statuses = Vec::new();
+    for group in (1..=file.count()).collect::<Vec<_>>().chunks(3) {
+        let sent = futures::future::join_all(group.iter().map(|&n| {
+            let addr = if n % 2 == 0 { first.addr } else { second.addr };
+            send(addr, n)
+        }))
+        .await;
+        statuses.extend(sent.into_iter().map(|r| r.unwrap().status().as_u16()));
+    }
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    for addr in [first.addr, second.addr] {
+        // Each process sees what the other stored: a test of any chunk of the delivered file
+        // says "send it", and the re-sent bytes get the answer.
+        let test = client
+            .get(format!("http://{addr}/upload?{}", file.query_string(3)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(test.status(), 204);
+        assert_eq!(send(addr, 3).await.unwrap().status(), 200);
+    }
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "delivered once");
+    assert_eq!(received[0].files[0].sha256, file.sha256());
 }
 
 #[tokio::test]
@@ -162,4 +204,17 @@ async fn a_delivery_cut_by_kill_9_is_sent_again_with_the_same_idempotency_key_an
         log.contains("in doubt"),
         "the re-delivery is logged as in doubt:\n{log}"
     );
+}
+
+/// Every regular file under `dir`.
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            found.extend(walk_files(&entry.path()));
+        } else {
+            found.push(entry.path());
+        }
+    }
+    found
 }

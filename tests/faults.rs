@@ -17,7 +17,8 @@ fn damage(h: &Harness) -> Vec<String> {
         .into_iter()
         .filter(|(path, len)| {
             let state = path.ends_with("/meta.json") || path.ends_with("/answer");
-            (state && *len == 0) || path.starts_with(&format!("{root}/tmp/"))
+            let staged = path.starts_with(&format!("{root}/tmp/")) && !path.ends_with(".lock");
+            (state && *len == 0) || staged
         })
         .map(|(path, len)| format!("{path} ({len} bytes)"))
         .collect()

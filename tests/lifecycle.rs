@@ -71,14 +71,14 @@ async fn sigterm_during_a_chunk_upload_lets_it_finish_then_exits() {
 }
 
 #[tokio::test]
-async fn a_storage_directory_in_use_is_reported_before_any_listening_line() {
+async fn a_storage_directory_that_cannot_be_opened_is_reported_before_any_listening_line() {
     let upstream = Upstream::start().await;
     let root = tempfile::tempdir().unwrap();
+    // A file where the directory should be.
     let dir = root.path().join("data");
-    let _first = StitchProcess::start(upstream.addr, &dir, ROUTES);
-    let second_yaml = config_yaml(upstream.addr, &dir, "", ROUTES);
-    let path = root.path().join("second.yaml");
-    std::fs::write(&path, second_yaml).unwrap();
+    std::fs::write(&dir, "not a directory").unwrap();
+    let path = root.path().join("stitch.yaml");
+    std::fs::write(&path, config_yaml(upstream.addr, &dir, "", ROUTES)).unwrap();
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_stitch"))
         .arg("--config")
         .arg(&path)
@@ -86,7 +86,7 @@ async fn a_storage_directory_in_use_is_reported_before_any_listening_line() {
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("another Stitch process"), "{stderr}");
+    assert!(stderr.contains("cannot open storage directory"), "{stderr}");
     assert!(
         !stderr.contains("listening"),
         "no listening line before the error: {stderr}"
@@ -159,7 +159,7 @@ async fn refused_chunks_and_deliveries_are_logged_with_their_reasons() {
     assert_eq!(delivered.status(), 201);
     let log = stitch.log_text();
     assert!(
-        log.contains("refused a chunk request with 415: resumableTotalSize must be a whole number"),
+        log.contains("refused a request with 415: resumableTotalSize must be a whole number"),
         "{log}"
     );
     assert!(log.contains("sent 1500 bytes"), "{log}");

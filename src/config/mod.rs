@@ -6,9 +6,7 @@
 mod route;
 mod units;
 
-pub use route::{
-    FieldPolicy, ForwardConfig, Limits, ParamNames, PathMatch, Protocol, Route, Scope,
-};
+pub use route::{FieldPolicy, ForwardConfig, Limits, PathMatch, Route, Scope};
 pub use units::{ByteSize, Span};
 
 use units::{at_least_a_second, at_least_one, some_at_least_one};
@@ -48,32 +46,98 @@ pub struct Config {
     pub routes: Vec<Route>,
 }
 
+/// Where uploads are kept, and for how long.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawStorage")]
 pub struct StorageConfig {
-    /// Chunk and state storage on local disk.
-    #[serde(default = "default_storage_dir")]
-    pub dir: PathBuf,
-    /// fsync every part before reporting it stored (safe against power loss). Without it parts
-    /// are still published atomically, which is safe against process crashes.
-    #[serde(default = "default_true")]
-    pub fsync: bool,
+    pub engine: EngineConfig,
     /// Unfinished uploads with no activity for this long are deleted.
-    #[serde(default = "default_upload_ttl", deserialize_with = "at_least_a_second")]
-    pub upload_ttl: Span,
+    pub upload_ttl: Duration,
     /// How long the upstream's answer to a finished upload is kept and replayed.
-    #[serde(default = "default_result_ttl", deserialize_with = "at_least_a_second")]
-    pub result_ttl: Span,
+    pub result_ttl: Duration,
+}
+
+/// The storage engines (see `store::open`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineConfig {
+    /// Local disk: blobs, state and locks in one directory. `fsync`: every part is fsynced
+    /// before it is reported stored (safe against power loss); without it parts are still
+    /// published atomically, which is safe against process crashes.
+    Fs { dir: PathBuf, fsync: bool },
+    /// This process's memory: nothing survives a restart (tests).
+    Memory,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig {
-            dir: default_storage_dir(),
-            fsync: true,
+        RawStorage::default()
+            .try_into()
+            .expect("the defaults are valid")
+    }
+}
+
+impl StorageConfig {
+    /// Where uploads are kept, for people.
+    pub fn describe(&self) -> String {
+        match &self.engine {
+            EngineConfig::Fs { dir, .. } => dir.display().to_string(),
+            EngineConfig::Memory => "memory (nothing survives a restart)".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    #[serde(default)]
+    engine: EngineName,
+    dir: Option<PathBuf>,
+    fsync: Option<bool>,
+    #[serde(default = "default_upload_ttl", deserialize_with = "at_least_a_second")]
+    upload_ttl: Span,
+    #[serde(default = "default_result_ttl", deserialize_with = "at_least_a_second")]
+    result_ttl: Span,
+}
+
+impl Default for RawStorage {
+    fn default() -> Self {
+        RawStorage {
+            engine: EngineName::Fs,
+            dir: None,
+            fsync: None,
             upload_ttl: default_upload_ttl(),
             result_ttl: default_result_ttl(),
         }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum EngineName {
+    #[default]
+    Fs,
+    Memory,
+}
+
+impl TryFrom<RawStorage> for StorageConfig {
+    type Error = String;
+
+    fn try_from(raw: RawStorage) -> Result<Self, String> {
+        let engine = match raw.engine {
+            EngineName::Fs => EngineConfig::Fs {
+                dir: raw.dir.unwrap_or_else(default_storage_dir),
+                fsync: raw.fsync.unwrap_or(true),
+            },
+            EngineName::Memory if raw.dir.is_some() || raw.fsync.is_some() => {
+                return Err("storage.dir and storage.fsync belong to `engine: fs`".into())
+            }
+            EngineName::Memory => EngineConfig::Memory,
+        };
+        Ok(StorageConfig {
+            engine,
+            upload_ttl: raw.upload_ttl.0,
+            result_ttl: raw.result_ttl.0,
+        })
     }
 }
 
@@ -370,9 +434,6 @@ fn default_shutdown_grace() -> Span {
 }
 fn default_storage_dir() -> PathBuf {
     PathBuf::from("./stitch-data")
-}
-fn default_true() -> bool {
-    true
 }
 fn default_upload_ttl() -> Span {
     Span(Duration::from_secs(24 * 3600))

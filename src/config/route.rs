@@ -2,17 +2,12 @@
 //! file is handed to the upstream.
 
 use super::units::{ByteSize, Span};
+use crate::protocol::chunk::RawParamNames;
+use crate::protocol::{ProtocolConfig, ProtocolName};
 use http::Method;
 use regex::Regex;
 use serde::Deserialize;
 use std::time::Duration;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Resumable,
-    Flow,
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -125,119 +120,6 @@ impl TryFrom<RawScope> for Scope {
     }
 }
 
-/// Resumable.js parameter renaming (`*ParameterName`, `parameterNamespace`). An empty string means
-/// the site dropped that parameter. Flow.js only allows renaming the file field.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawParamNames {
-    namespace: Option<String>,
-    chunk_number: Option<String>,
-    chunk_size: Option<String>,
-    current_chunk_size: Option<String>,
-    total_size: Option<String>,
-    #[serde(rename = "type")]
-    file_type: Option<String>,
-    identifier: Option<String>,
-    filename: Option<String>,
-    relative_path: Option<String>,
-    total_chunks: Option<String>,
-    file: Option<String>,
-}
-
-/// The parameter names a route's clients send, namespace applied. `None`: not sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParamNames {
-    pub chunk_number: String,
-    pub chunk_size: String,
-    pub current_chunk_size: Option<String>,
-    pub total_size: String,
-    pub file_type: Option<String>,
-    pub identifier: String,
-    pub filename: Option<String>,
-    pub relative_path: Option<String>,
-    pub total_chunks: Option<String>,
-    /// The multipart field that carries the chunk bytes.
-    pub file_field: String,
-    /// Resumable.js's `parameterNamespace`, which it also puts in front of the site's own
-    /// fields; Stitch takes it off again before they reach the application.
-    pub namespace: String,
-}
-
-impl ParamNames {
-    fn resolve(protocol: Protocol, raw: RawParamNames) -> Result<ParamNames, String> {
-        let (prefix, defaults) = match protocol {
-            Protocol::Resumable => ("resumable", true),
-            Protocol::Flow => ("flow", false),
-        };
-        if protocol == Protocol::Flow {
-            let renamed = [
-                &raw.namespace,
-                &raw.chunk_number,
-                &raw.chunk_size,
-                &raw.current_chunk_size,
-                &raw.total_size,
-                &raw.file_type,
-                &raw.identifier,
-                &raw.filename,
-                &raw.relative_path,
-                &raw.total_chunks,
-            ];
-            if renamed.iter().any(|v| v.is_some()) {
-                return Err(
-                    "Flow.js cannot rename its parameters: only `file` may be set \
-                            under `parameters` for a flow route"
-                        .into(),
-                );
-            }
-        }
-        let ns = raw.namespace.unwrap_or_default();
-        let name = |given: Option<String>, default: &str| -> Option<String> {
-            match given {
-                Some(n) if n.is_empty() => None,
-                Some(n) => Some(format!("{ns}{n}")),
-                None => Some(format!("{ns}{prefix}{default}")),
-            }
-        };
-        let required = |given: Option<String>, default: &str, key: &str| {
-            name(given, default).ok_or_else(|| format!("parameters.{key} cannot be dropped"))
-        };
-        Ok(ParamNames {
-            chunk_number: required(raw.chunk_number, "ChunkNumber", "chunk_number")?,
-            chunk_size: required(raw.chunk_size, "ChunkSize", "chunk_size")?,
-            current_chunk_size: name(raw.current_chunk_size, "CurrentChunkSize"),
-            total_size: required(raw.total_size, "TotalSize", "total_size")?,
-            file_type: if defaults {
-                name(raw.file_type, "Type")
-            } else {
-                None
-            },
-            identifier: required(raw.identifier, "Identifier", "identifier")?,
-            filename: name(raw.filename, "Filename"),
-            relative_path: name(raw.relative_path, "RelativePath"),
-            total_chunks: name(raw.total_chunks, "TotalChunks"),
-            file_field: format!("{ns}{}", raw.file.unwrap_or_else(|| "file".into())),
-            namespace: ns,
-        })
-    }
-
-    /// True if `name` is one of the protocol's own parameters (never an application field).
-    pub fn is_protocol_param(&self, name: &str) -> bool {
-        name == self.chunk_number
-            || name == self.chunk_size
-            || name == self.total_size
-            || name == self.identifier
-            || [
-                &self.current_chunk_size,
-                &self.file_type,
-                &self.filename,
-                &self.relative_path,
-                &self.total_chunks,
-            ]
-            .iter()
-            .any(|n| n.as_deref() == Some(name))
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(try_from = "RawLimits")]
 pub struct Limits {
@@ -346,7 +228,7 @@ struct RawRoute {
     match_kind: MatchKind,
     host: Option<String>,
     methods: Option<Vec<KnownMethod>>,
-    protocol: Protocol,
+    protocol: ProtocolName,
     #[serde(default)]
     parameters: RawParamNames,
     #[serde(default)]
@@ -367,8 +249,8 @@ pub struct Route {
     /// Lower-case host name (without port) the route is limited to.
     pub host: Option<String>,
     pub methods: Vec<Method>,
-    pub protocol: Protocol,
-    pub params: ParamNames,
+    /// The protocol its clients speak, with that protocol's options.
+    pub protocol: ProtocolConfig,
     pub limits: Limits,
     pub scope: Option<Scope>,
     pub forward: ForwardConfig,
@@ -437,8 +319,7 @@ impl TryFrom<RawRoute> for Route {
             path,
             host,
             methods,
-            protocol: raw.protocol,
-            params: ParamNames::resolve(raw.protocol, raw.parameters)?,
+            protocol: ProtocolConfig::new(raw.protocol, raw.parameters)?,
             limits: raw.limits,
             scope: raw.scope,
             forward: ForwardConfig {
@@ -539,27 +420,5 @@ mod tests {
         assert!(p.matches("/upload"));
         assert!(p.matches("/upload/x"));
         assert!(!p.matches("/uploads"));
-    }
-
-    #[test]
-    fn resumable_namespace_prefixes_every_name_and_the_file_field() {
-        let raw = RawParamNames {
-            namespace: Some("ns_".into()),
-            file_type: Some(String::new()),
-            ..Default::default()
-        };
-        let names = ParamNames::resolve(Protocol::Resumable, raw).unwrap();
-        assert_eq!(names.chunk_number, "ns_resumableChunkNumber");
-        assert_eq!(names.file_field, "ns_file");
-        assert_eq!(names.file_type, None);
-    }
-
-    #[test]
-    fn flow_routes_refuse_renamed_parameters() {
-        let raw = RawParamNames {
-            chunk_number: Some("n".into()),
-            ..Default::default()
-        };
-        assert!(ParamNames::resolve(Protocol::Flow, raw).is_err());
     }
 }

@@ -112,7 +112,7 @@ impl DemoApp {
         let Some(boundary) = boundary else {
             return text(StatusCode::BAD_REQUEST, "expected multipart/form-data\n");
         };
-        let stream = crate::proxy::io::body_stream(session);
+        let stream = crate::http::body_stream(session);
         let mut multipart = multer::Multipart::new(stream, boundary);
         let mut fields = serde_json::Map::new();
         let mut files = Vec::new();

@@ -2,7 +2,6 @@
 //! to the upstream untouched (streaming both ways, keep-alive kept).
 
 pub mod connections;
-pub mod io;
 
 use crate::config::{Config, ConnectionLimits, Route};
 use crate::protocol;
@@ -70,7 +69,9 @@ impl ProxyHttp for StitchProxy {
         upstream_request: &mut pingora::http::RequestHeader,
         _ctx: &mut (),
     ) -> pingora::Result<()> {
-        if let Some(value) = io::forwarded_for(session) {
+        let value =
+            crate::http::forwarded_for(session.req_header(), crate::http::client_ip(session));
+        if let Some(value) = value {
             upstream_request.insert_header("x-forwarded-for", value)?;
         }
         Ok(())

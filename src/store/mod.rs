@@ -1,25 +1,38 @@
-//! Storage, behind two small interfaces: [`ChunkStore`] keeps the bytes of each part (deduplicated
-//! by content), [`StateStore`] keeps what is known about each upload (its pinned metadata and the
-//! upstream's recorded answer). The upload core knows storage only through these traits; the
-//! engines live in their own files (`fs.rs`: local disk, the default).
+//! Storage, behind three small interfaces, each engine in its own file:
 //!
-//! Every path an engine uses is derived from a [`UploadKey`] or a content digest, never from a
+//! - [`BlobStore`]: content-addressed bytes. Bytes are staged (streamed in and hashed), then
+//!   kept under their SHA-256, so identical bytes are stored once; read back streamed.
+//! - [`StateStore`]: what is known about each upload: its pinned metadata, its part index
+//!   (which blob is part N), the recorded answer, its last activity (with an index to find idle
+//!   uploads without listing them all), and how many parts reference each blob.
+//! - [`Locker`]: per-upload (and per-blob) mutual exclusion as leases with fencing tokens.
+//!
+//! [`open`] is the one place that picks the engines a config names: `fs` (local disk, the
+//! default; `fs/`) or `memory` (tests; `memory.rs`). The upload core knows storage only through
+//! the traits: it never assumes hard links, paths, fsync or a single process.
+//!
+//! Every path an engine uses is derived from an [`UploadKey`] or a content digest, never from a
 //! client-supplied string.
 
 pub mod fs;
+pub mod memory;
 
+use crate::config::{EngineConfig, StorageConfig};
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio::io::AsyncRead;
 
+/// A SHA-256 of some bytes: the name of a blob.
+pub type Digest = [u8; 32];
+
 /// The identity of one upload: a hash of the route, the user's scope and the client's identifier.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UploadKey([u8; 32]);
 
 impl UploadKey {
@@ -31,6 +44,11 @@ impl UploadKey {
             hasher.update(c);
         }
         UploadKey(hasher.finalize().into())
+    }
+
+    /// A key made of random bytes (uploads whose URL is their identity, such as tus).
+    pub fn random() -> UploadKey {
+        UploadKey(rand::random())
     }
 
     pub fn hex(&self) -> String {
@@ -50,14 +68,33 @@ impl fmt::Debug for UploadKey {
     }
 }
 
-/// What the first stored chunk declared about the file; later chunks must agree.
+/// What an upload declared about its file, pinned when the upload starts; later requests must
+/// agree. `protocol` belongs to the protocol that created the upload (chunk size and the like):
+/// the core and the engines store it without reading it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UploadMeta {
-    pub chunk_size: u64,
-    pub total_size: u64,
-    pub file_name: String,
+    /// The file's size, if known yet (tus may declare it later).
+    pub length: Option<u64>,
+    pub name: String,
     /// The MIME type, if the client said one.
-    pub file_type: Option<String>,
+    pub media_type: Option<String>,
+    #[serde(default)]
+    pub protocol: serde_json::Value,
+}
+
+impl UploadMeta {
+    /// Does a request declaring `other` belong to the upload that pinned `self`? A type
+    /// missing on either side does not disagree (Flow.js sends none with some requests).
+    pub fn agrees_with(&self, other: &UploadMeta) -> bool {
+        let types_agree = match (&self.media_type, &other.media_type) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        self.length == other.length
+            && self.name == other.name
+            && self.protocol == other.protocol
+            && types_agree
+    }
 }
 
 /// The upstream's answer to an upload, recorded so that it can be replayed.
@@ -100,7 +137,7 @@ pub struct DeliveredFile {
 impl DeliveredFile {
     /// Does a chunk with this metadata, number and content belong to this very file?
     pub fn contains(&self, meta: &UploadMeta, part: &StoredPart) -> bool {
-        self.meta == *meta
+        self.meta.agrees_with(meta)
             && part
                 .number
                 .checked_sub(1)
@@ -109,26 +146,44 @@ impl DeliveredFile {
     }
 }
 
-/// A published part: its number, length and content digest (which names its bytes).
+/// A stored part: its number, length and content digest (which names its blob).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredPart {
     pub number: u64,
     pub len: u64,
     #[serde(with = "hex")]
-    pub digest: [u8; 32],
+    pub digest: Digest,
 }
 
 /// An upload's stored parts, by number.
 pub type PartIndex = BTreeMap<u64, StoredPart>;
 
-/// Bytes of one part, written and flushed but not yet visible as a part of any upload.
+/// Bytes streamed into a blob store and hashed, not yet kept under their digest.
 #[derive(Debug)]
-pub struct StagedPart {
+pub struct Staged {
     pub len: u64,
-    pub digest: [u8; 32],
+    pub digest: Digest,
+    /// Why staging stopped before the body's end, if it did: the bytes before that point are
+    /// staged all the same (a protocol that keeps what arrived, such as tus, may keep them).
+    pub cut: Option<Cut>,
     /// Engine-specific handle (for `fs`, the temporary file's name).
-    token: String,
+    pub(crate) token: String,
 }
+
+/// Why staging stopped early.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cut {
+    /// The request body broke off or stalled.
+    Body(BodyError),
+    /// The body carried more than the limit: the bytes up to the limit are staged.
+    TooLong(u64),
+}
+
+/// A lease's fencing token: each lease on a key has a greater one than the last. A state
+/// change made with a token older than the newest issued for that upload is refused
+/// ([`StoreError::Fenced`]), so a holder that stalled past its lease cannot change anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Fence(pub u64);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -136,17 +191,8 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("stored data is damaged: {0}")]
     Corrupt(String),
-}
-
-/// Why staging a part's bytes stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum StageError {
-    #[error(transparent)]
-    Body(#[from] BodyError),
-    #[error("the chunk has more than the {0} bytes it declared")]
-    TooLong(u64),
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    #[error("the lease on {0} expired and was taken by another holder")]
+    Fenced(String),
 }
 
 /// A source of request-body bytes, read piece by piece (never held whole).
@@ -156,7 +202,7 @@ pub trait BodySource: Send {
 }
 
 /// Why a request body could not be read to its end.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
     /// The client sent nothing for longer than the body timeout.
     #[error("the request body stalled")]
@@ -165,49 +211,61 @@ pub enum BodyError {
     Broken(String),
 }
 
-impl BodyError {
-    /// Classifies an error of Pingora's body reader.
-    pub fn from_pingora(e: &pingora::Error) -> BodyError {
-        match e.etype() {
-            pingora::ErrorType::ReadTimedout => BodyError::Stalled,
-            _ => BodyError::Broken(e.to_string()),
-        }
-    }
-}
-
+/// Content-addressed bytes.
 #[async_trait]
-pub trait ChunkStore: Send + Sync {
-    /// Streams `body` into durable staging, hashing it on the way; fails past `limit` bytes.
-    async fn stage(&self, body: &mut dyn BodySource, limit: u64) -> Result<StagedPart, StageError>;
-    /// Drops staged bytes that will not be published.
-    async fn discard(&self, staged: StagedPart);
-    /// Makes staged bytes visible as part `number` of `upload`, atomically. Returns false (and
-    /// drops the bytes) if that part was stored already.
-    async fn publish(
-        &self,
-        upload: &UploadKey,
-        number: u64,
-        staged: StagedPart,
-    ) -> Result<bool, StoreError>;
-    /// Stored parts of an upload, by part number.
-    async fn parts(&self, upload: &UploadKey) -> Result<Arc<PartIndex>, StoreError>;
-    /// Reads one stored part.
+pub trait BlobStore: Send + Sync {
+    /// Streams `body` into staging, hashing it; at most `limit` bytes are staged (more is
+    /// [`Cut::TooLong`]). Durable (fsynced) when the engine is configured so.
+    async fn stage(&self, body: &mut dyn BodySource, limit: u64) -> Result<Staged, StoreError>;
+    /// Keeps staged bytes under their digest; a no-op if that content is stored already.
+    /// Call under the blob's lock (see [`LockKey::Blob`]).
+    async fn keep(&self, staged: Staged) -> Result<(), StoreError>;
+    /// Drops staged bytes.
+    async fn discard(&self, staged: Staged);
+    /// Reads a blob of `len` bytes.
     async fn open(
         &self,
-        upload: &UploadKey,
-        part: &StoredPart,
+        digest: &Digest,
+        len: u64,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StoreError>;
-    /// Forgets every part of an upload; bytes no other upload shares are deleted.
-    async fn remove_parts(&self, upload: &UploadKey) -> Result<(), StoreError>;
-    /// Deletes bytes that no part uses (left by a crash between storing and publishing).
-    /// Returns how many blobs were deleted.
-    async fn collect_garbage(&self) -> Result<usize, StoreError>;
+    /// Deletes a blob. Call under the blob's lock, once no part references it.
+    async fn delete(&self, digest: &Digest) -> Result<(), StoreError>;
+    /// Every stored blob, to collect those no part references (left by a crash between keeping
+    /// bytes and adding the part).
+    async fn digests(&self) -> Result<Vec<Digest>, StoreError>;
 }
 
+/// Upload state. Every change takes the fencing token of the upload's lease.
 #[async_trait]
 pub trait StateStore: Send + Sync {
     async fn meta(&self, upload: &UploadKey) -> Result<Option<UploadMeta>, StoreError>;
-    async fn save_meta(&self, upload: &UploadKey, meta: &UploadMeta) -> Result<(), StoreError>;
+    async fn save_meta(
+        &self,
+        upload: &UploadKey,
+        meta: &UploadMeta,
+        fence: Fence,
+    ) -> Result<(), StoreError>;
+    async fn remove_meta(&self, upload: &UploadKey, fence: Fence) -> Result<(), StoreError>;
+
+    /// The upload's parts, by number.
+    async fn parts(&self, upload: &UploadKey) -> Result<Arc<PartIndex>, StoreError>;
+    /// Adds a part, referencing its blob (which must be kept already). Returns false, and
+    /// changes nothing, if the upload has a part with that number.
+    async fn add_part(
+        &self,
+        upload: &UploadKey,
+        part: StoredPart,
+        fence: Fence,
+    ) -> Result<bool, StoreError>;
+    /// Forgets every part of the upload; returns the digests no part references any more.
+    async fn remove_parts(
+        &self,
+        upload: &UploadKey,
+        fence: Fence,
+    ) -> Result<Vec<Digest>, StoreError>;
+    /// Does any part of any upload reference this blob?
+    async fn is_referenced(&self, digest: &Digest) -> Result<bool, StoreError>;
+
     /// The recorded answer and when it was recorded.
     async fn answer(
         &self,
@@ -217,21 +275,124 @@ pub trait StateStore: Send + Sync {
         &self,
         upload: &UploadKey,
         answer: &RecordedAnswer,
+        at: SystemTime,
+        fence: Fence,
     ) -> Result<(), StoreError>;
-    /// Forgets the recorded answer (the upload starts over).
-    async fn remove_answer(&self, upload: &UploadKey) -> Result<(), StoreError>;
-    /// Forgets the pinned metadata (the file was delivered; the next upload pins its own).
-    async fn remove_meta(&self, upload: &UploadKey) -> Result<(), StoreError>;
+    async fn remove_answer(&self, upload: &UploadKey, fence: Fence) -> Result<(), StoreError>;
+
     /// Notes, durably, that a delivery is being sent (`true`) or has ended (`false`). A note
     /// still there when the next delivery starts means an earlier one may have reached the
     /// upstream without its answer being recorded (a crash, a timeout after the whole request).
-    async fn mark_delivering(&self, upload: &UploadKey, delivering: bool)
-        -> Result<(), StoreError>;
+    async fn mark_delivering(
+        &self,
+        upload: &UploadKey,
+        delivering: bool,
+        fence: Fence,
+    ) -> Result<(), StoreError>;
     async fn was_delivering(&self, upload: &UploadKey) -> Result<bool, StoreError>;
-    /// Every upload that has state.
-    async fn uploads(&self) -> Result<Vec<UploadKey>, StoreError>;
-    /// When the upload last changed (a part published, metadata or answer saved).
+
+    /// Records activity on the upload at `at` (for expiry), and enters it in the index at `at`.
+    async fn touch(&self, upload: &UploadKey, at: SystemTime) -> Result<(), StoreError>;
+    /// Enters the upload in the index at `at` (when expiry should look at it again), without
+    /// recording activity.
+    async fn reindex(&self, upload: &UploadKey, at: SystemTime) -> Result<(), StoreError>;
     async fn last_activity(&self, upload: &UploadKey) -> Result<Option<SystemTime>, StoreError>;
-    /// Forgets an upload's state (call `ChunkStore::remove_parts` first).
-    async fn remove(&self, upload: &UploadKey) -> Result<(), StoreError>;
+    /// Uploads with an index entry before `before` (no listing of every upload). The caller
+    /// checks each one under its lock: removes it, or indexes it again.
+    async fn idle_since(&self, before: SystemTime) -> Result<Vec<UploadKey>, StoreError>;
+    /// Forgets index entries older than `before`, once every upload `idle_since` returned for
+    /// it has been removed or touched again.
+    async fn prune_activity(&self, before: SystemTime) -> Result<(), StoreError>;
+    /// Forgets everything about the upload (its parts first: see `remove_parts`).
+    async fn remove(&self, upload: &UploadKey, fence: Fence) -> Result<(), StoreError>;
+}
+
+/// What a lock is taken on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LockKey {
+    /// Everything that changes one upload: its metadata, parts, answer, delivery.
+    Upload(UploadKey),
+    /// A blob between the check that it exists and the part that references it, and between
+    /// the check that nothing references it and its deletion.
+    Blob(Digest),
+}
+
+/// A held lock: exclusive until dropped, or until its lease runs out without renewal (engines
+/// whose leases can expire renew them in the background while the holder lives).
+pub struct Lease {
+    pub fence: Fence,
+    /// Released when dropped.
+    _held: Box<dyn Send + Sync>,
+}
+
+impl Lease {
+    pub fn new(fence: Fence, held: impl Send + Sync + 'static) -> Lease {
+        Lease {
+            fence,
+            _held: Box::new(held),
+        }
+    }
+}
+
+/// Mutual exclusion between everyone who uses a store: tasks of this process, and other
+/// processes on the same storage.
+#[async_trait]
+pub trait Locker: Send + Sync {
+    /// Waits for the lock on `key` and takes it for `lease` (renewed while held).
+    async fn lock(&self, key: LockKey, lease: Duration) -> Result<Lease, StoreError>;
+}
+
+/// The engines a config names, opened together.
+#[derive(Clone)]
+pub struct Engines {
+    pub blobs: Arc<dyn BlobStore>,
+    pub state: Arc<dyn StateStore>,
+    pub locker: Arc<dyn Locker>,
+    /// Becomes true once every engine is closed (see [`Engines::closed`]).
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Engines {
+    pub fn new(
+        blobs: Arc<dyn BlobStore>,
+        state: Arc<dyn StateStore>,
+        locker: Arc<dyn Locker>,
+        closed: Arc<std::sync::atomic::AtomicBool>,
+    ) -> Engines {
+        Engines {
+            blobs,
+            state,
+            locker,
+            closed,
+        }
+    }
+
+    /// True once the engines have been dropped and have released what they hold (files,
+    /// locks), so that a new server can open the same storage.
+    pub fn closed(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.closed.clone()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open storage {what}: {source}")]
+pub struct OpenError {
+    what: String,
+    source: std::io::Error,
+}
+
+/// Opens the engines the config names.
+pub fn open(config: &StorageConfig) -> Result<Engines, OpenError> {
+    match &config.engine {
+        EngineConfig::Fs { dir, fsync } => {
+            // Expiry finds an upload at most a quarter of the shortest TTL late.
+            let span = (config.upload_ttl.min(config.result_ttl) / 4)
+                .clamp(Duration::from_secs(1), Duration::from_secs(3600));
+            fs::open(dir, *fsync, span).map_err(|source| OpenError {
+                what: format!("directory {}", dir.display()),
+                source,
+            })
+        }
+        EngineConfig::Memory => Ok(memory::open()),
+    }
 }

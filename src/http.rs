@@ -1,12 +1,16 @@
-//! Reading request bodies and writing whole responses on a Pingora session.
+//! HTTP helpers the protocol adapters share, below them and above nothing but storage types:
+//! whole replies with exact framing, request bodies read piece by piece, `Expect: 100-continue`,
+//! and reading request headers (over `&RequestHeader`, so they are testable without a session).
 
 use crate::store::{BodyError, BodySource};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
-use pingora::http::ResponseHeader;
+use http::{HeaderName, HeaderValue};
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::protocols::http::ServerSession;
 use pingora::proxy::Session;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -33,7 +37,7 @@ impl Reply {
     /// the client often shows nothing of it.
     pub fn refuse(status: u16, reason: impl Into<String>) -> Reply {
         let reason = reason.into();
-        log::info!("refused a chunk request with {status}: {reason}");
+        log::info!("refused a request with {status}: {reason}");
         Reply::text(status, reason)
     }
 
@@ -60,7 +64,7 @@ impl Reply {
         }
         let head_only = session.req_header().method == http::Method::HEAD;
         let no_body = self.body.is_empty() || head_only;
-        if self.status != 204 && self.status != 304 {
+        if !matches!(self.status, 204 | 304) {
             header.insert_header(http::header::CONTENT_LENGTH, self.body.len())?;
         }
         session
@@ -70,6 +74,16 @@ impl Reply {
             session.write_response_body(Some(self.body), true).await?;
         }
         Ok(())
+    }
+}
+
+impl BodyError {
+    /// Classifies an error of Pingora's body reader.
+    pub fn from_pingora(e: &pingora::Error) -> BodyError {
+        match e.etype() {
+            pingora::ErrorType::ReadTimedout => BodyError::Stalled,
+            _ => BodyError::Broken(e.to_string()),
+        }
     }
 }
 
@@ -131,7 +145,7 @@ impl<S: Stream> Stream for OnePieceAtATime<S> {
 /// Answers `Expect: 100-continue` (Pingora leaves it to us on this path) without losing
 /// keep-alive.
 pub async fn accept_expect_continue(session: &mut Session) -> pingora::Result<()> {
-    if expects_continue(session) {
+    if expects_continue(session.req_header()) {
         session.set_close_on_response_before_downstream_finish(false);
         session.write_continue_response().await?;
         session.set_close_on_response_before_downstream_finish(true);
@@ -140,20 +154,52 @@ pub async fn accept_expect_continue(session: &mut Session) -> pingora::Result<()
 }
 
 /// Does the client wait for `100 Continue` before it sends the body?
-pub fn expects_continue(session: &Session) -> bool {
-    session
-        .req_header()
+pub fn expects_continue(header: &RequestHeader) -> bool {
+    header
         .headers
         .get(http::header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
+/// A header's value as text, if present and visible ASCII.
+pub fn header_str(header: &RequestHeader, name: HeaderName) -> Option<&str> {
+    header.headers.get(name)?.to_str().ok()
+}
+
+/// The body length the request's framing announces.
+pub fn content_length(header: &RequestHeader) -> Option<u64> {
+    header_str(header, http::header::CONTENT_LENGTH)?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The value of cookie `name`, from any `Cookie` header.
+pub fn cookie<'h>(header: &'h RequestHeader, name: &str) -> Option<&'h str> {
+    header
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+}
+
+/// The request's Host, from the header or an absolute URL.
+pub fn host(header: &RequestHeader) -> Option<HeaderValue> {
+    header.headers.get(http::header::HOST).cloned().or_else(|| {
+        let authority = header.uri.authority()?;
+        HeaderValue::from_str(authority.as_str()).ok()
+    })
+}
+
 /// `X-Forwarded-For` for a request to the upstream: the client's value, if any, with the
 /// client's own address appended.
-pub fn forwarded_for(session: &Session) -> Option<http::HeaderValue> {
-    let client = session.client_addr()?.as_inet()?.ip();
-    let earlier = session
-        .req_header()
+pub fn forwarded_for(header: &RequestHeader, client: Option<IpAddr>) -> Option<HeaderValue> {
+    let client = client?;
+    let earlier = header
         .headers
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok());
@@ -161,5 +207,70 @@ pub fn forwarded_for(session: &Session) -> Option<http::HeaderValue> {
         Some(earlier) => format!("{earlier}, {client}"),
         None => client.to_string(),
     };
-    http::HeaderValue::from_str(&value).ok()
+    HeaderValue::from_str(&value).ok()
+}
+
+/// The client's IP address, if the session has one.
+pub fn client_ip(session: &Session) -> Option<IpAddr> {
+    Some(session.client_addr()?.as_inet()?.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut header = RequestHeader::build("POST", b"/upload?a=1", None).unwrap();
+        for (name, value) in headers {
+            header.append_header(name.to_string(), *value).unwrap();
+        }
+        header
+    }
+
+    #[test]
+    fn expect_continue_is_recognised_in_any_case() {
+        assert!(expects_continue(&request(&[("expect", "100-Continue")])));
+        assert!(!expects_continue(&request(&[("expect", "something-else")])));
+        assert!(!expects_continue(&request(&[])));
+    }
+
+    #[test]
+    fn content_length_is_read_when_it_is_a_number() {
+        assert_eq!(
+            content_length(&request(&[("content-length", " 42 ")])),
+            Some(42)
+        );
+        assert_eq!(
+            content_length(&request(&[("content-length", "lots")])),
+            None
+        );
+        assert_eq!(content_length(&request(&[])), None);
+    }
+
+    #[test]
+    fn a_cookie_is_found_among_several_headers_and_pairs() {
+        let header = request(&[("cookie", "a=1; session=abc"), ("cookie", "b=2")]);
+        assert_eq!(cookie(&header, "session"), Some("abc"));
+        assert_eq!(cookie(&header, "b"), Some("2"));
+        assert_eq!(cookie(&header, "sess"), None);
+    }
+
+    #[test]
+    fn the_client_address_is_appended_to_an_earlier_forwarded_for() {
+        let ip = Some("10.0.0.7".parse().unwrap());
+        let header = request(&[("x-forwarded-for", "203.0.113.1")]);
+        let value = forwarded_for(&header, ip).unwrap();
+        assert_eq!(value, "203.0.113.1, 10.0.0.7");
+        assert_eq!(forwarded_for(&request(&[]), ip).unwrap(), "10.0.0.7");
+        assert_eq!(forwarded_for(&header, None), None);
+    }
+
+    #[test]
+    fn the_host_comes_from_the_header() {
+        assert_eq!(
+            host(&request(&[("host", "files.example.com")])).unwrap(),
+            "files.example.com"
+        );
+        assert_eq!(host(&request(&[])), None);
+    }
 }

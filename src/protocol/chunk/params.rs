@@ -1,10 +1,11 @@
 //! Chunk parameters of Resumable.js and Flow.js: merged from the URL query and the multipart text
 //! fields, parsed, and checked against each other.
 //!
-//! The two clients speak the same protocol with different names (see `config::ParamNames`);
+//! The two clients speak the same protocol with different names (see `options::ParamNames`);
 //! the only other difference is where the file's MIME type comes from, see [`ChunkParams::file_type`].
 
-use crate::config::{Limits, ParamNames, Protocol};
+use super::options::{Flavor, ParamNames};
+use crate::config::Limits;
 use crate::upload::PartRef;
 
 /// Longest identifier, file name and MIME type accepted, in bytes.
@@ -144,10 +145,10 @@ impl ChunkParams {
 
     /// The file's MIME type: Resumable declares it as a parameter; Flow has none, so the type
     /// of the uploaded bytes (multipart part or octet request) stands in.
-    pub fn file_type(&self, protocol: Protocol, body_type: Option<&str>) -> Option<String> {
-        let declared = match protocol {
-            Protocol::Resumable => self.type_param.as_deref(),
-            Protocol::Flow => body_type,
+    pub fn file_type(&self, flavor: Flavor, body_type: Option<&str>) -> Option<String> {
+        let declared = match flavor {
+            Flavor::Resumable => self.type_param.as_deref(),
+            Flavor::Flow => body_type,
         };
         declared
             .filter(|t| !t.is_empty() && t.len() <= MAX_TYPE && !t.chars().any(char::is_control))

@@ -1,33 +1,35 @@
 //! The chunk protocol of Resumable.js and Flow.js, on top of the upload core.
 //!
-//! A request on an upload route is a *test* (GET/HEAD, or any request whose body carries no chunk)
+//! A request on a chunk route is a *test* (GET/HEAD, or any request whose body carries no chunk)
 //! or an *upload* (POST/PUT/PATCH with the chunk as a multipart file part or as the raw body).
-//! Status codes are chosen so that Resumable.js and Flow.js read them the same way (README,
-//! "Status codes"):
+//! Each becomes core calls ([`UploadCore::status`], [`UploadCore::put_part`],
+//! [`UploadCore::deliver`]); what they come to becomes a status in one place, `reply`.
 //!
-//! | situation | status |
-//! |---|---|
-//! | test: chunk stored and verified / not stored | 200 / 204, `Cache-Control: no-store` |
-//! | upload stored | 200 |
-//! | upload completes the file | the upstream's answer, recorded and replayed later (see `relay`) |
-//! | invalid parameters, limits, disagreement with the first chunk | 415 (final for both clients) |
-//! | body ended early or malformed multipart | 400 |
-//! | body sent nothing for `connections.body_timeout` | 408 |
-//! | storage failure | 503 |
-//! | upstream unreachable / too slow at completion | 502 / 504 (parts kept) |
+//! This protocol's own notions stay here: the parameters and their names (`params`,
+//! `options`), and the chunk size, which is pinned with the upload in the metadata's
+//! protocol-owned part.
 
-use super::params::{ChunkParams, Fields, ParamError};
-use crate::config::{Protocol, Route, Scope};
+mod options;
+mod params;
+mod reply;
+
+pub use options::{ChunkOptions, Flavor, ParamNames, RawParamNames};
+
+use crate::config::{Route, Scope};
 use crate::forward::DeliveryRequest;
-use crate::proxy::io::{
-    accept_expect_continue, body_stream, expects_continue, forwarded_for, Reply, RequestBody,
+use crate::http::{
+    accept_expect_continue, body_stream, client_ip, content_length, cookie, expects_continue,
+    forwarded_for, header_str, host, RequestBody,
 };
-use crate::store::{BodyError, BodySource, StageError, UploadKey, UploadMeta};
-use crate::upload::{CoreError, FieldsDigest, PartStatus, ReplyHold, UploadCore};
+use crate::store::{BodyError, BodySource, UploadKey, UploadMeta};
+use crate::upload::{FieldsDigest, PartStatus, ReplyHold, UploadCore};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::Method;
+use params::{ChunkParams, Fields, ParamError};
+use pingora::http::RequestHeader;
 use pingora::proxy::Session;
+use reply::{Answer, Refusal, MAX_TEXT_FIELD};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -37,48 +39,46 @@ const MULTIPART_SLACK: u64 = 1 << 20;
 /// What each multipart field counts against the text budget besides its name and value, so that
 /// a flood of empty fields is bounded too.
 const FIELD_OVERHEAD: usize = 128;
-/// Largest single multipart text field.
-const MAX_TEXT_FIELD: usize = 64 << 10;
 
-/// Handles a request on an upload route. `Ok(false)`: not chunk traffic, pass it through.
+/// Handles a request on a chunk route. `Ok(false)`: not chunk traffic, pass it through.
 pub async fn handle(
     session: &mut Session,
     route: &Route,
+    options: &ChunkOptions,
     core: &Arc<UploadCore>,
 ) -> pingora::Result<bool> {
     let header = session.req_header();
     let fields = Fields::from_query(header.uri.query());
-    let boundary = header
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
+    let boundary = header_str(header, http::header::CONTENT_TYPE)
         .and_then(|ct| multer::parse_boundary(ct).ok());
     let is_test_method = header.method == Method::GET || header.method == Method::HEAD;
-    let in_query = fields.get(&route.params.chunk_number).is_some();
+    let in_query = fields.get(&options.names.chunk_number).is_some();
     // Resumable.js always puts its parameters in the URL; Flow.js puts them only in a multipart
     // body, so on a Flow route every multipart upload is chunk traffic.
-    let flow_multipart = route.protocol == Protocol::Flow && boundary.is_some() && !is_test_method;
+    let flow_multipart = options.flavor == Flavor::Flow && boundary.is_some() && !is_test_method;
     if !in_query && !flow_multipart {
         return Ok(false);
     }
     let exchange = Exchange {
         route,
+        options,
         core,
-        delivery: delivery_request(session, route),
-        scope: scope_value(session, route.scope.as_ref()),
+        delivery: delivery_request(header, client_ip(session), route),
+        scope: scope_value(header, route.scope.as_ref()),
         continued: AtomicBool::new(false),
         hold: Mutex::new(None),
     };
-    let declared_length = content_length(session);
-    let reply = if is_test_method {
+    let too_large =
+        content_length(header).is_some_and(|n| n > route.limits.max_chunk_size.0 + MULTIPART_SLACK);
+    let answer = if is_test_method {
         exchange.test(&fields, None).await
-    } else if declared_length.is_some_and(|n| n > route.limits.max_chunk_size.0 + MULTIPART_SLACK) {
-        let reply = Reply::refuse(415, "the request body is larger than this route accepts");
+    } else if too_large {
+        let reply = reply::reply(Answer::Refused(Refusal::BodyTooLarge));
         return reply.send(session).await.map(|_| true);
     } else if let Some(boundary) = boundary {
         // Resumable.js repeats its parameters in the URL: check them before asking for the body.
         match in_query.then(|| exchange.identify(&fields, None)) {
-            Some(Err(e)) => Reply::refuse(415, e.0),
+            Some(Err(e)) => Answer::Refused(Refusal::Params(e)),
             _ => {
                 exchange.proceed(session).await?;
                 exchange.multipart(session, fields, boundary).await
@@ -89,12 +89,13 @@ pub async fn handle(
     };
     // Read what is left of the body so the connection stays usable, unless the client is
     // still waiting for a `100 Continue` it will now never get (it sends no body then).
-    let body_coming = !expects_continue(session) || exchange.continued.load(Ordering::Relaxed);
+    let body_coming =
+        !expects_continue(session.req_header()) || exchange.continued.load(Ordering::Relaxed);
     if body_coming && !session.is_body_done() {
         // Bounded by the body timeout, set on the session (`proxy::connections`).
         let _ = session.drain_request_body().await;
     }
-    let sent = reply
+    let sent = reply::reply(answer)
         .with_header("cache-control", "no-store")
         .send(session)
         .await;
@@ -105,6 +106,7 @@ pub async fn handle(
 /// Everything about one request that the protocol steps share.
 struct Exchange<'a> {
     route: &'a Route,
+    options: &'a ChunkOptions,
     core: &'a Arc<UploadCore>,
     delivery: DeliveryRequest,
     scope: Vec<u8>,
@@ -112,6 +114,15 @@ struct Exchange<'a> {
     continued: AtomicBool,
     /// Keeps the upload's completing answer behind this request's reply until it is sent.
     hold: Mutex<Option<ReplyHold>>,
+}
+
+/// One chunk request, understood: which upload, what it declares, what the upstream would get.
+struct Chunk {
+    key: UploadKey,
+    meta: UploadMeta,
+    params: ChunkParams,
+    app_fields: Vec<(String, String)>,
+    digest: FieldsDigest,
 }
 
 impl Exchange<'_> {
@@ -124,7 +135,7 @@ impl Exchange<'_> {
 
     /// Parses and checks the parameters, and derives the upload's key.
     fn identify(&self, fields: &Fields, body_type: Option<&str>) -> Result<Chunk, ParamError> {
-        let params = ChunkParams::parse(fields, &self.route.params, &self.route.limits)?;
+        let params = ChunkParams::parse(fields, &self.options.names, &self.route.limits)?;
         let key = UploadKey::derive(&[
             b"stitch upload v1",
             self.route.id.as_bytes(),
@@ -132,10 +143,10 @@ impl Exchange<'_> {
             params.identifier.as_bytes(),
         ]);
         let meta = UploadMeta {
-            chunk_size: params.chunk_size,
-            total_size: params.total_size,
-            file_name: params.file_name.clone(),
-            file_type: params.file_type(self.route.protocol, body_type),
+            length: Some(params.total_size),
+            name: params.file_name.clone(),
+            media_type: params.file_type(self.options.flavor, body_type),
+            protocol: serde_json::json!({ "chunk_size": params.chunk_size }),
         };
         let app_fields = self.app_fields(fields);
         Ok(Chunk {
@@ -148,68 +159,65 @@ impl Exchange<'_> {
     }
 
     /// A test: is this chunk stored? If the upload is complete, this request delivers it.
-    async fn test(&self, fields: &Fields, body_type: Option<&str>) -> Reply {
+    async fn test(&self, fields: &Fields, body_type: Option<&str>) -> Answer {
         let chunk = match self.identify(fields, body_type) {
             Ok(chunk) => chunk,
-            Err(e) => return Reply::refuse(415, e.0),
+            Err(e) => return Answer::Refused(Refusal::Params(e)),
         };
         let status = self
             .core
             .status(&chunk.key, &chunk.meta, chunk.params.part, &chunk.digest)
             .await;
         match status {
-            Ok(PartStatus::Missing) => Reply::empty(204),
+            Ok(PartStatus::Missing) => Answer::NotStored,
             Ok(status) => self.conclude(chunk, status).await,
-            Err(e) => core_error(e),
+            Err(e) => Answer::Refused(Refusal::Core(e, Box::new(chunk.meta))),
         }
     }
 
-    /// Turns the state after a stored (or already present) chunk into the reply.
-    async fn conclude(&self, chunk: Chunk, status: PartStatus) -> Reply {
+    /// Turns the state after a stored (or already present) chunk into the answer.
+    async fn conclude(&self, chunk: Chunk, status: PartStatus) -> Answer {
         match status {
-            PartStatus::Missing => Reply::text(503, "the chunk was not stored; retry"),
+            PartStatus::Missing => Answer::NotStored,
             PartStatus::Stored { complete: false } => {
                 // Held until this reply is sent; then look again: another request may have
                 // completed the upload meanwhile, and its answer must be the last word.
                 let hold = self.core.hold_reply(chunk.key);
                 *self.hold.lock().expect("hold lock") = Some(hold);
                 match self.core.settled(&chunk.key, &chunk.digest).await {
-                    Some(answer) => relay(answer),
-                    None => Reply::text(200, "chunk stored"),
+                    Some(answer) => Answer::Upstream(answer),
+                    None => Answer::Stored,
                 }
             }
-            PartStatus::Delivered(answer) => relay(answer),
+            PartStatus::Delivered(answer) => Answer::Upstream(*answer),
             PartStatus::Stored { complete: true } => {
                 let mut request = self.delivery.clone();
                 request.fields = chunk.app_fields;
                 let forward = &self.route.forward;
                 let delivery = self.core.deliver(chunk.key, forward, request).await;
                 self.core.earlier_replies_sent(&chunk.key).await;
-                relay(delivery.answer.clone())
+                Answer::Undelivered(delivery.outcome.clone())
             }
         }
     }
 
     /// A raw-body upload (`method: 'octet'`): parameters in the URL, the chunk is the body.
-    async fn octet(&self, session: &mut Session, fields: &Fields) -> Reply {
-        let body_type = header_str(session, http::header::CONTENT_TYPE).map(str::to_string);
+    async fn octet(&self, session: &mut Session, fields: &Fields) -> Answer {
+        let body_type =
+            header_str(session.req_header(), http::header::CONTENT_TYPE).map(str::to_string);
         let chunk = match self.identify(fields, body_type.as_deref()) {
             Ok(chunk) => chunk,
-            Err(e) => return Reply::refuse(415, e.0),
+            Err(e) => return Answer::Refused(Refusal::Params(e)),
         };
         if chunk.params.part.len > 0 && session.is_body_empty() {
             return self.test(fields, body_type.as_deref()).await;
         }
         // Only now, with the parameters checked, ask a waiting client for the body.
         if let Err(e) = self.proceed(session).await {
-            return Reply::refuse(400, format!("could not answer Expect: {e}"));
+            return Answer::Refused(Refusal::Expect(e.to_string()));
         }
-        let declared = content_length(session);
         let mut body = RequestBody(session);
-        match self.store(&chunk, &mut body, declared).await {
-            Ok(status) => self.conclude(chunk, status).await,
-            Err(reply) => reply,
-        }
+        self.store(chunk, &mut body).await
     }
 
     /// A multipart upload: text fields first, then the chunk as the file part.
@@ -218,10 +226,10 @@ impl Exchange<'_> {
         session: &mut Session,
         mut fields: Fields,
         boundary: String,
-    ) -> Reply {
+    ) -> Answer {
         let stream = body_stream(session.as_downstream_mut());
         let mut multipart = multer::Multipart::new(stream, boundary);
-        let file_field = &self.route.params.file_field;
+        let file_field = &self.options.names.file_field;
         let mut file = None;
         let mut text_bytes = 0usize;
         loop {
@@ -234,14 +242,14 @@ impl Exchange<'_> {
                     Ok((name, value)) => {
                         text_bytes += name.len() + value.len() + FIELD_OVERHEAD;
                         if text_bytes as u64 > MULTIPART_SLACK {
-                            return Reply::refuse(415, "too many or too long multipart fields");
+                            return Answer::Refused(Refusal::TooManyFields);
                         }
                         fields.push_body(name, value)
                     }
-                    Err(reply) => return reply,
+                    Err(refusal) => return Answer::Refused(refusal),
                 },
                 Ok(None) => break,
-                Err(e) => return Reply::refuse(400, format!("malformed multipart body: {e}")),
+                Err(e) => return Answer::Refused(Refusal::Multipart(e.to_string())),
             }
         }
         let body_type = file
@@ -254,80 +262,33 @@ impl Exchange<'_> {
         };
         let chunk = match self.identify(&fields, body_type.as_deref()) {
             Ok(chunk) => chunk,
-            Err(e) => return Reply::refuse(415, e.0),
+            Err(e) => return Answer::Refused(Refusal::Params(e)),
         };
         let mut body = FieldBody(field);
-        let stored = self.store(&chunk, &mut body, None).await;
+        let answer = self.store(chunk, &mut body).await;
         drop(body);
         while let Ok(Some(mut rest)) = multipart.next_field().await {
             while let Ok(Some(_)) = rest.chunk().await {}
         }
-        match stored {
-            Ok(status) => self.conclude(chunk, status).await,
-            Err(reply) => reply,
-        }
+        answer
     }
 
-    /// Stores the chunk unless it is stored already; `Err` is the reply for a refused chunk.
-    /// `framed_len` is the body length the request's framing announced, if any.
-    async fn store(
-        &self,
-        chunk: &Chunk,
-        body: &mut dyn BodySource,
-        framed_len: Option<u64>,
-    ) -> Result<PartStatus, Reply> {
-        let Chunk {
-            key, meta, params, ..
-        } = chunk;
-        match self
+    /// Stores the chunk (unless it is stored already) and concludes.
+    async fn store(&self, chunk: Chunk, body: &mut dyn BodySource) -> Answer {
+        let stored = self
             .core
-            .status(key, meta, params.part, &chunk.digest)
-            .await
-        {
-            Ok(PartStatus::Missing) => {}
-            Ok(known) => {
-                while let Ok(Some(_)) = body.next_piece().await {}
-                return Ok(known);
-            }
-            Err(e) => return Err(core_error(e)),
+            .put_part(
+                &chunk.key,
+                &chunk.meta,
+                chunk.params.part,
+                body,
+                &chunk.digest,
+            )
+            .await;
+        match stored {
+            Ok(status) => self.conclude(chunk, status).await,
+            Err(e) => Answer::Refused(Refusal::Core(e, Box::new(chunk.meta))),
         }
-        let staged = match self.core.stage(body, params.part.len).await {
-            Ok(staged) => staged,
-            Err(StageError::Body(BodyError::Stalled)) => {
-                return Err(Reply::refuse(
-                    408,
-                    "the request body stalled; send the chunk again",
-                ))
-            }
-            Err(StageError::Body(e)) => return Err(Reply::refuse(400, e.to_string())),
-            Err(StageError::TooLong(n)) => {
-                return Err(Reply::text(
-                    415,
-                    format!("the chunk carries more than the {n} bytes it declares"),
-                ))
-            }
-            Err(StageError::Store(e)) => {
-                log::error!("staging a chunk failed: {e}");
-                return Err(Reply::text(503, "storage is unavailable; retry later"));
-            }
-        };
-        if staged.len != params.part.len {
-            let received = staged.len;
-            let truncated = framed_len.is_some_and(|n| received < n);
-            self.core.discard(staged).await;
-            if truncated {
-                return Err(Reply::refuse(400, "the request body ended early"));
-            }
-            let message = format!(
-                "the chunk declares {} bytes but carries {}",
-                params.part.len, received
-            );
-            return Err(Reply::refuse(415, message));
-        }
-        self.core
-            .commit(key, meta, params.part, staged, &chunk.digest)
-            .await
-            .map_err(core_error)
     }
 
     /// The application's own fields: everything that is not a protocol parameter, filtered by
@@ -336,31 +297,22 @@ impl Exchange<'_> {
     /// by the names it gave them.
     fn app_fields(&self, fields: &Fields) -> Vec<(String, String)> {
         let forward = &self.route.forward;
-        let params = &self.route.params;
+        let names = &self.options.names;
         fields
             .merged()
             .into_iter()
             .filter_map(|(name, value)| {
-                if params.is_protocol_param(&name) {
+                if names.is_protocol_param(&name) {
                     return forward.protocol_fields.then_some((name, value));
                 }
                 let own = name
-                    .strip_prefix(params.namespace.as_str())
+                    .strip_prefix(names.namespace.as_str())
                     .unwrap_or(&name)
                     .to_string();
                 forward.fields.allows(&own).then_some((own, value))
             })
             .collect()
     }
-}
-
-/// One chunk request, understood: which upload, what it declares, what the upstream would get.
-struct Chunk {
-    key: UploadKey,
-    meta: UploadMeta,
-    params: ChunkParams,
-    app_fields: Vec<(String, String)>,
-    digest: FieldsDigest,
 }
 
 /// The file part as a body source.
@@ -385,7 +337,7 @@ fn multipart_body_error(e: &multer::Error) -> BodyError {
     }
 }
 
-async fn read_text(mut field: multer::Field<'_>) -> Result<(String, String), Reply> {
+async fn read_text(mut field: multer::Field<'_>) -> Result<(String, String), Refusal> {
     let name = field.name().unwrap_or_default().to_string();
     let mut value = Vec::new();
     loop {
@@ -393,63 +345,21 @@ async fn read_text(mut field: multer::Field<'_>) -> Result<(String, String), Rep
             Ok(Some(piece)) if value.len() + piece.len() <= MAX_TEXT_FIELD => {
                 value.extend_from_slice(&piece)
             }
-            Ok(Some(_)) => {
-                return Err(Reply::text(
-                    415,
-                    format!("field {name:?} is longer than {MAX_TEXT_FIELD} bytes"),
-                ))
-            }
+            Ok(Some(_)) => return Err(Refusal::FieldTooLong(name)),
             Ok(None) => break,
-            Err(e) => return Err(Reply::refuse(400, format!("malformed multipart body: {e}"))),
+            Err(e) => return Err(Refusal::Multipart(e.to_string())),
         }
     }
-    let value = String::from_utf8(value)
-        .map_err(|_| Reply::refuse(415, format!("field {name:?} is not UTF-8 text")))?;
+    let value = String::from_utf8(value).map_err(|_| Refusal::FieldNotText(name.clone()))?;
     Ok((name, value))
 }
 
-/// The upstream's answer as the client should see it: its headers and body, with a status the
-/// clients read as intended. Resumable.js retries a 202 or 204 as if it failed and Flow.js fails
-/// a 204, so a success is 200 (or 201); both give up for good on 500 and 501, so an upstream
-/// failure that a retry can mend is 502.
-fn relay(answer: crate::store::RecordedAnswer) -> Reply {
-    let status = match answer.status {
-        200 | 201 => answer.status,
-        202..=299 => 200,
-        500 | 501 => 502,
-        other => other,
-    };
-    Reply {
-        status,
-        headers: answer.headers,
-        body: answer.body,
-    }
-}
-
-fn core_error(e: CoreError) -> Reply {
-    match e {
-        CoreError::Conflict(message) => Reply::refuse(415, message),
-        CoreError::Store(e) => {
-            log::error!("storage failed: {e}");
-            Reply::text(503, "storage is unavailable; retry later")
-        }
-    }
-}
-
-fn header_str(session: &Session, name: http::HeaderName) -> Option<&str> {
-    session.req_header().headers.get(name)?.to_str().ok()
-}
-
-fn content_length(session: &Session) -> Option<u64> {
-    header_str(session, http::header::CONTENT_LENGTH)?
-        .trim()
-        .parse()
-        .ok()
-}
-
 /// The headers of the completing request that go to the upstream with the file.
-fn delivery_request(session: &Session, route: &Route) -> DeliveryRequest {
-    let header = session.req_header();
+fn delivery_request(
+    header: &RequestHeader,
+    client: Option<std::net::IpAddr>,
+    route: &Route,
+) -> DeliveryRequest {
     let mut headers = Vec::new();
     for name in route
         .forward
@@ -461,37 +371,27 @@ fn delivery_request(session: &Session, route: &Route) -> DeliveryRequest {
             headers.push((name.clone(), value.clone()));
         }
     }
-    if let Some(value) = forwarded_for(session) {
+    if let Some(value) = forwarded_for(header, client) {
         headers.push((http::HeaderName::from_static("x-forwarded-for"), value));
     }
-    let host = header.headers.get(http::header::HOST).cloned().or_else(|| {
-        let authority = header.uri.authority()?;
-        http::HeaderValue::from_str(authority.as_str()).ok()
-    });
     DeliveryRequest {
         fields: Vec::new(),
         headers,
-        host,
+        host: host(header),
     }
 }
 
 /// The value that keeps one user's uploads apart from another's (empty: anonymous).
-fn scope_value(session: &Session, scope: Option<&Scope>) -> Vec<u8> {
-    let headers = &session.req_header().headers;
+fn scope_value(header: &RequestHeader, scope: Option<&Scope>) -> Vec<u8> {
     match scope {
         None => Vec::new(),
-        Some(Scope::Header(name)) => headers
+        Some(Scope::Header(name)) => header
+            .headers
             .get(name.as_str())
             .map(|v| v.as_bytes().to_vec())
             .unwrap_or_default(),
-        Some(Scope::Cookie(name)) => headers
-            .get_all(http::header::COOKIE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_bytes().to_vec())
+        Some(Scope::Cookie(name)) => cookie(header, name)
+            .map(|v| v.as_bytes().to_vec())
             .unwrap_or_default(),
     }
 }

@@ -1,0 +1,278 @@
+//! The local-disk engine (the default): blobs, state and locks in one directory, which several
+//! Stitch processes may share (a zero-downtime restart starts the new process before the old
+//! one has drained).
+//!
+//! ```text
+//! <dir>/tmp/<process>/<random>                  bytes being staged by one process
+//! <dir>/tmp/<process>.lock                      held (flock) while that process lives
+//! <dir>/blobs/<aa>/<sha256>                     one file per distinct content (deduplication)
+//! <dir>/uploads/<key>/meta.json                 pinned metadata
+//! <dir>/uploads/<key>/parts/<n>-<len>-<sha256>  a hard link to the blob: one part
+//! <dir>/uploads/<key>/answer                    the upstream's recorded answer
+//! <dir>/uploads/<key>/delivering                present while a delivery is being sent
+//! <dir>/uploads/<key>/activity                  its modification time is the last activity
+//! <dir>/activity/<from>-<to>/<key>              index: the upload is due a look in that span
+//! <dir>/locks/upload-<n>, locks/blob-<n>        lock files (flock), keys hashed into stripes
+//! ```
+//!
+//! Crash safety: a blob is published by `rename`, a part by `link`, each atomic, with the file
+//! and every directory it is entered in fsynced first when `fsync` is on. A crash leaves either
+//! no part or a whole one. State files are written to a temporary name and renamed.
+//!
+//! References: a blob's link count says how many parts use it, so whoever lets go of it last
+//! (under the blob's lock) deletes it; a blob orphaned by a crash between `rename` and `link`
+//! is collected later.
+//!
+//! Two processes: every change happens under the upload's lock, which here is a `flock` on a
+//! lock file, so it excludes other processes too; the kernel releases it when its holder dies,
+//! so a lease never outlives its holder and no stale holder can exist (fencing tokens are
+//! issued, and the state store has nothing to refuse). Each process keeps upload part indexes
+//! in memory, and trusts them only while no other process has taken that upload's lock stripe
+//! since (the stripe's token counter tells).
+
+mod blobs;
+mod locker;
+mod state;
+
+use super::{Engines, PartIndex, UploadKey};
+use crate::locks::KeyedLocks;
+use dashmap::DashMap;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Lock files the upload keys are hashed onto, and the blob digests.
+const UPLOAD_STRIPES: u64 = 1024;
+const BLOB_STRIPES: u64 = 256;
+
+/// What the engine's three parts share.
+pub(crate) struct Fs {
+    root: PathBuf,
+    fsync: bool,
+    /// This process's staging directory, and the lock that says it is alive.
+    staging: PathBuf,
+    _staging_lock: std::fs::File,
+    /// Orders this process's tasks before they take a lock file.
+    local: Arc<KeyedLocks<super::LockKey>>,
+    /// Per upload lock stripe: the last token seen, and an epoch that moves on when another
+    /// process took the stripe in between (see the module comment).
+    stripes: Vec<Stripe>,
+    /// Part indexes read from disk, with the stripe epoch they were read in.
+    indexes: DashMap<UploadKey, (u64, Arc<PartIndex>)>,
+    /// How long a span of the activity index lasts (a fraction of the shortest TTL).
+    span: u64,
+    /// The span each upload was last indexed in by this process.
+    indexed_spans: DashMap<UploadKey, u64>,
+    closed: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct Stripe {
+    last_token: AtomicU64,
+    epoch: AtomicU64,
+}
+
+impl Drop for Fs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.staging);
+        let _ = std::fs::remove_file(self.staging.with_extension("lock"));
+        self.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Opens (creating if needed) a storage directory. `span`: the width of the activity index's
+/// time spans (expiry finds an upload at most this late).
+pub fn open(root: &Path, fsync: bool, span: Duration) -> std::io::Result<Engines> {
+    let indexed = root.join("activity").exists();
+    for sub in ["tmp", "blobs", "uploads", "activity", "locks"] {
+        std::fs::create_dir_all(root.join(sub))?;
+    }
+    if !indexed {
+        index_existing_uploads(root)?;
+    }
+    remove_dead_staging(&root.join("tmp"));
+    let name = hex::encode(rand::random::<[u8; 8]>());
+    let staging_lock = std::fs::File::create(root.join("tmp").join(format!("{name}.lock")))?;
+    staging_lock.lock()?;
+    let staging = root.join("tmp").join(name);
+    std::fs::create_dir(&staging)?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let fs = Arc::new(Fs {
+        root: root.to_path_buf(),
+        fsync,
+        staging,
+        _staging_lock: staging_lock,
+        local: Arc::default(),
+        stripes: (0..UPLOAD_STRIPES).map(|_| Stripe::default()).collect(),
+        indexes: DashMap::new(),
+        span: span.as_secs().max(1),
+        indexed_spans: DashMap::new(),
+        closed: closed.clone(),
+    });
+    Ok(Engines::new(
+        Arc::new(blobs::FsBlobs(fs.clone())),
+        Arc::new(state::FsState(fs.clone())),
+        Arc::new(locker::FsLocker(fs)),
+        closed,
+    ))
+}
+
+/// Enters the uploads of a directory written by a version without the activity index into
+/// it, by the newest of their files, so that they still expire.
+fn index_existing_uploads(root: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(root.join("uploads"))?.flatten() {
+        let Some(key) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        let latest = ["meta.json", "parts", "answer"]
+            .iter()
+            .filter_map(|name| std::fs::metadata(entry.path().join(name)).ok())
+            .filter_map(|meta| meta.modified().ok())
+            .max()
+            .unwrap_or_else(SystemTime::now);
+        let at = unix_seconds(latest);
+        let span = root.join("activity").join(format!("{at}-{}", at + 1));
+        std::fs::create_dir_all(&span)?;
+        std::fs::File::create(span.join(key))?;
+    }
+    Ok(())
+}
+
+/// Deletes what processes that died left in staging: each process stages in a directory of
+/// its own, next to a lock file it holds while it lives; a lock file nobody holds belongs to a
+/// dead process. (Files of older versions, directly in `tmp/`, go too.)
+fn remove_dead_staging(tmp: &Path) {
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(name) = path
+            .extension()
+            .filter(|e| *e == "lock")
+            .and(path.file_stem())
+        else {
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                let _ = std::fs::remove_file(&path);
+            }
+            continue;
+        };
+        let Ok(lock) = std::fs::File::open(&path) else {
+            continue;
+        };
+        if lock.try_lock().is_ok() {
+            let _ = std::fs::remove_dir_all(tmp.join(name));
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+impl Fs {
+    fn upload_dir(&self, upload: &UploadKey) -> PathBuf {
+        self.root.join("uploads").join(upload.hex())
+    }
+
+    fn blob_path(&self, digest: &super::Digest) -> PathBuf {
+        let hex = hex::encode(digest);
+        self.root.join("blobs").join(&hex[..2]).join(hex)
+    }
+
+    /// A new name in this process's staging directory.
+    fn tmp_path(&self) -> (String, PathBuf) {
+        let name = hex::encode(rand::random::<[u8; 16]>());
+        let path = self.staging.join(&name);
+        (name, path)
+    }
+
+    fn upload_stripe(upload: &UploadKey) -> usize {
+        let bytes = upload.hex();
+        (u64::from_str_radix(&bytes[..8], 16).unwrap_or(0) % UPLOAD_STRIPES) as usize
+    }
+
+    /// The epoch of the upload's stripe: part indexes read in an earlier one are stale.
+    fn epoch(&self, upload: &UploadKey) -> u64 {
+        self.stripes[Fs::upload_stripe(upload)]
+            .epoch
+            .load(Ordering::SeqCst)
+    }
+
+    async fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
+        if !self.fsync {
+            return Ok(());
+        }
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// Creates `dir` and any missing parents, making each new entry durable in its parent.
+    async fn create_dir_durable(&self, dir: &Path) -> std::io::Result<()> {
+        let mut missing = Vec::new();
+        let mut cursor = dir;
+        while !tokio::fs::try_exists(cursor).await? {
+            missing.push(cursor.to_path_buf());
+            cursor = match cursor.parent() {
+                Some(parent) => parent,
+                None => break,
+            };
+        }
+        for created in missing.iter().rev() {
+            match tokio::fs::create_dir(created).await {
+                Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+            if let Some(parent) = created.parent() {
+                self.sync_dir(parent).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a small file atomically: temporary name, fsync, rename, fsync the directory. Every
+    /// step's error is reported (a full disk must never leave a short file in place), and the
+    /// temporary file is removed when a step fails.
+    async fn write_atomic(&self, path: &Path, bytes: Vec<u8>) -> std::io::Result<()> {
+        let dir = path.parent().expect("store paths have a parent");
+        self.create_dir_durable(dir).await?;
+        let (_, tmp) = self.tmp_path();
+        let (path, fsync) = (path.to_path_buf(), self.fsync);
+        tokio::task::spawn_blocking(move || {
+            let written = write_then_rename(&tmp, &path, &bytes, fsync);
+            if written.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            written
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.sync_dir(dir).await
+    }
+}
+
+/// The blocking steps of [`Fs::write_atomic`].
+fn write_then_rename(tmp: &Path, path: &Path, bytes: &[u8], fsync: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(tmp)?;
+    file.write_all(bytes)?;
+    if fsync {
+        file.sync_all()?;
+    }
+    drop(file);
+    std::fs::rename(tmp, path)
+}
+
+async fn remove_if_present(path: &Path) -> std::io::Result<()> {
+    match tokio::fs::remove_file(path).await {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Seconds since the epoch, for activity hours.
+fn unix_seconds(at: SystemTime) -> u64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,418 @@
+//! Upload state on local disk, under `uploads/<key>/`, and the activity index under
+//! `activity/<hour>/`. Leases on this engine never outlive their holder (see the engine's
+//! module comment), so the fencing tokens these calls take have nothing to refuse.
+
+use super::{remove_if_present, unix_seconds, Fs};
+use crate::store::{
+    Digest, Fence, PartIndex, RecordedAnswer, StateStore, StoreError, StoredPart, UploadKey,
+    UploadMeta,
+};
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::io::ErrorKind;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Linux's "too many links" (a blob shared by ~65,000 parts on ext4).
+const EMLINK: i32 = 31;
+
+pub(super) struct FsState(pub(super) Arc<Fs>);
+
+/// The first line of an `answer` file; the body follows.
+#[derive(Serialize, Deserialize)]
+struct AnswerHeader {
+    #[serde(flatten)]
+    answer: RecordedAnswer,
+    /// When it was recorded, in milliseconds since the epoch (older files: see their mtime).
+    #[serde(default)]
+    recorded_ms: Option<u64>,
+}
+
+impl FsState {
+    fn part_path(&self, upload: &UploadKey, part: &StoredPart) -> PathBuf {
+        let name = format!("{}-{}-{}", part.number, part.len, hex::encode(part.digest));
+        self.0.upload_dir(upload).join("parts").join(name)
+    }
+
+    /// Reads the parts directory: each entry is `<number>-<len>-<sha256>`.
+    async fn list_parts(&self, upload: &UploadKey) -> std::io::Result<PartIndex> {
+        let dir = self.0.upload_dir(upload).join("parts");
+        let mut entries = match tokio::fs::read_dir(&dir).await {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(PartIndex::new()),
+            Err(e) => return Err(e),
+        };
+        let mut parts = PartIndex::new();
+        while let Some(entry) = entries.next_entry().await? {
+            if let Some(part) = entry.file_name().to_str().and_then(parse_part_name) {
+                parts.insert(part.number, part);
+            }
+        }
+        Ok(parts)
+    }
+
+    /// Links a part to its blob; past the file system's link limit, copies the blob.
+    async fn link_part(&self, blob: &Path, part: &Path) -> std::io::Result<()> {
+        match tokio::fs::hard_link(blob, part).await {
+            Err(e) if e.raw_os_error() == Some(EMLINK) => {
+                let (_, tmp) = self.0.tmp_path();
+                let copied = async {
+                    tokio::fs::copy(blob, &tmp).await?;
+                    if self.0.fsync {
+                        tokio::fs::File::open(&tmp).await?.sync_all().await?;
+                    }
+                    tokio::fs::rename(&tmp, part).await
+                }
+                .await;
+                if copied.is_err() {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                }
+                copied
+            }
+            other => other,
+        }
+    }
+
+    async fn add_part_on_disk(&self, part: &StoredPart, path: &Path) -> std::io::Result<()> {
+        let dir = path.parent().expect("part paths have a parent");
+        self.0.create_dir_durable(dir).await?;
+        self.link_part(&self.0.blob_path(&part.digest), path)
+            .await?;
+        self.0.sync_dir(dir).await
+    }
+
+    /// Sets the last activity (if `activity`), and enters the upload in the index at `index`
+    /// unless this process did so for that span already.
+    async fn write_activity(
+        &self,
+        upload: &UploadKey,
+        activity: Option<SystemTime>,
+        index: SystemTime,
+    ) -> Result<(), StoreError> {
+        let span = unix_seconds(index) / self.0.span;
+        let span_dir = match self.0.indexed_spans.get(upload) {
+            Some(indexed) if *indexed == span => None,
+            _ => Some(self.span_dir(span)),
+        };
+        if activity.is_none() && span_dir.is_none() {
+            return Ok(());
+        }
+        let dir = self.0.upload_dir(upload);
+        let key = upload.hex();
+        let fsync = self.0.fsync;
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            if let Some(at) = activity {
+                std::fs::create_dir_all(&dir)?;
+                let file = std::fs::File::options()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(dir.join("activity"))?;
+                file.set_modified(at)?;
+            }
+            if let Some(span_dir) = span_dir {
+                // Once per upload and span: the index entry must survive a power loss, or an
+                // abandoned upload would never be found to expire.
+                std::fs::create_dir_all(&span_dir)?;
+                std::fs::File::create(span_dir.join(key))?;
+                if fsync {
+                    std::fs::File::open(&span_dir)?.sync_all()?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        self.0.indexed_spans.insert(*upload, span);
+        Ok(())
+    }
+
+    /// The index directory of span number `span`, named by the seconds it covers, so that
+    /// a change of span width never misreads older ones.
+    fn span_dir(&self, span: u64) -> PathBuf {
+        let from = span * self.0.span;
+        let to = from + self.0.span;
+        self.0.root.join("activity").join(format!("{from}-{to}"))
+    }
+
+    /// The index directories that end no later than `before`, with their paths.
+    async fn spans_before(&self, before: SystemTime) -> std::io::Result<Vec<PathBuf>> {
+        let mut spans = Vec::new();
+        let mut entries = tokio::fs::read_dir(self.0.root.join("activity")).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            let end = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.split_once('-'))
+                .and_then(|(_, to)| to.parse::<u64>().ok());
+            if end.is_some_and(|end| end <= unix_seconds(before)) {
+                spans.push(entry.path());
+            }
+        }
+        Ok(spans)
+    }
+}
+
+fn parse_part_name(name: &str) -> Option<StoredPart> {
+    let mut fields = name.splitn(3, '-');
+    let number = fields.next()?.parse().ok()?;
+    let len = fields.next()?.parse().ok()?;
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(fields.next()?, &mut digest).ok()?;
+    Some(StoredPart {
+        number,
+        len,
+        digest,
+    })
+}
+
+/// A state file that cannot be read back (written short by an older version on a full disk) is
+/// treated as absent, so that it is written anew instead of failing every request for good.
+fn parse_or_absent<T>(
+    upload: &UploadKey,
+    what: &str,
+    parse: impl FnOnce() -> Result<T, String>,
+) -> Option<T> {
+    match parse() {
+        Ok(value) => Some(value),
+        Err(e) => {
+            log::warn!("{upload:?}: ignoring a damaged {what} ({e})");
+            None
+        }
+    }
+}
+
+/// The modification time of `path`, if it exists.
+async fn modified(path: &Path) -> std::io::Result<Option<SystemTime>> {
+    match tokio::fs::metadata(path).await {
+        Ok(meta) => Ok(Some(meta.modified()?)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[async_trait]
+impl StateStore for FsState {
+    async fn meta(&self, upload: &UploadKey) -> Result<Option<UploadMeta>, StoreError> {
+        match tokio::fs::read(self.0.upload_dir(upload).join("meta.json")).await {
+            Ok(bytes) => Ok(parse_or_absent(upload, "meta.json", || {
+                serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+            })),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn save_meta(
+        &self,
+        upload: &UploadKey,
+        meta: &UploadMeta,
+        _fence: Fence,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(meta).expect("metadata serializes");
+        let path = self.0.upload_dir(upload).join("meta.json");
+        Ok(self.0.write_atomic(&path, json).await?)
+    }
+
+    async fn remove_meta(&self, upload: &UploadKey, _fence: Fence) -> Result<(), StoreError> {
+        Ok(remove_if_present(&self.0.upload_dir(upload).join("meta.json")).await?)
+    }
+
+    async fn parts(&self, upload: &UploadKey) -> Result<Arc<PartIndex>, StoreError> {
+        let epoch = self.0.epoch(upload);
+        if let Some(entry) = self.0.indexes.get(upload) {
+            if entry.0 == epoch {
+                return Ok(Arc::clone(&entry.1));
+            }
+        }
+        let parts = Arc::new(self.list_parts(upload).await?);
+        self.0.indexes.insert(*upload, (epoch, Arc::clone(&parts)));
+        Ok(parts)
+    }
+
+    async fn add_part(
+        &self,
+        upload: &UploadKey,
+        part: StoredPart,
+        _fence: Fence,
+    ) -> Result<bool, StoreError> {
+        let parts = self.parts(upload).await?;
+        if parts.contains_key(&part.number) {
+            return Ok(false);
+        }
+        let path = self.part_path(upload, &part);
+        if let Err(e) = self.add_part_on_disk(&part, &path).await {
+            // Leave no link the index does not know about (a retry would trip over it).
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(e.into());
+        }
+        let mut updated = PartIndex::clone(&parts);
+        updated.insert(part.number, part);
+        let epoch = self.0.epoch(upload);
+        self.0.indexes.insert(*upload, (epoch, Arc::new(updated)));
+        Ok(true)
+    }
+
+    async fn remove_parts(
+        &self,
+        upload: &UploadKey,
+        _fence: Fence,
+    ) -> Result<Vec<Digest>, StoreError> {
+        let parts = self.list_parts(upload).await?;
+        self.0.indexes.remove(upload);
+        let mut released = Vec::new();
+        for part in parts.values() {
+            remove_if_present(&self.part_path(upload, part)).await?;
+            if !released.contains(&part.digest) {
+                released.push(part.digest);
+            }
+        }
+        match tokio::fs::remove_dir(self.0.upload_dir(upload).join("parts")).await {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(released),
+        }
+    }
+
+    async fn is_referenced(&self, digest: &Digest) -> Result<bool, StoreError> {
+        match tokio::fs::metadata(self.0.blob_path(digest)).await {
+            // One link is the blob's own name: no part uses it.
+            Ok(meta) => Ok(meta.nlink() > 1),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn answer(
+        &self,
+        upload: &UploadKey,
+    ) -> Result<Option<(RecordedAnswer, SystemTime)>, StoreError> {
+        let path = self.0.upload_dir(upload).join("answer");
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let header = parse_or_absent(upload, "answer", || {
+            let newline = bytes
+                .iter()
+                .position(|b| *b == b'\n')
+                .ok_or("no header line")?;
+            let mut header: AnswerHeader =
+                serde_json::from_slice(&bytes[..newline]).map_err(|e| e.to_string())?;
+            header.answer.body = bytes::Bytes::copy_from_slice(&bytes[newline + 1..]);
+            Ok(header)
+        });
+        let Some(header) = header else {
+            return Ok(None);
+        };
+        let at = match header.recorded_ms {
+            Some(ms) => SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
+            None => tokio::fs::metadata(&path).await?.modified()?,
+        };
+        Ok(Some((header.answer, at)))
+    }
+
+    async fn save_answer(
+        &self,
+        upload: &UploadKey,
+        answer: &RecordedAnswer,
+        at: SystemTime,
+        _fence: Fence,
+    ) -> Result<(), StoreError> {
+        let header = AnswerHeader {
+            answer: answer.clone(),
+            recorded_ms: Some(
+                at.duration_since(SystemTime::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+            ),
+        };
+        let mut bytes = serde_json::to_vec(&header).expect("answers serialize");
+        bytes.push(b'\n');
+        bytes.extend_from_slice(&answer.body);
+        let path = self.0.upload_dir(upload).join("answer");
+        Ok(self.0.write_atomic(&path, bytes).await?)
+    }
+
+    async fn remove_answer(&self, upload: &UploadKey, _fence: Fence) -> Result<(), StoreError> {
+        Ok(remove_if_present(&self.0.upload_dir(upload).join("answer")).await?)
+    }
+
+    async fn mark_delivering(
+        &self,
+        upload: &UploadKey,
+        delivering: bool,
+        _fence: Fence,
+    ) -> Result<(), StoreError> {
+        let path = self.0.upload_dir(upload).join("delivering");
+        if delivering {
+            Ok(self.0.write_atomic(&path, Vec::new()).await?)
+        } else {
+            Ok(remove_if_present(&path).await?)
+        }
+    }
+
+    async fn was_delivering(&self, upload: &UploadKey) -> Result<bool, StoreError> {
+        Ok(tokio::fs::try_exists(self.0.upload_dir(upload).join("delivering")).await?)
+    }
+
+    async fn touch(&self, upload: &UploadKey, at: SystemTime) -> Result<(), StoreError> {
+        self.write_activity(upload, Some(at), at).await
+    }
+
+    async fn reindex(&self, upload: &UploadKey, at: SystemTime) -> Result<(), StoreError> {
+        self.write_activity(upload, None, at).await
+    }
+
+    async fn last_activity(&self, upload: &UploadKey) -> Result<Option<SystemTime>, StoreError> {
+        let dir = self.0.upload_dir(upload);
+        if let Some(at) = modified(&dir.join("activity")).await? {
+            return Ok(Some(at));
+        }
+        // An upload from before the activity file: its newest state file.
+        let mut latest = None;
+        for name in ["meta.json", "parts", "answer"] {
+            latest = latest.max(modified(&dir.join(name)).await?);
+        }
+        Ok(latest)
+    }
+
+    async fn idle_since(&self, before: SystemTime) -> Result<Vec<UploadKey>, StoreError> {
+        let mut found = Vec::new();
+        for span in self.spans_before(before).await? {
+            let mut entries = match tokio::fs::read_dir(span).await {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            while let Some(entry) = entries.next_entry().await? {
+                if let Some(key) = entry.file_name().to_str().and_then(UploadKey::from_hex) {
+                    if !found.contains(&key) {
+                        found.push(key);
+                    }
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    async fn prune_activity(&self, before: SystemTime) -> Result<(), StoreError> {
+        for span in self.spans_before(before).await? {
+            match tokio::fs::remove_dir_all(span).await {
+                Err(e) if e.kind() != ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, upload: &UploadKey, _fence: Fence) -> Result<(), StoreError> {
+        self.0.indexes.remove(upload);
+        self.0.indexed_spans.remove(upload);
+        match tokio::fs::remove_dir_all(self.0.upload_dir(upload)).await {
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}

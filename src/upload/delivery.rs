@@ -1,0 +1,342 @@
+//! Delivery: the one request to the upstream per finished file, single-flight within a process
+//! and under the upload's lease across processes, its answer recorded and replayed.
+
+use super::{Credentials, FieldsDigest, UploadCore};
+use crate::config::ForwardConfig;
+use crate::forward::{verdict, DeliveryRequest, ForwardError, Verdict};
+use crate::store::{DeliveredFile, Fence, RecordedAnswer, StoreError, StoredPart, UploadKey};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use tokio::sync::watch;
+
+pub(super) type Flight = watch::Receiver<Option<Arc<Delivery>>>;
+
+/// What a delivery attempt came to, shared by every request that waited for it.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The upstream answered (or its recorded answer is replayed). `retryable`: it asked for
+    /// a retry (5xx, 408, 429); the parts are kept.
+    Answered {
+        answer: Box<RecordedAnswer>,
+        retryable: bool,
+    },
+    /// The upstream could not be reached or broke off before answering; the parts are kept.
+    Unreachable,
+    /// The upstream did not answer in time; the parts are kept.
+    TimedOut,
+    /// Storage failed; the parts are kept.
+    StorageFailed,
+}
+
+impl Delivery {
+    /// Will a later attempt possibly do better (so that it should wait `retry_pause`)?
+    fn retryable(&self) -> bool {
+        match &self.outcome {
+            Outcome::Answered { retryable, .. } => *retryable,
+            _ => true,
+        }
+    }
+
+    /// The upstream's answer, if there is one.
+    pub fn answer(&self) -> Option<&RecordedAnswer> {
+        match &self.outcome {
+            Outcome::Answered { answer, .. } => Some(answer),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum DeliverError {
+    #[error("the upload is not complete")]
+    Incomplete,
+    #[error(transparent)]
+    Forward(#[from] ForwardError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Core(#[from] super::CoreError),
+}
+
+/// Removes an upload's delivery from the in-flight table when the delivery ends, even by panic
+/// or by the task never running.
+struct Landing {
+    core: Arc<UploadCore>,
+    upload: UploadKey,
+}
+
+impl Drop for Landing {
+    fn drop(&mut self) {
+        self.core.flights.remove(&self.upload);
+    }
+}
+
+impl UploadCore {
+    /// Delivers a complete upload, or joins the delivery already under way for it.
+    pub async fn deliver(
+        self: &Arc<Self>,
+        upload: UploadKey,
+        forward: &ForwardConfig,
+        request: DeliveryRequest,
+    ) -> Arc<Delivery> {
+        let mut flight = match self.flights.entry(upload) {
+            dashmap::Entry::Occupied(entry) => entry.get().clone(),
+            dashmap::Entry::Vacant(entry) => {
+                let (done, flight) = watch::channel(None);
+                entry.insert(flight.clone());
+                let landing = Landing {
+                    core: Arc::clone(self),
+                    upload,
+                };
+                let forward = forward.clone();
+                let working = self.in_flight.start();
+                // A task of its own: a client that gives up must not cut a delivery in half.
+                tokio::spawn(async move {
+                    let _working = working;
+                    let delivery = landing.core.deliver_once(&upload, &forward, &request).await;
+                    drop(landing);
+                    let _ = done.send(Some(Arc::new(delivery)));
+                });
+                flight
+            }
+        };
+        let delivery = match flight.wait_for(|d| d.is_some()).await {
+            Ok(delivery) => delivery.clone().expect("waited for a delivery"),
+            Err(_) => Arc::new(Delivery {
+                outcome: Outcome::StorageFailed,
+            }),
+        };
+        delivery
+    }
+
+    async fn deliver_once(
+        &self,
+        upload: &UploadKey,
+        forward: &ForwardConfig,
+        request: &DeliveryRequest,
+    ) -> Delivery {
+        // Back-pressure: a retry right after a failure waits, instead of sending the whole file
+        // again at once (Resumable.js retries immediately, up to 100 times).
+        let failed_at = self.failures.get(upload).map(|at| *at);
+        if let Some(pause) = failed_at.and_then(|at| forward.retry_pause.checked_sub(at.elapsed()))
+        {
+            tokio::time::sleep(pause).await;
+        }
+        let delivery = match self.try_deliver(upload, forward, request).await {
+            Ok(delivery) => delivery,
+            Err(e) => {
+                // The details are for the log; the protocol gives clients a short message.
+                log::error!("{upload:?}: delivery failed: {e}");
+                let outcome = match e {
+                    DeliverError::Forward(ForwardError::Timeout { .. }) => Outcome::TimedOut,
+                    DeliverError::Forward(ForwardError::Upstream { .. }) => Outcome::Unreachable,
+                    _ => Outcome::StorageFailed,
+                };
+                Delivery { outcome }
+            }
+        };
+        if delivery.retryable() {
+            self.failures.insert(*upload, Instant::now());
+        } else {
+            self.failures.remove(upload);
+        }
+        delivery
+    }
+
+    async fn try_deliver(
+        &self,
+        upload: &UploadKey,
+        forward: &ForwardConfig,
+        request: &DeliveryRequest,
+    ) -> Result<Delivery, DeliverError> {
+        let lease = self.lock(upload).await?;
+        let fence = lease.fence;
+        let state = &self.engines.state;
+        let fields = FieldsDigest::of(&request.fields);
+        let credentials = Credentials::of(&request.headers);
+        self.record_pending(upload, fence).await;
+        let answered = |answer, retryable| Delivery {
+            outcome: Outcome::Answered {
+                answer: Box::new(answer),
+                retryable,
+            },
+        };
+        if let Some(answer) = self.fresh_answer(upload, &fields).await? {
+            return Ok(answered(answer, false));
+        }
+        if let Some((refusal, at)) = state.answer(upload).await? {
+            let same_client = refusal.refused_for.as_deref() == Some(credentials.0.as_str());
+            if same_client && self.applies(&refusal, at, &fields) {
+                // Asked again with the credentials it refused: the same answer, without
+                // sending the file again. New credentials (a new login) deliver below.
+                return Ok(answered(refusal, false));
+            }
+        }
+        let meta = state.meta(upload).await?.ok_or(DeliverError::Incomplete)?;
+        let parts = state.parts(upload).await?;
+        let count =
+            super::parts::complete_len(&parts, meta.length).ok_or(DeliverError::Incomplete)?;
+        let file: Vec<StoredPart> = (1..=count).map(|n| parts[&n]).collect();
+        let key = idempotency_key(upload, &fields, &credentials, &file);
+        let size: u64 = file.iter().map(|p| p.len).sum();
+        let started = Instant::now();
+        if state.was_delivering(upload).await? {
+            log::warn!(
+                "{upload:?}: delivering again, in doubt: an earlier attempt sent the file and \
+                 its answer was never recorded (Idempotency-Key {key})"
+            );
+        }
+        state.mark_delivering(upload, true, fence).await?;
+        let sent = self
+            .forwarder
+            .send(
+                self.engines.blobs.as_ref(),
+                upload,
+                &meta,
+                &file,
+                forward,
+                request,
+                &key,
+            )
+            .await;
+        let mut answer = match sent {
+            Ok(answer) => answer,
+            Err(e) => {
+                // Unless the whole request went out, the upstream cannot have the file.
+                if !e.in_doubt() {
+                    state.mark_delivering(upload, false, fence).await?;
+                }
+                return Err(e.into());
+            }
+        };
+        answer.fields = fields.0;
+        log::info!(
+            "{upload:?}: sent {size} bytes ({} parts) to the application in {:.2} s; it answered {}",
+            file.len(),
+            started.elapsed().as_secs_f64(),
+            answer.status
+        );
+        match verdict(answer.status) {
+            Verdict::WhoAreYou => {
+                log::warn!(
+                    "{upload:?}: the application answered {} (who are you?); parts kept for a \
+                     request with other credentials",
+                    answer.status
+                );
+                answer.refused_for = Some(credentials.0);
+                state
+                    .save_answer(upload, &answer, self.clock.now(), fence)
+                    .await?;
+                state.mark_delivering(upload, false, fence).await?;
+                return Ok(answered(answer, false));
+            }
+            Verdict::TryLater => {
+                log::warn!("{upload:?}: parts kept for a retry");
+                state.mark_delivering(upload, false, fence).await?;
+                return Ok(answered(answer, true));
+            }
+            Verdict::Final => {}
+        }
+        answer.file = Some(DeliveredFile { meta, parts: file });
+        // The upstream has the file, whatever happens here: never report a retryable failure
+        // (a retry would send the file again).
+        let recorded = state
+            .save_answer(upload, &answer, self.clock.now(), fence)
+            .await;
+        match recorded {
+            Ok(()) => {
+                if let Err(e) = self.finish(upload, fence).await {
+                    log::error!("{upload:?}: delivered, but removing its parts failed: {e}");
+                }
+            }
+            Err(e) => {
+                log::error!(
+                    "{upload:?}: delivered, but recording the answer failed ({e}); it is \
+                     replayed from memory and recorded when storage allows"
+                );
+                self.unrecorded.insert(*upload, answer.clone());
+            }
+        }
+        if let Err(e) = state.mark_delivering(upload, false, fence).await {
+            log::warn!("{upload:?}: clearing the delivery note failed: {e}");
+        }
+        Ok(answered(answer, false))
+    }
+
+    /// The answer to the delivered file, if there is one for these fields and it has not
+    /// expired. Otherwise the upload starts over (a new upload of the same file).
+    pub(super) async fn fresh_answer(
+        &self,
+        upload: &UploadKey,
+        fields: &FieldsDigest,
+    ) -> Result<Option<RecordedAnswer>, StoreError> {
+        if let Some(entry) = self.unrecorded.get(upload) {
+            return Ok(Some(entry.clone()));
+        }
+        match self.engines.state.answer(upload).await? {
+            Some((answer, at)) if answer.is_delivery() && self.applies(&answer, at, fields) => {
+                Ok(Some(answer))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Is a recorded answer still the answer for a request with these fields?
+    pub(super) fn applies(
+        &self,
+        answer: &RecordedAnswer,
+        at: SystemTime,
+        fields: &FieldsDigest,
+    ) -> bool {
+        !self.expired(at, self.ttls.result) && answer.fields == fields.0
+    }
+
+    /// Writes down an answer kept in memory because storage failed, then ends the upload.
+    /// Call under the upload's lease.
+    pub(super) async fn record_pending(&self, upload: &UploadKey, fence: Fence) {
+        let Some(answer) = self.unrecorded.get(upload).map(|e| e.clone()) else {
+            return;
+        };
+        let recorded = async {
+            self.engines
+                .state
+                .save_answer(upload, &answer, self.clock.now(), fence)
+                .await?;
+            self.unrecorded.remove(upload);
+            self.finish(upload, fence).await
+        };
+        match recorded.await {
+            Ok(()) => log::info!("{upload:?}: the delivered file's answer is recorded now"),
+            Err(e) => {
+                log::warn!("{upload:?}: recording the delivered file's answer failed again: {e}")
+            }
+        }
+    }
+}
+
+/// A stable `Idempotency-Key` for one delivery of one file: the same upload, fields,
+/// credentials and bytes always give the same key, so an application that honours the header
+/// can drop a delivery repeated after a crash.
+fn idempotency_key(
+    upload: &UploadKey,
+    fields: &FieldsDigest,
+    credentials: &Credentials,
+    file: &[StoredPart],
+) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"stitch delivery v1");
+    hasher.update(upload.hex());
+    hasher.update(&fields.0);
+    hasher.update(&credentials.0);
+    for part in file {
+        hasher.update(part.len.to_be_bytes());
+        hasher.update(part.digest);
+    }
+    hex::encode(&hasher.finalize()[..16])
+}

@@ -1,0 +1,92 @@
+//! Expiry: clients never say they gave up, so uploads idle for `upload_ttl` are deleted, and
+//! answers older than `result_ttl` are forgotten. The sweep asks the state store for uploads
+//! idle past a time (an index by last activity), never for a list of every upload.
+
+use super::{CoreError, UploadCore};
+use crate::store::UploadKey;
+
+impl UploadCore {
+    /// Deletes uploads nobody touched within `upload_ttl`, answers older than `result_ttl`,
+    /// and bytes no part uses. Returns how many uploads were removed.
+    pub async fn sweep(&self) -> Result<usize, CoreError> {
+        let pending: Vec<UploadKey> = self.unrecorded.iter().map(|e| *e.key()).collect();
+        for upload in pending {
+            let lease = self.lock(&upload).await?;
+            self.record_pending(&upload, lease.fence).await;
+        }
+        let now = self.clock.now();
+        let before = now - self.ttls.upload.min(self.ttls.result);
+        let mut removed = 0;
+        for upload in self.engines.state.idle_since(before).await? {
+            match self.expire(&upload).await {
+                Ok(true) => removed += 1,
+                Ok(false) => {}
+                Err(e) => log::error!("{upload:?}: expiry failed: {e}"),
+            }
+        }
+        self.engines.state.prune_activity(before).await?;
+        self.collect_garbage().await?;
+        Ok(removed)
+    }
+
+    /// Expires one upload, under its lease (it may have moved on since the index said it was
+    /// idle). Returns whether it was removed; one that stays is indexed again at its last
+    /// activity.
+    async fn expire(&self, upload: &UploadKey) -> Result<bool, CoreError> {
+        let lease = self.lock(upload).await?;
+        let state = &self.engines.state;
+        self.record_pending(upload, lease.fence).await;
+        if self.unrecorded.contains_key(upload) {
+            return Ok(false);
+        }
+        let Some(last) = state.last_activity(upload).await? else {
+            // Removed already (by another process, or terminated).
+            return Ok(false);
+        };
+        // A refusal keeps the upload going: it expires like an unfinished upload.
+        let answered_at = match state.answer(upload).await? {
+            Some((answer, at)) if answer.is_delivery() => Some(at),
+            _ => None,
+        };
+        // When this upload is due, if it stays.
+        let due = match answered_at {
+            Some(at) if !self.expired(at, self.ttls.result) => Some(at + self.ttls.result),
+            Some(_) if !state.parts(upload).await?.is_empty() => {
+                // The file is being uploaded again: only the old answer goes.
+                state.remove_answer(upload, lease.fence).await?;
+                Some(last + self.ttls.upload)
+            }
+            Some(_) => None,
+            None if self.expired(last, self.ttls.upload) => None,
+            None => Some(last + self.ttls.upload),
+        };
+        if let Some(due) = due {
+            // Found again by the first sweep after it is due (sweeps look `min_ttl` back).
+            let min_ttl = self.ttls.upload.min(self.ttls.result);
+            state.reindex(upload, due - min_ttl).await?;
+            return Ok(false);
+        }
+        let released = state.remove_parts(upload, lease.fence).await?;
+        self.release(released).await?;
+        state.remove(upload, lease.fence).await?;
+        self.failures.remove(upload);
+        Ok(true)
+    }
+
+    /// Deletes blobs no part references (left by a crash between keeping bytes and adding the
+    /// part that uses them).
+    async fn collect_garbage(&self) -> Result<(), CoreError> {
+        let mut orphans = Vec::new();
+        for digest in self.engines.blobs.digests().await? {
+            if !self.engines.state.is_referenced(&digest).await? {
+                orphans.push(digest);
+            }
+        }
+        let count = orphans.len();
+        self.release(orphans).await?;
+        if count > 0 {
+            log::info!("deleted {count} stored chunks that no upload used");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,468 @@
+//! Storing parts: by number (Resumable.js and Flow.js chunks, any order) or by offset (tus
+//! appends, in order), and the questions protocols ask about them.
+
+use super::{CoreError, FieldsDigest, PartRef, PartStatus, UploadCore};
+use crate::store::{
+    BodyError, BodySource, Cut, Digest, Fence, LockKey, PartIndex, RecordedAnswer, Staged,
+    StoredPart, UploadKey, UploadMeta,
+};
+
+/// Where an upload stands, for a protocol that uploads by offset.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub meta: UploadMeta,
+    /// Bytes stored contiguously from the start.
+    pub offset: u64,
+    /// The file was delivered (its answer is recorded).
+    pub delivered: bool,
+}
+
+/// The result of an append.
+#[derive(Debug)]
+pub struct Appended {
+    /// The upload's offset now.
+    pub offset: u64,
+    /// The upload has all its bytes.
+    pub complete: bool,
+    /// The body ended early; the bytes that arrived before are stored.
+    pub broke_off: Option<BodyError>,
+}
+
+impl UploadCore {
+    /// Is this part stored? Read-only: a test request never changes anything.
+    ///
+    /// For a delivered file the answer is "not stored": a test cannot prove that the client
+    /// has the same file (the default identifier is only its size and name), so the client
+    /// sends the bytes, and a chunk whose bytes match the delivered ones gets the answer.
+    pub async fn status(
+        &self,
+        upload: &UploadKey,
+        declared: &UploadMeta,
+        part: PartRef,
+        fields: &FieldsDigest,
+    ) -> Result<PartStatus, CoreError> {
+        if let Some(pinned) = self.engines.state.meta(upload).await? {
+            check_pinned(&pinned, declared)?;
+        }
+        if self.fresh_answer(upload, fields).await?.is_some() {
+            return Ok(PartStatus::Missing);
+        }
+        self.part_status(upload, declared, part).await
+    }
+
+    pub(super) async fn part_status(
+        &self,
+        upload: &UploadKey,
+        meta: &UploadMeta,
+        part: PartRef,
+    ) -> Result<PartStatus, CoreError> {
+        let parts = self.engines.state.parts(upload).await?;
+        match parts.get(&part.number) {
+            None => Ok(PartStatus::Missing),
+            Some(stored) if stored.len != part.len => Err(CoreError::PartLength {
+                number: part.number,
+                stored: stored.len,
+                declared: part.len,
+            }),
+            Some(_) => Ok(PartStatus::Stored {
+                complete: complete_len(&parts, meta.length).is_some(),
+            }),
+        }
+    }
+
+    /// Stores `body` as part `part` of `upload` (unless it is stored already): streams it in,
+    /// checks its length, checks the declared metadata against the pinned one (pinning it for
+    /// a new upload), and publishes it or lets it go.
+    pub async fn put_part(
+        &self,
+        upload: &UploadKey,
+        declared: &UploadMeta,
+        part: PartRef,
+        body: &mut dyn BodySource,
+        fields: &FieldsDigest,
+    ) -> Result<PartStatus, CoreError> {
+        match self.status(upload, declared, part, fields).await? {
+            PartStatus::Missing => {}
+            known => {
+                while let Ok(Some(_)) = body.next_piece().await {}
+                return Ok(known);
+            }
+        }
+        let staged = self.engines.blobs.stage(body, part.len).await?;
+        let refusal = match &staged.cut {
+            Some(Cut::TooLong(limit)) => Some(CoreError::TooLong { limit: *limit }),
+            Some(Cut::Body(e)) => Some(CoreError::Short {
+                declared: part.len,
+                received: staged.len,
+                broke_off: Some(e.clone()),
+            }),
+            None if staged.len != part.len => Some(CoreError::Short {
+                declared: part.len,
+                received: staged.len,
+                broke_off: None,
+            }),
+            None => None,
+        };
+        if let Some(refusal) = refusal {
+            self.engines.blobs.discard(staged).await;
+            return Err(refusal);
+        }
+        self.commit(upload, declared, part, staged, fields).await
+    }
+
+    /// Publishes staged bytes as a part, pinning the upload's metadata if this is its first part.
+    ///
+    /// After a delivery, a chunk whose bytes are the delivered file's part gets the recorded
+    /// answer; it is stored all the same, because the client's file may still turn out to
+    /// differ in a later chunk (same name and size, other content), and then the chunks that
+    /// matched belong to the new upload. A chunk that differs starts that new upload.
+    async fn commit(
+        &self,
+        upload: &UploadKey,
+        declared: &UploadMeta,
+        part: PartRef,
+        staged: Staged,
+        fields: &FieldsDigest,
+    ) -> Result<PartStatus, CoreError> {
+        let chunk = StoredPart {
+            number: part.number,
+            len: staged.len,
+            digest: staged.digest,
+        };
+        let checked = async {
+            let lease = self.lock(upload).await?;
+            let delivered = self
+                .pinned_or_delivered(upload, declared, fields, lease.fence)
+                .await?;
+            Ok::<_, CoreError>((lease, delivered))
+        }
+        .await;
+        let (lease, delivered) = match checked {
+            Ok(checked) => checked,
+            Err(e) => {
+                self.engines.blobs.discard(staged).await;
+                return Err(e);
+            }
+        };
+        if let Some((answer, false)) = &delivered {
+            // The answer is not written down yet (a full disk): it stays the word for the
+            // delivered file, and nothing new can be stored meanwhile.
+            self.engines.blobs.discard(staged).await;
+            return match answer
+                .file
+                .as_ref()
+                .is_some_and(|f| f.contains(declared, &chunk))
+            {
+                true => Ok(PartStatus::Delivered(Box::new(answer.clone()))),
+                false => Err(CoreError::Store(crate::store::StoreError::Io(
+                    std::io::Error::other("the last delivery's answer is not recorded yet"),
+                ))),
+            };
+        }
+        self.publish(upload, part.number, staged, lease.fence)
+            .await?;
+        self.engines.state.touch(upload, self.clock.now()).await?;
+        if let Some((answer, _)) = delivered {
+            let same = answer
+                .file
+                .as_ref()
+                .is_some_and(|f| f.contains(declared, &chunk));
+            if same {
+                let parts = self.engines.state.parts(upload).await?;
+                if complete_len(&parts, declared.length).is_some() {
+                    // The delivered file, sent again whole: nothing new to deliver.
+                    self.finish(upload, lease.fence).await?;
+                }
+                return Ok(PartStatus::Delivered(Box::new(answer)));
+            }
+            self.engines
+                .state
+                .remove_answer(upload, lease.fence)
+                .await?;
+        }
+        drop(lease);
+        self.part_status(upload, declared, part).await
+    }
+
+    /// Checks the declared metadata against the pinned one (pinning it if there is none) and
+    /// returns the delivered file's answer that applies to these fields, if any, with whether
+    /// it is recorded. An answer that does not apply (expired, other fields) is forgotten:
+    /// this is a new upload of the file.
+    async fn pinned_or_delivered(
+        &self,
+        upload: &UploadKey,
+        declared: &UploadMeta,
+        fields: &FieldsDigest,
+        fence: Fence,
+    ) -> Result<Option<(RecordedAnswer, bool)>, CoreError> {
+        self.record_pending(upload, fence).await;
+        if let Some(entry) = self.unrecorded.get(upload) {
+            return Ok(Some((entry.clone(), false)));
+        }
+        let state = &self.engines.state;
+        let delivered = match state.answer(upload).await? {
+            Some((answer, at)) if answer.is_delivery() => {
+                if self.applies(&answer, at, fields) {
+                    Some((answer, true))
+                } else {
+                    state.remove_answer(upload, fence).await?;
+                    None
+                }
+            }
+            _ => None,
+        };
+        match state.meta(upload).await? {
+            Some(pinned) => check_pinned(&pinned, declared)?,
+            None => state.save_meta(upload, declared, fence).await?,
+        }
+        Ok(delivered)
+    }
+
+    /// Keeps staged bytes and adds them as part `number`, under the blob's lock (so that the
+    /// blob cannot be deleted between being found and being referenced). Returns false if the
+    /// upload had that part already.
+    pub(super) async fn publish(
+        &self,
+        upload: &UploadKey,
+        number: u64,
+        staged: Staged,
+        fence: Fence,
+    ) -> Result<bool, CoreError> {
+        let part = StoredPart {
+            number,
+            len: staged.len,
+            digest: staged.digest,
+        };
+        let blob_lock = self
+            .engines
+            .locker
+            .lock(LockKey::Blob(part.digest), super::LEASE)
+            .await;
+        let blob_lock = match blob_lock {
+            Ok(lock) => lock,
+            Err(e) => {
+                self.engines.blobs.discard(staged).await;
+                return Err(e.into());
+            }
+        };
+        self.engines.blobs.keep(staged).await?;
+        let added = self.engines.state.add_part(upload, part, fence).await;
+        if !matches!(added, Ok(true)) {
+            // Kept for nothing (the part was there, or adding it failed): let it go if
+            // nothing else uses it.
+            if !self.engines.state.is_referenced(&part.digest).await? {
+                self.engines.blobs.delete(&part.digest).await?;
+            }
+        }
+        drop(blob_lock);
+        Ok(added?)
+    }
+
+    /// Deletes the blobs among `digests` that no part references any more.
+    pub(super) async fn release(&self, digests: Vec<Digest>) -> Result<(), CoreError> {
+        for digest in digests {
+            let _blob_lock = self
+                .engines
+                .locker
+                .lock(LockKey::Blob(digest), super::LEASE)
+                .await?;
+            if !self.engines.state.is_referenced(&digest).await? {
+                self.engines.blobs.delete(&digest).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a delivered upload: its parts and pinned metadata go, its answer stays.
+    pub(super) async fn finish(&self, upload: &UploadKey, fence: Fence) -> Result<(), CoreError> {
+        let released = self.engines.state.remove_parts(upload, fence).await?;
+        self.release(released).await?;
+        Ok(self.engines.state.remove_meta(upload, fence).await?)
+    }
+
+    /// Starts an upload whose identity is its key (tus): pins its metadata, which may lack the
+    /// length (declared later with [`declare_length`](Self::declare_length)).
+    pub async fn create(&self, upload: &UploadKey, meta: &UploadMeta) -> Result<(), CoreError> {
+        let lease = self.lock(upload).await?;
+        self.engines
+            .state
+            .save_meta(upload, meta, lease.fence)
+            .await?;
+        self.engines.state.touch(upload, self.clock.now()).await?;
+        Ok(())
+    }
+
+    /// Declares the length of an upload created without one.
+    pub async fn declare_length(&self, upload: &UploadKey, length: u64) -> Result<(), CoreError> {
+        let lease = self.lock(upload).await?;
+        let state = &self.engines.state;
+        let mut meta = state.meta(upload).await?.ok_or(CoreError::NotFound)?;
+        match meta.length {
+            Some(declared) if declared != length => Err(CoreError::LengthDeclared { declared }),
+            Some(_) => Ok(()),
+            None => {
+                meta.length = Some(length);
+                Ok(state.save_meta(upload, &meta, lease.fence).await?)
+            }
+        }
+    }
+
+    /// Where an upload stands (`None`: no such upload). Read-only.
+    pub async fn progress(&self, upload: &UploadKey) -> Result<Option<Progress>, CoreError> {
+        let state = &self.engines.state;
+        if let Some(meta) = state.meta(upload).await? {
+            let parts = state.parts(upload).await?;
+            return Ok(Some(Progress {
+                meta,
+                offset: contiguous_len(&parts),
+                delivered: false,
+            }));
+        }
+        let delivered = match self.unrecorded.get(upload) {
+            Some(answer) => answer.file.clone(),
+            None => state.answer(upload).await?.and_then(|(a, _)| a.file),
+        };
+        Ok(delivered.map(|file| Progress {
+            offset: file.parts.iter().map(|p| p.len).sum(),
+            meta: file.meta,
+            delivered: true,
+        }))
+    }
+
+    /// Appends `body` at offset `at` (which must be the upload's offset), at most `limit`
+    /// bytes and never past the declared length. A body that breaks off keeps the bytes that
+    /// arrived. `accept` sees the staged bytes before they are kept (a checksum check): if it
+    /// says no, nothing is kept.
+    pub async fn append(
+        &self,
+        upload: &UploadKey,
+        at: u64,
+        body: &mut dyn BodySource,
+        limit: u64,
+        accept: &(dyn Fn(&Staged) -> bool + Send + Sync),
+    ) -> Result<Appended, CoreError> {
+        let lease = self.lock(upload).await?;
+        let state = &self.engines.state;
+        let meta = state.meta(upload).await?.ok_or(CoreError::NotFound)?;
+        let parts = state.parts(upload).await?;
+        let current = contiguous_len(&parts);
+        if current != at {
+            return Err(CoreError::OffsetMismatch { current });
+        }
+        let room = meta.length.map_or(limit, |length| length - current);
+        let staged = self.engines.blobs.stage(body, room.min(limit)).await?;
+        let broke_off = match &staged.cut {
+            Some(Cut::TooLong(limit)) => {
+                let limit = *limit;
+                self.engines.blobs.discard(staged).await;
+                return Err(CoreError::TooLong { limit });
+            }
+            Some(Cut::Body(e)) => Some(e.clone()),
+            None => None,
+        };
+        if !accept(&staged) {
+            self.engines.blobs.discard(staged).await;
+            return Err(CoreError::Refused);
+        }
+        let offset = current + staged.len;
+        if staged.len == 0 {
+            self.engines.blobs.discard(staged).await;
+        } else {
+            let next = parts.keys().next_back().map_or(1, |n| n + 1);
+            self.publish(upload, next, staged, lease.fence).await?;
+        }
+        state.touch(upload, self.clock.now()).await?;
+        Ok(Appended {
+            offset,
+            complete: meta.length == Some(offset),
+            broke_off,
+        })
+    }
+
+    /// Removes an upload and its bytes (tus termination).
+    pub async fn terminate(&self, upload: &UploadKey) -> Result<(), CoreError> {
+        let lease = self.lock(upload).await?;
+        let released = self.engines.state.remove_parts(upload, lease.fence).await?;
+        self.release(released).await?;
+        self.engines.state.remove(upload, lease.fence).await?;
+        self.failures.remove(upload);
+        self.unrecorded.remove(upload);
+        Ok(())
+    }
+}
+
+pub(super) fn check_pinned(pinned: &UploadMeta, declared: &UploadMeta) -> Result<(), CoreError> {
+    if pinned.agrees_with(declared) {
+        Ok(())
+    } else {
+        Err(CoreError::Conflict {
+            pinned: Box::new(pinned.clone()),
+        })
+    }
+}
+
+/// If parts 1..=K are stored and part K ends exactly at `length`, returns K.
+pub(super) fn complete_len(parts: &PartIndex, length: Option<u64>) -> Option<u64> {
+    count_to_end(|n| parts.get(&n).map(|p| p.len), parts.len(), length?)
+}
+
+/// Bytes stored contiguously from the start: parts 1, 2, ... until the first gap.
+fn contiguous_len(parts: &PartIndex) -> u64 {
+    let mut offset = 0;
+    for number in 1.. {
+        match parts.get(&number) {
+            Some(part) => offset += part.len,
+            None => return offset,
+        }
+    }
+    offset
+}
+
+/// Given part lengths (`None`: not stored) and how many parts there are, how many consecutive
+/// parts from 1 end exactly at `total`?
+fn count_to_end(len_of: impl Fn(u64) -> Option<u64>, parts: usize, total: u64) -> Option<u64> {
+    let mut offset = 0u64;
+    for number in 1..=parts as u64 {
+        offset = offset.checked_add(len_of(number)?)?;
+        if offset == total {
+            return Some(number);
+        }
+        if offset > total {
+            return None;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn an_upload_is_complete_when_consecutive_parts_reach_the_end() {
+        let lens = |map: BTreeMap<u64, u64>| move |n| map.get(&n).copied();
+        let both = BTreeMap::from([(1, 1000), (2, 1500)]);
+        assert_eq!(count_to_end(lens(both), 2, 2500), Some(2));
+        let gap = BTreeMap::from([(1, 1000), (3, 500)]);
+        assert_eq!(count_to_end(lens(gap), 2, 2500), None);
+    }
+
+    #[test]
+    fn an_empty_file_is_complete_with_its_one_empty_part() {
+        assert_eq!(count_to_end(|n| (n == 1).then_some(0), 1, 0), Some(1));
+        assert_eq!(count_to_end(|_| None, 0, 0), None);
+    }
+
+    #[test]
+    fn the_offset_stops_at_the_first_missing_part() {
+        let part = |number, len| StoredPart {
+            number,
+            len,
+            digest: [0; 32],
+        };
+        let parts = PartIndex::from([(1, part(1, 10)), (2, part(2, 5)), (4, part(4, 7))]);
+        assert_eq!(contiguous_len(&parts), 15);
+        assert_eq!(contiguous_len(&PartIndex::new()), 0);
+    }
+}
