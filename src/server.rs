@@ -163,8 +163,39 @@ impl ShutdownSignalWatch for StopSignal {
     }
 }
 
-/// Starts a server in a background thread and waits until it accepts connections.
+/// Starts a server in a background thread and waits until it accepts connections. With port
+/// 0 in `listen`, a free port is chosen (Pingora cannot report the port it was given), and
+/// chosen again should another process take it first; `Running::addr` says which.
 pub fn spawn(config: &Config) -> Result<Running, StartError> {
+    if config.listen.port() != 0 {
+        return spawn_on(config);
+    }
+    let mut last = None;
+    for _ in 0..5 {
+        let mut config = config.clone();
+        config.listen = free_port(config.listen)?;
+        match spawn_on(&config) {
+            Ok(running) if owns_listener(std::process::id(), running.addr) => return Ok(running),
+            Ok(running) => {
+                // Another process took the port between our choosing it and Pingora's bind.
+                last = Some(StartError::Listen(running.addr));
+                running.stop();
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.expect("tried at least once"))
+}
+
+/// An unused port on `addr`'s address (bound, then released: another process may take it
+/// before the server binds it, which [`spawn`] checks).
+fn free_port(addr: SocketAddr) -> Result<SocketAddr, StartError> {
+    std::net::TcpListener::bind(addr)
+        .and_then(|listener| listener.local_addr())
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+fn spawn_on(config: &Config) -> Result<Running, StartError> {
     let Built {
         server, storage, ..
     } = build(config)?;
@@ -188,6 +219,32 @@ pub fn spawn(config: &Config) -> Result<Running, StartError> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(running)
+}
+
+/// Is the socket listening on `addr` one of process `pid`'s? (Linux: the listening socket's
+/// inode, from `/proc/net/tcp`, among the process's file descriptors.) Elsewhere, assumed so.
+pub fn owns_listener(pid: u32, addr: SocketAddr) -> bool {
+    let Ok(table) = std::fs::read_to_string(match addr {
+        SocketAddr::V4(_) => "/proc/net/tcp",
+        SocketAddr::V6(_) => "/proc/net/tcp6",
+    }) else {
+        return true;
+    };
+    let port = format!(":{:04X}", addr.port());
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 9 && f[1].ends_with(&port) && f[3] == "0A")
+        .map(|f| format!("socket:[{}]", f[9]))
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return true;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.to_str() == Some(i.as_str())))
+    })
 }
 
 impl Running {

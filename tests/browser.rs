@@ -106,7 +106,7 @@ fn assert_browser_file_delivered(h: &Harness, seen: &BrowserResult, name: &str) 
     assert_eq!(received.len(), 1, "exactly one upstream request");
     let file = &received[0].files[0];
     assert_eq!(file.field, "document");
-    assert_eq!(file.file_name.as_deref(), Some(name));
+    assert_eq!(file.file_name, name);
     assert_eq!(file.len, seen.size);
     assert_eq!(file.sha256, seen.sha256);
     received[0].clone()

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::raw::RawConnection;
 use common::*;
 use futures::future::join_all;
 
@@ -212,32 +213,23 @@ async fn a_bodiless_post_with_chunk_parameters_is_a_test() {
     assert_eq!(h.client.post(&url).send().await.unwrap().status(), 200);
 }
 
-/// Sends a request head with `Expect: 100-continue`; returns the first status line and the
-/// connection (reader and writer).
-fn first_status_after_expect(
+/// Sends a request head with `Expect: 100-continue`; returns the first status and the
+/// connection.
+async fn first_status_after_expect(
     addr: std::net::SocketAddr,
     target: &str,
     len: usize,
-) -> (
-    String,
-    std::io::BufReader<std::net::TcpStream>,
-    std::net::TcpStream,
-) {
-    use std::io::{BufRead, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(20)))
-        .unwrap();
-    write!(
-        stream,
+) -> (Option<u16>, RawConnection) {
+    let mut connection = RawConnection::open(addr).await;
+    let head = format!(
         "PUT {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\n\
          Content-Length: {len}\r\nExpect: 100-continue\r\n\r\n"
-    )
-    .unwrap();
-    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    (line, reader, stream)
+    );
+    connection.send(head.as_bytes()).await;
+    let first = connection
+        .response(std::time::Duration::from_secs(20))
+        .await;
+    (first.map(|r| r.status), connection)
 }
 
 #[tokio::test]
@@ -249,23 +241,15 @@ async fn expect_continue_is_answered_for_valid_chunks_and_refused_ones_are_not_r
     let good = format!("/upload?{}", file.query_string(1));
     let bad = good.replace("resumableChunkNumber=1", "resumableChunkNumber=0");
     let data = random_bytes(3000, 11);
-    let (refused, accepted, last) = tokio::task::spawn_blocking(move || {
-        use std::io::{BufRead, Write};
-        let (refused, _, _) = first_status_after_expect(addr, &bad, 3000);
-        let (accepted, mut reader, mut stream) = first_status_after_expect(addr, &good, 3000);
-        stream.write_all(&data).unwrap();
-        let mut line = String::new();
-        while line.trim().is_empty() {
-            line.clear();
-            reader.read_line(&mut line).unwrap();
-        }
-        (refused, accepted, line)
-    })
-    .await
-    .unwrap();
-    assert!(refused.starts_with("HTTP/1.1 415"), "{refused}");
-    assert!(accepted.starts_with("HTTP/1.1 100"), "{accepted}");
-    assert!(last.starts_with("HTTP/1.1 200"), "{last}");
+    let (refused, _) = first_status_after_expect(addr, &bad, 3000).await;
+    let (accepted, mut connection) = first_status_after_expect(addr, &good, 3000).await;
+    connection.send(&data).await;
+    let last = connection
+        .response(std::time::Duration::from_secs(20))
+        .await;
+    assert_eq!(refused, Some(415));
+    assert_eq!(accepted, Some(100));
+    assert_eq!(last.map(|r| r.status), Some(200));
     assert_delivered_once(&h, &file);
 }
 
@@ -282,7 +266,7 @@ async fn multipart_chunks_by_put_and_patch_work() {
     }
     let received = h.upstream.received_at("/app/upload");
     assert_eq!(received.len(), 2);
-    assert_eq!(received[1].files[0].file_name.as_deref(), Some("patch.txt"));
+    assert_eq!(received[1].files[0].file_name, "patch.txt");
     assert_eq!(
         received[1].files[0].sha256,
         Content::Bytes(random_bytes(2500, 12)).sha256()

@@ -54,6 +54,10 @@ async fn kill_9_during_uploads_loses_at_most_the_parts_in_flight() {
         }
     }
 
+    assert!(
+        !acknowledged.lock().unwrap().is_empty(),
+        "some chunks were acknowledged before the kills"
+    );
     let stitch = StitchProcess::start(upstream.addr, &dir, ROUTES);
     let addr = stitch.addr;
     let mut survived = 0;

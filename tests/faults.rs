@@ -10,20 +10,6 @@ use common::relay::CuttingRelay;
 use common::*;
 use std::time::{Duration, Instant};
 
-/// Files under `uploads/` that are empty where they never may be, and leftovers in `tmp/`.
-fn damage(h: &Harness) -> Vec<String> {
-    let root = h.storage_dir().display().to_string();
-    h.stored_files()
-        .into_iter()
-        .filter(|(path, len)| {
-            let state = path.ends_with("/meta.json") || path.ends_with("/answer");
-            let staged = path.starts_with(&format!("{root}/tmp/")) && !path.ends_with(".lock");
-            (state && *len == 0) || staged
-        })
-        .map(|(path, len)| format!("{path} ({len} bytes)"))
-        .collect()
-}
-
 #[tokio::test]
 async fn a_full_disk_refuses_chunks_with_503_damages_nothing_and_every_upload_completes_later() {
     let disk = SmallDisk::new(16);
@@ -57,7 +43,7 @@ async fn a_full_disk_refuses_chunks_with_503_damages_nothing_and_every_upload_co
                 );
             }
         }
-        assert_eq!(damage(&h), Vec::<String>::new(), "{free_kib} KiB free");
+        assert_eq!(h.damage(), Vec::<String>::new(), "{free_kib} KiB free");
     }
     assert!(refused > 0, "the disk was full at times");
     disk.free();
@@ -75,7 +61,7 @@ async fn a_full_disk_refuses_chunks_with_503_damages_nothing_and_every_upload_co
     for (file, request) in files.iter().zip(&received) {
         assert_eq!(request.files[0].sha256, file.sha256(), "{}", file.name);
     }
-    assert_eq!(damage(&h), Vec::<String>::new());
+    assert_eq!(h.damage(), Vec::<String>::new());
 }
 
 #[tokio::test]
@@ -96,7 +82,7 @@ async fn an_answer_that_cannot_be_written_down_is_replayed_and_recorded_once_spa
     let retried = file.upload(&h, 3).await;
     assert_eq!(retried.status(), 201, "replayed while the disk is full");
     assert_eq!(retried.text().await.unwrap(), answer);
-    assert_eq!(damage(&h), Vec::<String>::new());
+    assert_eq!(h.damage(), Vec::<String>::new());
     assert!(
         !h.stored_files().iter().any(|(p, _)| p.ends_with("/answer")),
         "the answer could not be written while the disk was full"
@@ -118,7 +104,7 @@ async fn an_answer_that_cannot_be_written_down_is_replayed_and_recorded_once_spa
         1,
         "delivered once"
     );
-    assert_eq!(damage(&h), Vec::<String>::new());
+    assert_eq!(h.damage(), Vec::<String>::new());
 }
 
 #[tokio::test]

@@ -2,9 +2,9 @@
 
 mod common;
 
+use common::raw::RawConnection;
 use common::*;
 use sha2::{Digest, Sha256};
-use std::io::{BufRead, BufReader, Write};
 
 #[tokio::test]
 async fn a_get_to_another_path_reaches_the_upstream_unchanged() {
@@ -91,55 +91,21 @@ async fn one_connection_carries_chunk_answers_and_proxied_answers_alike() {
     let file = ChunkedFile::resumable("keepalive.txt", random_bytes(3000, 41), 1000);
     let query = file.query_string(1);
     let addr = h.stitch.as_ref().unwrap().addr;
-    let statuses = tokio::task::spawn_blocking(move || {
-        let stream = std::net::TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
-            .unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut writer = stream;
-        let mut statuses = Vec::new();
-        for path in [
-            format!("/upload?{query}"),
-            "/elsewhere".to_string(),
-            format!("/upload?{query}"),
-        ] {
-            write!(writer, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-            statuses.push(read_response(&mut reader));
-        }
-        statuses
-    })
-    .await
-    .unwrap();
-    assert_eq!(statuses, vec![204, 200, 204]);
-}
-
-/// Reads one Content-Length-framed response and returns its status.
-fn read_response(reader: &mut impl BufRead) -> u16 {
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line).unwrap();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut length = 0usize;
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        if line == "\r\n" {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':') {
-            if name.eq_ignore_ascii_case("content-length") {
-                length = value.trim().parse().unwrap();
-            }
-        }
+    let mut connection = RawConnection::open(addr).await;
+    let mut statuses = Vec::new();
+    for path in [
+        format!("/upload?{query}"),
+        "/elsewhere".to_string(),
+        format!("/upload?{query}"),
+    ] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        connection.send(request.as_bytes()).await;
+        let response = connection
+            .response(std::time::Duration::from_secs(20))
+            .await;
+        statuses.push(response.map_or(0, |r| r.status));
     }
-    let mut body = vec![0u8; length];
-    reader.read_exact(&mut body).unwrap();
-    status
+    assert_eq!(statuses, vec![204, 200, 204]);
 }
 
 #[tokio::test]

@@ -69,15 +69,79 @@ pub fn find_libraries(given: Option<&Path>) -> Result<PathBuf, DemoError> {
         })
 }
 
-/// A file the application received.
+/// A file an application received in a form post.
 #[derive(Debug, Clone, serde::Serialize)]
-struct ReceivedFile {
-    field: String,
-    filename: String,
+pub struct FormFile {
+    pub field: String,
+    #[serde(rename = "filename")]
+    pub file_name: String,
     #[serde(rename = "type")]
-    content_type: Option<String>,
-    size: u64,
-    sha256: String,
+    pub content_type: Option<String>,
+    #[serde(rename = "size")]
+    pub len: u64,
+    pub sha256: String,
+}
+
+/// A form post as an application reads it: text fields, and each file's name, type, size and
+/// SHA-256 (streamed, never held whole). `error`: the body was malformed or broke off after
+/// what was read.
+#[derive(Debug, Clone, Default)]
+pub struct Form {
+    pub fields: Vec<(String, String)>,
+    pub files: Vec<FormFile>,
+    pub error: Option<String>,
+}
+
+/// Reads a `multipart/form-data` body (the stand-in application's, and the tests' recording
+/// application's).
+pub async fn read_form<'r, S, E>(stream: S, boundary: String) -> Form
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Send + 'r,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'r,
+{
+    let mut multipart = multer::Multipart::new(stream, boundary);
+    let mut form = Form::default();
+    loop {
+        let mut field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => return form,
+            Err(e) => {
+                form.error = Some(e.to_string());
+                return form;
+            }
+        };
+        let name = field.name().unwrap_or_default().to_string();
+        let Some(file_name) = field.file_name().map(str::to_string) else {
+            match field.text().await {
+                Ok(value) => form.fields.push((name, value)),
+                Err(e) => form.error = Some(e.to_string()),
+            }
+            continue;
+        };
+        let content_type = field.content_type().map(|m| m.to_string());
+        let mut hasher = Sha256::new();
+        let mut len = 0u64;
+        loop {
+            match field.chunk().await {
+                Ok(Some(piece)) => {
+                    hasher.update(&piece);
+                    len += piece.len() as u64;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    form.error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        form.files.push(FormFile {
+            field: name,
+            file_name,
+            content_type,
+            len,
+            sha256: hex::encode(hasher.finalize()),
+        });
+    }
 }
 
 /// The stand-in for an existing application.
@@ -113,46 +177,25 @@ impl DemoApp {
             return text(StatusCode::BAD_REQUEST, "expected multipart/form-data\n");
         };
         let stream = crate::http::body_stream(session);
-        let mut multipart = multer::Multipart::new(stream, boundary);
-        let mut fields = serde_json::Map::new();
-        let mut files = Vec::new();
-        loop {
-            let mut field = match multipart.next_field().await {
-                Ok(Some(field)) => field,
-                Ok(None) => break,
-                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
-            };
-            let name = field.name().unwrap_or_default().to_string();
-            let Some(filename) = field.file_name().map(str::to_string) else {
-                let value = field.text().await.unwrap_or_default();
-                fields.insert(name, value.into());
-                continue;
-            };
-            let content_type = field.content_type().map(|m| m.to_string());
-            let mut hasher = Sha256::new();
-            let mut size = 0u64;
-            while let Ok(Some(piece)) = field.chunk().await {
-                hasher.update(&piece);
-                size += piece.len() as u64;
-            }
-            files.push(ReceivedFile {
-                field: name,
-                filename,
-                content_type,
-                size,
-                sha256: hex::encode(hasher.finalize()),
-            });
+        let form = read_form(stream, boundary).await;
+        if let Some(e) = form.error {
+            return text(StatusCode::BAD_REQUEST, &format!("{e}\n"));
         }
-        for file in &files {
+        for file in &form.files {
             log::info!(
                 "demo application received {:?}: {} bytes, sha256 {}…, {} field(s)",
-                file.filename,
-                file.size,
+                file.file_name,
+                file.len,
                 &file.sha256[..16],
-                fields.len()
+                form.fields.len()
             );
         }
-        let body = serde_json::json!({ "fields": fields, "files": files });
+        let fields: serde_json::Map<String, serde_json::Value> = form
+            .fields
+            .into_iter()
+            .map(|(name, value)| (name, value.into()))
+            .collect();
+        let body = serde_json::json!({ "fields": fields, "files": form.files });
         self.received.lock().expect("received").push(body.clone());
         json(StatusCode::OK, &body)
     }

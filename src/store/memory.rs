@@ -22,6 +22,11 @@ use tokio::sync::Notify;
 
 /// Opens an empty in-memory engine.
 pub fn open() -> Engines {
+    open_with_handle().0
+}
+
+/// Opens an empty in-memory engine, and a handle on it for tests (see [`Memory::expire_leases`]).
+pub fn open_with_handle() -> (Engines, Arc<Memory>) {
     let closed = Arc::new(AtomicBool::new(false));
     let memory = Arc::new(Memory {
         data: Mutex::default(),
@@ -29,7 +34,13 @@ pub fn open() -> Engines {
         released: Notify::new(),
         closed: closed.clone(),
     });
-    Engines::new(memory.clone(), memory.clone(), Arc::new(memory), closed)
+    let engines = Engines::new(
+        memory.clone(),
+        memory.clone(),
+        Arc::new(memory.clone()),
+        closed,
+    );
+    (engines, memory)
 }
 
 pub struct Memory {
@@ -363,6 +374,19 @@ impl StateStore for Memory {
 }
 
 impl Memory {
+    /// Ends every lease now, as if their holders had stalled past them (a paused process): the
+    /// next taker gets a lease with a newer token, and the old holders can no longer change
+    /// anything.
+    pub fn expire_leases(&self) {
+        let mut leases = self.leases.lock().expect("leases");
+        let now = Instant::now();
+        for (_, until) in leases.held.values_mut() {
+            *until = Some(now);
+        }
+        drop(leases);
+        self.released.notify_waiters();
+    }
+
     /// Takes the lease if it is free or expired; the new token if so.
     fn try_take(&self, key: LockKey, lease: Duration) -> Option<u64> {
         let mut leases = self.leases.lock().expect("leases");
@@ -382,8 +406,8 @@ impl Memory {
     fn renew(&self, key: LockKey, token: u64, lease: Duration) -> bool {
         let mut leases = self.leases.lock().expect("leases");
         match leases.held.get_mut(&key) {
-            Some((held, until)) if *held == token => {
-                *until = Some(Instant::now() + lease);
+            Some((held, Some(until))) if *held == token && *until > Instant::now() => {
+                *until = Instant::now() + lease;
                 true
             }
             _ => false,

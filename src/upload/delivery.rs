@@ -7,8 +7,9 @@ use crate::forward::{verdict, DeliveryRequest, ForwardError, Verdict};
 use crate::store::{DeliveredFile, Fence, RecordedAnswer, StoreError, StoredPart, UploadKey};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 pub(super) type Flight = watch::Receiver<Option<Arc<Delivery>>>;
 

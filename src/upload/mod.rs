@@ -48,7 +48,8 @@ use crate::store::{Engines, Lease, LockKey, RecordedAnswer, StoreError, UploadKe
 use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
 
 /// How long a lease is taken for. Engines whose leases can expire renew them while they are
 /// held; this bounds how long a dead holder keeps an upload locked.

@@ -33,17 +33,29 @@ routes:
 
 /// A config for a test: `storage` lines go under `storage:` (indented by two spaces).
 pub fn config_yaml(upstream: SocketAddr, dir: &Path, storage: &str, yaml_tail: &str) -> String {
+    config_yaml_on(free_addr(), upstream, dir, storage, yaml_tail)
+}
+
+/// The same, listening on `listen` (port 0: Stitch in this process picks a free one).
+pub fn config_yaml_on(
+    listen: SocketAddr,
+    upstream: SocketAddr,
+    dir: &Path,
+    storage: &str,
+    yaml_tail: &str,
+) -> String {
     format!(
-        "listen: {}\nupstream: {upstream}\nthreads: 2\nshutdown_grace: 0\n\
+        "listen: {listen}\nupstream: {upstream}\nthreads: 2\nshutdown_grace: 0\n\
          storage:\n  dir: {}\n  fsync: true\n{storage}{yaml_tail}",
-        free_addr(),
         dir.display()
     )
 }
 
+/// A config for an in-process server on a free port of its choosing.
 pub fn config(upstream: SocketAddr, dir: &Path, storage: &str, yaml_tail: &str) -> Config {
-    Config::from_yaml(&config_yaml(upstream, dir, storage, yaml_tail), "test")
-        .expect("test config is valid")
+    let any_port = SocketAddr::from(([127, 0, 0, 1], 0));
+    let yaml = config_yaml_on(any_port, upstream, dir, storage, yaml_tail);
+    Config::from_yaml(&yaml, "test").expect("test config is valid")
 }
 
 pub struct Harness {
@@ -122,12 +134,61 @@ impl Harness {
         &self.storage_dir
     }
 
-    /// Every regular file under the storage directory, with its contents' length.
+    /// The stored data, as files with their lengths, relative to the storage directory: chunk
+    /// bytes (`blobs/`), upload state (`uploads/`) and bytes being staged (in `tmp/`). Lock
+    /// files and the activity index are bookkeeping, not data.
     pub fn stored_files(&self) -> Vec<(String, u64)> {
         let mut found = Vec::new();
         walk(&self.storage_dir, &mut found);
-        found.sort();
-        found
+        let root = format!("{}/", self.storage_dir.display());
+        let mut data: Vec<(String, u64)> = found
+            .into_iter()
+            .filter_map(|(path, len)| Some((path.strip_prefix(&root)?.to_string(), len)))
+            .filter(|(path, _)| {
+                path.starts_with("blobs/")
+                    || path.starts_with("uploads/")
+                    || (path.starts_with("tmp/") && !path.ends_with(".lock"))
+            })
+            .collect();
+        data.sort();
+        data
+    }
+
+    /// How many distinct chunk contents are stored.
+    pub fn blob_count(&self) -> usize {
+        self.count_stored("blobs/")
+    }
+
+    /// How many parts all uploads have.
+    pub fn part_count(&self) -> usize {
+        self.stored_files()
+            .iter()
+            .filter(|(path, _)| path.contains("/parts/"))
+            .count()
+    }
+
+    /// Files of any upload's state.
+    pub fn upload_files(&self) -> usize {
+        self.count_stored("uploads/")
+    }
+
+    /// Bytes left in staging, and state files written short (what a failed write may leave).
+    pub fn damage(&self) -> Vec<String> {
+        self.stored_files()
+            .into_iter()
+            .filter(|(path, len)| {
+                let state = path.ends_with("/meta.json") || path.ends_with("/answer");
+                path.starts_with("tmp/") || (state && *len == 0)
+            })
+            .map(|(path, len)| format!("{path} ({len} bytes)"))
+            .collect()
+    }
+
+    fn count_stored(&self, prefix: &str) -> usize {
+        self.stored_files()
+            .iter()
+            .filter(|(path, _)| path.starts_with(prefix))
+            .count()
     }
 }
 
@@ -503,7 +564,7 @@ pub fn assert_delivered_once(h: &Harness, file: &ChunkedFile) -> Received {
     assert_eq!(request.files.len(), 1, "one file part");
     let part = &request.files[0];
     assert_eq!(part.field, "document");
-    assert_eq!(part.file_name.as_deref(), Some(file.name.as_str()));
+    assert_eq!(part.file_name, file.name);
     assert_eq!(part.len, file.data.len());
     assert_eq!(part.sha256, file.sha256());
     assert_eq!(

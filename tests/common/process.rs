@@ -172,42 +172,53 @@ impl StitchProcess {
         StitchProcess::start_yaml(dir, &super::config_yaml(upstream, dir, "", routes))
     }
 
-    /// Starts it with a whole config (whose first line is `listen: ADDRESS`).
+    /// Starts it with a whole config whose first line is `listen: ADDRESS`: on a free port,
+    /// chosen again should another process take it before Stitch binds it.
     pub fn start_yaml(dir: &Path, yaml: &str) -> StitchProcess {
-        let addr: SocketAddr = yaml
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("listen: "))
-            .unwrap()
-            .parse()
-            .unwrap();
-        let path = dir.with_extension("yaml");
-        std::fs::write(&path, yaml).unwrap();
+        let rest = yaml.split_once('\n').map_or("", |(_, rest)| rest);
+        for _ in 0..5 {
+            let addr = super::free_addr();
+            let path = dir.with_extension("yaml");
+            std::fs::write(&path, format!("listen: {addr}\n{rest}")).unwrap();
+            let mut process = StitchProcess::spawn(&path, dir, addr);
+            if process.wait_listening() {
+                return process;
+            }
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+        }
+        panic!("stitch did not start");
+    }
+
+    fn spawn(config: &Path, dir: &Path, addr: SocketAddr) -> StitchProcess {
         let log = dir.with_extension("log");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stitch"))
+        let child = Command::new(env!("CARGO_BIN_EXE_stitch"))
             .arg("--config")
-            .arg(&path)
+            .arg(config)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
             .unwrap();
+        StitchProcess { child, addr, log }
+    }
+
+    /// Waits until this process (not another) accepts connections on its address.
+    fn wait_listening(&mut self) -> bool {
         for _ in 0..1000 {
-            if std::net::TcpStream::connect(addr).is_ok() {
-                return StitchProcess { child, addr, log };
+            if self.child.try_wait().unwrap().is_some() {
+                return false;
+            }
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                return stitch::server::owns_listener(self.child.id(), self.addr);
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!(
-            "stitch did not start: {}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
+        false
     }
 
     /// kill -9.

@@ -58,6 +58,11 @@ impl RawConnection {
             .iter()
             .find(|(n, _)| n == "content-length")
             .and_then(|(_, v)| v.parse::<usize>().ok());
+        // Interim answers (100 Continue) and 204/304 have no body.
+        let length = match status {
+            100..=199 | 204 | 304 => Some(0),
+            _ => length,
+        };
         let mut body = Vec::new();
         match length {
             Some(length) => {
@@ -73,6 +78,11 @@ impl RawConnection {
             headers,
             body,
         })
+    }
+
+    /// Says the request is complete (closes the sending half).
+    pub async fn finish_sending(&mut self) {
+        let _ = self.stream.get_mut().shutdown().await;
     }
 
     /// Waits up to `wait` for the server to close the connection (bytes it sends are skipped).

@@ -1,6 +1,7 @@
 //! A real HTTP upstream on loopback that records every request it receives: the application
-//! Stitch sits in front of. Multipart bodies are parsed (streaming, with a real parser) and the
-//! file part is hashed, so tests can assert on exactly what the application would see.
+//! Stitch sits in front of. Multipart bodies are read as the demo application reads them
+//! (`stitch::demo::read_form`: streaming, a real parser, each file hashed), so tests can assert
+//! on exactly what an application would see.
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -16,14 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::net::TcpListener;
 
-#[derive(Debug, Clone)]
-pub struct ReceivedFile {
-    pub field: String,
-    pub file_name: Option<String>,
-    pub content_type: Option<String>,
-    pub len: u64,
-    pub sha256: String,
-}
+pub use stitch::demo::FormFile as ReceivedFile;
 
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -272,39 +266,17 @@ async fn handle(
         }
         piece
     });
-    let mut fields = Vec::new();
-    let mut files = Vec::new();
-    match boundary {
+    let (fields, files) = match boundary {
         Some(boundary) => {
-            let mut multipart = multer::Multipart::new(stream, boundary);
-            while let Ok(Some(mut field)) = multipart.next_field().await {
-                let name = field.name().unwrap_or_default().to_string();
-                match field.file_name().map(str::to_string) {
-                    Some(file_name) => {
-                        let content_type = field.content_type().map(|m| m.to_string());
-                        let mut hasher = Sha256::new();
-                        let mut len = 0u64;
-                        while let Ok(Some(piece)) = field.chunk().await {
-                            hasher.update(&piece);
-                            len += piece.len() as u64;
-                        }
-                        files.push(ReceivedFile {
-                            field: name,
-                            file_name: Some(file_name),
-                            content_type,
-                            len,
-                            sha256: hex::encode(hasher.finalize()),
-                        });
-                    }
-                    None => fields.push((name, field.text().await.unwrap_or_default())),
-                }
-            }
+            let form = stitch::demo::read_form(stream, boundary).await;
+            (form.fields, form.files)
         }
         None => {
             let mut stream = Box::pin(stream);
             while stream.next().await.is_some() {}
+            (Vec::new(), Vec::new())
         }
-    }
+    };
     let (hasher, body_len) = std::mem::take(&mut *raw.lock().unwrap());
     let sha256 = hex::encode(hasher.finalize());
     let request = Received::of(arrived, parts, fields, files, body_len, sha256);

@@ -1,0 +1,616 @@
+//! The upload core's behaviour, the same for every storage engine: each test below runs once on
+//! the local-disk engine and once on the in-memory one, against a stand-in forwarder (no
+//! sockets) and a clock the test moves (no sleeps; retry pauses run on Tokio's paused clock).
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sha2::{Digest as _, Sha256};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use stitch::config::{FieldPolicy, ForwardConfig};
+use stitch::drain::InFlight;
+use stitch::forward::{DeliveryRequest, Forward, ForwardError};
+use stitch::store::{
+    BlobStore, BodyError, BodySource, Engines, RecordedAnswer, StoreError, StoredPart, UploadKey,
+    UploadMeta,
+};
+use stitch::upload::{
+    Clock, CoreError, FieldsDigest, Outcome, PartRef, PartStatus, Ttls, UploadCore,
+};
+use tokio::io::AsyncReadExt;
+
+#[derive(Clone, Copy, Debug)]
+enum Engine {
+    Fs,
+    Memory,
+}
+
+/// A clock that moves only when told to.
+struct ManualClock(Mutex<SystemTime>);
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// Stands in for the upstream: reads the whole file from the store (so a missing or damaged
+/// part shows), records its SHA-256, answers `status`, and waits for `gate` first if set.
+struct StandIn {
+    calls: AtomicUsize,
+    received: Mutex<Vec<(String, String)>>,
+    status: Mutex<u16>,
+    gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    entered: tokio::sync::Notify,
+    at: Mutex<Vec<tokio::time::Instant>>,
+}
+
+#[async_trait]
+impl Forward for StandIn {
+    async fn send(
+        &self,
+        blobs: &dyn BlobStore,
+        _upload: &UploadKey,
+        _meta: &UploadMeta,
+        file: &[StoredPart],
+        _forward: &ForwardConfig,
+        _request: &DeliveryRequest,
+        idempotency_key: &str,
+    ) -> Result<RecordedAnswer, ForwardError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.at.lock().unwrap().push(tokio::time::Instant::now());
+        self.entered.notify_waiters();
+        let gate = self.gate.lock().unwrap().clone();
+        if let Some(gate) = gate {
+            let _ = gate.acquire().await.unwrap();
+        }
+        let mut hasher = Sha256::new();
+        for part in file {
+            let mut bytes = Vec::new();
+            blobs
+                .open(&part.digest, part.len)
+                .await?
+                .read_to_end(&mut bytes)
+                .await
+                .map_err(StoreError::Io)?;
+            hasher.update(&bytes);
+        }
+        let sha = hex::encode(hasher.finalize());
+        self.received
+            .lock()
+            .unwrap()
+            .push((sha.clone(), idempotency_key.to_string()));
+        Ok(RecordedAnswer {
+            status: *self.status.lock().unwrap(),
+            headers: Vec::new(),
+            fields: String::new(),
+            file: None,
+            refused_for: None,
+            body: Bytes::from(format!("received {sha}")),
+        })
+    }
+}
+
+/// A core on one engine, with the stand-in upstream and the manual clock.
+struct Setup {
+    core: Arc<UploadCore>,
+    upstream: Arc<StandIn>,
+    clock: Arc<ManualClock>,
+    engines: Engines,
+    memory: Option<Arc<stitch::store::memory::Memory>>,
+    _dir: tempfile::TempDir,
+}
+
+const TTLS: Ttls = Ttls {
+    upload: Duration::from_secs(3600),
+    result: Duration::from_secs(600),
+};
+
+impl Setup {
+    fn new(engine: Engine) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let (engines, memory) = match engine {
+            Engine::Fs => (
+                stitch::store::fs::open(dir.path(), true, Duration::from_secs(60)).unwrap(),
+                None,
+            ),
+            Engine::Memory => {
+                let (engines, memory) = stitch::store::memory::open_with_handle();
+                (engines, Some(memory))
+            }
+        };
+        let upstream = Arc::new(StandIn {
+            calls: AtomicUsize::new(0),
+            received: Mutex::default(),
+            status: Mutex::new(201),
+            gate: Mutex::new(None),
+            entered: tokio::sync::Notify::new(),
+            at: Mutex::default(),
+        });
+        let clock = Arc::new(ManualClock(Mutex::new(SystemTime::now())));
+        let core = Arc::new(UploadCore::new(
+            engines.clone(),
+            upstream.clone(),
+            clock.clone(),
+            TTLS,
+            InFlight::default(),
+        ));
+        Setup {
+            core,
+            upstream,
+            clock,
+            engines,
+            memory,
+            _dir: dir,
+        }
+    }
+
+    fn advance(&self, by: Duration) {
+        *self.clock.0.lock().unwrap() += by;
+    }
+
+    fn calls(&self) -> usize {
+        self.upstream.calls.load(Ordering::SeqCst)
+    }
+}
+
+/// A three-part file of 3000 bytes, as a chunk protocol declares it.
+struct File {
+    key: UploadKey,
+    meta: UploadMeta,
+    data: Vec<u8>,
+}
+
+impl File {
+    fn new(name: &str, seed: u8) -> File {
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8 ^ seed).collect();
+        File {
+            key: UploadKey::derive(&[name.as_bytes()]),
+            meta: UploadMeta {
+                length: Some(3000),
+                name: name.to_string(),
+                media_type: None,
+                protocol: serde_json::json!({ "chunk_size": 1000 }),
+            },
+            data,
+        }
+    }
+
+    fn part(&self, number: u64) -> (PartRef, Vec<u8>) {
+        let start = (number as usize - 1) * 1000;
+        let bytes = self.data[start..start + 1000].to_vec();
+        (PartRef { number, len: 1000 }, bytes)
+    }
+
+    fn sha256(&self) -> String {
+        hex::encode(Sha256::digest(&self.data))
+    }
+}
+
+/// A request body: pieces, then the end (or an error).
+struct Body(Vec<Bytes>, Option<BodyError>);
+
+impl Body {
+    fn of(bytes: Vec<u8>) -> Body {
+        Body(vec![Bytes::from(bytes)], None)
+    }
+}
+
+#[async_trait]
+impl BodySource for Body {
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, BodyError> {
+        if !self.0.is_empty() {
+            return Ok(Some(self.0.remove(0)));
+        }
+        match self.1.take() {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
+    }
+}
+
+fn fields(value: &str) -> Vec<(String, String)> {
+    vec![("folder".to_string(), value.to_string())]
+}
+
+fn forward() -> ForwardConfig {
+    ForwardConfig {
+        path: "/upload".into(),
+        field: "file".into(),
+        fields: FieldPolicy::Only(vec!["folder".into()]),
+        headers: Vec::new(),
+        protocol_fields: false,
+        timeout: Duration::from_secs(30),
+        retry_pause: Duration::from_secs(2),
+    }
+}
+
+fn request(folder: &str) -> DeliveryRequest {
+    DeliveryRequest {
+        fields: fields(folder),
+        ..Default::default()
+    }
+}
+
+async fn put(t: &Setup, file: &File, number: u64, folder: &str) -> PartStatus {
+    let (part, bytes) = file.part(number);
+    let digest = FieldsDigest::of(&fields(folder));
+    t.core
+        .put_part(&file.key, &file.meta, part, &mut Body::of(bytes), &digest)
+        .await
+        .unwrap()
+}
+
+/// Stores parts 1 and 2 and returns; part 3 completes the file.
+async fn store_all_but_last(t: &Setup, file: &File) {
+    for n in 1..=2 {
+        assert!(matches!(
+            put(t, file, n, "a").await,
+            PartStatus::Stored { complete: false }
+        ));
+    }
+}
+
+fn answer(outcome: &Outcome) -> &RecordedAnswer {
+    match outcome {
+        Outcome::Answered { answer, .. } => answer,
+        other => panic!("no answer: {other:?}"),
+    }
+}
+
+async fn parts_are_stored_once_and_complete_the_file(engine: Engine) {
+    let t = Setup::new(engine);
+    let file = File::new("once.bin", 1);
+    store_all_but_last(&t, &file).await;
+    assert!(matches!(
+        put(&t, &file, 2, "a").await,
+        PartStatus::Stored { complete: false }
+    ));
+    assert!(matches!(
+        put(&t, &file, 3, "a").await,
+        PartStatus::Stored { complete: true }
+    ));
+    let delivery = t.core.deliver(file.key, &forward(), request("a")).await;
+    assert_eq!(answer(&delivery.outcome).status, 201);
+    let received = t.upstream.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].0, file.sha256(), "the parts in order, whole");
+    assert!(
+        t.engines.blobs.digests().await.unwrap().is_empty(),
+        "blobs released"
+    );
+}
+
+async fn a_part_that_contradicts_the_first_is_refused_and_changes_nothing(engine: Engine) {
+    let t = Setup::new(engine);
+    let file = File::new("pinned.bin", 2);
+    put(&t, &file, 1, "a").await;
+    let mut other = File::new("pinned.bin", 2);
+    other.meta.protocol = serde_json::json!({ "chunk_size": 999 });
+    let (part, bytes) = other.part(2);
+    let refused = t
+        .core
+        .put_part(
+            &other.key,
+            &other.meta,
+            part,
+            &mut Body::of(bytes),
+            &FieldsDigest::of(&fields("a")),
+        )
+        .await;
+    assert!(matches!(refused, Err(CoreError::Conflict { .. })));
+    assert_eq!(t.engines.state.parts(&file.key).await.unwrap().len(), 1);
+    assert_eq!(t.engines.blobs.digests().await.unwrap().len(), 1);
+}
+
+async fn a_body_shorter_than_declared_is_refused_and_stores_nothing(engine: Engine) {
+    let t = Setup::new(engine);
+    let file = File::new("short.bin", 3);
+    let (part, bytes) = file.part(1);
+    let broken = Body(
+        vec![Bytes::from(bytes[..400].to_vec())],
+        Some(BodyError::Broken("reset".into())),
+    );
+    let mut broken = broken;
+    let refused = t
+        .core
+        .put_part(
+            &file.key,
+            &file.meta,
+            part,
+            &mut broken,
+            &FieldsDigest::of(&fields("a")),
+        )
+        .await;
+    assert!(matches!(
+        refused,
+        Err(CoreError::Short {
+            received: 400,
+            broke_off: Some(_),
+            ..
+        })
+    ));
+    assert!(t.engines.state.parts(&file.key).await.unwrap().is_empty());
+    assert!(t.engines.blobs.digests().await.unwrap().is_empty());
+}
+
+async fn completions_at_once_share_one_delivery_even_when_it_fails(engine: Engine) {
+    let t = Setup::new(engine);
+    *t.upstream.status.lock().unwrap() = 503;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *t.upstream.gate.lock().unwrap() = Some(gate.clone());
+    let file = File::new("race.bin", 4);
+    store_all_but_last(&t, &file).await;
+    put(&t, &file, 3, "a").await;
+    let entered = t.upstream.entered.notified();
+    let first = tokio::spawn({
+        let core = t.core.clone();
+        async move {
+            core.deliver(file_key("race.bin"), &forward(), request("a"))
+                .await
+        }
+    });
+    entered.await;
+    // The second completion comes while the first delivery is in the upstream's hands.
+    let second = tokio::spawn({
+        let core = t.core.clone();
+        async move {
+            core.deliver(file_key("race.bin"), &forward(), request("a"))
+                .await
+        }
+    });
+    tokio::task::yield_now().await;
+    gate.add_permits(10);
+    let (first, second) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(answer(&first.outcome).status, 503);
+    assert_eq!(answer(&second.outcome).status, 503, "the same answer");
+    assert_eq!(t.calls(), 1, "one delivery for both");
+    assert_eq!(
+        t.engines.state.parts(&file.key).await.unwrap().len(),
+        3,
+        "a 503 keeps the parts"
+    );
+}
+
+fn file_key(name: &str) -> UploadKey {
+    UploadKey::derive(&[name.as_bytes()])
+}
+
+async fn a_retry_after_a_failure_waits_the_retry_pause(engine: Engine) {
+    let t = Setup::new(engine);
+    *t.upstream.status.lock().unwrap() = 503;
+    let file = File::new("pause.bin", 5);
+    store_all_but_last(&t, &file).await;
+    put(&t, &file, 3, "a").await;
+    t.core.deliver(file.key, &forward(), request("a")).await;
+    *t.upstream.status.lock().unwrap() = 201;
+    let retried = t.core.deliver(file.key, &forward(), request("a")).await;
+    assert_eq!(answer(&retried.outcome).status, 201);
+    let at = t.upstream.at.lock().unwrap().clone();
+    assert_eq!(at.len(), 2);
+    assert!(
+        at[1] - at[0] >= forward().retry_pause,
+        "the retry waited {:?}",
+        at[1] - at[0]
+    );
+}
+
+async fn the_answer_is_replayed_to_the_same_fields_and_other_fields_deliver_again(engine: Engine) {
+    let t = Setup::new(engine);
+    let file = File::new("fields.bin", 6);
+    store_all_but_last(&t, &file).await;
+    put(&t, &file, 3, "a").await;
+    t.core.deliver(file.key, &forward(), request("a")).await;
+    // The same bytes again, same fields: the answer, no delivery.
+    for n in 1..=3 {
+        assert!(matches!(
+            put(&t, &file, n, "a").await,
+            PartStatus::Delivered(_)
+        ));
+    }
+    assert_eq!(t.calls(), 1);
+    // The same bytes for another folder: a new upload, delivered in its turn.
+    for n in 1..=2 {
+        assert!(matches!(
+            put(&t, &file, n, "b").await,
+            PartStatus::Stored { complete: false }
+        ));
+    }
+    assert!(matches!(
+        put(&t, &file, 3, "b").await,
+        PartStatus::Stored { complete: true }
+    ));
+    t.core.deliver(file.key, &forward(), request("b")).await;
+    assert_eq!(t.calls(), 2);
+}
+
+async fn a_different_file_under_a_delivered_key_is_delivered_whole(engine: Engine) {
+    let t = Setup::new(engine);
+    let file = File::new("same-name.bin", 7);
+    store_all_but_last(&t, &file).await;
+    put(&t, &file, 3, "a").await;
+    t.core.deliver(file.key, &forward(), request("a")).await;
+    // Same name and size, the first kilobyte edited.
+    let mut edited = File::new("same-name.bin", 7);
+    edited.data[..1000].iter_mut().for_each(|b| *b ^= 0xff);
+    assert!(matches!(
+        put(&t, &edited, 2, "a").await,
+        PartStatus::Delivered(_)
+    ));
+    assert!(matches!(
+        put(&t, &edited, 1, "a").await,
+        PartStatus::Stored { complete: false }
+    ));
+    assert!(matches!(
+        put(&t, &edited, 3, "a").await,
+        PartStatus::Stored { complete: true }
+    ));
+    t.core.deliver(edited.key, &forward(), request("a")).await;
+    let received = t.upstream.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].0, edited.sha256());
+    assert_ne!(
+        received[0].1, received[1].1,
+        "another delivery, another key"
+    );
+}
+
+async fn an_idle_upload_expires_and_its_bytes_go(engine: Engine) {
+    let t = Setup::new(engine);
+    let idle = File::new("idle.bin", 8);
+    let active = File::new("active.bin", 9);
+    put(&t, &idle, 1, "a").await;
+    put(&t, &active, 1, "a").await;
+    t.advance(TTLS.upload - Duration::from_secs(60));
+    put(&t, &active, 2, "a").await;
+    t.advance(Duration::from_secs(120));
+    assert_eq!(t.core.sweep().await.unwrap(), 1, "only the idle one");
+    assert!(t.engines.state.meta(&idle.key).await.unwrap().is_none());
+    assert_eq!(t.engines.state.parts(&active.key).await.unwrap().len(), 2);
+    assert_eq!(t.engines.blobs.digests().await.unwrap().len(), 2);
+    // Much later, the other one goes too.
+    t.advance(TTLS.upload * 2);
+    assert_eq!(t.core.sweep().await.unwrap(), 1);
+    assert!(t.engines.blobs.digests().await.unwrap().is_empty());
+}
+
+async fn a_delivered_answer_expires_after_result_ttl(engine: Engine) {
+    let t = Setup::new(engine);
+    let file = File::new("answered.bin", 10);
+    store_all_but_last(&t, &file).await;
+    put(&t, &file, 3, "a").await;
+    t.core.deliver(file.key, &forward(), request("a")).await;
+    t.advance(TTLS.result / 2);
+    assert_eq!(t.core.sweep().await.unwrap(), 0);
+    assert!(t.engines.state.answer(&file.key).await.unwrap().is_some());
+    t.advance(TTLS.result);
+    assert_eq!(t.core.sweep().await.unwrap(), 1);
+    assert!(t.engines.state.answer(&file.key).await.unwrap().is_none());
+}
+
+async fn appends_at_the_offset_keep_what_a_broken_body_brought(engine: Engine) {
+    let t = Setup::new(engine);
+    let key = file_key("appended.bin");
+    let mut meta = File::new("appended.bin", 11).meta;
+    meta.length = None;
+    meta.protocol = serde_json::Value::Null;
+    t.core.create(&key, &meta).await.unwrap();
+    t.core.declare_length(&key, 2500).await.unwrap();
+    let accept = |_: &stitch::store::Staged| true;
+    let first = t
+        .core
+        .append(&key, 0, &mut Body::of(vec![1; 1000]), 1 << 20, &accept)
+        .await
+        .unwrap();
+    assert_eq!((first.offset, first.complete), (1000, false));
+    let wrong = t
+        .core
+        .append(&key, 500, &mut Body::of(vec![2; 10]), 1 << 20, &accept)
+        .await;
+    assert!(matches!(
+        wrong,
+        Err(CoreError::OffsetMismatch { current: 1000 })
+    ));
+    let mut broken = Body(vec![Bytes::from(vec![3; 700])], Some(BodyError::Stalled));
+    let cut = t
+        .core
+        .append(&key, 1000, &mut broken, 1 << 20, &accept)
+        .await
+        .unwrap();
+    assert_eq!(cut.offset, 1700, "the bytes that arrived are kept");
+    assert_eq!(cut.broke_off, Some(BodyError::Stalled));
+    let over = t
+        .core
+        .append(&key, 1700, &mut Body::of(vec![4; 900]), 1 << 20, &accept)
+        .await;
+    assert!(
+        matches!(over, Err(CoreError::TooLong { limit: 800 })),
+        "past the length: refused, nothing kept"
+    );
+    let refused = t
+        .core
+        .append(&key, 1700, &mut Body::of(vec![4; 800]), 1 << 20, &|_| false)
+        .await;
+    assert!(matches!(refused, Err(CoreError::Refused)));
+    let last = t
+        .core
+        .append(&key, 1700, &mut Body::of(vec![4; 800]), 1 << 20, &accept)
+        .await
+        .unwrap();
+    assert_eq!((last.offset, last.complete), (2500, true));
+    assert_eq!(t.core.progress(&key).await.unwrap().unwrap().offset, 2500);
+    t.core.terminate(&key).await.unwrap();
+    assert!(t.core.progress(&key).await.unwrap().is_none());
+    assert!(t.engines.blobs.digests().await.unwrap().is_empty());
+}
+
+macro_rules! on_every_engine {
+    ($($test:ident),* $(,)?) => {
+        mod fs_engine {
+            $(
+                #[tokio::test(start_paused = true)]
+                async fn $test() {
+                    super::$test(super::Engine::Fs).await
+                }
+            )*
+        }
+        mod memory_engine {
+            $(
+                #[tokio::test(start_paused = true)]
+                async fn $test() {
+                    super::$test(super::Engine::Memory).await
+                }
+            )*
+        }
+    };
+}
+
+on_every_engine!(
+    parts_are_stored_once_and_complete_the_file,
+    a_part_that_contradicts_the_first_is_refused_and_changes_nothing,
+    a_body_shorter_than_declared_is_refused_and_stores_nothing,
+    completions_at_once_share_one_delivery_even_when_it_fails,
+    a_retry_after_a_failure_waits_the_retry_pause,
+    the_answer_is_replayed_to_the_same_fields_and_other_fields_deliver_again,
+    a_different_file_under_a_delivered_key_is_delivered_whole,
+    an_idle_upload_expires_and_its_bytes_go,
+    a_delivered_answer_expires_after_result_ttl,
+    appends_at_the_offset_keep_what_a_broken_body_brought,
+);
+
+/// Leases that expire (an engine shared by several instances): a holder that stalled past its
+/// lease can change nothing once another has taken it.
+#[tokio::test(start_paused = true)]
+async fn a_holder_whose_lease_expired_cannot_change_the_upload() {
+    let t = Setup::new(Engine::Memory);
+    let file = File::new("fenced.bin", 12);
+    let lock = stitch::store::LockKey::Upload(file.key);
+    let stale = t
+        .engines
+        .locker
+        .lock(lock, Duration::from_secs(30))
+        .await
+        .unwrap();
+    t.memory.as_ref().unwrap().expire_leases();
+    let current = t
+        .engines
+        .locker
+        .lock(lock, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(current.fence > stale.fence);
+    let refused = t
+        .engines
+        .state
+        .save_meta(&file.key, &file.meta, stale.fence)
+        .await;
+    assert!(matches!(refused, Err(StoreError::Fenced(_))));
+    assert!(t.engines.state.meta(&file.key).await.unwrap().is_none());
+    t.engines
+        .state
+        .save_meta(&file.key, &file.meta, current.fence)
+        .await
+        .unwrap();
+    assert!(t.engines.state.meta(&file.key).await.unwrap().is_some());
+}
