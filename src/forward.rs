@@ -182,7 +182,7 @@ impl Forward for HttpForwarder {
                         }
                         Err(e) => {
                             session.shutdown().await;
-                            log::warn!(
+                            tracing::warn!(
                                 "{upload:?}: the upstream got the whole file and gave no answer \
                                  ({e}); whether it kept the file is in doubt"
                             );
@@ -222,7 +222,7 @@ impl Forward for HttpForwarder {
             // A pooled connection the upstream had closed fails on the first writes; nothing
             // was processed, so one more try on another connection is safe.
             if reused && !retried {
-                log::debug!(
+                tracing::debug!(
                     "{upload:?}: pooled upstream connection failed ({write_error}); retrying"
                 );
                 retried = true;
@@ -354,7 +354,7 @@ async fn read_answer(
     let whole = match read {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
-            log::warn!(
+            tracing::warn!(
                 "{upload:?}: the upstream's {} answer broke off after {} body bytes ({e}); \
                  its status stands",
                 header.status,
@@ -363,7 +363,7 @@ async fn read_answer(
             false
         }
         Err(_) => {
-            log::warn!(
+            tracing::warn!(
                 "{upload:?}: the upstream's {} answer body took too long; its status stands",
                 header.status
             );
@@ -409,7 +409,7 @@ async fn read_body(
         let room = MAX_ANSWER_BODY - body.len();
         if piece.len() > room {
             body.extend_from_slice(&piece[..room]);
-            log::warn!(
+            tracing::warn!(
                 "{upload:?}: the upstream's answer exceeds {MAX_ANSWER_BODY} bytes; the rest is cut"
             );
             return Ok(());

@@ -37,7 +37,7 @@ impl Reply {
     /// the client often shows nothing of it.
     pub fn refuse(status: u16, reason: impl Into<String>) -> Reply {
         let reason = reason.into();
-        log::info!("refused a request with {status}: {reason}");
+        tracing::info!("refused a request with {status}: {reason}");
         Reply::text(status, reason)
     }
 

@@ -13,6 +13,7 @@ pub mod drain;
 pub mod forward;
 pub mod http;
 mod locks;
+pub mod logging;
 pub mod protocol;
 pub mod proxy;
 pub mod server;

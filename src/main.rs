@@ -33,7 +33,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let config = match &cli.config {
         Some(path) => Config::from_file(path),
@@ -46,6 +45,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if !matches!(cli.command, Some(Command::Check)) {
+        if let Err(e) = stitch::logging::init(&config.log) {
+            eprintln!("stitch: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     match cli.command {
         Some(Command::Check) => {
             for warning in config.warnings() {
@@ -67,7 +72,7 @@ fn main() -> ExitCode {
                 config.storage.describe()
             );
             finish(stitch::server::run(&config, move || {
-                log::info!("{started}")
+                tracing::info!("{started}")
             }))
         }
     }

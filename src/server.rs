@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -61,7 +62,7 @@ impl StorageHandle {
 /// Builds a ready-to-run server.
 pub fn build(config: &Config) -> Result<Built, StartError> {
     for warning in config.warnings() {
-        log::warn!("{warning}");
+        tracing::warn!("{warning}");
     }
     let engines = crate::store::open(&config.storage)?;
     let storage = StorageHandle(engines.closed());
@@ -135,10 +136,11 @@ impl BackgroundService for Sweeper {
                 _ = tokio::time::sleep(self.interval) => {}
             }
             let _working = self.in_flight.start();
-            match self.core.sweep().await {
+            let span = tracing::info_span!("expiry");
+            match self.core.sweep().instrument(span).await {
                 Ok(0) => {}
-                Ok(n) => log::info!("expired {n} uploads"),
-                Err(e) => log::error!("expiry sweep failed: {e}"),
+                Ok(n) => tracing::info!("expired {n} uploads"),
+                Err(e) => tracing::error!("expiry sweep failed: {e}"),
             }
         }
     }
@@ -258,7 +260,7 @@ impl Running {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
             if !self.storage.wait_closed(Duration::from_secs(30)) {
-                log::error!("the stopped server's storage is still in use after 30 s");
+                tracing::error!("the stopped server's storage is still in use after 30 s");
             }
         }
     }
@@ -324,7 +326,7 @@ impl ShutdownSignalWatch for Signals {
                 // Pingora closes the listeners first; then only work in flight remains.
                 std::thread::sleep(Duration::from_millis(200));
                 if in_flight.wait_idle(grace) {
-                    log::info!("nothing in flight; exiting");
+                    tracing::info!("nothing in flight; exiting");
                     std::process::exit(0);
                 }
             });

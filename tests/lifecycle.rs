@@ -205,3 +205,67 @@ async fn the_demo_says_where_to_open_it_last_after_any_warning() {
     assert!(text.contains("no `scope`"), "{text}");
     assert!(text.contains(&format!("http://{listen}/")), "{text}");
 }
+
+/// Sends chunk 1 of a file, then chunk 2 with another type (refused: it contradicts the
+/// first), to a Stitch logging in `format`; returns its log.
+async fn log_of_a_refused_chunk(format: &str) -> String {
+    let upstream = Upstream::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let yaml = config_yaml(upstream.addr, &dir, "", ROUTES)
+        .replace("routes:", &format!("log: {{ format: {format} }}\nroutes:"));
+    let stitch = StitchProcess::start_yaml(&dir, &yaml);
+    let file = ChunkedFile::resumable("logged.bin", random_bytes(3000, 123), 1000);
+    let client = reqwest::Client::new();
+    let url = |query: String| format!("http://{}/upload?{query}", stitch.addr);
+    let first = client
+        .post(url(file.query_string(1)))
+        .body(file.data.slice(0, 1000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 200);
+    let other = file
+        .query_string(2)
+        .replace("resumableType=text%2Fplain", "resumableType=image%2Fpng");
+    let refused = client
+        .post(url(other))
+        .body(file.data.slice(1000, 2000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 415);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stitch.log_text()
+}
+
+#[tokio::test]
+async fn log_lines_carry_the_route_protocol_upload_and_part_and_can_be_json() {
+    let text = log_of_a_refused_chunk("text").await;
+    let line = text
+        .lines()
+        .find(|l| l.contains("refused a request with 415"))
+        .unwrap_or_else(|| panic!("{text}"));
+    for span_field in ["route=", "protocol=resumable", "upload=", "part=2"] {
+        assert!(line.contains(span_field), "{span_field} in {line}");
+    }
+    assert!(!line.contains("logged.bin"), "no file name: {line}");
+
+    let json = log_of_a_refused_chunk("json").await;
+    let refusal = json
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("refused a request with 415"))
+        })
+        .unwrap_or_else(|| panic!("no JSON refusal line in {json}"));
+    let span = &refusal["span"];
+    assert_eq!(span["protocol"], "resumable");
+    assert_eq!(span["part"], 2);
+    assert_eq!(span["upload"].as_str().map(str::len), Some(12));
+    assert!(span["route"]
+        .as_str()
+        .is_some_and(|r| r.contains("/upload")));
+}

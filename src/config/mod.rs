@@ -43,7 +43,50 @@ pub struct Config {
     #[serde(default)]
     pub storage: StorageConfig,
     #[serde(default)]
+    pub log: LogConfig,
+    #[serde(default)]
     pub routes: Vec<Route>,
+}
+
+/// How Stitch logs: one line per event, with the request's route, protocol, upload and part.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (readable on a terminal) or `json` (one object per line, for log collectors).
+    #[serde(default)]
+    pub format: LogFormat,
+    /// The level (`error`, `warn`, `info`, `debug`, `trace`) or a `tracing` filter such as
+    /// `info,pingora=warn`; `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level", deserialize_with = "log_filter")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: default_log_level(),
+        }
+    }
+}
+
+fn log_filter<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let text = String::deserialize(d)?;
+    tracing_subscriber::EnvFilter::try_new(&text)
+        .map(|_| text)
+        .map_err(|e| serde::de::Error::custom(format!("not a log level or filter: {e}")))
+}
+
+fn default_log_level() -> String {
+    "info".into()
 }
 
 /// Where uploads are kept, and for how long.
@@ -347,8 +390,8 @@ pub fn parse_address(text: &str, what: &str) -> Result<SocketAddr, String> {
 /// serde's messages in words a person configuring a proxy uses: no Rust type names, and the
 /// line of a duplicate key (serde names the key only).
 fn plain_message(message: &str, text: &str) -> String {
-    static TYPE_NAMES: once_cell::sync::Lazy<[(regex::Regex, &str); 5]> =
-        once_cell::sync::Lazy::new(|| {
+    static TYPE_NAMES: std::sync::LazyLock<[(regex::Regex, &str); 5]> =
+        std::sync::LazyLock::new(|| {
             let re = |pattern: &str| regex::Regex::new(pattern).expect("a valid pattern");
             [
                 (

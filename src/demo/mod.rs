@@ -182,7 +182,7 @@ impl DemoApp {
             return text(StatusCode::BAD_REQUEST, &format!("{e}\n"));
         }
         for file in &form.files {
-            log::info!(
+            tracing::info!(
                 "demo application received {:?}: {} bytes, sha256 {}…, {} field(s)",
                 file.file_name,
                 file.len,
@@ -258,7 +258,7 @@ pub fn run(config: &Config, node_modules: Option<&Path>) -> Result<(), DemoError
     built.server.add_service(service);
     let (listen, upstream) = (config.listen, config.upstream);
     server::run_built(built, config, move || {
-        log::info!(
+        tracing::info!(
             "demo: open http://{listen}/ (Stitch; the application behind it listens on {upstream})"
         )
     });

@@ -126,7 +126,7 @@ async fn within_header_deadline<F: Future>(
         _ = tokio::time::sleep(deadline) => {}
     }
     if !arrived.load(Ordering::Relaxed) {
-        log::debug!("a request header took longer than {deadline:?}; connection closed");
+        tracing::debug!("a request header took longer than {deadline:?}; connection closed");
         return None;
     }
     Some(request.await)
@@ -159,7 +159,7 @@ impl OpenConnections {
     fn admit(&self, client: Option<IpAddr>, limits: &ConnectionLimits) -> Option<Slot> {
         if self.total.fetch_add(1, Ordering::SeqCst) >= limits.max {
             self.total.fetch_sub(1, Ordering::SeqCst);
-            log::warn!("refused a connection: {} connections are open", limits.max);
+            tracing::warn!("refused a connection: {} connections are open", limits.max);
             return None;
         }
         let slot = Slot {
@@ -173,7 +173,7 @@ impl OpenConnections {
         let mut count = self.per_client.entry(ip).or_insert(0);
         if *count >= max {
             drop(count);
-            log::warn!("refused a connection from {ip}: it has {max} open");
+            tracing::warn!("refused a connection from {ip}: it has {max} open");
             return None;
         }
         *count += 1;

@@ -13,6 +13,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument;
 
 pub struct StitchProxy {
     routes: Vec<Route>,
@@ -121,7 +122,7 @@ impl ProxyHttp for StitchProxy {
         };
         if code > 0 {
             if let Err(e) = session.respond_error(code).await {
-                log::debug!("could not send a {code} to the client: {e}");
+                tracing::debug!("could not send a {code} to the client: {e}");
             }
         }
         FailToProxy {
@@ -132,7 +133,18 @@ impl ProxyHttp for StitchProxy {
 
     async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {
         match self.route_for(session) {
-            Some(route) => protocol::handle(session, route, &self.core).await,
+            Some(route) => {
+                let span = tracing::info_span!(
+                    "request",
+                    route = %route.id,
+                    protocol = %route.protocol.name(),
+                    upload = tracing::field::Empty,
+                    part = tracing::field::Empty,
+                );
+                protocol::handle(session, route, &self.core)
+                    .instrument(span)
+                    .await
+            }
             None => Ok(false),
         }
     }

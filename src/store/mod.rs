@@ -55,6 +55,11 @@ impl UploadKey {
         hex::encode(self.0)
     }
 
+    /// Twelve hex digits: enough to tell uploads apart in logs, and nothing a client sent.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..6])
+    }
+
     pub fn from_hex(text: &str) -> Option<UploadKey> {
         let mut bytes = [0u8; 32];
         hex::decode_to_slice(text, &mut bytes).ok()?;
@@ -64,7 +69,7 @@ impl UploadKey {
 
 impl fmt::Debug for UploadKey {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "upload:{}", &self.hex()[..12])
+        write!(f, "upload:{}", self.short())
     }
 }
 

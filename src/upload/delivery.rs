@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 pub(super) type Flight = watch::Receiver<Option<Arc<Delivery>>>;
 
@@ -98,12 +99,14 @@ impl UploadCore {
                 let forward = forward.clone();
                 let working = self.in_flight.start();
                 // A task of its own: a client that gives up must not cut a delivery in half.
-                tokio::spawn(async move {
+                let delivering = async move {
                     let _working = working;
                     let delivery = landing.core.deliver_once(&upload, &forward, &request).await;
                     drop(landing);
                     let _ = done.send(Some(Arc::new(delivery)));
-                });
+                };
+                let span = tracing::info_span!("delivery", upload = %upload.short());
+                tokio::spawn(delivering.instrument(span));
                 flight
             }
         };
@@ -133,7 +136,7 @@ impl UploadCore {
             Ok(delivery) => delivery,
             Err(e) => {
                 // The details are for the log; the protocol gives clients a short message.
-                log::error!("{upload:?}: delivery failed: {e}");
+                tracing::error!("{upload:?}: delivery failed: {e}");
                 let outcome = match e {
                     DeliverError::Forward(ForwardError::Timeout { .. }) => Outcome::TimedOut,
                     DeliverError::Forward(ForwardError::Upstream { .. }) => Outcome::Unreachable,
@@ -188,7 +191,7 @@ impl UploadCore {
         let size: u64 = file.iter().map(|p| p.len).sum();
         let started = Instant::now();
         if state.was_delivering(upload).await? {
-            log::warn!(
+            tracing::warn!(
                 "{upload:?}: delivering again, in doubt: an earlier attempt sent the file and \
                  its answer was never recorded (Idempotency-Key {key})"
             );
@@ -217,7 +220,7 @@ impl UploadCore {
             }
         };
         answer.fields = fields.0;
-        log::info!(
+        tracing::info!(
             "{upload:?}: sent {size} bytes ({} parts) to the application in {:.2} s; it answered {}",
             file.len(),
             started.elapsed().as_secs_f64(),
@@ -225,7 +228,7 @@ impl UploadCore {
         );
         match verdict(answer.status) {
             Verdict::WhoAreYou => {
-                log::warn!(
+                tracing::warn!(
                     "{upload:?}: the application answered {} (who are you?); parts kept for a \
                      request with other credentials",
                     answer.status
@@ -238,7 +241,7 @@ impl UploadCore {
                 return Ok(answered(answer, false));
             }
             Verdict::TryLater => {
-                log::warn!("{upload:?}: parts kept for a retry");
+                tracing::warn!("{upload:?}: parts kept for a retry");
                 state.mark_delivering(upload, false, fence).await?;
                 return Ok(answered(answer, true));
             }
@@ -253,11 +256,11 @@ impl UploadCore {
         match recorded {
             Ok(()) => {
                 if let Err(e) = self.finish(upload, fence).await {
-                    log::error!("{upload:?}: delivered, but removing its parts failed: {e}");
+                    tracing::error!("{upload:?}: delivered, but removing its parts failed: {e}");
                 }
             }
             Err(e) => {
-                log::error!(
+                tracing::error!(
                     "{upload:?}: delivered, but recording the answer failed ({e}); it is \
                      replayed from memory and recorded when storage allows"
                 );
@@ -265,7 +268,7 @@ impl UploadCore {
             }
         }
         if let Err(e) = state.mark_delivering(upload, false, fence).await {
-            log::warn!("{upload:?}: clearing the delivery note failed: {e}");
+            tracing::warn!("{upload:?}: clearing the delivery note failed: {e}");
         }
         Ok(answered(answer, false))
     }
@@ -313,9 +316,11 @@ impl UploadCore {
             self.finish(upload, fence).await
         };
         match recorded.await {
-            Ok(()) => log::info!("{upload:?}: the delivered file's answer is recorded now"),
+            Ok(()) => tracing::info!("{upload:?}: the delivered file's answer is recorded now"),
             Err(e) => {
-                log::warn!("{upload:?}: recording the delivered file's answer failed again: {e}")
+                tracing::warn!(
+                    "{upload:?}: recording the delivered file's answer failed again: {e}"
+                )
             }
         }
     }

@@ -21,7 +21,7 @@ impl UploadCore {
             match self.expire(&upload).await {
                 Ok(true) => removed += 1,
                 Ok(false) => {}
-                Err(e) => log::error!("{upload:?}: expiry failed: {e}"),
+                Err(e) => tracing::error!("{upload:?}: expiry failed: {e}"),
             }
         }
         self.engines.state.prune_activity(before).await?;
@@ -85,7 +85,7 @@ impl UploadCore {
         let count = orphans.len();
         self.release(orphans).await?;
         if count > 0 {
-            log::info!("deleted {count} stored chunks that no upload used");
+            tracing::info!("deleted {count} stored chunks that no upload used");
         }
         Ok(())
     }

@@ -148,6 +148,9 @@ impl Exchange<'_> {
             media_type: params.file_type(self.options.flavor, body_type),
             protocol: serde_json::json!({ "chunk_size": params.chunk_size }),
         };
+        tracing::Span::current()
+            .record("upload", tracing::field::display(key.short()))
+            .record("part", params.part.number);
         let app_fields = self.app_fields(fields);
         Ok(Chunk {
             key,

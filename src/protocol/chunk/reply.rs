@@ -129,7 +129,7 @@ fn core_refusal(e: CoreError, declared: &UploadMeta) -> Reply {
             broke_off: None, ..
         } => Reply::refuse(415, e.to_string()),
         CoreError::Store(e) => {
-            log::error!("storage failed: {e}");
+            tracing::error!("storage failed: {e}");
             Reply::text(503, "storage is unavailable; retry later")
         }
         // Not a chunk-protocol situation (tus notions): a plain refusal.

@@ -178,7 +178,7 @@ fn parse_or_absent<T>(
     match parse() {
         Ok(value) => Some(value),
         Err(e) => {
-            log::warn!("{upload:?}: ignoring a damaged {what} ({e})");
+            tracing::warn!("{upload:?}: ignoring a damaged {what} ({e})");
             None
         }
     }
