@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::process::StitchProcess;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -220,26 +221,12 @@ async fn the_demo_pages_identifiers_keep_a_half_sent_file_of_the_same_name_and_s
 
 /// `stitch demo` (the real binary), started from a directory outside the source tree, with
 /// files over 8 MiB refused by the routes.
-struct Demo {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_demo() -> Demo {
+fn start_demo() -> (StitchProcess, tempfile::TempDir) {
     assert!(
         browser_dir().join("node_modules/playwright-core").exists(),
         "browser tests need Chromium and the npm packages: run .ci/setup"
     );
     let dir = tempfile::tempdir().unwrap();
-    let (listen, upstream) = (free_addr(), free_addr());
     let routes = r#"
 routes:
   - path: /upload
@@ -253,30 +240,8 @@ routes:
     limits: { max_file_size: 8MiB }
     forward: { path: /upload, field: file }
 "#;
-    let yaml = format!(
-        "listen: {listen}\nupstream: {upstream}\nshutdown_grace: 0\nstorage:\n  dir: {}\n{routes}",
-        dir.path().join("data").display()
-    );
-    std::fs::write(dir.path().join("demo.yaml"), yaml).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_stitch"))
-        .current_dir(dir.path())
-        .args(["--config", "demo.yaml", "demo"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let demo = Demo {
-        child,
-        addr: listen,
-        _dir: dir,
-    };
-    for _ in 0..1000 {
-        if std::net::TcpStream::connect(listen).is_ok() {
-            return demo;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    panic!("stitch demo did not start");
+    let (demo, _) = StitchProcess::demo(&dir.path().join("data"), routes);
+    (demo, dir)
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -304,7 +269,7 @@ struct Paused {
 }
 
 async fn drive_demo(library: &str) {
-    let demo = start_demo();
+    let (demo, _dir) = start_demo();
     let screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
     std::fs::create_dir_all(&screenshots).unwrap();
     let screenshot = screenshots.join(format!("demo-{library}.png"));

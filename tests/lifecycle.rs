@@ -169,32 +169,15 @@ async fn refused_chunks_and_deliveries_are_logged_with_their_reasons() {
 #[tokio::test]
 async fn the_demo_says_where_to_open_it_last_after_any_warning() {
     let root = tempfile::tempdir().unwrap();
-    let (listen, app) = (free_addr(), free_addr());
     // Routes without a scope: start-up warns about them.
-    let yaml = format!(
-        "listen: {listen}\nupstream: {app}\nshutdown_grace: 0\nstorage:\n  dir: {}\n{ROUTES}",
-        root.path().join("data").display()
-    );
-    std::fs::write(root.path().join("demo.yaml"), yaml).unwrap();
-    let log = root.path().join("demo.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stitch"))
-        .current_dir(root.path())
-        .args(["--config", "demo.yaml", "demo"])
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let (demo, _) = StitchProcess::demo(&root.path().join("data"), ROUTES);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let text = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("demo: open") || std::time::Instant::now() > deadline {
-            break text;
-        }
+    while !demo.log_text().contains("demo: open") {
+        assert!(std::time::Instant::now() < deadline, "{}", demo.log_text());
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let text = std::fs::read_to_string(&log).unwrap_or(text);
-    let _ = child.kill();
-    let _ = child.wait();
+    let text = demo.log_text();
     let lines: Vec<&str> = text.lines().collect();
     let open = lines.iter().position(|l| l.contains("demo: open"));
     assert_eq!(
@@ -203,7 +186,7 @@ async fn the_demo_says_where_to_open_it_last_after_any_warning() {
         "the open line comes last:\n{text}"
     );
     assert!(text.contains("no `scope`"), "{text}");
-    assert!(text.contains(&format!("http://{listen}/")), "{text}");
+    assert!(text.contains(&format!("http://{}/", demo.addr)), "{text}");
 }
 
 /// Sends chunk 1 of a file, then chunk 2 with another type (refused: it contradicts the

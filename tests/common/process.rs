@@ -180,8 +180,8 @@ impl StitchProcess {
             let addr = super::free_addr();
             let path = dir.with_extension("yaml");
             std::fs::write(&path, format!("listen: {addr}\n{rest}")).unwrap();
-            let mut process = StitchProcess::spawn(&path, dir, addr);
-            if process.wait_listening() {
+            let mut process = StitchProcess::spawn(&path, dir, addr, &[]);
+            if process.wait_listening(&[addr]) {
                 return process;
             }
             let _ = process.child.kill();
@@ -190,7 +190,28 @@ impl StitchProcess {
         panic!("stitch did not start");
     }
 
-    fn spawn(config: &Path, dir: &Path, addr: SocketAddr) -> StitchProcess {
+    /// `stitch demo` with `routes`, storing in `dir`, started from outside the source tree;
+    /// returns it and the demo application's address.
+    pub fn demo(dir: &Path, routes: &str) -> (StitchProcess, SocketAddr) {
+        for _ in 0..5 {
+            let (addr, app) = (super::free_addr(), super::free_addr());
+            let yaml = format!(
+                "listen: {addr}\nupstream: {app}\nshutdown_grace: 0\nstorage:\n  dir: {}\n{routes}",
+                dir.display()
+            );
+            let path = dir.with_extension("yaml");
+            std::fs::write(&path, yaml).unwrap();
+            let mut process = StitchProcess::spawn(&path, dir, addr, &["demo"]);
+            if process.wait_listening(&[addr, app]) {
+                return (process, app);
+            }
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+        }
+        panic!("stitch demo did not start");
+    }
+
+    fn spawn(config: &Path, dir: &Path, addr: SocketAddr, args: &[&str]) -> StitchProcess {
         let log = dir.with_extension("log");
         let stderr = std::fs::OpenOptions::new()
             .create(true)
@@ -198,8 +219,10 @@ impl StitchProcess {
             .open(&log)
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_stitch"))
+            .current_dir(dir.parent().expect("a storage directory has a parent"))
             .arg("--config")
             .arg(config)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
@@ -207,14 +230,20 @@ impl StitchProcess {
         StitchProcess { child, addr, log }
     }
 
-    /// Waits until this process (not another) accepts connections on its address.
-    fn wait_listening(&mut self) -> bool {
+    /// Waits until this process (not another) accepts connections on every one of `addrs`.
+    fn wait_listening(&mut self, addrs: &[SocketAddr]) -> bool {
         for _ in 0..1000 {
             if self.child.try_wait().unwrap().is_some() {
                 return false;
             }
-            if std::net::TcpStream::connect(self.addr).is_ok() {
-                return stitch::server::owns_listener(self.child.id(), self.addr);
+            if addrs
+                .iter()
+                .all(|addr| std::net::TcpStream::connect(addr).is_ok())
+            {
+                let pid = self.child.id();
+                return addrs
+                    .iter()
+                    .all(|addr| stitch::server::owns_listener(pid, *addr));
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
