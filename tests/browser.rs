@@ -49,6 +49,26 @@ async fn harness() -> Harness {
     h
 }
 
+/// Runs a browser driver (`tests/browser/*.mjs`) and reads the one JSON line it prints.
+async fn run_driver<T: serde::de::DeserializeOwned>(script: &str, args: Vec<String>) -> T {
+    let script = browser_dir().join(script);
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("node")
+            .arg(script)
+            .args(args)
+            .output()
+            .expect("node runs (Node.js 18+ is required)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "browser: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the driver prints one JSON line")
+}
+
 #[derive(Debug, serde::Deserialize)]
 struct BrowserResult {
     size: u64,
@@ -78,21 +98,7 @@ async fn browser_upload(
         name.to_string(),
         options.to_string(),
     ];
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(browser_dir().join("upload.mjs"))
-            .args(args)
-            .output()
-            .expect("node runs (Node.js 18+ is required)")
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "browser: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).expect("the driver prints one JSON line")
+    run_driver("upload.mjs", args.to_vec()).await
 }
 
 /// The one request the upstream got carries the browser's file, and the browser's success
@@ -283,21 +289,7 @@ async fn drive_demo(library: &str) {
         "empty.txt:0".to_string(),
         "too-big.iso:9000000".to_string(),
     ];
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(browser_dir().join("demo.mjs"))
-            .args(args)
-            .output()
-            .expect("node runs")
-    })
-    .await
-    .unwrap();
-    assert!(
-        output.status.success(),
-        "browser: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let run: DemoRun = serde_json::from_slice(&output.stdout).expect("one JSON line");
+    let run: DemoRun = run_driver("demo.mjs", args.to_vec()).await;
 
     assert_eq!(run.files.len(), 4, "one row per file: {:?}", run.files);
     for file in &run.files {

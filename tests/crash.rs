@@ -112,13 +112,7 @@ async fn two_processes_on_one_storage_directory_share_an_upload_and_deliver_it_o
     );
     let file = ChunkedFile::resumable("shared.bin", random_bytes(24 << 10, 62), 1024);
     let client = reqwest::Client::new();
-    let send = |addr: std::net::SocketAddr, n: u64| {
-        let (start, end) = file.bounds(n);
-        client
-            .post(format!("http://{addr}/upload?{}", file.query_string(n)))
-            .body(file.data.slice(start, end))
-            .send()
-    };
+    let send = |addr, n| file.send_to(&client, addr, n);
     // The chunks alternate between the two processes, three at a time, as a client of a
     // restart would; the last ones race to complete the upload in both.
     let mut statuses = Vec::new();
@@ -157,18 +151,15 @@ async fn a_delivery_cut_by_kill_9_is_sent_again_with_the_same_idempotency_key_an
     let dir = root.path().join("data");
     let file = ChunkedFile::resumable("doubt.bin", random_bytes(3 << 20, 61), 1 << 20);
     let client = reqwest::Client::new();
-    let send = |addr: std::net::SocketAddr, n: u64| {
-        let (start, end) = file.bounds(n);
-        client
-            .post(format!("http://{addr}/upload?{}", file.query_string(n)))
-            .body(file.data.slice(start, end))
-            .send()
-    };
+    let send = |addr, n| file.send_to(&client, addr, n);
     let stitch = StitchProcess::start(upstream.addr, &dir, ROUTES);
     for n in 1..file.count() {
         assert_eq!(send(stitch.addr, n).await.unwrap().status(), 200);
     }
-    let last = tokio::spawn(send(stitch.addr, file.count()));
+    let last = tokio::spawn({
+        let (file, client, addr) = (file.clone(), client.clone(), stitch.addr);
+        async move { file.send_to(&client, addr, file.count()).await }
+    });
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while upstream.received_at("/app/upload").is_empty() {
         assert!(

@@ -26,9 +26,10 @@ async fn the_same_chunk_sent_twice_is_stored_once_without_error() {
 async fn requests_completing_an_upload_at_once_share_one_forward_and_its_answer() {
     let h = Harness::start().await;
     // An answer that records nothing: only sharing the one delivery keeps the others from
-    // sending the file again.
+    // sending the file again. Slow, so that the three requests, sent together, meet in it even
+    // on a loaded machine.
     h.upstream.answer_with(503, "busy");
-    h.upstream.delay_answers(Duration::from_millis(300));
+    h.upstream.delay_answers(Duration::from_secs(2));
     let file = ChunkedFile::flow("race.bin", random_bytes(3000, 11), 1000);
     file.upload(&h, 1).await;
     file.upload(&h, 2).await;

@@ -101,14 +101,8 @@ async fn a_failed_delivery_tells_the_client_little_and_the_log_the_details() {
     let down = free_addr();
     let stitch = StitchProcess::start(down, &dir, ROUTES);
     let file = ChunkedFile::resumable("down.txt", random_bytes(10, 121), 1000);
-    let response = reqwest::Client::new()
-        .post(format!(
-            "http://{}/upload?{}",
-            stitch.addr,
-            file.query_string(1)
-        ))
-        .body(file.data.slice(0, file.data.len()))
-        .send()
+    let response = file
+        .send_to(&reqwest::Client::new(), stitch.addr, 1)
         .await
         .unwrap();
     assert_eq!(response.status(), 502);
@@ -146,16 +140,7 @@ async fn refused_chunks_and_deliveries_are_logged_with_their_reasons() {
         .await
         .unwrap();
     assert_eq!(refused.status(), 415);
-    let delivered = client
-        .post(format!(
-            "http://{}/upload?{}",
-            stitch.addr,
-            file.query_string(1)
-        ))
-        .body(file.data.slice(0, file.data.len()))
-        .send()
-        .await
-        .unwrap();
+    let delivered = file.send_to(&client, stitch.addr, 1).await.unwrap();
     assert_eq!(delivered.status(), 201);
     let log = stitch.log_text();
     assert!(

@@ -489,6 +489,26 @@ impl ChunkedFile {
         request.send().await
     }
 
+    /// Sends chunk `number` as a raw body (`method: 'octet'`, parameters in the URL) to a Stitch
+    /// at `addr` (one not started by the harness: a real binary).
+    pub async fn send_to(
+        &self,
+        client: &reqwest::Client,
+        addr: SocketAddr,
+        number: u64,
+    ) -> reqwest::Result<reqwest::Response> {
+        let (start, end) = self.bounds(number);
+        client
+            .post(format!(
+                "http://{addr}{}?{}",
+                self.route,
+                self.query_string(number)
+            ))
+            .body(self.data.slice(start, end))
+            .send()
+            .await
+    }
+
     /// Tests and uploads every chunk in order, like the client with one connection.
     pub async fn upload_all(&self, h: &Harness) -> reqwest::Response {
         let mut last = None;

@@ -16,13 +16,18 @@ pub struct App {
 impl App {
     /// Sends `signal` (e.g. "STOP", "CONT", "KILL") to the process.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} failed");
+        send_signal(&self.child, signal);
     }
+}
+
+/// `kill -SIGNAL` to a child process.
+fn send_signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{signal} failed");
 }
 
 impl Drop for App {
@@ -258,12 +263,7 @@ impl StitchProcess {
 
     /// Sends `signal` ("TERM", "INT"...) to the process.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} failed");
+        send_signal(&self.child, signal);
     }
 
     /// Waits up to `within` for the process to exit; its exit status if it did.
