@@ -6,7 +6,7 @@
 //! and connection settings.
 
 use crate::config::ForwardConfig;
-use crate::store::{BlobStore, RecordedAnswer, StoreError, StoredPart, UploadKey, UploadMeta};
+use crate::store::{RecordedAnswer, StoreError, StoredPart, UploadKey, UploadMeta};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue};
@@ -99,16 +99,25 @@ pub fn verdict(status: u16) -> Verdict {
     }
 }
 
+/// Where the forwarder reads an upload's parts from (the core gives it the upload's own).
+#[async_trait]
+pub trait PartReader: Send + Sync {
+    async fn open(
+        &self,
+        part: &StoredPart,
+    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StoreError>;
+}
+
 /// Sends a finished upload to the upstream. The upload core knows the forwarder only through
 /// this trait, so that its races can be tested with a stand-in.
 #[async_trait]
 pub trait Forward: Send + Sync {
-    /// Sends `file` (the upload's parts, in order, read from `blobs`) as one file and returns
-    /// the upstream's answer.
+    /// Sends `file` (the upload's parts, in order, read through `parts`) as one file and
+    /// returns the upstream's answer.
     #[allow(clippy::too_many_arguments)]
     async fn send(
         &self,
-        blobs: &dyn BlobStore,
+        parts: &dyn PartReader,
         upload: &UploadKey,
         meta: &UploadMeta,
         file: &[StoredPart],
@@ -142,7 +151,7 @@ impl Forward for HttpForwarder {
     /// `forward.timeout` bounds every read and write, and the wait for the answer.
     async fn send(
         &self,
-        blobs: &dyn BlobStore,
+        parts: &dyn PartReader,
         upload: &UploadKey,
         meta: &UploadMeta,
         file: &[StoredPart],
@@ -165,7 +174,7 @@ impl Forward for HttpForwarder {
             // an upstream that stops reading holds the delivery forever.
             session.set_read_timeout(Some(forward.timeout));
             session.set_write_timeout(Some(forward.timeout));
-            let sent = send_body(&mut session, header.clone(), &body, blobs, file).await;
+            let sent = send_body(&mut session, header.clone(), &body, parts, file).await;
             let write_error = match sent {
                 Ok(()) => {
                     // The whole request went out: whatever happens now, never send it again.
@@ -289,7 +298,7 @@ async fn send_body(
     session: &mut HttpSession,
     header: RequestHeader,
     body: &MultipartBody,
-    blobs: &dyn BlobStore,
+    parts: &dyn PartReader,
     file: &[StoredPart],
 ) -> Result<(), Failure> {
     session
@@ -301,10 +310,7 @@ async fn send_body(
         .await
         .map_err(Failure::Upstream)?;
     for part in file {
-        let mut reader = blobs
-            .open(&part.digest, part.len)
-            .await
-            .map_err(Failure::Store)?;
+        let mut reader = parts.open(part).await.map_err(Failure::Store)?;
         let mut buffer = BytesMut::with_capacity(READ_BUFFER);
         loop {
             buffer.reserve(READ_BUFFER);

@@ -104,9 +104,13 @@ impl BodySource for RequestBody<'_> {
 ///
 /// multer pulls from its stream until the stream is not ready; over a fast connection that
 /// would buffer a whole chunk in memory. This stream hands out one piece (at most 64 KiB on
-/// HTTP/1) per pull, so the parser holds no more than that.
+/// HTTP/1) per pull, so the parser holds no more than that. And since multer keeps what it
+/// reads until a part's headers end, a part whose headers never end could hold the whole
+/// body: the stream fails once `budget` is spent with no [`Progress::made`] in between.
 pub fn body_stream(
     session: &mut ServerSession,
+    progress: Progress,
+    budget: u64,
 ) -> impl Stream<Item = pingora::Result<Bytes>> + Send + '_ {
     let pieces = futures::stream::unfold(session, |session| async move {
         match session.read_request_body().await {
@@ -118,15 +122,30 @@ pub fn body_stream(
     OnePieceAtATime {
         inner: Box::pin(pieces),
         just_yielded: false,
+        progress,
+        budget,
+    }
+}
+
+/// Bytes a parser has pulled since it last produced something (a field, a piece of one).
+#[derive(Clone, Default)]
+pub struct Progress(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Progress {
+    /// The parser produced something: its budget starts again.
+    pub fn made(&self) {
+        self.0.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 struct OnePieceAtATime<S> {
     inner: Pin<Box<S>>,
     just_yielded: bool,
+    progress: Progress,
+    budget: u64,
 }
 
-impl<S: Stream> Stream for OnePieceAtATime<S> {
+impl<S: Stream<Item = pingora::Result<Bytes>>> Stream for OnePieceAtATime<S> {
     type Item = S::Item;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
@@ -137,6 +156,18 @@ impl<S: Stream> Stream for OnePieceAtATime<S> {
             return Poll::Pending;
         }
         let next = self.inner.as_mut().poll_next(cx);
+        if let Poll::Ready(Some(Ok(piece))) = &next {
+            let pulled = self
+                .progress
+                .0
+                .fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            if pulled + piece.len() as u64 > self.budget {
+                return Poll::Ready(Some(pingora::Error::e_explain(
+                    pingora::ErrorType::InvalidHTTPHeader,
+                    "a multipart part's headers never end",
+                )));
+            }
+        }
         self.just_yielded = matches!(next, Poll::Ready(Some(_)));
         next
     }

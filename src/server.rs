@@ -80,7 +80,8 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
         },
         in_flight.clone(),
     ));
-    let grace = config.shutdown_grace.0.as_secs();
+    // Pingora counts whole seconds: a grace of 500ms is 1 s, not 0.
+    let grace = config.shutdown_grace.0.as_secs_f64().ceil() as u64;
     let mut server = Server::new_with_opt_and_conf(
         None,
         ServerConf {
@@ -170,7 +171,12 @@ impl ShutdownSignalWatch for StopSignal {
 /// chosen again should another process take it first; `Running::addr` says which.
 pub fn spawn(config: &Config) -> Result<Running, StartError> {
     if config.listen.port() != 0 {
-        return spawn_on(config);
+        let running = spawn_on(config)?;
+        if !owns_listener(std::process::id(), running.addr) {
+            running.stop();
+            return Err(StartError::Listen(config.listen));
+        }
+        return Ok(running);
     }
     let mut last = None;
     for _ in 0..5 {

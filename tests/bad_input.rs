@@ -216,3 +216,29 @@ async fn a_truncated_multipart_body_is_refused_and_stores_nothing() {
     assert_eq!(status, Some(400));
     assert_eq!(h.stored_files(), before);
 }
+
+#[tokio::test]
+async fn multipart_part_headers_that_never_end_are_refused_without_being_held() {
+    let h = Harness::start().await;
+    let addr = h.stitch.as_ref().unwrap().addr;
+    let mut connection = RawConnection::open(addr).await;
+    let total = 8 << 20;
+    let head = format!(
+        "POST /flow HTTP/1.1\r\nHost: a\r\nContent-Type: multipart/form-data; boundary=BB\r\n\
+         Content-Length: {total}\r\n\r\n--BB\r\nContent-Disposition: form-data; name=\"x\""
+    );
+    assert!(connection.send(head.as_bytes()).await);
+    // Header bytes with no end, far more than any part's headers; Stitch gives up early
+    // (the sends may fail once it has closed the connection).
+    let filler = vec![b'a'; 64 << 10];
+    for _ in 0..16 {
+        if !connection.send(&filler).await {
+            break;
+        }
+    }
+    let answer = connection
+        .response(std::time::Duration::from_secs(10))
+        .await;
+    assert_eq!(answer.map(|r| r.status), Some(400));
+    assert_eq!(h.upload_files(), 0);
+}

@@ -159,6 +159,27 @@ fn values_that_could_not_run_are_refused_by_check() {
         "connections:\n  idle_timeout: 0\n",
         &["idle_timeout", "line 2"],
     );
+    refused_naming(
+        "connections:\n  max_header_size: 2MiB\n",
+        &["max_header_size", "line 2"],
+    );
+    refused_naming("connect_timeout: 0\n", &["connect_timeout", "line 1"]);
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: flow\n    forward: { timeout: 0s }\n",
+        &["timeout", "line 4"],
+    );
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: resumable\n    parameters: { file: \"\" }\n",
+        &["parameters.file"],
+    );
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: flow\n    host: files.example.com:8080\n",
+        &["host", "without a port"],
+    );
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: flow\n    methods: []\n",
+        &["methods", "at least one"],
+    );
 }
 
 #[test]

@@ -214,3 +214,22 @@ async fn healthy_clients_keep_working_while_250_slow_ones_are_connected() {
     assert_delivered_once(&h, &file);
     drop(slow);
 }
+
+#[tokio::test]
+async fn a_multipart_chunk_that_stalls_gets_408_too() {
+    let h = Harness::with_routes(&with_limits("  body_timeout: 1s\n")).await;
+    let file = ChunkedFile::flow("stall.bin", random_bytes(3000, 102), 1000);
+    let (boundary, head, _) = multipart_frame(&file.params(1), "file", &file.name, "text/plain");
+    let mut client = RawConnection::open(addr(&h)).await;
+    let request = format!(
+        "POST /flow HTTP/1.1\r\nHost: a\r\nContent-Type: multipart/form-data; \
+         boundary={boundary}\r\nContent-Length: {}\r\n\r\n",
+        head.len() + 1000 + 64
+    );
+    assert!(client.send(request.as_bytes()).await);
+    assert!(client.send(&head).await);
+    assert!(client.send(&[7u8; 100]).await);
+    let answer = client.response(Duration::from_secs(10)).await;
+    assert_eq!(answer.map(|r| r.status), Some(408));
+    assert_eq!(h.upload_files(), 0, "nothing stored");
+}

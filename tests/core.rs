@@ -10,10 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use stitch::config::{FieldPolicy, ForwardConfig};
 use stitch::drain::InFlight;
-use stitch::forward::{DeliveryRequest, Forward, ForwardError};
+use stitch::forward::{DeliveryRequest, Forward, ForwardError, PartReader};
 use stitch::store::{
-    BlobStore, BodyError, BodySource, Engines, RecordedAnswer, StoreError, StoredPart, UploadKey,
-    UploadMeta,
+    BodyError, BodySource, Engines, RecordedAnswer, StoreError, StoredPart, UploadKey, UploadMeta,
 };
 use stitch::upload::{
     Clock, CoreError, FieldsDigest, Outcome, PartRef, PartStatus, Ttls, UploadCore,
@@ -50,7 +49,7 @@ struct StandIn {
 impl Forward for StandIn {
     async fn send(
         &self,
-        blobs: &dyn BlobStore,
+        parts: &dyn PartReader,
         _upload: &UploadKey,
         _meta: &UploadMeta,
         file: &[StoredPart],
@@ -68,8 +67,8 @@ impl Forward for StandIn {
         let mut hasher = Sha256::new();
         for part in file {
             let mut bytes = Vec::new();
-            blobs
-                .open(&part.digest, part.len)
+            parts
+                .open(part)
                 .await?
                 .read_to_end(&mut bytes)
                 .await
@@ -543,6 +542,17 @@ async fn appends_at_the_offset_keep_what_a_broken_body_brought(engine: Engine) {
     t.core.terminate(&key).await.unwrap();
     assert!(t.core.progress(&key).await.unwrap().is_none());
     assert!(t.engines.blobs.digests().await.unwrap().is_empty());
+    // A length declared late cannot be shorter than what is stored already.
+    let deferred = file_key("deferred.bin");
+    t.core.create(&deferred, &meta).await.unwrap();
+    t.core
+        .append(&deferred, 0, &mut Body::of(vec![5; 1000]), 1 << 20, &accept)
+        .await
+        .unwrap();
+    assert!(t.core.declare_length(&deferred, 500).await.is_err());
+    t.core.declare_length(&deferred, 1000).await.unwrap();
+    let progress = t.core.progress(&deferred).await.unwrap().unwrap();
+    assert_eq!((progress.offset, progress.meta.length), (1000, Some(1000)));
 }
 
 macro_rules! on_every_engine {
@@ -577,6 +587,8 @@ on_every_engine!(
     an_idle_upload_expires_and_its_bytes_go,
     a_delivered_answer_expires_after_result_ttl,
     appends_at_the_offset_keep_what_a_broken_body_brought,
+    a_new_file_replaces_parts_resent_from_the_delivered_one,
+    parts_left_beside_a_recorded_answer_are_not_taken_for_a_new_file,
 );
 
 /// Leases that expire (an engine shared by several instances): a holder that stalled past its
@@ -613,4 +625,154 @@ async fn a_holder_whose_lease_expired_cannot_change_the_upload() {
         .await
         .unwrap();
     assert!(t.engines.state.meta(&file.key).await.unwrap().is_some());
+}
+
+async fn a_new_file_replaces_parts_resent_from_the_delivered_one(engine: Engine) {
+    let t = Setup::new(engine);
+    let file = File::new("resent.bin", 13);
+    store_all_but_last(&t, &file).await;
+    put(&t, &file, 3, "a").await;
+    t.core.deliver(file.key, &forward(), request("a")).await;
+    // A page reload sends chunk 1 of the delivered file again: kept, answered.
+    assert!(matches!(
+        put(&t, &file, 1, "a").await,
+        PartStatus::Delivered(_)
+    ));
+    // Then another file under the same key: its chunk 1 must win over the one kept.
+    let mut other = File::new("resent.bin", 13);
+    other.data.iter_mut().for_each(|b| *b = b.wrapping_add(1));
+    for n in 1..=2 {
+        assert!(matches!(
+            put(&t, &other, n, "a").await,
+            PartStatus::Stored { complete: false }
+        ));
+    }
+    assert!(matches!(
+        put(&t, &other, 3, "a").await,
+        PartStatus::Stored { complete: true }
+    ));
+    t.core.deliver(other.key, &forward(), request("a")).await;
+    let received = t.upstream.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].0, other.sha256(), "the new file, whole");
+}
+
+async fn parts_left_beside_a_recorded_answer_are_not_taken_for_a_new_file(engine: Engine) {
+    let t = Setup::new(engine);
+    let file = File::new("leftover.bin", 14);
+    store_all_but_last(&t, &file).await;
+    put(&t, &file, 3, "a").await;
+    t.core.deliver(file.key, &forward(), request("a")).await;
+    // As if the process had died between recording the answer and removing the parts.
+    let lease = t
+        .engines
+        .locker
+        .lock(
+            stitch::store::LockKey::Upload(file.key),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    t.engines
+        .state
+        .save_meta(&file.key, &file.meta, lease.fence)
+        .await
+        .unwrap();
+    for n in 1..=3 {
+        let (_, bytes) = file.part(n);
+        let staged = t
+            .engines
+            .blobs
+            .stage(&mut Body::of(bytes), 1000)
+            .await
+            .unwrap();
+        let part = StoredPart {
+            number: n,
+            len: staged.len,
+            digest: staged.digest,
+        };
+        t.engines.blobs.keep(staged).await.unwrap();
+        t.engines
+            .state
+            .add_part(&file.key, part, lease.fence)
+            .await
+            .unwrap();
+    }
+    drop(lease);
+    let mut other = File::new("leftover.bin", 14);
+    other.data.iter_mut().for_each(|b| *b = b.wrapping_add(7));
+    assert!(matches!(
+        put(&t, &other, 2, "a").await,
+        PartStatus::Stored { complete: false }
+    ));
+    for n in [1, 3] {
+        put(&t, &other, n, "a").await;
+    }
+    t.core.deliver(other.key, &forward(), request("a")).await;
+    let received = t.upstream.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].0, other.sha256());
+}
+
+/// Two upload keys that the `fs` engine hashes onto the same lock file.
+fn keys_sharing_a_lock_stripe() -> (String, String) {
+    let stripe = |name: &str| {
+        let hex = UploadKey::derive(&[name.as_bytes()]).hex();
+        u64::from_str_radix(&hex[..8], 16).unwrap() % 1024
+    };
+    let mut seen = std::collections::HashMap::new();
+    for i in 0.. {
+        let name = format!("stripe-{i}.bin");
+        if let Some(other) = seen.insert(stripe(&name), name.clone()) {
+            return (other, name);
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_long_delivery_does_not_hold_up_another_upload_on_the_same_lock_stripe() {
+    let t = Setup::new(Engine::Fs);
+    let (a, b) = keys_sharing_a_lock_stripe();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *t.upstream.gate.lock().unwrap() = Some(gate.clone());
+    let first = File::new(&a, 15);
+    store_all_but_last(&t, &first).await;
+    put(&t, &first, 3, "a").await;
+    let entered = t.upstream.entered.notified();
+    let delivering = tokio::spawn({
+        let core = t.core.clone();
+        let key = first.key;
+        async move { core.deliver(key, &forward(), request("a")).await }
+    });
+    entered.await;
+    // The first upload's delivery is in the upstream's hands, under its lease.
+    let second = File::new(&b, 16);
+    let stored = tokio::time::timeout(Duration::from_secs(60), put(&t, &second, 1, "a")).await;
+    assert!(
+        matches!(stored, Ok(PartStatus::Stored { .. })),
+        "the other upload's chunk waited for the delivery"
+    );
+    gate.add_permits(10);
+    delivering.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_part_is_delivered_even_if_its_blobs_own_name_is_lost() {
+    // Only the part's link is fsynced into a directory; after a power loss the blob's own
+    // name may be gone while the link survives.
+    let t = Setup::new(Engine::Fs);
+    let file = File::new("linked.bin", 17);
+    for n in 1..=3 {
+        put(&t, &file, n, "a").await;
+    }
+    let blobs = t._dir.path().join("blobs");
+    for shard in std::fs::read_dir(&blobs).unwrap() {
+        for blob in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            std::fs::remove_file(blob.unwrap().path()).unwrap();
+        }
+    }
+    let delivery = t.core.deliver(file.key, &forward(), request("a")).await;
+    assert_eq!(answer(&delivery.outcome).status, 201);
+    assert_eq!(t.upstream.received.lock().unwrap()[0].0, file.sha256());
 }

@@ -83,14 +83,22 @@ async fn an_answer_that_cannot_be_written_down_is_replayed_and_recorded_once_spa
     assert_eq!(retried.status(), 201, "replayed while the disk is full");
     assert_eq!(retried.text().await.unwrap(), answer);
     assert_eq!(h.damage(), Vec::<String>::new());
+    let answer_file = |h: &Harness| {
+        let stored = h.stored_files();
+        stored
+            .iter()
+            .find(|(p, _)| p.ends_with("/answer"))
+            .map(|(_, len)| *len)
+    };
     assert!(
-        !h.stored_files().iter().any(|(p, _)| p.ends_with("/answer")),
-        "the answer could not be written while the disk was full"
+        answer_file(&h).is_some_and(|len| len < 1024),
+        "while the disk is full, the answer is written without its body"
     );
 
     disk.free();
-    // The next request for the upload (or the sweep) writes the answer down.
+    // The next request for the upload (or the sweep) writes the whole answer down.
     assert_eq!(file.upload(&h, 3).await.status(), 201);
+    assert!(answer_file(&h).is_some_and(|len| len > 48 << 10));
     h.restart();
     let after_restart = file.upload(&h, 3).await;
     assert_eq!(

@@ -9,7 +9,7 @@ mod units;
 pub use route::{FieldPolicy, ForwardConfig, Limits, PathMatch, Route, Scope};
 pub use units::{ByteSize, Span};
 
-use units::{at_least_a_second, at_least_one, some_at_least_one};
+use units::{above_zero, at_least_a_second, at_least_one, header_size, some_at_least_one};
 
 use serde::{Deserialize, Deserializer};
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -32,7 +32,7 @@ pub struct Config {
     #[serde(default, deserialize_with = "some_at_least_one")]
     pub threads: Option<usize>,
     /// How long a connection to the upstream may take to open.
-    #[serde(default = "default_connect_timeout")]
+    #[serde(default = "default_connect_timeout", deserialize_with = "above_zero")]
     pub connect_timeout: Span,
     /// How long a graceful shutdown (SIGTERM) waits for requests in flight.
     #[serde(default = "default_shutdown_grace")]
@@ -233,7 +233,7 @@ struct RawConnectionLimits {
         deserialize_with = "at_least_a_second"
     )]
     body_timeout: Span,
-    #[serde(default = "default_max_header_size")]
+    #[serde(default = "default_max_header_size", deserialize_with = "header_size")]
     max_header_size: ByteSize,
 }
 
@@ -254,14 +254,7 @@ impl TryFrom<RawConnectionLimits> for ConnectionLimits {
     type Error = String;
 
     fn try_from(raw: RawConnectionLimits) -> Result<Self, String> {
-        let max_header_size = usize::try_from(raw.max_header_size.0)
-            .ok()
-            .filter(|n| (1024..=MAX_HEADER_LIMIT).contains(n))
-            .ok_or_else(|| {
-                format!(
-                    "connections.max_header_size must be between 1KiB and {MAX_HEADER_LIMIT} bytes"
-                )
-            })?;
+        let max_header_size = usize::try_from(raw.max_header_size.0).unwrap_or(usize::MAX);
         Ok(ConnectionLimits {
             max: raw.max,
             max_per_client: raw.max_per_client,
@@ -272,9 +265,6 @@ impl TryFrom<RawConnectionLimits> for ConnectionLimits {
         })
     }
 }
-
-/// Pingora reads at most about 1 MiB of request header in any case.
-const MAX_HEADER_LIMIT: usize = (1 << 20) - 1;
 
 /// A config that failed to load, with serde_yaml's key path and line in the message.
 #[derive(Debug, thiserror::Error)]

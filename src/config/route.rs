@@ -1,7 +1,7 @@
 //! One upload route: which requests it intercepts, which protocol they speak, and how the finished
 //! file is handed to the upstream.
 
-use super::units::{ByteSize, Span};
+use super::units::{above_zero, ByteSize, Span};
 use crate::protocol::chunk::RawParamNames;
 use crate::protocol::{ProtocolConfig, ProtocolName};
 use http::Method;
@@ -182,7 +182,7 @@ struct RawForward {
     headers: Vec<String>,
     #[serde(default)]
     protocol_fields: bool,
-    #[serde(default = "default_forward_timeout")]
+    #[serde(default = "default_forward_timeout", deserialize_with = "above_zero")]
     timeout: Span,
     #[serde(default = "default_retry_pause")]
     retry_pause: Span,
@@ -307,6 +307,16 @@ impl TryFrom<RawRoute> for Route {
         }
         if raw.forward.field.is_empty() || raw.forward.field.contains(['"', '\r', '\n']) {
             return Err("forward.field must be a plain, non-empty field name".into());
+        }
+        if raw
+            .host
+            .as_deref()
+            .is_some_and(|h| h.is_empty() || h.contains(':'))
+        {
+            return Err("host: give the host name alone, without a port".into());
+        }
+        if methods.is_empty() {
+            return Err("methods: list at least one method, or leave the key out".into());
         }
         let host = raw.host.map(|h| h.to_ascii_lowercase());
         Ok(Route {

@@ -127,6 +127,26 @@ pub fn at_least_a_second<'de, D: Deserializer<'de>>(d: D) -> Result<Span, D::Err
     })
 }
 
+/// For a duration that must not be zero (a timeout of 0 fails everything at once).
+pub fn above_zero<'de, D: Deserializer<'de>>(d: D) -> Result<Span, D::Error> {
+    d.deserialize_any(UnitVisitor {
+        expecting: "a duration above zero, such as 500ms, 30s or 5m",
+        parse: Span::parse,
+        from_int: |secs| Span(Duration::from_secs(secs)),
+        accept: |span| !span.0.is_zero(),
+    })
+}
+
+/// For `connections.max_header_size`: 1 KiB to just under 1 MiB, the most Pingora reads.
+pub fn header_size<'de, D: Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    d.deserialize_any(UnitVisitor {
+        expecting: "a size from 1KiB to 1023KiB",
+        parse: ByteSize::parse,
+        from_int: ByteSize,
+        accept: |size| (1024..1 << 20).contains(&size.0),
+    })
+}
+
 /// For a count that must be at least 1 (`threads: 0` cannot run).
 pub fn at_least_one<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     d.deserialize_any(UnitVisitor {

@@ -31,7 +31,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 tokio::task_local! {
     /// Set by the proxy once a request's header has been read (HTTP/1 runs each connection in
@@ -132,12 +132,18 @@ async fn within_header_deadline<F: Future>(
     Some(request.await)
 }
 
-/// Answers a connection over the limits with 503 and closes it.
+/// Answers a connection over the limits with 503 and closes it, after reading (and throwing
+/// away) what the client sends for a moment, so that it sees the answer rather than a reset.
 async fn refuse(mut stream: Stream) {
     const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
         Content-Length: 21\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections\n";
     let _ = stream.write_all(BUSY).await;
     let _ = stream.flush().await;
+    let linger = async {
+        let mut sink = [0u8; 16 << 10];
+        while stream.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), linger).await;
     let _ = stream.shutdown().await;
 }
 

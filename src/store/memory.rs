@@ -109,12 +109,17 @@ impl Drop for Held {
 }
 
 impl Memory {
-    /// Refuses a change made under a lease older than the newest issued for the upload.
-    fn check(&self, upload: &UploadKey, fence: Fence) -> Result<(), StoreError> {
+    /// Refuses a change made under a lease older than the newest issued for the upload. The
+    /// guard it returns keeps new leases from being issued until the change is made.
+    fn fenced(
+        &self,
+        upload: &UploadKey,
+        fence: Fence,
+    ) -> Result<std::sync::MutexGuard<'_, Leases>, StoreError> {
         let leases = self.leases.lock().expect("leases");
         match leases.newest.get(&LockKey::Upload(*upload)) {
             Some(newest) if *newest > fence.0 => Err(StoreError::Fenced(format!("{upload:?}"))),
-            _ => Ok(()),
+            _ => Ok(leases),
         }
     }
 
@@ -222,13 +227,13 @@ impl StateStore for Memory {
         meta: &UploadMeta,
         fence: Fence,
     ) -> Result<(), StoreError> {
-        self.check(upload, fence)?;
+        let _fenced = self.fenced(upload, fence)?;
         self.with_upload(upload, |u| u.meta = Some(meta.clone()));
         Ok(())
     }
 
     async fn remove_meta(&self, upload: &UploadKey, fence: Fence) -> Result<(), StoreError> {
-        self.check(upload, fence)?;
+        let _fenced = self.fenced(upload, fence)?;
         self.with_upload(upload, |u| u.meta = None);
         Ok(())
     }
@@ -243,7 +248,7 @@ impl StateStore for Memory {
         part: StoredPart,
         fence: Fence,
     ) -> Result<bool, StoreError> {
-        self.check(upload, fence)?;
+        let _fenced = self.fenced(upload, fence)?;
         let mut data = self.data.lock().expect("data");
         let entry = data.uploads.entry(*upload).or_default();
         if entry.parts.contains_key(&part.number) {
@@ -256,12 +261,37 @@ impl StateStore for Memory {
         Ok(true)
     }
 
+    async fn remove_part(
+        &self,
+        upload: &UploadKey,
+        number: u64,
+        fence: Fence,
+    ) -> Result<Option<Digest>, StoreError> {
+        let _fenced = self.fenced(upload, fence)?;
+        let mut data = self.data.lock().expect("data");
+        let Some(entry) = data.uploads.get_mut(upload) else {
+            return Ok(None);
+        };
+        let mut parts = PartIndex::clone(&entry.parts);
+        let Some(part) = parts.remove(&number) else {
+            return Ok(None);
+        };
+        entry.parts = Arc::new(parts);
+        if let Some(count) = data.references.get_mut(&part.digest) {
+            *count -= 1;
+            if *count == 0 {
+                data.references.remove(&part.digest);
+            }
+        }
+        Ok(Some(part.digest))
+    }
+
     async fn remove_parts(
         &self,
         upload: &UploadKey,
         fence: Fence,
     ) -> Result<Vec<Digest>, StoreError> {
-        self.check(upload, fence)?;
+        let _fenced = self.fenced(upload, fence)?;
         let mut data = self.data.lock().expect("data");
         let parts = match data.uploads.get_mut(upload) {
             Some(entry) => std::mem::take(&mut entry.parts),
@@ -305,13 +335,13 @@ impl StateStore for Memory {
         at: SystemTime,
         fence: Fence,
     ) -> Result<(), StoreError> {
-        self.check(upload, fence)?;
+        let _fenced = self.fenced(upload, fence)?;
         self.with_upload(upload, |u| u.answer = Some((answer.clone(), at)));
         Ok(())
     }
 
     async fn remove_answer(&self, upload: &UploadKey, fence: Fence) -> Result<(), StoreError> {
-        self.check(upload, fence)?;
+        let _fenced = self.fenced(upload, fence)?;
         self.with_upload(upload, |u| u.answer = None);
         Ok(())
     }
@@ -322,7 +352,7 @@ impl StateStore for Memory {
         delivering: bool,
         fence: Fence,
     ) -> Result<(), StoreError> {
-        self.check(upload, fence)?;
+        let _fenced = self.fenced(upload, fence)?;
         self.with_upload(upload, |u| u.delivering = delivering);
         Ok(())
     }
@@ -367,7 +397,7 @@ impl StateStore for Memory {
     }
 
     async fn remove(&self, upload: &UploadKey, fence: Fence) -> Result<(), StoreError> {
-        self.check(upload, fence)?;
+        let _fenced = self.fenced(upload, fence)?;
         self.data.lock().expect("data").uploads.remove(upload);
         Ok(())
     }

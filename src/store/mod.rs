@@ -262,12 +262,30 @@ pub trait StateStore: Send + Sync {
         part: StoredPart,
         fence: Fence,
     ) -> Result<bool, StoreError>;
-    /// Forgets every part of the upload; returns the digests no part references any more.
+    /// Forgets one part (to put other bytes in its place); returns its digest if it was there.
+    async fn remove_part(
+        &self,
+        upload: &UploadKey,
+        number: u64,
+        fence: Fence,
+    ) -> Result<Option<Digest>, StoreError>;
+    /// Forgets every part of the upload; returns the digests of the parts it had (some may be
+    /// referenced by other uploads still: see `is_referenced`).
     async fn remove_parts(
         &self,
         upload: &UploadKey,
         fence: Fence,
     ) -> Result<Vec<Digest>, StoreError>;
+    /// Reads a part through the upload's own reference to its bytes, where the engine has one
+    /// (the `fs` engine's hard link survives what may befall the blob's own name); `None`:
+    /// read the blob.
+    async fn open_part(
+        &self,
+        _upload: &UploadKey,
+        _part: &StoredPart,
+    ) -> Result<Option<Box<dyn AsyncRead + Send + Unpin>>, StoreError> {
+        Ok(None)
+    }
     /// Does any part of any upload reference this blob?
     async fn is_referenced(&self, digest: &Digest) -> Result<bool, StoreError>;
 

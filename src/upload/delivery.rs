@@ -3,7 +3,7 @@
 
 use super::{Credentials, FieldsDigest, UploadCore};
 use crate::config::ForwardConfig;
-use crate::forward::{verdict, DeliveryRequest, ForwardError, Verdict};
+use crate::forward::{verdict, DeliveryRequest, ForwardError, PartReader, Verdict};
 use crate::store::{DeliveredFile, Fence, RecordedAnswer, StoreError, StoredPart, UploadKey};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -172,6 +172,7 @@ impl UploadCore {
             },
         };
         if let Some(answer) = self.fresh_answer(upload, &fields).await? {
+            self.clean_leftovers(upload, &answer, fence).await?;
             return Ok(answered(answer, false));
         }
         if let Some((refusal, at)) = state.answer(upload).await? {
@@ -200,7 +201,10 @@ impl UploadCore {
         let sent = self
             .forwarder
             .send(
-                self.engines.blobs.as_ref(),
+                &UploadParts {
+                    engines: &self.engines,
+                    upload: *upload,
+                },
                 upload,
                 &meta,
                 &file,
@@ -250,27 +254,73 @@ impl UploadCore {
         answer.file = Some(DeliveredFile { meta, parts: file });
         // The upstream has the file, whatever happens here: never report a retryable failure
         // (a retry would send the file again).
-        let recorded = state
-            .save_answer(upload, &answer, self.clock.now(), fence)
-            .await;
-        match recorded {
-            Ok(()) => {
-                if let Err(e) = self.finish(upload, fence).await {
-                    tracing::error!("{upload:?}: delivered, but removing its parts failed: {e}");
-                }
+        if self.record(upload, &answer, fence).await {
+            if let Err(e) = self.finish(upload, fence).await {
+                tracing::error!("{upload:?}: delivered, but removing its parts failed: {e}");
             }
-            Err(e) => {
-                tracing::error!(
-                    "{upload:?}: delivered, but recording the answer failed ({e}); it is \
-                     replayed from memory and recorded when storage allows"
-                );
-                self.unrecorded.insert(*upload, answer.clone());
+            if let Err(e) = state.mark_delivering(upload, false, fence).await {
+                tracing::warn!("{upload:?}: clearing the delivery note failed: {e}");
             }
-        }
-        if let Err(e) = state.mark_delivering(upload, false, fence).await {
-            tracing::warn!("{upload:?}: clearing the delivery note failed: {e}");
         }
         Ok(answered(answer, false))
+    }
+
+    /// Writes down a delivered file's answer. When storage is too full for the whole answer,
+    /// its status and headers without the body are written (other processes, and this one
+    /// after a restart, replay that much until the whole answer is written); when not even
+    /// that fits, the answer is kept in memory only, and the delivery note stays, so that a
+    /// delivery from elsewhere meanwhile is logged as in doubt. True if something is written.
+    async fn record(&self, upload: &UploadKey, answer: &RecordedAnswer, fence: Fence) -> bool {
+        let state = &self.engines.state;
+        let now = self.clock.now();
+        let Err(e) = state.save_answer(upload, answer, now, fence).await else {
+            return true;
+        };
+        let bodiless = RecordedAnswer {
+            body: bytes::Bytes::new(),
+            ..answer.clone()
+        };
+        if state
+            .save_answer(upload, &bodiless, now, fence)
+            .await
+            .is_ok()
+        {
+            tracing::error!(
+                "{upload:?}: delivered; recording the whole answer failed ({e}), so it is \
+                 recorded without its body for now"
+            );
+            // Replayed whole from memory, and written whole when storage allows.
+            self.unrecorded.insert(*upload, answer.clone());
+            return true;
+        }
+        tracing::error!(
+            "{upload:?}: delivered, but recording the answer failed ({e}); it is replayed \
+             from memory and recorded when storage allows"
+        );
+        self.unrecorded.insert(*upload, answer.clone());
+        false
+    }
+
+    /// Finishes a delivered upload whose parts are still there (a crash or a failure between
+    /// recording its answer and removing its parts): they would otherwise be taken for a new
+    /// upload of the same file.
+    pub(super) async fn clean_leftovers(
+        &self,
+        upload: &UploadKey,
+        answer: &RecordedAnswer,
+        fence: Fence,
+    ) -> Result<(), super::CoreError> {
+        let Some(file) = &answer.file else {
+            return Ok(());
+        };
+        let parts = self.engines.state.parts(upload).await?;
+        let leftovers = !parts.is_empty()
+            && parts.len() == file.parts.len()
+            && file.parts.iter().all(|p| parts.get(&p.number) == Some(p));
+        if leftovers {
+            self.finish(upload, fence).await?;
+        }
+        Ok(())
     }
 
     /// The answer to the delivered file, if there is one for these fields and it has not
@@ -322,6 +372,25 @@ impl UploadCore {
                     "{upload:?}: recording the delivered file's answer failed again: {e}"
                 )
             }
+        }
+    }
+}
+
+/// An upload's parts, read through its own references where the engine keeps them.
+struct UploadParts<'a> {
+    engines: &'a crate::store::Engines,
+    upload: UploadKey,
+}
+
+#[async_trait::async_trait]
+impl PartReader for UploadParts<'_> {
+    async fn open(
+        &self,
+        part: &StoredPart,
+    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StoreError> {
+        match self.engines.state.open_part(&self.upload, part).await? {
+            Some(reader) => Ok(reader),
+            None => self.engines.blobs.open(&part.digest, part.len).await,
         }
     }
 }

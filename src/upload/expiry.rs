@@ -21,7 +21,11 @@ impl UploadCore {
             match self.expire(&upload).await {
                 Ok(true) => removed += 1,
                 Ok(false) => {}
-                Err(e) => tracing::error!("{upload:?}: expiry failed: {e}"),
+                Err(e) => {
+                    tracing::error!("{upload:?}: expiry failed: {e}");
+                    // Looked at again by the next sweep.
+                    self.engines.state.reindex(&upload, now).await?;
+                }
             }
         }
         self.engines.state.prune_activity(before).await?;
@@ -37,6 +41,7 @@ impl UploadCore {
         let state = &self.engines.state;
         self.record_pending(upload, lease.fence).await;
         if self.unrecorded.contains_key(upload) {
+            state.reindex(upload, self.clock.now()).await?;
             return Ok(false);
         }
         let Some(last) = state.last_activity(upload).await? else {

@@ -159,9 +159,21 @@ impl UploadCore {
                 ))),
             };
         }
+        if delivered.is_some() {
+            // The parts stored since the delivery all match it; other bytes for one of their
+            // numbers belong to the file now being uploaded.
+            let stored = self.engines.state.parts(upload).await?;
+            if stored.get(&part.number).is_some_and(|p| *p != chunk) {
+                let old = self
+                    .engines
+                    .state
+                    .remove_part(upload, part.number, lease.fence)
+                    .await?;
+                self.release(old.into_iter().collect()).await?;
+            }
+        }
         self.publish(upload, part.number, staged, lease.fence)
             .await?;
-        self.engines.state.touch(upload, self.clock.now()).await?;
         if let Some((answer, _)) = delivered {
             let same = answer
                 .file
@@ -202,6 +214,7 @@ impl UploadCore {
         let state = &self.engines.state;
         let delivered = match state.answer(upload).await? {
             Some((answer, at)) if answer.is_delivery() => {
+                self.clean_leftovers(upload, &answer, fence).await?;
                 if self.applies(&answer, at, fields) {
                     Some((answer, true))
                 } else {
@@ -211,9 +224,14 @@ impl UploadCore {
             }
             _ => None,
         };
-        match state.meta(upload).await? {
-            Some(pinned) => check_pinned(&pinned, declared)?,
-            None => state.save_meta(upload, declared, fence).await?,
+        let pinned = state.meta(upload).await?;
+        if let Some(pinned) = &pinned {
+            check_pinned(pinned, declared)?;
+        }
+        // Activity first: an upload is in the expiry index before anything of it is stored.
+        state.touch(upload, self.clock.now()).await?;
+        if pinned.is_none() {
+            state.save_meta(upload, declared, fence).await?;
         }
         Ok(delivered)
     }
@@ -284,11 +302,11 @@ impl UploadCore {
     /// length (declared later with [`declare_length`](Self::declare_length)).
     pub async fn create(&self, upload: &UploadKey, meta: &UploadMeta) -> Result<(), CoreError> {
         let lease = self.lock(upload).await?;
+        self.engines.state.touch(upload, self.clock.now()).await?;
         self.engines
             .state
             .save_meta(upload, meta, lease.fence)
             .await?;
-        self.engines.state.touch(upload, self.clock.now()).await?;
         Ok(())
     }
 
@@ -297,6 +315,10 @@ impl UploadCore {
         let lease = self.lock(upload).await?;
         let state = &self.engines.state;
         let mut meta = state.meta(upload).await?.ok_or(CoreError::NotFound)?;
+        let stored = contiguous_len(&*state.parts(upload).await?);
+        if length < stored {
+            return Err(CoreError::TooLong { limit: length });
+        }
         match meta.length {
             Some(declared) if declared != length => Err(CoreError::LengthDeclared { declared }),
             Some(_) => Ok(()),
@@ -349,7 +371,9 @@ impl UploadCore {
         if current != at {
             return Err(CoreError::OffsetMismatch { current });
         }
-        let room = meta.length.map_or(limit, |length| length - current);
+        let room = meta
+            .length
+            .map_or(limit, |length| length.saturating_sub(current));
         let staged = self.engines.blobs.stage(body, room.min(limit)).await?;
         let broke_off = match &staged.cut {
             Some(Cut::TooLong(limit)) => {

@@ -19,7 +19,7 @@ use crate::config::{Route, Scope};
 use crate::forward::DeliveryRequest;
 use crate::http::{
     accept_expect_continue, body_stream, client_ip, content_length, cookie, expects_continue,
-    forwarded_for, header_str, host, RequestBody,
+    forwarded_for, header_str, host, Progress, RequestBody,
 };
 use crate::store::{BodyError, BodySource, UploadKey, UploadMeta};
 use crate::upload::{FieldsDigest, PartStatus, ReplyHold, UploadCore};
@@ -39,6 +39,12 @@ const MULTIPART_SLACK: u64 = 1 << 20;
 /// What each multipart field counts against the text budget besides its name and value, so that
 /// a flood of empty fields is bounded too.
 const FIELD_OVERHEAD: usize = 128;
+/// How long an unread body is read (and thrown away) after the answer, before the connection
+/// closes.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+/// How much of a multipart body may pass while no field or piece of one comes out of it (a
+/// part's headers are a few hundred bytes).
+const MULTIPART_HEADERS_BUDGET: u64 = 256 << 10;
 
 /// Handles a request on a chunk route. `Ok(false)`: not chunk traffic, pass it through.
 pub async fn handle(
@@ -73,8 +79,7 @@ pub async fn handle(
     let answer = if is_test_method {
         exchange.test(&fields, None).await
     } else if too_large {
-        let reply = reply::reply(Answer::Refused(Refusal::BodyTooLarge));
-        return reply.send(session).await.map(|_| true);
+        Answer::Refused(Refusal::BodyTooLarge)
     } else if let Some(boundary) = boundary {
         // Resumable.js repeats its parameters in the URL: check them before asking for the body.
         match in_query.then(|| exchange.identify(&fields, None)) {
@@ -87,18 +92,20 @@ pub async fn handle(
     } else {
         exchange.octet(session, &fields).await
     };
-    // Read what is left of the body so the connection stays usable, unless the client is
-    // still waiting for a `100 Continue` it will now never get (it sends no body then).
+    let reply = reply::reply(answer).with_header("cache-control", "no-store");
+    // A body left unread (a refused chunk) is not waited for: the client gets its answer at
+    // once and the connection closes, after a moment of reading so that the client sees the
+    // answer rather than a reset. (A client still waiting for a `100 Continue` sends no body.)
     let body_coming =
         !expects_continue(session.req_header()) || exchange.continued.load(Ordering::Relaxed);
-    if body_coming && !session.is_body_done() {
-        // Bounded by the body timeout, set on the session (`proxy::connections`).
-        let _ = session.drain_request_body().await;
+    let unread = body_coming && !session.is_body_done();
+    if unread {
+        session.set_keepalive(None);
     }
-    let sent = reply::reply(answer)
-        .with_header("cache-control", "no-store")
-        .send(session)
-        .await;
+    let sent = reply.send(session).await;
+    if unread {
+        let _ = tokio::time::timeout(LINGER, session.drain_request_body()).await;
+    }
     drop(exchange);
     sent.map(|_| true)
 }
@@ -230,18 +237,25 @@ impl Exchange<'_> {
         mut fields: Fields,
         boundary: String,
     ) -> Answer {
-        let stream = body_stream(session.as_downstream_mut());
+        let progress = Progress::default();
+        let stream = body_stream(
+            session.as_downstream_mut(),
+            progress.clone(),
+            MULTIPART_HEADERS_BUDGET,
+        );
         let mut multipart = multer::Multipart::new(stream, boundary);
         let file_field = &self.options.names.file_field;
         let mut file = None;
         let mut text_bytes = 0usize;
         loop {
-            match multipart.next_field().await {
+            let next = multipart.next_field().await;
+            progress.made();
+            match next {
                 Ok(Some(field)) if field.name() == Some(file_field.as_str()) => {
                     file = Some(field);
                     break;
                 }
-                Ok(Some(field)) => match read_text(field).await {
+                Ok(Some(field)) => match read_text(field, &progress).await {
                     Ok((name, value)) => {
                         text_bytes += name.len() + value.len() + FIELD_OVERHEAD;
                         if text_bytes as u64 > MULTIPART_SLACK {
@@ -252,7 +266,7 @@ impl Exchange<'_> {
                     Err(refusal) => return Answer::Refused(refusal),
                 },
                 Ok(None) => break,
-                Err(e) => return Answer::Refused(Refusal::Multipart(e.to_string())),
+                Err(e) => return Answer::Refused(multipart_refusal(&e)),
             }
         }
         let body_type = file
@@ -267,7 +281,7 @@ impl Exchange<'_> {
             Ok(chunk) => chunk,
             Err(e) => return Answer::Refused(Refusal::Params(e)),
         };
-        let mut body = FieldBody(field);
+        let mut body = FieldBody(field, progress);
         let answer = self.store(chunk, &mut body).await;
         drop(body);
         while let Ok(Some(mut rest)) = multipart.next_field().await {
@@ -319,19 +333,24 @@ impl Exchange<'_> {
 }
 
 /// The file part as a body source.
-struct FieldBody<'r>(multer::Field<'r>);
+struct FieldBody<'r>(multer::Field<'r>, Progress);
 
 #[async_trait]
 impl BodySource for FieldBody<'_> {
     async fn next_piece(&mut self) -> Result<Option<Bytes>, BodyError> {
-        self.0.chunk().await.map_err(|e| multipart_body_error(&e))
+        let piece = self.0.chunk().await.map_err(|e| multipart_body_error(&e));
+        self.1.made();
+        piece
     }
 }
 
 /// multer wraps the body reader's errors: a stalled body is still a stalled body.
 fn multipart_body_error(e: &multer::Error) -> BodyError {
     let source = match e {
-        multer::Error::StreamReadFailed(source) => source.downcast_ref::<pingora::Error>(),
+        multer::Error::StreamReadFailed(source) => source
+            .downcast_ref::<Box<pingora::Error>>()
+            .map(|e| &**e)
+            .or_else(|| source.downcast_ref::<pingora::Error>()),
         _ => None,
     };
     match source {
@@ -340,17 +359,30 @@ fn multipart_body_error(e: &multer::Error) -> BodyError {
     }
 }
 
-async fn read_text(mut field: multer::Field<'_>) -> Result<(String, String), Refusal> {
+/// A multipart body that could not be parsed: stalled, or malformed (or broken off).
+fn multipart_refusal(e: &multer::Error) -> Refusal {
+    match multipart_body_error(e) {
+        BodyError::Stalled => Refusal::Stalled,
+        BodyError::Broken(_) => Refusal::Multipart(e.to_string()),
+    }
+}
+
+async fn read_text(
+    mut field: multer::Field<'_>,
+    progress: &Progress,
+) -> Result<(String, String), Refusal> {
     let name = field.name().unwrap_or_default().to_string();
     let mut value = Vec::new();
     loop {
-        match field.chunk().await {
+        let piece = field.chunk().await;
+        progress.made();
+        match piece {
             Ok(Some(piece)) if value.len() + piece.len() <= MAX_TEXT_FIELD => {
                 value.extend_from_slice(&piece)
             }
             Ok(Some(_)) => return Err(Refusal::FieldTooLong(name)),
             Ok(None) => break,
-            Err(e) => return Err(Refusal::Multipart(e.to_string())),
+            Err(e) => return Err(multipart_refusal(&e)),
         }
     }
     let value = String::from_utf8(value).map_err(|_| Refusal::FieldNotText(name.clone()))?;

@@ -124,7 +124,11 @@ impl ParamNames {
             filename: name(raw.filename, "Filename"),
             relative_path: name(raw.relative_path, "RelativePath"),
             total_chunks: name(raw.total_chunks, "TotalChunks"),
-            file_field: format!("{ns}{}", raw.file.unwrap_or_else(|| "file".into())),
+            file_field: match raw.file.as_deref() {
+                Some("") => return Err("parameters.file cannot be empty".into()),
+                Some(file) => format!("{ns}{file}"),
+                None => format!("{ns}file"),
+            },
             namespace: ns,
         })
     }

@@ -39,6 +39,8 @@ pub(super) enum Refusal {
     FieldTooLong(String),
     FieldNotText(String),
     Multipart(String),
+    /// The body sent nothing for the body timeout.
+    Stalled,
     Expect(String),
     /// The core refused it; `declared` is what the request said, for a conflict's message.
     Core(CoreError, Box<UploadMeta>),
@@ -106,6 +108,7 @@ fn refused(refusal: Refusal) -> Reply {
             Reply::refuse(415, format!("field {name:?} is not UTF-8 text"))
         }
         Refusal::Multipart(e) => Reply::refuse(400, format!("malformed multipart body: {e}")),
+        Refusal::Stalled => Reply::refuse(408, "the request body stalled; send the chunk again"),
         Refusal::Expect(e) => Reply::refuse(400, format!("could not answer Expect: {e}")),
         Refusal::Core(e, declared) => core_refusal(e, &declared),
     }

@@ -1,29 +1,155 @@
-//! Locks on local disk: an in-process lock orders this process's tasks, then a `flock` on a
-//! lock file keeps other processes out. Keys are hashed onto a fixed set of lock files
+//! Locks on local disk: an in-process lock per key orders this process's tasks, and a `flock`
+//! on a lock file keeps other processes out. Keys are hashed onto a fixed set of lock files
 //! (stripes), so lock files are never created and deleted per key (which races with `flock`).
 //!
+//! Within a process, tasks holding different keys of one stripe share its `flock` (the first
+//! takes it, the last lets it go), so a long delivery never holds up another upload of this
+//! process that happens to hash onto the same stripe. Another process waits for the stripe as
+//! a whole.
+//!
 //! Each upload stripe's file holds a counter: the fencing token, one more for every lease
-//! taken by any process. A process that sees the counter jump by more than one since its own
-//! last lease knows another process took the stripe in between, and stops trusting what it
-//! cached about the uploads hashed onto it.
+//! taken by any process. A process that finds the counter moved on since its own last lease
+//! knows another process took the stripe in between, and stops trusting what it cached about
+//! the uploads hashed onto it.
 
-use super::{Fs, BLOB_STRIPES, UPLOAD_STRIPES};
+use super::{Fs, BLOB_STRIPES};
 use crate::locks::KeyGuard;
 use crate::store::{Fence, Lease, LockKey, Locker, StoreError};
 use async_trait::async_trait;
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub(super) struct FsLocker(pub(super) Arc<Fs>);
 
-/// A held lock: the lock file (its `flock` goes with it), then the in-process lock.
+/// One lock file, and what this process holds of it.
+pub(super) struct Stripe {
+    path: PathBuf,
+    held: Mutex<Held>,
+    /// Moves on whenever this process finds that another one took the stripe since its own
+    /// last lease: what it cached before about the stripe's uploads is stale.
+    epoch: AtomicU64,
+}
+
+#[derive(Default)]
 struct Held {
-    _file: File,
+    /// Tasks of this process holding a key of this stripe.
+    holders: usize,
+    /// The lock file, `flock`ed, while `holders > 0`.
+    file: Option<File>,
+    /// The last token this process took.
+    last_token: u64,
+}
+
+impl Stripe {
+    pub(super) fn new(root: &Path, name: &str) -> Stripe {
+        Stripe {
+            path: root.join("locks").join(name),
+            held: Mutex::default(),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// Joins the holders if this process holds the stripe already, or takes its `flock` if
+    /// no other process does. False: another process holds it.
+    fn try_hold(&self) -> std::io::Result<bool> {
+        let mut held = self.held.lock().expect("stripe");
+        if held.holders > 0 {
+            held.holders += 1;
+            return Ok(true);
+        }
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&self.path)?;
+        match file.try_lock() {
+            Ok(()) => {
+                held.file = Some(file);
+                held.holders = 1;
+                Ok(true)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    fn release(&self) {
+        let mut held = self.held.lock().expect("stripe");
+        held.holders -= 1;
+        if held.holders == 0 {
+            // Closing the file releases the `flock`.
+            held.file = None;
+        }
+    }
+
+    /// Takes the next token (the stripe must be held).
+    fn next_token(&self) -> std::io::Result<u64> {
+        let mut held = self.held.lock().expect("stripe");
+        let file = held.file.as_ref().expect("the stripe is held");
+        let last = read_token(file)?;
+        if last != held.last_token {
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        let token = last + 1;
+        file.write_all_at(&token.to_be_bytes(), 0)?;
+        held.last_token = token;
+        Ok(token)
+    }
+
+    pub(super) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// True if the counter on disk is where this process left it: nobody else took the stripe
+    /// since. (False when unsure.)
+    pub(super) fn untouched(&self) -> bool {
+        let last = self.held.lock().expect("stripe").last_token;
+        last > 0
+            && File::open(&self.path)
+                .and_then(|file| read_token(&file))
+                .is_ok_and(|on_disk| on_disk == last)
+    }
+}
+
+fn read_token(file: &File) -> std::io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    match file.read_exact_at(&mut bytes, 0) {
+        Ok(()) => Ok(u64::from_be_bytes(bytes)),
+        Err(e) if e.kind() == ErrorKind::UnexpectedEof => Ok(0),
+        Err(e) => Err(e),
+    }
+}
+
+/// A held lock: the stripe (let go by the last of this process's holders), then the
+/// in-process lock on the key.
+struct Holding {
+    fs: Arc<Fs>,
+    key: LockKey,
     _local: KeyGuard<LockKey>,
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.fs.stripe(&self.key).release();
+    }
+}
+
+impl Fs {
+    fn stripe(&self, key: &LockKey) -> &Stripe {
+        match key {
+            LockKey::Upload(upload) => &self.stripes[Fs::upload_stripe(upload)],
+            LockKey::Blob(digest) => {
+                let n = u64::from(u16::from_be_bytes([digest[0], digest[1]])) % BLOB_STRIPES;
+                &self.blob_stripes[n as usize]
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -32,65 +158,22 @@ impl Locker for FsLocker {
     /// process dies, never before, so `lease` needs no renewal.
     async fn lock(&self, key: LockKey, _lease: Duration) -> Result<Lease, StoreError> {
         let local = self.0.local.lock(key).await;
-        let (name, stripe) = match key {
-            LockKey::Upload(upload) => {
-                let stripe = Fs::upload_stripe(&upload);
-                (format!("upload-{stripe}"), Some(stripe))
-            }
-            LockKey::Blob(digest) => {
-                let stripe = u64::from(u16::from_be_bytes([digest[0], digest[1]])) % BLOB_STRIPES;
-                (format!("blob-{stripe}"), None)
-            }
-        };
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(self.0.root.join("locks").join(name))?;
+        let stripe = self.0.stripe(&key);
         let mut wait = Duration::from_millis(1);
-        loop {
-            match file.try_lock() {
-                Ok(()) => break,
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    // Held by another process: wait without holding a thread.
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_millis(50));
-                }
-                Err(std::fs::TryLockError::Error(e)) => return Err(e.into()),
-            }
+        while !stripe.try_hold()? {
+            // Held by another process: wait without holding a thread.
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(50));
         }
-        let fence = match stripe {
-            Some(stripe) => Fence(self.next_token(&file, stripe)?),
-            None => Fence(0),
+        let holding = Holding {
+            fs: self.0.clone(),
+            key,
+            _local: local,
         };
-        Ok(Lease::new(
-            fence,
-            Held {
-                _file: file,
-                _local: local,
-            },
-        ))
-    }
-}
-
-impl FsLocker {
-    /// Takes the stripe's next token (holding its lock), and notes whether another process
-    /// took the stripe since this one last did.
-    fn next_token(&self, file: &File, stripe: usize) -> std::io::Result<u64> {
-        let mut bytes = [0u8; 8];
-        let last = match file.read_exact_at(&mut bytes, 0) {
-            Ok(()) => u64::from_be_bytes(bytes),
-            Err(e) if e.kind() == ErrorKind::UnexpectedEof => 0,
-            Err(e) => return Err(e),
+        let fence = match key {
+            LockKey::Upload(_) => Fence(stripe.next_token()?),
+            LockKey::Blob(_) => Fence(0),
         };
-        let token = last + 1;
-        file.write_all_at(&token.to_be_bytes(), 0)?;
-        let state = &self.0.stripes[stripe];
-        if state.last_token.swap(token, Ordering::SeqCst) != last {
-            state.epoch.fetch_add(1, Ordering::SeqCst);
-        }
-        debug_assert!(UPLOAD_STRIPES as usize == self.0.stripes.len());
-        Ok(token)
+        Ok(Lease::new(fence, holding))
     }
 }

@@ -27,8 +27,12 @@
 //! lock file, so it excludes other processes too; the kernel releases it when its holder dies,
 //! so a lease never outlives its holder and no stale holder can exist (fencing tokens are
 //! issued, and the state store has nothing to refuse). Each process keeps upload part indexes
-//! in memory, and trusts them only while no other process has taken that upload's lock stripe
-//! since (the stripe's token counter tells).
+//! in memory, and trusts one only while no other process has taken that upload's lock stripe
+//! since (the stripe's token counter, on disk, tells) and no change of its own was under way
+//! while it was read (a generation counter per upload tells).
+//!
+//! Deliveries read each part through its own link, not the blob's name: the link is what is
+//! fsynced, and a part copied past the file system's link limit has only that.
 
 mod blobs;
 mod locker;
@@ -39,7 +43,7 @@ use crate::locks::KeyedLocks;
 use dashmap::DashMap;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -56,11 +60,11 @@ pub(crate) struct Fs {
     _staging_lock: std::fs::File,
     /// Orders this process's tasks before they take a lock file.
     local: Arc<KeyedLocks<super::LockKey>>,
-    /// Per upload lock stripe: the last token seen, and an epoch that moves on when another
-    /// process took the stripe in between (see the module comment).
-    stripes: Vec<Stripe>,
-    /// Part indexes read from disk, with the stripe epoch they were read in.
-    indexes: DashMap<UploadKey, (u64, Arc<PartIndex>)>,
+    /// Per lock stripe, what this process holds of it (see `locker`).
+    stripes: Vec<locker::Stripe>,
+    blob_stripes: Vec<locker::Stripe>,
+    /// Part indexes read from disk (see [`CachedIndex`]).
+    indexes: DashMap<UploadKey, CachedIndex>,
     /// How long a span of the activity index lasts (a fraction of the shortest TTL).
     span: u64,
     /// The span each upload was last indexed in by this process.
@@ -68,10 +72,16 @@ pub(crate) struct Fs {
     closed: Arc<AtomicBool>,
 }
 
+/// An upload's part index as this process last knew it. `generation` moves on at the start
+/// and at the end of every change this process makes, so that a listing read while a change
+/// was under way is never kept; `parts` is trusted only while no other process has taken the
+/// upload's lock stripe since (see `Fs::stripe_untouched`).
 #[derive(Default)]
-struct Stripe {
-    last_token: AtomicU64,
-    epoch: AtomicU64,
+struct CachedIndex {
+    generation: u64,
+    /// The stripe's epoch when `parts` was read.
+    epoch: u64,
+    parts: Option<Arc<PartIndex>>,
 }
 
 impl Drop for Fs {
@@ -105,7 +115,12 @@ pub fn open(root: &Path, fsync: bool, span: Duration) -> std::io::Result<Engines
         staging,
         _staging_lock: staging_lock,
         local: Arc::default(),
-        stripes: (0..UPLOAD_STRIPES).map(|_| Stripe::default()).collect(),
+        stripes: (0..UPLOAD_STRIPES)
+            .map(|n| locker::Stripe::new(root, &format!("upload-{n}")))
+            .collect(),
+        blob_stripes: (0..BLOB_STRIPES)
+            .map(|n| locker::Stripe::new(root, &format!("blob-{n}")))
+            .collect(),
         indexes: DashMap::new(),
         span: span.as_secs().max(1),
         indexed_spans: DashMap::new(),
@@ -191,11 +206,16 @@ impl Fs {
         (u64::from_str_radix(&bytes[..8], 16).unwrap_or(0) % UPLOAD_STRIPES) as usize
     }
 
-    /// The epoch of the upload's stripe: part indexes read in an earlier one are stale.
+    /// True if what this process cached about the upload in `epoch` still holds: no other
+    /// process has taken the upload's lock stripe since (neither before this process's last
+    /// lease, which would have moved the epoch on, nor after it).
+    fn cache_holds(&self, upload: &UploadKey, epoch: u64) -> bool {
+        let stripe = &self.stripes[Fs::upload_stripe(upload)];
+        stripe.epoch() == epoch && stripe.untouched()
+    }
+
     fn epoch(&self, upload: &UploadKey) -> u64 {
-        self.stripes[Fs::upload_stripe(upload)]
-            .epoch
-            .load(Ordering::SeqCst)
+        self.stripes[Fs::upload_stripe(upload)].epoch()
     }
 
     async fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {

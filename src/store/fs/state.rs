@@ -2,7 +2,7 @@
 //! `activity/<hour>/`. Leases on this engine never outlive their holder (see the engine's
 //! module comment), so the fencing tokens these calls take have nothing to refuse.
 
-use super::{remove_if_present, unix_seconds, Fs};
+use super::{remove_if_present, unix_seconds, CachedIndex, Fs};
 use crate::store::{
     Digest, Fence, PartIndex, RecordedAnswer, StateStore, StoreError, StoredPart, UploadKey,
     UploadMeta,
@@ -73,6 +73,24 @@ impl FsState {
             }
             other => other,
         }
+    }
+
+    /// A change of this process's to the upload's parts begins: a listing read from now on
+    /// until [`changed`](Self::changed) is not kept.
+    fn changing(&self, upload: &UploadKey) {
+        let mut cached = self.0.indexes.entry(*upload).or_default();
+        cached.generation += 1;
+        cached.parts = None;
+    }
+
+    /// The change is done (under the upload's lease): `parts` is the index now (`None`:
+    /// unknown, read it again).
+    fn changed(&self, upload: &UploadKey, parts: Option<PartIndex>) {
+        let epoch = self.0.epoch(upload);
+        let mut cached = self.0.indexes.entry(*upload).or_default();
+        cached.generation += 1;
+        cached.epoch = epoch;
+        cached.parts = parts.map(Arc::new);
     }
 
     async fn add_part_on_disk(&self, part: &StoredPart, path: &Path) -> std::io::Result<()> {
@@ -221,14 +239,32 @@ impl StateStore for FsState {
     }
 
     async fn parts(&self, upload: &UploadKey) -> Result<Arc<PartIndex>, StoreError> {
+        let generation = match self.0.indexes.get(upload) {
+            Some(cached) => match &cached.parts {
+                Some(parts) if self.0.cache_holds(upload, cached.epoch) => {
+                    return Ok(Arc::clone(parts))
+                }
+                _ => cached.generation,
+            },
+            None => 0,
+        };
         let epoch = self.0.epoch(upload);
-        if let Some(entry) = self.0.indexes.get(upload) {
-            if entry.0 == epoch {
-                return Ok(Arc::clone(&entry.1));
-            }
-        }
         let parts = Arc::new(self.list_parts(upload).await?);
-        self.0.indexes.insert(*upload, (epoch, Arc::clone(&parts)));
+        // Kept only if no change of this process's began or ended while the listing was read.
+        match self.0.indexes.entry(*upload) {
+            dashmap::Entry::Occupied(mut cached) if cached.get().generation == generation => {
+                cached.get_mut().parts = Some(Arc::clone(&parts));
+                cached.get_mut().epoch = epoch;
+            }
+            dashmap::Entry::Vacant(vacant) if !parts.is_empty() => {
+                vacant.insert(CachedIndex {
+                    generation: 0,
+                    epoch,
+                    parts: Some(Arc::clone(&parts)),
+                });
+            }
+            _ => {}
+        }
         Ok(parts)
     }
 
@@ -243,16 +279,47 @@ impl StateStore for FsState {
             return Ok(false);
         }
         let path = self.part_path(upload, &part);
-        if let Err(e) = self.add_part_on_disk(&part, &path).await {
-            // Leave no link the index does not know about (a retry would trip over it).
-            let _ = tokio::fs::remove_file(&path).await;
-            return Err(e.into());
-        }
+        self.changing(upload);
+        let added = self.add_part_on_disk(&part, &path).await;
         let mut updated = PartIndex::clone(&parts);
-        updated.insert(part.number, part);
-        let epoch = self.0.epoch(upload);
-        self.0.indexes.insert(*upload, (epoch, Arc::new(updated)));
-        Ok(true)
+        let added = match added {
+            Ok(()) => {
+                updated.insert(part.number, part);
+                Ok(true)
+            }
+            // Stored already by someone this process did not know of: keep theirs.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                updated = self.list_parts(upload).await?;
+                Ok(false)
+            }
+            Err(e) => {
+                // Leave no link the index does not know about (a retry would trip over it).
+                let _ = tokio::fs::remove_file(&path).await;
+                self.changed(upload, None);
+                return Err(e.into());
+            }
+        };
+        self.changed(upload, Some(updated));
+        added
+    }
+
+    async fn remove_part(
+        &self,
+        upload: &UploadKey,
+        number: u64,
+        _fence: Fence,
+    ) -> Result<Option<Digest>, StoreError> {
+        let parts = self.list_parts(upload).await?;
+        let Some(part) = parts.get(&number).copied() else {
+            return Ok(None);
+        };
+        self.changing(upload);
+        let removed = remove_if_present(&self.part_path(upload, &part)).await;
+        let mut updated = parts;
+        updated.remove(&number);
+        self.changed(upload, removed.is_ok().then_some(updated));
+        removed?;
+        Ok(Some(part.digest))
     }
 
     async fn remove_parts(
@@ -261,18 +328,39 @@ impl StateStore for FsState {
         _fence: Fence,
     ) -> Result<Vec<Digest>, StoreError> {
         let parts = self.list_parts(upload).await?;
-        self.0.indexes.remove(upload);
-        let mut released = Vec::new();
-        for part in parts.values() {
-            remove_if_present(&self.part_path(upload, part)).await?;
-            if !released.contains(&part.digest) {
-                released.push(part.digest);
+        self.changing(upload);
+        let removed = async {
+            let mut released = Vec::new();
+            for part in parts.values() {
+                remove_if_present(&self.part_path(upload, part)).await?;
+                if !released.contains(&part.digest) {
+                    released.push(part.digest);
+                }
+            }
+            match tokio::fs::remove_dir(self.0.upload_dir(upload).join("parts")).await {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+                _ => Ok(released),
             }
         }
-        match tokio::fs::remove_dir(self.0.upload_dir(upload).join("parts")).await {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(released),
+        .await;
+        self.changed(upload, removed.is_ok().then(PartIndex::new));
+        Ok(removed?)
+    }
+
+    async fn open_part(
+        &self,
+        upload: &UploadKey,
+        part: &StoredPart,
+    ) -> Result<Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>, StoreError> {
+        let file = tokio::fs::File::open(self.part_path(upload, part)).await?;
+        let actual = file.metadata().await?.len();
+        if actual != part.len {
+            return Err(StoreError::Corrupt(format!(
+                "{upload:?} part {} has {actual} bytes, expected {}",
+                part.number, part.len
+            )));
         }
+        Ok(Some(Box::new(file)))
     }
 
     async fn is_referenced(&self, digest: &Digest) -> Result<bool, StoreError> {
@@ -408,11 +496,14 @@ impl StateStore for FsState {
     }
 
     async fn remove(&self, upload: &UploadKey, _fence: Fence) -> Result<(), StoreError> {
-        self.0.indexes.remove(upload);
+        // A listing read before this is not kept (see `parts`).
+        self.changing(upload);
         self.0.indexed_spans.remove(upload);
-        match tokio::fs::remove_dir_all(self.0.upload_dir(upload)).await {
+        let removed = match tokio::fs::remove_dir_all(self.0.upload_dir(upload)).await {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
-        }
+        };
+        self.0.indexes.remove(upload);
+        removed
     }
 }
