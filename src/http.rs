@@ -77,6 +77,27 @@ impl Reply {
     }
 }
 
+/// How long an unread body is read (and thrown away) after the answer, before the connection
+/// closes.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Sends an upload route's reply. A body left unread (a refused request) is not waited for:
+/// the client gets its answer at once and the connection closes, after a moment of reading so
+/// that the client sees the answer rather than a reset. A client still waiting for a
+/// `100 Continue` (`continued` false) sends no body.
+pub async fn answer(session: &mut Session, reply: Reply, continued: bool) -> pingora::Result<()> {
+    let body_coming = !expects_continue(session.req_header()) || continued;
+    let unread = body_coming && !session.is_body_done();
+    if unread {
+        session.set_keepalive(None);
+    }
+    let sent = reply.send(session).await;
+    if unread {
+        let _ = tokio::time::timeout(LINGER, session.drain_request_body()).await;
+    }
+    sent
+}
+
 impl BodyError {
     /// Classifies an error of Pingora's body reader.
     pub fn from_pingora(e: &pingora::Error) -> BodyError {

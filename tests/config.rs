@@ -183,6 +183,26 @@ fn values_that_could_not_run_are_refused_by_check() {
 }
 
 #[test]
+fn options_of_another_protocol_and_non_prefix_tus_routes_are_refused() {
+    refused_naming(
+        "routes:\n  - path: /files\n    protocol: tus\n    parameters: { file: f }\n",
+        &["parameters", "tus"],
+    );
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: flow\n    tus: { max_metadata: 1KiB }\n",
+        &["tus:", "tus routes"],
+    );
+    refused_naming(
+        "routes:\n  - path: /files\n    match: exact\n    protocol: tus\n",
+        &["tus route", "prefix"],
+    );
+    refused_naming(
+        "routes:\n  - path: /files\n    protocol: tus\n    tus: { max_metadata: 1MiB }\n",
+        &["tus.max_metadata"],
+    );
+}
+
+#[test]
 fn a_smaller_max_file_size_lowers_the_default_chunk_limit_with_it() {
     let (ok, message) = check_text(
         "routes:\n  - path: /x\n    protocol: flow\n    scope: { cookie: s }\n    limits: { max_file_size: 1MiB }\n",

@@ -3,7 +3,8 @@
 
 use super::units::{above_zero, ByteSize, Span};
 use crate::protocol::chunk::RawParamNames;
-use crate::protocol::{ProtocolConfig, ProtocolName};
+use crate::protocol::tus::RawTusOptions;
+use crate::protocol::{ProtocolConfig, ProtocolName, RawProtocolOptions};
 use http::Method;
 use regex::Regex;
 use serde::Deserialize;
@@ -229,8 +230,8 @@ struct RawRoute {
     host: Option<String>,
     methods: Option<Vec<KnownMethod>>,
     protocol: ProtocolName,
-    #[serde(default)]
-    parameters: RawParamNames,
+    parameters: Option<RawParamNames>,
+    tus: Option<RawTusOptions>,
     #[serde(default)]
     limits: Limits,
     scope: Option<Scope>,
@@ -270,7 +271,22 @@ impl TryFrom<RawRoute> for Route {
                 Regex::new(&raw.path).map_err(|e| format!("route path is not a regex: {e}"))?,
             ),
         };
+        let protocol = ProtocolConfig::new(
+            raw.protocol,
+            RawProtocolOptions {
+                parameters: raw.parameters,
+                tus: raw.tus,
+            },
+        )?;
+        let tus = matches!(protocol, ProtocolConfig::Tus(_));
+        if tus && raw.match_kind != MatchKind::Prefix {
+            return Err(
+                "a tus route is a prefix route: uploads live below its path (`/files/<id>`)".into(),
+            );
+        }
         let methods = match raw.methods {
+            // tus uses DELETE and OPTIONS too (and PUT for finalize).
+            None if tus => KNOWN_METHODS.to_vec(),
             None => vec![
                 Method::GET,
                 Method::HEAD,
@@ -329,7 +345,7 @@ impl TryFrom<RawRoute> for Route {
             path,
             host,
             methods,
-            protocol: ProtocolConfig::new(raw.protocol, raw.parameters)?,
+            protocol,
             limits: raw.limits,
             scope: raw.scope,
             forward: ForwardConfig {

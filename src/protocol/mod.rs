@@ -3,13 +3,17 @@
 //! (clients read status codes differently). They never touch storage.
 //!
 //! One folder per protocol family: `chunk/` for Resumable.js and Flow.js, which speak one chunk
-//! protocol with different parameter names. A route names its protocol and carries that
-//! protocol's own options ([`ProtocolConfig`]); [`handle`] dispatches.
+//! protocol with different parameter names; `tus/` for tus 1.0. A route names its protocol and
+//! carries that protocol's own options ([`ProtocolConfig`]); [`handle`] dispatches.
 
 pub mod chunk;
+pub mod tus;
 
-use crate::config::Route;
+use crate::config::{Route, Scope};
+use crate::forward::DeliveryRequest;
+use crate::http::{cookie, forwarded_for, host};
 use crate::upload::UploadCore;
+use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -17,7 +21,8 @@ use std::sync::Arc;
 /// A route's protocol, with that protocol's own options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProtocolConfig {
-    Chunk(chunk::ChunkOptions),
+    Chunk(Box<chunk::ChunkOptions>),
+    Tus(tus::TusOptions),
 }
 
 /// `routes[].protocol` as written in the config file.
@@ -26,26 +31,47 @@ pub enum ProtocolConfig {
 pub enum ProtocolName {
     Resumable,
     Flow,
+    Tus,
+}
+
+/// The protocol options a route may carry, as written (each protocol reads its own).
+#[derive(Debug, Clone, Default)]
+pub struct RawProtocolOptions {
+    /// `parameters:` (Resumable.js and Flow.js).
+    pub parameters: Option<chunk::RawParamNames>,
+    /// `tus:`.
+    pub tus: Option<tus::RawTusOptions>,
 }
 
 impl ProtocolConfig {
-    /// The protocol a route names, with its options (`parameters:` for the chunk protocols).
-    pub fn new(
-        name: ProtocolName,
-        parameters: chunk::RawParamNames,
-    ) -> Result<ProtocolConfig, String> {
+    /// The protocol a route names, with its options; options of another protocol are refused.
+    pub fn new(name: ProtocolName, raw: RawProtocolOptions) -> Result<ProtocolConfig, String> {
         let flavor = match name {
             ProtocolName::Resumable => chunk::Flavor::Resumable,
             ProtocolName::Flow => chunk::Flavor::Flow,
+            ProtocolName::Tus => {
+                if raw.parameters.is_some() {
+                    return Err(
+                        "`parameters:` is for resumable and flow routes; a tus route \
+                                takes `tus:`"
+                            .into(),
+                    );
+                }
+                let options = tus::TusOptions::new(raw.tus.unwrap_or_default())?;
+                return Ok(ProtocolConfig::Tus(options));
+            }
         };
-        Ok(ProtocolConfig::Chunk(chunk::ChunkOptions::new(
-            flavor, parameters,
-        )?))
+        if raw.tus.is_some() {
+            return Err("`tus:` is for tus routes".into());
+        }
+        let options = chunk::ChunkOptions::new(flavor, raw.parameters.unwrap_or_default())?;
+        Ok(ProtocolConfig::Chunk(Box::new(options)))
     }
 
     pub fn name(&self) -> &'static str {
         match self {
             ProtocolConfig::Chunk(options) => options.name(),
+            ProtocolConfig::Tus(_) => "tus",
         }
     }
 }
@@ -58,5 +84,48 @@ pub async fn handle(
 ) -> pingora::Result<bool> {
     match &route.protocol {
         ProtocolConfig::Chunk(options) => chunk::handle(session, route, options, core).await,
+        ProtocolConfig::Tus(options) => tus::handle(session, route, options, core).await,
+    }
+}
+
+/// The headers of the completing request that go to the upstream with the file.
+pub(crate) fn delivery_request(
+    header: &RequestHeader,
+    client: Option<std::net::IpAddr>,
+    route: &Route,
+) -> DeliveryRequest {
+    let mut headers = Vec::new();
+    for name in route
+        .forward
+        .headers
+        .iter()
+        .filter(|n| *n != "x-forwarded-for")
+    {
+        for value in header.headers.get_all(name) {
+            headers.push((name.clone(), value.clone()));
+        }
+    }
+    if let Some(value) = forwarded_for(header, client) {
+        headers.push((http::HeaderName::from_static("x-forwarded-for"), value));
+    }
+    DeliveryRequest {
+        fields: Vec::new(),
+        headers,
+        host: host(header),
+    }
+}
+
+/// The value that keeps one user's uploads apart from another's (empty: anonymous).
+pub(crate) fn scope_value(header: &RequestHeader, scope: Option<&Scope>) -> Vec<u8> {
+    match scope {
+        None => Vec::new(),
+        Some(Scope::Header(name)) => header
+            .headers
+            .get(name.as_str())
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default(),
+        Some(Scope::Cookie(name)) => cookie(header, name)
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default(),
     }
 }

@@ -341,6 +341,21 @@ impl UploadCore {
         }
     }
 
+    /// The upstream's answer to the upload, whatever request it came from, while it is kept
+    /// (a delivered file's answer, or a "who are you" refusal). Read-only.
+    pub async fn recorded_answer(
+        &self,
+        upload: &UploadKey,
+    ) -> Result<Option<RecordedAnswer>, super::CoreError> {
+        if let Some(entry) = self.unrecorded.get(upload) {
+            return Ok(Some(entry.clone()));
+        }
+        Ok(match self.engines.state.answer(upload).await? {
+            Some((answer, at)) if !self.expired(at, self.ttls.result) => Some(answer),
+            _ => None,
+        })
+    }
+
     /// Is a recorded answer still the answer for a request with these fields?
     pub(super) fn applies(
         &self,

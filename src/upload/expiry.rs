@@ -9,6 +9,8 @@ impl UploadCore {
     /// Deletes uploads nobody touched within `upload_ttl`, answers older than `result_ttl`,
     /// and bytes no part uses. Returns how many uploads were removed.
     pub async fn sweep(&self) -> Result<usize, CoreError> {
+        self.recently_sent
+            .retain(|_, at| at.elapsed() < super::replies::LEAD);
         let pending: Vec<UploadKey> = self.unrecorded.iter().map(|e| *e.key()).collect();
         for upload in pending {
             let lease = self.lock(&upload).await?;

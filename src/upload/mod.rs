@@ -148,6 +148,8 @@ pub struct UploadCore {
     flights: DashMap<UploadKey, delivery::Flight>,
     /// Replies decided but not sent yet, by upload (see `replies`).
     replies: DashMap<UploadKey, Arc<replies::PendingReplies>>,
+    /// When an upload's held replies were last all sent (the answer gives them a lead).
+    recently_sent: DashMap<UploadKey, std::time::Instant>,
     /// When each upload's last delivery attempt failed (for `retry_pause`).
     failures: DashMap<UploadKey, Instant>,
     /// Answers to delivered files that could not be written down yet (a full disk). They are
@@ -173,6 +175,7 @@ impl UploadCore {
             ttls,
             flights: DashMap::new(),
             replies: DashMap::new(),
+            recently_sent: DashMap::new(),
             failures: DashMap::new(),
             unrecorded: DashMap::new(),
             in_flight,
@@ -185,6 +188,11 @@ impl UploadCore {
             .locker
             .lock(LockKey::Upload(*upload), LEASE)
             .await
+    }
+
+    /// When an upload touched now expires if nothing touches it again.
+    pub fn expires_if_idle(&self) -> SystemTime {
+        self.clock.now() + self.ttls.upload
     }
 
     fn expired(&self, at: SystemTime, ttl: Duration) -> bool {

@@ -14,6 +14,9 @@ use tokio::sync::Notify;
 /// How long a completing request waits for earlier replies to go out.
 const EARLIER_REPLIES_WAIT: Duration = Duration::from_secs(5);
 
+/// The lead a reply that just went out gets over the answer.
+pub(super) const LEAD: Duration = Duration::from_millis(100);
+
 /// Replies to an upload's requests that are decided but not yet sent.
 #[derive(Default)]
 pub(super) struct PendingReplies {
@@ -31,6 +34,9 @@ impl Drop for ReplyHold {
     fn drop(&mut self) {
         if let Some(pending) = self.core.replies.get(&self.upload) {
             if pending.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+                self.core
+                    .recently_sent
+                    .insert(self.upload, std::time::Instant::now());
                 pending.sent.notify_waiters();
             }
         }
@@ -55,7 +61,9 @@ impl UploadCore {
         }
     }
 
-    /// Waits (briefly, at most) until no reply held for `upload` is still unsent.
+    /// Waits (briefly, at most) until no reply held for `upload` is still unsent. A reply
+    /// that went out just now gets a moment's lead: replies on different connections that
+    /// leave within the same instant may reach the client's event loop in either order.
     pub async fn earlier_replies_sent(&self, upload: &UploadKey) {
         let wait = async {
             loop {
@@ -70,6 +78,9 @@ impl UploadCore {
             }
         };
         let _ = tokio::time::timeout(EARLIER_REPLIES_WAIT, wait).await;
+        if let Some((_, at)) = self.recently_sent.remove(upload) {
+            tokio::time::sleep(LEAD.saturating_sub(at.elapsed())).await;
+        }
     }
 
     /// The upload's outcome if it has one by now: the answer of a delivery under way (waited

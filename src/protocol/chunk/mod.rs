@@ -15,11 +15,12 @@ mod reply;
 
 pub use options::{ChunkOptions, Flavor, ParamNames, RawParamNames};
 
-use crate::config::{Route, Scope};
+use super::{delivery_request, scope_value};
+use crate::config::Route;
 use crate::forward::DeliveryRequest;
 use crate::http::{
-    accept_expect_continue, body_stream, client_ip, content_length, cookie, expects_continue,
-    forwarded_for, header_str, host, Progress, RequestBody,
+    accept_expect_continue, answer as answer_reply, body_stream, client_ip, content_length,
+    header_str, Progress, RequestBody,
 };
 use crate::store::{BodyError, BodySource, UploadKey, UploadMeta};
 use crate::upload::{FieldsDigest, PartStatus, ReplyHold, UploadCore};
@@ -27,7 +28,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::Method;
 use params::{ChunkParams, Fields, ParamError};
-use pingora::http::RequestHeader;
 use pingora::proxy::Session;
 use reply::{Answer, Refusal, MAX_TEXT_FIELD};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,9 +39,6 @@ const MULTIPART_SLACK: u64 = 1 << 20;
 /// What each multipart field counts against the text budget besides its name and value, so that
 /// a flood of empty fields is bounded too.
 const FIELD_OVERHEAD: usize = 128;
-/// How long an unread body is read (and thrown away) after the answer, before the connection
-/// closes.
-const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// How much of a multipart body may pass while no field or piece of one comes out of it (a
 /// part's headers are a few hundred bytes).
 const MULTIPART_HEADERS_BUDGET: u64 = 256 << 10;
@@ -93,19 +90,8 @@ pub async fn handle(
         exchange.octet(session, &fields).await
     };
     let reply = reply::reply(answer).with_header("cache-control", "no-store");
-    // A body left unread (a refused chunk) is not waited for: the client gets its answer at
-    // once and the connection closes, after a moment of reading so that the client sees the
-    // answer rather than a reset. (A client still waiting for a `100 Continue` sends no body.)
-    let body_coming =
-        !expects_continue(session.req_header()) || exchange.continued.load(Ordering::Relaxed);
-    let unread = body_coming && !session.is_body_done();
-    if unread {
-        session.set_keepalive(None);
-    }
-    let sent = reply.send(session).await;
-    if unread {
-        let _ = tokio::time::timeout(LINGER, session.drain_request_body()).await;
-    }
+    let continued = exchange.continued.load(Ordering::Relaxed);
+    let sent = answer_reply(session, reply, continued).await;
     drop(exchange);
     sent.map(|_| true)
 }
@@ -387,46 +373,4 @@ async fn read_text(
     }
     let value = String::from_utf8(value).map_err(|_| Refusal::FieldNotText(name.clone()))?;
     Ok((name, value))
-}
-
-/// The headers of the completing request that go to the upstream with the file.
-fn delivery_request(
-    header: &RequestHeader,
-    client: Option<std::net::IpAddr>,
-    route: &Route,
-) -> DeliveryRequest {
-    let mut headers = Vec::new();
-    for name in route
-        .forward
-        .headers
-        .iter()
-        .filter(|n| *n != "x-forwarded-for")
-    {
-        for value in header.headers.get_all(name) {
-            headers.push((name.clone(), value.clone()));
-        }
-    }
-    if let Some(value) = forwarded_for(header, client) {
-        headers.push((http::HeaderName::from_static("x-forwarded-for"), value));
-    }
-    DeliveryRequest {
-        fields: Vec::new(),
-        headers,
-        host: host(header),
-    }
-}
-
-/// The value that keeps one user's uploads apart from another's (empty: anonymous).
-fn scope_value(header: &RequestHeader, scope: Option<&Scope>) -> Vec<u8> {
-    match scope {
-        None => Vec::new(),
-        Some(Scope::Header(name)) => header
-            .headers
-            .get(name.as_str())
-            .map(|v| v.as_bytes().to_vec())
-            .unwrap_or_default(),
-        Some(Scope::Cookie(name)) => cookie(header, name)
-            .map(|v| v.as_bytes().to_vec())
-            .unwrap_or_default(),
-    }
 }

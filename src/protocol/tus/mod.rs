@@ -1,0 +1,605 @@
+//! tus 1.0.0 on top of the upload core: creation (with upload, with the length deferred),
+//! HEAD, PATCH with checksums, termination and expiration; the finished file is delivered to
+//! the upstream like any other upload.
+//!
+//! The collection is the route's path (`POST /files`); each upload lives at
+//! `<route path>/<id>`, where the id is 128 random bits. The id only ever enters a hash: the
+//! upload's key is derived from the route, the client's scope and the id, so a URL is useless
+//! in another scope. A `GET` on an upload's URL returns the upstream's answer once recorded.
+//!
+//! This protocol's own notions stay here: the raw `Upload-Metadata` (returned by HEAD), the
+//! metadata pairs sent to the application as fields, and the creating request's credentials,
+//! all pinned with the upload in the metadata's protocol-owned part.
+
+mod checksum;
+mod metadata;
+mod options;
+mod reply;
+
+pub use options::{RawTusOptions, TusOptions};
+
+use super::{delivery_request, scope_value};
+use crate::config::{PathMatch, Route};
+use crate::forward::DeliveryRequest;
+use crate::http::{accept_expect_continue, client_ip, content_length, header_str, RequestBody};
+use crate::store::{BodyError, UploadKey, UploadMeta};
+use crate::upload::{CoreError, Outcome, UploadCore};
+use checksum::{ChecksumError, Expected};
+use http::{HeaderName, HeaderValue, Method};
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+use reply::{Answer, Refusal};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// The body type of a PATCH (and of a creation carrying bytes).
+const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
+
+/// What a tus upload keeps besides the core's metadata.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct TusState {
+    /// `Upload-Metadata` as the client sent it (HEAD returns it).
+    metadata: String,
+    /// The metadata pairs the application gets as text fields.
+    fields: Vec<(String, String)>,
+    /// The creating request's headers that go to the upstream with the file.
+    headers: Vec<(String, Vec<u8>)>,
+    host: Option<Vec<u8>>,
+}
+
+/// Which URL of the route a request is for.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    /// The route's path itself: where uploads are created.
+    Collection,
+    /// `<route path>/<id>`.
+    Upload(String),
+    /// Anything deeper.
+    Other,
+}
+
+/// Handles a request on a tus route. `Ok(false)`: not tus traffic, pass it through.
+pub async fn handle(
+    session: &mut Session,
+    route: &Route,
+    options: &TusOptions,
+    core: &Arc<UploadCore>,
+) -> pingora::Result<bool> {
+    let header = session.req_header();
+    let target = target(&route.path, header.uri.path());
+    let method = effective_method(header);
+    // Every tus method on the route is tus (a request without `Tus-Resumable` gets 412). GET
+    // and PUT are the application's, except a GET on an upload's URL, which asks for the
+    // upstream's answer.
+    let ours = match method {
+        Method::GET => matches!(target, Target::Upload(_)),
+        Method::PUT => false,
+        _ => true,
+    };
+    if !ours {
+        return Ok(false);
+    }
+    let mut exchange = Exchange {
+        route,
+        options,
+        core,
+        scope: scope_value(header, route.scope.as_ref()),
+        continued: false,
+    };
+    let answer = if method == Method::OPTIONS {
+        Answer::Capabilities {
+            max_size: route.limits.max_file_size.0,
+        }
+    } else if method != Method::GET && !speaks_our_version(session.req_header()) {
+        Answer::Refused(Refusal::Version)
+    } else {
+        match (method, target) {
+            (Method::POST, Target::Collection) => exchange.create(session).await,
+            (Method::GET, Target::Upload(id)) => exchange.answer(&id).await,
+            (Method::HEAD, Target::Upload(id)) => exchange.head(session, &id).await,
+            (Method::PATCH, Target::Upload(id)) => exchange.patch(session, &id).await,
+            (Method::DELETE, Target::Upload(id)) => exchange.terminate(&id).await,
+            (_, Target::Other) => Answer::Refused(Refusal::NotFound),
+            _ => Answer::Refused(Refusal::Method),
+        }
+    };
+    let reply = reply::reply(answer);
+    crate::http::answer(session, reply, exchange.continued)
+        .await
+        .map(|_| true)
+}
+
+/// The request's method, or the one `X-HTTP-Method-Override` names (for clients behind
+/// something that only lets GET and POST through).
+fn effective_method(header: &RequestHeader) -> Method {
+    header
+        .headers
+        .get("x-http-method-override")
+        .and_then(|v| Method::from_bytes(v.as_bytes()).ok())
+        .unwrap_or_else(|| header.method.clone())
+}
+
+fn speaks_our_version(header: &RequestHeader) -> bool {
+    header
+        .headers
+        .get("tus-resumable")
+        .is_some_and(|v| v.as_bytes() == reply::VERSION.as_bytes())
+}
+
+/// Which URL of the route `path` is.
+fn target(route_path: &PathMatch, path: &str) -> Target {
+    let PathMatch::Prefix(prefix) = route_path else {
+        return Target::Other;
+    };
+    let Some(rest) = path.strip_prefix(prefix.trim_end_matches('/')) else {
+        return Target::Other;
+    };
+    match rest.trim_start_matches('/') {
+        "" => Target::Collection,
+        id if !id.contains('/') => Target::Upload(id.to_string()),
+        _ => Target::Other,
+    }
+}
+
+/// Everything about one request that the steps share.
+struct Exchange<'a> {
+    route: &'a Route,
+    options: &'a TusOptions,
+    core: &'a Arc<UploadCore>,
+    scope: Vec<u8>,
+    /// Whether a `100 Continue` was sent.
+    continued: bool,
+}
+
+impl Exchange<'_> {
+    /// The upload an id names in this route and scope. Ids Stitch never hands out (anything
+    /// but 32 lower-case hex digits) name nothing.
+    fn key(&self, id: &str) -> Option<UploadKey> {
+        let ours = id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let key = ours.then(|| {
+            UploadKey::derive(&[
+                b"stitch tus v1",
+                self.route.id.as_bytes(),
+                &self.scope,
+                id.as_bytes(),
+            ])
+        })?;
+        tracing::Span::current().record("upload", tracing::field::display(key.short()));
+        Some(key)
+    }
+
+    fn location(&self, id: &str) -> String {
+        let PathMatch::Prefix(prefix) = &self.route.path else {
+            unreachable!("tus routes are prefix routes");
+        };
+        format!("{}/{id}", prefix.trim_end_matches('/'))
+    }
+
+    fn expires(&self) -> String {
+        httpdate::fmt_http_date(self.core.expires_if_idle())
+    }
+
+    /// Lets a client that sent `Expect: 100-continue` send its body.
+    async fn proceed(&mut self, session: &mut Session) -> Result<(), Answer> {
+        accept_expect_continue(session).await.map_err(|e| {
+            Answer::Refused(Refusal::BadRequest(format!(
+                "the body could not start: {e}"
+            )))
+        })?;
+        self.continued = true;
+        Ok(())
+    }
+
+    /// POST on the collection: a new upload, perhaps with its first bytes.
+    async fn create(&mut self, session: &mut Session) -> Answer {
+        let header = session.req_header();
+        let max = self.route.limits.max_file_size.0;
+        let length = match declared_length(header) {
+            Ok(length) => length,
+            Err(refusal) => return Answer::Refused(refusal),
+        };
+        if length.is_some_and(|n| n > max) {
+            return Answer::Refused(Refusal::TooLarge(max));
+        }
+        let raw_metadata = header_str(header, HeaderName::from_static("upload-metadata"))
+            .unwrap_or_default()
+            .to_string();
+        let pairs = match metadata::parse(&raw_metadata, self.options.max_metadata) {
+            Ok(pairs) => pairs,
+            Err(reason) => return Answer::Refused(Refusal::BadRequest(reason)),
+        };
+        let offset_stream = is_offset_stream(header);
+        let too_long = content_length(header).is_some_and(|n| n > length.unwrap_or(max));
+        let carries_bytes = offset_stream && !session.is_body_empty();
+        if carries_bytes && too_long {
+            return Answer::Refused(Refusal::TooLarge(length.unwrap_or(max)));
+        }
+        let id = hex::encode(rand::random::<[u8; 16]>());
+        let Some(key) = self.key(&id) else {
+            unreachable!("a fresh id is well-formed");
+        };
+        let request = delivery_request(session.req_header(), client_ip(session), self.route);
+        let meta = self.meta(length, &pairs, raw_metadata, &request, &id);
+        if let Err(e) = self.core.create(&key, &meta).await {
+            return Answer::Refused(Refusal::Core(e));
+        }
+        tracing::info!("created upload {id} ({} bytes)", display_length(length));
+        let mut offset = None;
+        if carries_bytes {
+            match self.append(session, &key, 0, length, None).await {
+                Ok(Answer::Patched { offset: at, .. }) => offset = Some(at),
+                // The upload exists; its bytes did not make it. The client learns the offset
+                // by HEAD and goes on from there.
+                Ok(_) | Err(_) => offset = Some(0),
+            }
+            if let Ok(Some(progress)) = self.core.progress(&key).await {
+                offset = Some(progress.offset);
+            }
+        }
+        Answer::Created {
+            location: self.location(&id),
+            offset,
+            expires: Some(self.expires()),
+        }
+    }
+
+    /// The core's metadata for a new upload: the file's name and type from the tus metadata
+    /// (`filename`, else `name`; `filetype`, else `contentType`, else `type`), every other pair
+    /// a field for the application.
+    fn meta(
+        &self,
+        length: Option<u64>,
+        pairs: &[(String, String)],
+        raw_metadata: String,
+        request: &DeliveryRequest,
+        id: &str,
+    ) -> UploadMeta {
+        let first_of = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| pairs.iter().find(|(name, v)| name == k && !v.is_empty()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+        };
+        let name = first_of(&["filename", "name"]);
+        let media_type = first_of(&["filetype", "contentType", "type"]);
+        let used: Vec<&str> = [&name, &media_type]
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let forward = &self.route.forward;
+        let fields = pairs
+            .iter()
+            .filter(|(k, _)| !used.contains(&k.as_str()) && forward.fields.allows(k))
+            .cloned()
+            .collect();
+        let state = TusState {
+            metadata: raw_metadata,
+            fields,
+            headers: request
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            host: request.host.as_ref().map(|h| h.as_bytes().to_vec()),
+        };
+        UploadMeta {
+            length,
+            name: name.map_or_else(|| id.to_string(), |(_, v)| v),
+            media_type: media_type.map(|(_, v)| v),
+            protocol: serde_json::json!({ "tus": state }),
+        }
+    }
+
+    /// HEAD: where the upload stands. A complete upload not delivered yet (its delivery
+    /// failed) is delivered now: tus-js-client resumes by HEAD and, finding every byte there,
+    /// sends nothing more.
+    async fn head(&self, session: &Session, id: &str) -> Answer {
+        let Some(key) = self.key(id) else {
+            return Answer::Refused(Refusal::NotFound);
+        };
+        let progress = match self.core.progress(&key).await {
+            Ok(Some(progress)) => progress,
+            Ok(None) => return Answer::Refused(Refusal::NotFound),
+            Err(e) => return Answer::Refused(Refusal::Core(e)),
+        };
+        let complete = progress.meta.length == Some(progress.offset);
+        if complete && !progress.delivered {
+            let outcome = self.deliver(session, &key, &progress.meta).await;
+            if !delivered(&outcome) {
+                return Answer::Undelivered(outcome);
+            }
+        }
+        let state = tus_state(&progress.meta);
+        Answer::Progress {
+            offset: progress.offset,
+            length: progress.meta.length,
+            metadata: Some(state.metadata),
+            expires: None,
+        }
+    }
+
+    /// PATCH: bytes at an offset.
+    async fn patch(&mut self, session: &mut Session, id: &str) -> Answer {
+        let Some(key) = self.key(id) else {
+            return Answer::Refused(Refusal::NotFound);
+        };
+        let header = session.req_header();
+        if !is_offset_stream(header) {
+            return Answer::Refused(Refusal::ContentType);
+        }
+        let Some(at) = header_number(header, "upload-offset") else {
+            return Answer::Refused(Refusal::BadRequest(
+                "a PATCH needs Upload-Offset, a number of bytes".into(),
+            ));
+        };
+        let expected = match header_str(header, HeaderName::from_static("upload-checksum")) {
+            None => None,
+            Some(value) => match Expected::parse(value) {
+                Ok(expected) => Some(expected),
+                Err(ChecksumError::Unsupported(algorithm)) => {
+                    return Answer::Refused(Refusal::UnknownAlgorithm(algorithm))
+                }
+                Err(ChecksumError::Malformed) => {
+                    return Answer::Refused(Refusal::BadRequest(
+                        "Upload-Checksum is `<algorithm> <base64 digest>`".into(),
+                    ))
+                }
+            },
+        };
+        let new_length = match header.headers.get("upload-length") {
+            None => None,
+            Some(_) => match header_number(header, "upload-length") {
+                Some(length) => Some(length),
+                None => {
+                    return Answer::Refused(Refusal::BadRequest(
+                        "Upload-Length is a number of bytes".into(),
+                    ))
+                }
+            },
+        };
+        let progress = match self.core.progress(&key).await {
+            Ok(Some(progress)) => progress,
+            Ok(None) => return Answer::Refused(Refusal::NotFound),
+            Err(e) => return Answer::Refused(Refusal::Core(e)),
+        };
+        if progress.offset != at {
+            return Answer::Refused(Refusal::Core(CoreError::OffsetMismatch {
+                current: progress.offset,
+            }));
+        }
+        if progress.delivered {
+            // Every byte is there and the file went to the application: say so again.
+            return match self.core.recorded_answer(&key).await {
+                Ok(delivered) => Answer::Patched {
+                    offset: progress.offset,
+                    expires: None,
+                    delivered,
+                },
+                Err(e) => Answer::Refused(Refusal::Core(e)),
+            };
+        }
+        let max = self.route.limits.max_file_size.0;
+        let mut length = progress.meta.length;
+        if let Some(new_length) = new_length {
+            if new_length > max {
+                return Answer::Refused(Refusal::TooLarge(max));
+            }
+            if new_length < at {
+                return Answer::Refused(Refusal::BadRequest(format!(
+                    "Upload-Length {new_length} is below the {at} bytes stored"
+                )));
+            }
+            if let Err(e) = self.core.declare_length(&key, new_length).await {
+                return Answer::Refused(Refusal::Core(e));
+            }
+            length = Some(new_length);
+        }
+        match self.append(session, &key, at, length, expected).await {
+            Ok(answer) | Err(answer) => answer,
+        }
+    }
+
+    /// Appends the request's body at `at`, checked against `expected`; delivers the upload if
+    /// that completes it.
+    async fn append(
+        &mut self,
+        session: &mut Session,
+        key: &UploadKey,
+        at: u64,
+        length: Option<u64>,
+        expected: Option<Expected>,
+    ) -> Result<Answer, Answer> {
+        let room = length
+            .unwrap_or(self.route.limits.max_file_size.0)
+            .saturating_sub(at);
+        if content_length(session.req_header()).is_some_and(|n| n > room) {
+            return Err(Answer::Refused(Refusal::TooLarge(room)));
+        }
+        self.proceed(session).await?;
+        let mut body = RequestBody(session);
+        let (mut checked, verdict) = checksum::check(&mut body, expected);
+        let accept = move |_: &crate::store::Staged| verdict.matches();
+        let appended = self
+            .core
+            .append(key, at, &mut checked, room, &accept)
+            .await
+            .map_err(|e| Answer::Refused(Refusal::Core(e)))?;
+        drop(checked);
+        if let Some(e) = appended.broke_off {
+            // What arrived is kept; the client asks with HEAD where to go on.
+            tracing::info!(
+                "a PATCH body ended early ({e}); {} bytes are stored",
+                appended.offset
+            );
+            return Err(Answer::Refused(match e {
+                BodyError::Stalled => Refusal::Stalled,
+                BodyError::Broken(reason) => Refusal::BadRequest(reason),
+            }));
+        }
+        let mut delivered = None;
+        if appended.complete {
+            let meta = match self.core.progress(key).await {
+                Ok(Some(progress)) => progress.meta,
+                Ok(None) => return Err(Answer::Refused(Refusal::NotFound)),
+                Err(e) => return Err(Answer::Refused(Refusal::Core(e))),
+            };
+            let outcome = self.deliver(session, key, &meta).await;
+            match outcome {
+                Outcome::Answered {
+                    answer,
+                    retryable: false,
+                } => delivered = Some(*answer),
+                outcome => return Ok(Answer::Undelivered(outcome)),
+            }
+        }
+        Ok(Answer::Patched {
+            offset: appended.offset,
+            expires: (!appended.complete).then(|| self.expires()),
+            delivered,
+        })
+    }
+
+    /// DELETE: the upload and its bytes go.
+    async fn terminate(&self, id: &str) -> Answer {
+        let Some(key) = self.key(id) else {
+            return Answer::Refused(Refusal::NotFound);
+        };
+        match self.core.progress(&key).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return Answer::Refused(Refusal::NotFound),
+            Err(e) => return Answer::Refused(Refusal::Core(e)),
+        }
+        match self.core.terminate(&key).await {
+            Ok(()) => Answer::Terminated,
+            Err(e) => Answer::Refused(Refusal::Core(e)),
+        }
+    }
+
+    /// GET on an upload: the upstream's answer, once there is one.
+    async fn answer(&self, id: &str) -> Answer {
+        let Some(key) = self.key(id) else {
+            return Answer::Refused(Refusal::NotFound);
+        };
+        match self.core.recorded_answer(&key).await {
+            Ok(Some(answer)) => return Answer::Upstream(answer),
+            Ok(None) => {}
+            Err(e) => return Answer::Refused(Refusal::Core(e)),
+        }
+        match self.core.progress(&key).await {
+            Ok(Some(_)) => Answer::Pending,
+            Ok(None) => Answer::Refused(Refusal::NotFound),
+            Err(e) => Answer::Refused(Refusal::Core(e)),
+        }
+    }
+
+    /// Delivers the complete upload with the fields and credentials it was created with (the
+    /// credentials of this request instead, if it carries any: a new login after a refusal).
+    async fn deliver(&self, session: &Session, key: &UploadKey, meta: &UploadMeta) -> Outcome {
+        let state = tus_state(meta);
+        let current = delivery_request(session.req_header(), client_ip(session), self.route);
+        let has_credentials = |request: &DeliveryRequest| {
+            request.headers.iter().any(|(name, _)| {
+                name == http::header::COOKIE || name == http::header::AUTHORIZATION
+            })
+        };
+        let request = if has_credentials(&current) {
+            DeliveryRequest {
+                fields: state.fields,
+                ..current
+            }
+        } else {
+            DeliveryRequest {
+                fields: state.fields,
+                headers: state
+                    .headers
+                    .iter()
+                    .filter_map(|(name, value)| {
+                        Some((
+                            HeaderName::from_bytes(name.as_bytes()).ok()?,
+                            HeaderValue::from_bytes(value).ok()?,
+                        ))
+                    })
+                    .collect(),
+                host: state
+                    .host
+                    .and_then(|h| HeaderValue::from_bytes(&h).ok())
+                    .or(current.host),
+            }
+        };
+        let delivery = self.core.deliver(*key, &self.route.forward, request).await;
+        delivery.outcome.clone()
+    }
+}
+
+/// Did the delivery come to an answer that stands (not one asking for a retry)?
+fn delivered(outcome: &Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::Answered {
+            retryable: false,
+            ..
+        }
+    )
+}
+
+fn tus_state(meta: &UploadMeta) -> TusState {
+    serde_json::from_value(meta.protocol["tus"].clone()).unwrap_or_default()
+}
+
+fn is_offset_stream(header: &RequestHeader) -> bool {
+    header_str(header, http::header::CONTENT_TYPE).is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case(OFFSET_OCTET_STREAM))
+    })
+}
+
+/// A header holding a number of bytes: digits only.
+fn header_number(header: &RequestHeader, name: &'static str) -> Option<u64> {
+    let value = header_str(header, HeaderName::from_static(name))?;
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
+/// A creation's length: `Upload-Length`, or none with `Upload-Defer-Length: 1`.
+fn declared_length(header: &RequestHeader) -> Result<Option<u64>, Refusal> {
+    let has_length = header.headers.contains_key("upload-length");
+    let defer = header.headers.get("upload-defer-length");
+    match (has_length, defer) {
+        (true, None) => header_number(header, "upload-length")
+            .map(Some)
+            .ok_or_else(|| Refusal::BadRequest("Upload-Length is a number of bytes".into())),
+        (false, Some(value)) if value.as_bytes() == b"1" => Ok(None),
+        (false, Some(_)) => Err(Refusal::BadRequest(
+            "Upload-Defer-Length takes the value 1".into(),
+        )),
+        (true, Some(_)) => Err(Refusal::BadRequest(
+            "send Upload-Length or Upload-Defer-Length, not both".into(),
+        )),
+        (false, None) => Err(Refusal::BadRequest(
+            "a creation needs Upload-Length (or Upload-Defer-Length: 1)".into(),
+        )),
+    }
+}
+
+fn display_length(length: Option<u64>) -> String {
+    length.map_or_else(|| "length deferred".into(), |n| n.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_below_the_route_are_uploads() {
+        let route = PathMatch::Prefix("/files".into());
+        assert_eq!(target(&route, "/files"), Target::Collection);
+        assert_eq!(target(&route, "/files/"), Target::Collection);
+        assert_eq!(target(&route, "/files/abc"), Target::Upload("abc".into()));
+        assert_eq!(target(&route, "/files/abc/def"), Target::Other);
+        let slash = PathMatch::Prefix("/files/".into());
+        assert_eq!(target(&slash, "/files/abc"), Target::Upload("abc".into()));
+    }
+}

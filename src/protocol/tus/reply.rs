@@ -1,0 +1,228 @@
+//! What the tus protocol answers, as statuses and headers: the one place where tus statuses
+//! are chosen (tus 1.0.0; tus-js-client retries 5xx and 423/409 from some servers, and gives
+//! up on other 4xx).
+
+use super::checksum::ALGORITHMS;
+use crate::http::Reply;
+use crate::store::RecordedAnswer;
+use crate::upload::{CoreError, Outcome};
+
+pub(super) const VERSION: &str = "1.0.0";
+pub(super) const EXTENSIONS: &str =
+    "creation,creation-with-upload,creation-defer-length,expiration,checksum,termination";
+
+/// What a tus request comes to, before it is a status.
+pub(super) enum Answer {
+    /// OPTIONS: what this server supports.
+    Capabilities {
+        max_size: u64,
+    },
+    /// POST: created at `location`; `offset` if the request carried bytes.
+    Created {
+        location: String,
+        offset: Option<u64>,
+        expires: Option<String>,
+    },
+    /// HEAD: where the upload stands.
+    Progress {
+        offset: u64,
+        length: Option<u64>,
+        metadata: Option<String>,
+        expires: Option<String>,
+    },
+    /// PATCH stored its bytes; `delivered`: the upload completed and the upstream answered
+    /// this (2xx: relayed as headers; otherwise relayed as the answer).
+    Patched {
+        offset: u64,
+        expires: Option<String>,
+        delivered: Option<RecordedAnswer>,
+    },
+    /// DELETE.
+    Terminated,
+    /// GET: the upstream's recorded answer.
+    Upstream(RecordedAnswer),
+    /// GET before the delivery is done.
+    Pending,
+    /// A complete upload whose delivery came to no answer.
+    Undelivered(Outcome),
+    Refused(Refusal),
+}
+
+pub(super) enum Refusal {
+    /// `Tus-Resumable` missing or another version.
+    Version,
+    /// The body stalled (its bytes so far are kept).
+    Stalled,
+    /// The request's tus headers are missing or malformed.
+    BadRequest(String),
+    /// A PATCH body not `application/offset+octet-stream`.
+    ContentType,
+    /// No such upload.
+    NotFound,
+    /// The method does not apply to this URL.
+    Method,
+    /// Over `Tus-Max-Size` or the route's limit.
+    TooLarge(u64),
+    /// `Upload-Checksum` names an algorithm this server does not have.
+    UnknownAlgorithm(String),
+    Core(CoreError),
+}
+
+/// The reply to a tus request.
+pub(super) fn reply(answer: Answer) -> Reply {
+    let reply = match answer {
+        Answer::Capabilities { max_size } => {
+            return Reply::empty(204)
+                .with_header("tus-version", VERSION)
+                .with_header("tus-extension", EXTENSIONS)
+                .with_header("tus-max-size", &max_size.to_string())
+                .with_header("tus-checksum-algorithm", ALGORITHMS)
+        }
+        Answer::Created {
+            location,
+            offset,
+            expires,
+        } => {
+            let reply = Reply::empty(201).with_header("location", &location);
+            let reply = with_expires(reply, expires);
+            match offset {
+                Some(offset) => reply.with_header("upload-offset", &offset.to_string()),
+                None => reply,
+            }
+        }
+        Answer::Progress {
+            offset,
+            length,
+            metadata,
+            expires,
+        } => {
+            let mut reply = Reply::empty(200)
+                .with_header("upload-offset", &offset.to_string())
+                .with_header("cache-control", "no-store");
+            reply = match length {
+                Some(length) => reply.with_header("upload-length", &length.to_string()),
+                None => reply.with_header("upload-defer-length", "1"),
+            };
+            if let Some(metadata) = metadata.filter(|m| !m.is_empty()) {
+                reply = reply.with_header("upload-metadata", &metadata);
+            }
+            with_expires(reply, expires)
+        }
+        Answer::Patched {
+            offset,
+            expires,
+            delivered,
+        } => patched(offset, expires, delivered),
+        Answer::Terminated => Reply::empty(204),
+        Answer::Upstream(answer) => Reply {
+            status: answer.status,
+            headers: answer.headers,
+            body: answer.body,
+        },
+        Answer::Pending => Reply::text(202, "the upload is being delivered to the application"),
+        Answer::Undelivered(outcome) => undelivered(outcome),
+        Answer::Refused(refusal) => refused(refusal),
+    };
+    reply.with_header("tus-resumable", VERSION)
+}
+
+fn with_expires(reply: Reply, expires: Option<String>) -> Reply {
+    match expires {
+        Some(expires) => reply.with_header("upload-expires", &expires),
+        None => reply,
+    }
+}
+
+/// A successful PATCH is 204 with the new offset. When it completed the upload, the
+/// upstream's status rides along; an upstream that refused the file (not 2xx) is relayed as the
+/// PATCH's answer, so that the client reports it.
+fn patched(offset: u64, expires: Option<String>, delivered: Option<RecordedAnswer>) -> Reply {
+    let reply = match &delivered {
+        Some(answer) if !(200..300).contains(&answer.status) => Reply {
+            status: answer.status,
+            headers: answer.headers.clone(),
+            body: answer.body.clone(),
+        },
+        _ => Reply::empty(204),
+    };
+    let reply = with_expires(reply, expires).with_header("upload-offset", &offset.to_string());
+    match delivered {
+        Some(answer) => reply
+            .with_header("stitch-delivery", "delivered")
+            .with_header("stitch-upstream-status", &answer.status.to_string()),
+        None => reply,
+    }
+}
+
+fn undelivered(outcome: Outcome) -> Reply {
+    match outcome {
+        Outcome::Answered { answer, .. } => Reply {
+            status: if answer.status >= 500 {
+                502
+            } else {
+                answer.status
+            },
+            headers: answer.headers,
+            body: answer.body,
+        },
+        Outcome::Unreachable => Reply::text(
+            502,
+            "the application could not be reached; the file is kept, retry",
+        ),
+        Outcome::TimedOut => Reply::text(
+            504,
+            "the application did not answer in time; the file is kept, retry",
+        ),
+        Outcome::StorageFailed => {
+            Reply::text(503, "storage is unavailable; the file is kept, retry")
+        }
+    }
+    .with_header("stitch-delivery", "failed")
+}
+
+fn refused(refusal: Refusal) -> Reply {
+    match refusal {
+        Refusal::Version => {
+            Reply::refuse(412, "this server speaks tus 1.0.0").with_header("tus-version", VERSION)
+        }
+        Refusal::Stalled => Reply::refuse(408, "the body stalled; the bytes that arrived are kept"),
+        Refusal::BadRequest(reason) => Reply::refuse(400, reason),
+        Refusal::ContentType => Reply::refuse(
+            415,
+            "a PATCH body must be Content-Type: application/offset+octet-stream",
+        ),
+        Refusal::NotFound => Reply::refuse(404, "no such upload"),
+        Refusal::Method => Reply::refuse(405, "not a tus request for this URL"),
+        Refusal::TooLarge(max) => Reply::refuse(
+            413,
+            format!("this server takes files of at most {max} bytes"),
+        ),
+        Refusal::UnknownAlgorithm(algorithm) => Reply::refuse(
+            400,
+            format!("checksum algorithm {algorithm:?} is not one of {ALGORITHMS}"),
+        ),
+        Refusal::Core(e) => core_refusal(e),
+    }
+}
+
+fn core_refusal(e: CoreError) -> Reply {
+    match e {
+        CoreError::NotFound => Reply::refuse(404, "no such upload"),
+        CoreError::OffsetMismatch { current } => {
+            Reply::refuse(409, format!("the upload is at offset {current}"))
+                .with_header("upload-offset", &current.to_string())
+        }
+        CoreError::TooLong { limit } => {
+            Reply::refuse(413, format!("the upload has room for {limit} more bytes"))
+        }
+        CoreError::LengthDeclared { declared } => {
+            Reply::refuse(400, format!("the upload's length is {declared} already"))
+        }
+        CoreError::Refused => Reply::refuse(460, "the checksum does not match the body"),
+        CoreError::Store(e) => {
+            tracing::error!("storage failed: {e}");
+            Reply::text(503, "storage is unavailable; retry later")
+        }
+        other => Reply::refuse(400, other.to_string()),
+    }
+}

@@ -1,0 +1,666 @@
+//! tus 1.0.0 at the HTTP level: every rule of the core protocol and of each extension Stitch
+//! announces, each error status, that a refused request changes nothing stored, and that the
+//! finished file reaches the application once, as an ordinary multipart upload.
+
+mod common;
+
+use base64::Engine;
+use bytes::Bytes;
+use common::raw::RawConnection;
+use common::*;
+use reqwest::{Method, Response};
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+
+const TUS_ROUTES: &str = r#"
+routes:
+  - path: /files
+    protocol: tus
+    limits: { max_file_size: 1MiB }
+    forward: { path: /app/upload, field: document }
+"#;
+
+fn b64(text: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(text)
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
+fn header<'r>(response: &'r Response, name: &str) -> Option<&'r str> {
+    response.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A tus request with `Tus-Resumable: 1.0.0`.
+fn tus(h: &Harness, method: Method, path: &str) -> reqwest::RequestBuilder {
+    h.client
+        .request(method, h.url(path))
+        .header("tus-resumable", "1.0.0")
+}
+
+/// Creates an upload; returns its path (the Location).
+async fn create(h: &Harness, length: u64, metadata: &str) -> String {
+    let response = tus(h, Method::POST, "/files")
+        .header("upload-length", length.to_string())
+        .header("upload-metadata", metadata)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "creation");
+    header(&response, "location").expect("Location").to_string()
+}
+
+async fn patch(h: &Harness, location: &str, offset: u64, body: Bytes) -> Response {
+    tus(h, Method::PATCH, location)
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", offset.to_string())
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn head(h: &Harness, location: &str) -> Response {
+    tus(h, Method::HEAD, location).send().await.unwrap()
+}
+
+async fn offset_of(h: &Harness, location: &str) -> u64 {
+    let response = head(h, location).await;
+    assert_eq!(response.status(), 200, "HEAD {location}");
+    header(&response, "upload-offset")
+        .expect("Upload-Offset")
+        .parse()
+        .unwrap()
+}
+
+/// The one delivery the upstream got: its file's name, type and sha256, and its fields.
+fn the_delivery(h: &Harness) -> Received {
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(
+        received.len(),
+        1,
+        "the application gets the file exactly once"
+    );
+    let request = received.into_iter().next().unwrap();
+    assert_eq!(request.files.len(), 1, "one file part");
+    assert_eq!(request.files[0].field, "document");
+    request
+}
+
+#[tokio::test]
+async fn options_announce_the_version_extensions_limits_and_checksums() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    // No Tus-Resumable needed on OPTIONS.
+    let response = h
+        .client
+        .request(Method::OPTIONS, h.url("/files"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    assert_eq!(header(&response, "tus-version"), Some("1.0.0"));
+    assert_eq!(header(&response, "tus-max-size"), Some("1048576"));
+    let extensions: Vec<&str> = header(&response, "tus-extension")
+        .unwrap()
+        .split(',')
+        .collect();
+    for extension in [
+        "creation",
+        "creation-with-upload",
+        "creation-defer-length",
+        "expiration",
+        "checksum",
+        "termination",
+    ] {
+        assert!(extensions.contains(&extension), "{extension} announced");
+    }
+    let algorithms = header(&response, "tus-checksum-algorithm").unwrap();
+    for algorithm in ["sha1", "sha256", "md5", "crc32"] {
+        assert!(algorithms.split(',').any(|a| a == algorithm));
+    }
+    assert!(h.upstream.received().is_empty(), "answered by Stitch");
+}
+
+#[tokio::test]
+async fn an_upload_in_patches_reaches_the_application_once_with_its_metadata() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    h.upstream.answer_with(201, r#"{"id":"f-1"}"#);
+    let data = random_bytes(300_000, 1);
+    let metadata = format!(
+        "filename {},filetype {},token {},empty",
+        b64("report 2026.pdf"),
+        b64("application/pdf"),
+        b64("tok-123")
+    );
+    let location = create(&h, data.len() as u64, &metadata).await;
+    let id = location.strip_prefix("/files/").expect("below the route");
+    assert_eq!(id.len(), 32, "128 random bits, hex");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
+
+    let first = head(&h, &location).await;
+    assert_eq!(first.status(), 200);
+    assert_eq!(header(&first, "upload-offset"), Some("0"));
+    assert_eq!(header(&first, "upload-length"), Some("300000"));
+    assert_eq!(header(&first, "upload-metadata"), Some(metadata.as_str()));
+    assert_eq!(header(&first, "cache-control"), Some("no-store"));
+    assert_eq!(header(&first, "tus-resumable"), Some("1.0.0"));
+
+    let mut offset = 0u64;
+    for piece in data.chunks(128 * 1024) {
+        let response = patch(&h, &location, offset, Bytes::copy_from_slice(piece)).await;
+        assert_eq!(response.status(), 204);
+        offset += piece.len() as u64;
+        assert_eq!(
+            header(&response, "upload-offset"),
+            Some(offset.to_string().as_str())
+        );
+        assert_eq!(header(&response, "tus-resumable"), Some("1.0.0"));
+        if offset < data.len() as u64 {
+            assert!(
+                h.upstream.received().is_empty(),
+                "not delivered before the end"
+            );
+            assert!(header(&response, "upload-expires").is_some());
+        } else {
+            assert_eq!(header(&response, "stitch-delivery"), Some("delivered"));
+            assert_eq!(header(&response, "stitch-upstream-status"), Some("201"));
+        }
+    }
+    let request = the_delivery(&h);
+    let file = &request.files[0];
+    assert_eq!(file.file_name, "report 2026.pdf");
+    assert_eq!(file.content_type.as_deref(), Some("application/pdf"));
+    assert_eq!(file.sha256, sha256_hex(&data));
+    assert_eq!(
+        request.fields,
+        vec![
+            ("token".to_string(), "tok-123".to_string()),
+            ("empty".to_string(), String::new())
+        ],
+        "every other metadata pair is a field"
+    );
+
+    // The upstream's answer is there for the asking, and a resuming client sees every byte.
+    let answer = h.client.get(h.url(&location)).send().await.unwrap();
+    assert_eq!(answer.status(), 201);
+    assert_eq!(answer.text().await.unwrap(), r#"{"id":"f-1"}"#);
+    assert_eq!(offset_of(&h, &location).await, data.len() as u64);
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+}
+
+#[tokio::test]
+async fn a_missing_or_other_version_is_412_and_creates_nothing() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    for version in [Some("0.2.2"), None] {
+        let mut request = h.client.post(h.url("/files")).header("upload-length", "10");
+        if let Some(version) = version {
+            request = request.header("tus-resumable", version);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 412, "version {version:?}");
+        assert_eq!(header(&response, "tus-version"), Some("1.0.0"));
+    }
+    assert_eq!(h.upload_files(), 0);
+    assert!(h.upstream.received().is_empty());
+}
+
+#[tokio::test]
+async fn x_http_method_override_turns_a_post_into_patch_or_head() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let location = create(&h, 5, "").await;
+    let response = tus(&h, Method::POST, &location)
+        .header("x-http-method-override", "PATCH")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "0")
+        .body("abc")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204);
+    assert_eq!(header(&response, "upload-offset"), Some("3"));
+    let response = tus(&h, Method::POST, &location)
+        .header("x-http-method-override", "HEAD")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "upload-offset"), Some("3"));
+}
+
+#[tokio::test]
+async fn a_patch_at_the_wrong_offset_is_409_and_changes_nothing() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let location = create(&h, 10, "").await;
+    assert_eq!(
+        patch(&h, &location, 0, Bytes::from("12345")).await.status(),
+        204
+    );
+    let stored = h.stored_files();
+    for wrong in [0, 3, 7] {
+        let response = patch(&h, &location, wrong, Bytes::from("xx")).await;
+        assert_eq!(response.status(), 409, "offset {wrong}");
+    }
+    assert_eq!(offset_of(&h, &location).await, 5);
+    assert_eq!(h.stored_files(), stored, "nothing stored changed");
+}
+
+#[tokio::test]
+async fn patch_bodies_of_another_type_are_415() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let location = create(&h, 10, "").await;
+    let stored = h.stored_files();
+    for content_type in [Some("application/octet-stream"), None] {
+        let mut request = tus(&h, Method::PATCH, &location).header("upload-offset", "0");
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.body("12345").send().await.unwrap();
+        assert_eq!(response.status(), 415, "{content_type:?}");
+    }
+    assert_eq!(offset_of(&h, &location).await, 0);
+    assert_eq!(h.stored_files(), stored);
+}
+
+#[tokio::test]
+async fn unknown_uploads_are_404_and_upload_urls_do_not_cross_scopes() {
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    scope: { cookie: session }
+    forward: { path: /app/upload }
+"#;
+    let h = Harness::with_routes(routes).await;
+    for path in [
+        "/files/00000000000000000000000000000000",
+        "/files/not-an-id",
+        "/files/..%2Fetc%2Fpasswd",
+    ] {
+        assert_eq!(head(&h, path).await.status(), 404, "{path}");
+        assert_eq!(patch(&h, path, 0, Bytes::from("x")).await.status(), 404);
+    }
+    let response = tus(&h, Method::POST, "/files")
+        .header("cookie", "session=alice")
+        .header("upload-length", "4")
+        .send()
+        .await
+        .unwrap();
+    let location = header(&response, "location").unwrap().to_string();
+    let as_bob = tus(&h, Method::HEAD, &location)
+        .header("cookie", "session=bob")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(as_bob.status(), 404, "another user's upload is not there");
+    let as_alice = tus(&h, Method::HEAD, &location)
+        .header("cookie", "session=alice")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(as_alice.status(), 200);
+}
+
+#[tokio::test]
+async fn creation_with_upload_stores_the_first_bytes_or_the_whole_file() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let data = random_bytes(50_000, 2);
+    let response = tus(&h, Method::POST, "/files")
+        .header("upload-length", "50000")
+        .header("upload-metadata", format!("filename {}", b64("a.bin")))
+        .header("content-type", "application/offset+octet-stream")
+        .body(data.slice(..20_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(header(&response, "upload-offset"), Some("20000"));
+    let location = header(&response, "location").unwrap().to_string();
+    assert_eq!(offset_of(&h, &location).await, 20_000);
+    let rest = patch(&h, &location, 20_000, data.slice(20_000..)).await;
+    assert_eq!(rest.status(), 204);
+    assert_eq!(the_delivery(&h).files[0].sha256, sha256_hex(&data));
+
+    // The whole file in the creation request: delivered by it.
+    let small = random_bytes(1000, 3);
+    let response = tus(&h, Method::POST, "/files")
+        .header("upload-length", "1000")
+        .header("upload-metadata", format!("filename {}", b64("b.bin")))
+        .header("content-type", "application/offset+octet-stream")
+        .body(small.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(header(&response, "upload-offset"), Some("1000"));
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].files[0].file_name, "b.bin");
+    assert_eq!(received[1].files[0].sha256, sha256_hex(&small));
+}
+
+#[tokio::test]
+async fn a_deferred_length_is_declared_by_a_later_patch() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let response = tus(&h, Method::POST, "/files")
+        .header("upload-defer-length", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let location = header(&response, "location").unwrap().to_string();
+    let state = head(&h, &location).await;
+    assert_eq!(header(&state, "upload-defer-length"), Some("1"));
+    assert_eq!(header(&state, "upload-length"), None);
+    assert_eq!(
+        patch(&h, &location, 0, Bytes::from("hello "))
+            .await
+            .status(),
+        204
+    );
+    assert!(h.upstream.received().is_empty());
+    let last = tus(&h, Method::PATCH, &location)
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "6")
+        .header("upload-length", "11")
+        .body("world")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(last.status(), 204);
+    assert_eq!(header(&last, "stitch-delivery"), Some("delivered"));
+    assert_eq!(the_delivery(&h).files[0].sha256, sha256_hex(b"hello world"));
+}
+
+#[tokio::test]
+async fn creation_needs_exactly_one_well_formed_length_within_the_limit() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let cases: [(&[(&str, &str)], u16); 6] = [
+        (&[], 400),
+        (&[("upload-length", "-1")], 400),
+        (&[("upload-length", "ten")], 400),
+        (&[("upload-defer-length", "2")], 400),
+        (
+            &[("upload-length", "10"), ("upload-defer-length", "1")],
+            400,
+        ),
+        (&[("upload-length", "1048577")], 413),
+    ];
+    for (headers, status) in cases {
+        let mut request = tus(&h, Method::POST, "/files");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        assert_eq!(
+            request.send().await.unwrap().status(),
+            status,
+            "{headers:?}"
+        );
+    }
+    assert_eq!(h.upload_files(), 0, "nothing created");
+}
+
+#[tokio::test]
+async fn malformed_metadata_is_400_and_creates_nothing() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let too_long = format!("big {}", b64(&"x".repeat(5000)));
+    for metadata in [
+        "name !!notbase64",
+        "name YQ==,name Yg==",
+        "name YQ==,,other Yg==",
+        "a YQ== extra",
+        too_long.as_str(),
+    ] {
+        let response = tus(&h, Method::POST, "/files")
+            .header("upload-length", "10")
+            .header("upload-metadata", metadata)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{metadata:.40}");
+    }
+    assert_eq!(h.upload_files(), 0);
+}
+
+#[tokio::test]
+async fn a_patch_past_the_length_is_413_and_stores_nothing() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let location = create(&h, 10, "").await;
+    assert_eq!(
+        patch(&h, &location, 0, Bytes::from("1234")).await.status(),
+        204
+    );
+    let stored = h.stored_files();
+    let response = patch(&h, &location, 4, Bytes::from("12345678")).await;
+    assert_eq!(response.status(), 413);
+    assert_eq!(offset_of(&h, &location).await, 4);
+    assert_eq!(h.stored_files(), stored);
+    // A chunked body (no Content-Length) that runs past the end is refused the same way.
+    let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(Bytes::from("12345678"))]);
+    let response = tus(&h, Method::PATCH, &location)
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "4")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 413);
+    assert_eq!(offset_of(&h, &location).await, 4);
+    assert_eq!(h.stored_files(), stored);
+}
+
+#[tokio::test]
+async fn checksums_are_checked_and_a_mismatch_is_460_with_the_bytes_discarded() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let body = b"hello world";
+    let digest = |algorithm: &str, bytes: &[u8]| -> String {
+        let engine = base64::engine::general_purpose::STANDARD;
+        match algorithm {
+            "sha1" => engine.encode(sha1::Sha1::digest(bytes)),
+            "sha256" => engine.encode(Sha256::digest(bytes)),
+            "md5" => engine.encode(md5::Md5::digest(bytes)),
+            _ => engine.encode(crc32fast::hash(bytes).to_be_bytes()),
+        }
+    };
+    for algorithm in ["sha1", "sha256", "md5", "crc32"] {
+        let location = create(&h, 22, "").await;
+        let checked = |value: String| {
+            tus(&h, Method::PATCH, &location)
+                .header("content-type", "application/offset+octet-stream")
+                .header("upload-offset", "0")
+                .header("upload-checksum", value)
+                .body(&body[..])
+        };
+        let stored = h.stored_files();
+        let wrong = checked(format!("{algorithm} {}", digest(algorithm, b"hello wOrld")));
+        assert_eq!(
+            wrong.send().await.unwrap().status(),
+            460,
+            "{algorithm} mismatch"
+        );
+        assert_eq!(offset_of(&h, &location).await, 0);
+        assert_eq!(
+            h.stored_files(),
+            stored,
+            "{algorithm}: the bytes are discarded"
+        );
+        let right = checked(format!("{algorithm} {}", digest(algorithm, body)));
+        assert_eq!(
+            right.send().await.unwrap().status(),
+            204,
+            "{algorithm} match"
+        );
+        assert_eq!(offset_of(&h, &location).await, 11);
+    }
+    let location = create(&h, 11, "").await;
+    for value in ["whirlpool AAAA", "sha1", "sha1 !!!"] {
+        let response = tus(&h, Method::PATCH, &location)
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", "0")
+            .header("upload-checksum", value)
+            .body(&body[..])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{value}");
+    }
+    assert_eq!(offset_of(&h, &location).await, 0);
+}
+
+#[tokio::test]
+async fn termination_removes_the_upload_and_its_bytes() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let location = create(&h, 100, "").await;
+    assert_eq!(
+        patch(&h, &location, 0, random_bytes(60, 4)).await.status(),
+        204
+    );
+    assert!(h.blob_count() > 0);
+    let response = tus(&h, Method::DELETE, &location).send().await.unwrap();
+    assert_eq!(response.status(), 204);
+    assert_eq!(header(&response, "tus-resumable"), Some("1.0.0"));
+    assert_eq!(head(&h, &location).await.status(), 404);
+    assert_eq!(
+        patch(&h, &location, 60, random_bytes(40, 5)).await.status(),
+        404
+    );
+    assert_eq!(
+        tus(&h, Method::DELETE, &location)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!((h.blob_count(), h.upload_files()), (0, 0));
+    assert!(h.upstream.received().is_empty());
+}
+
+#[tokio::test]
+async fn uploads_announce_their_expiry_and_expire_when_idle() {
+    let h = Harness::with_storage("  upload_ttl: 2s\n", TUS_ROUTES).await;
+    let response = tus(&h, Method::POST, "/files")
+        .header("upload-length", "10")
+        .send()
+        .await
+        .unwrap();
+    let expires = header(&response, "upload-expires").expect("Upload-Expires");
+    let expires = httpdate::parse_http_date(expires).expect("an HTTP date");
+    assert!(expires > std::time::SystemTime::now());
+    let location = header(&response, "location").unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while head(&h, &location).await.status() == 200 {
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(head(&h, &location).await.status(), 404);
+    assert_eq!(h.upload_files(), 0);
+}
+
+#[tokio::test]
+async fn a_patch_that_breaks_off_keeps_the_bytes_that_arrived() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let location = create(&h, 100_000, "").await;
+    let addr = h.stitch.as_ref().unwrap().addr;
+    let mut connection = RawConnection::open(addr).await;
+    let head_bytes = format!(
+        "PATCH {location} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
+         Content-Length: 100000\r\n\r\n"
+    );
+    let data = random_bytes(100_000, 6);
+    assert!(connection.send(head_bytes.as_bytes()).await);
+    assert!(connection.send(&data[..40_000]).await);
+    // Let the bytes arrive, then cut the connection.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    drop(connection);
+    let mut offset = 0;
+    while offset != 40_000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "offset stays {offset}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        offset = offset_of(&h, &location).await;
+    }
+    let rest = patch(&h, &location, 40_000, data.slice(40_000..)).await;
+    assert_eq!(rest.status(), 204);
+    assert_eq!(the_delivery(&h).files[0].sha256, sha256_hex(&data));
+}
+
+#[tokio::test]
+async fn a_delivery_that_fails_is_retried_by_the_next_head_and_delivered_once() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let data = random_bytes(5000, 7);
+    let location = create(&h, 5000, &format!("filename {}", b64("c.bin"))).await;
+    h.upstream.go_down();
+    let response = patch(&h, &location, 0, data.clone()).await;
+    assert_eq!(
+        response.status(),
+        502,
+        "the application could not be reached"
+    );
+    assert_eq!(header(&response, "stitch-delivery"), Some("failed"));
+    let pending = h.client.get(h.url(&location)).send().await.unwrap();
+    assert_eq!(pending.status(), 202, "no answer yet");
+    h.upstream.resume().await;
+    h.upstream.answer_with(200, "saved c.bin");
+    // tus-js-client resumes with HEAD; finding every byte there it sends nothing more.
+    assert_eq!(offset_of(&h, &location).await, 5000);
+    assert_eq!(the_delivery(&h).files[0].sha256, sha256_hex(&data));
+    assert_eq!(offset_of(&h, &location).await, 5000);
+    let answer = h.client.get(h.url(&location)).send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.text().await.unwrap(), "saved c.bin");
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+}
+
+#[tokio::test]
+async fn an_application_that_refuses_the_file_is_relayed_by_the_completing_patch() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    h.upstream.answer_with(422, "not a PDF");
+    let location = create(&h, 3, "").await;
+    let response = patch(&h, &location, 0, Bytes::from("abc")).await;
+    assert_eq!(response.status(), 422);
+    assert_eq!(header(&response, "upload-offset"), Some("3"));
+    assert_eq!(header(&response, "stitch-upstream-status"), Some("422"));
+    assert_eq!(response.text().await.unwrap(), "not a PDF");
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+}
+
+#[tokio::test]
+async fn the_creating_clients_credentials_go_with_the_file() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let response = tus(&h, Method::POST, "/files")
+        .header("upload-length", "3")
+        .header("cookie", "session=alice")
+        .header("authorization", "Bearer abc")
+        .send()
+        .await
+        .unwrap();
+    let location = header(&response, "location").unwrap().to_string();
+    assert_eq!(
+        patch(&h, &location, 0, Bytes::from("abc")).await.status(),
+        204
+    );
+    let request = the_delivery(&h);
+    assert_eq!(request.header("cookie"), Some("session=alice"));
+    assert_eq!(request.header("authorization"), Some("Bearer abc"));
+}
+
+#[tokio::test]
+async fn plain_requests_on_the_route_pass_through_to_the_application() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let page = h.client.get(h.url("/files")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let put = h
+        .client
+        .put(h.url("/files/report"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let paths: Vec<String> = h.upstream.received().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, vec!["/files", "/files/report"]);
+}
