@@ -222,6 +222,7 @@ fn forward() -> ForwardConfig {
         protocol_fields: false,
         timeout: Duration::from_secs(30),
         retry_pause: Duration::from_secs(2),
+        wait: Duration::from_secs(30),
     }
 }
 

@@ -664,3 +664,89 @@ async fn plain_requests_on_the_route_pass_through_to_the_application() {
     let paths: Vec<String> = h.upstream.received().into_iter().map(|r| r.path).collect();
     assert_eq!(paths, vec!["/files", "/files/report"]);
 }
+
+#[tokio::test]
+async fn finalize_returns_the_answer_of_the_upload_carrying_the_token_in_its_scope() {
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    scope: { cookie: session }
+    forward: { path: /app/upload }
+"#;
+    let h = Harness::with_routes(routes).await;
+    h.upstream.answer_with(200, r#"{"descriptor":1}"#);
+    let response = tus(&h, Method::POST, "/files")
+        .header("cookie", "session=alice")
+        .header("upload-length", "6")
+        .header(
+            "upload-metadata",
+            format!("filename {},token {}", b64("a.txt"), b64("tok 1/2")),
+        )
+        .send()
+        .await
+        .unwrap();
+    let location = header(&response, "location").unwrap().to_string();
+    let finalize = |session: &str| {
+        h.client
+            .put(h.url("/files/tok%201%2F2?filename=a.txt"))
+            .header("cookie", format!("session={session}"))
+            .body("{}")
+    };
+    // Not complete yet: the client is told, nothing is delivered.
+    let early = finalize("alice").send().await.unwrap();
+    assert_eq!(early.status(), 409);
+    assert!(h.upstream.received().is_empty());
+    let done = tus(&h, Method::PATCH, &location)
+        .header("cookie", "session=alice")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "0")
+        .body("abcdef")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 204);
+    let answer = finalize("alice").send().await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.text().await.unwrap(), r#"{"descriptor":1}"#);
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+    // Another user's PUT with the same token is the application's business.
+    let other = finalize("bob").send().await.unwrap();
+    assert_eq!(other.status(), 200);
+    let passed: Vec<String> = h.upstream.received().into_iter().map(|r| r.path).collect();
+    assert_eq!(passed, vec!["/app/upload", "/files/tok%201%2F2"]);
+}
+
+#[tokio::test]
+async fn a_slow_application_leaves_the_patch_pending_and_finalize_waits_for_its_answer() {
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    forward: { path: /app/upload, wait: 1s }
+"#;
+    let h = Harness::with_routes(routes).await;
+    h.upstream.answer_with(201, "slowly saved");
+    h.upstream.delay_answers(Duration::from_millis(1500));
+    let location = create(&h, 3, &format!("token {}", b64("t9"))).await;
+    let response = patch(&h, &location, 0, Bytes::from("xyz")).await;
+    assert_eq!(response.status(), 204, "the bytes are stored");
+    assert_eq!(header(&response, "stitch-delivery"), Some("pending"));
+    assert_eq!(header(&response, "upload-offset"), Some("3"));
+    // The delivery went on; finalize waits for it (up to forward.wait each time).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = h.client.put(h.url("/files/t9")).send().await.unwrap();
+        if answer.status() == 201 {
+            assert_eq!(answer.text().await.unwrap(), "slowly saved");
+            break;
+        }
+        assert_eq!(
+            answer.status(),
+            202,
+            "pending until the application answers"
+        );
+        assert!(std::time::Instant::now() < deadline, "never answered");
+    }
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+}

@@ -187,6 +187,8 @@ struct RawForward {
     timeout: Span,
     #[serde(default = "default_retry_pause")]
     retry_pause: Span,
+    #[serde(default = "default_wait", deserialize_with = "above_zero")]
+    wait: Span,
 }
 
 impl Default for RawForward {
@@ -199,6 +201,7 @@ impl Default for RawForward {
             protocol_fields: false,
             timeout: default_forward_timeout(),
             retry_pause: default_retry_pause(),
+            wait: default_wait(),
         }
     }
 }
@@ -219,6 +222,9 @@ pub struct ForwardConfig {
     /// After a failed delivery, the next attempt for the same upload waits this long: Resumable.js
     /// retries at once, up to 100 times, and each attempt sends the whole file.
     pub retry_pause: Duration,
+    /// tus: how long a request that completes an upload (or asks for its answer) waits for the
+    /// delivery before it answers without the upstream's answer; the delivery goes on.
+    pub wait: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -356,6 +362,7 @@ impl TryFrom<RawRoute> for Route {
                 protocol_fields: raw.forward.protocol_fields,
                 timeout: raw.forward.timeout.0,
                 retry_pause: raw.forward.retry_pause.0,
+                wait: raw.forward.wait.0,
             },
         })
     }
@@ -431,6 +438,9 @@ fn default_headers() -> Vec<String> {
 }
 fn default_forward_timeout() -> Span {
     Span(Duration::from_secs(300))
+}
+fn default_wait() -> Span {
+    Span(Duration::from_secs(30))
 }
 fn default_retry_pause() -> Span {
     Span(Duration::from_secs(2))

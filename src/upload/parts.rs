@@ -403,6 +403,25 @@ impl UploadCore {
         })
     }
 
+    /// Makes `alias` name the upload `target` (a protocol's own identifier; tus: a metadata
+    /// token that a finalize request names). An alias is kept as an upload of its own without
+    /// bytes: scoped like its key, shared by every process, and expiring like an upload.
+    pub async fn save_alias(&self, alias: &UploadKey, target: &str) -> Result<(), CoreError> {
+        let meta = UploadMeta {
+            length: None,
+            name: String::new(),
+            media_type: None,
+            protocol: serde_json::json!({ "alias": target }),
+        };
+        self.create(alias, &meta).await
+    }
+
+    /// What `alias` names, if it is an alias.
+    pub async fn alias(&self, alias: &UploadKey) -> Result<Option<String>, CoreError> {
+        let meta = self.engines.state.meta(alias).await?;
+        Ok(meta.and_then(|m| m.protocol["alias"].as_str().map(str::to_string)))
+    }
+
     /// Removes an upload and its bytes (tus termination).
     pub async fn terminate(&self, upload: &UploadKey) -> Result<(), CoreError> {
         let lease = self.lock(upload).await?;

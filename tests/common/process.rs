@@ -195,6 +195,22 @@ impl StitchProcess {
         panic!("stitch did not start");
     }
 
+    /// Starts it again on `addr` (where an earlier process listened) with the config of
+    /// `start`/`start_yaml` on `dir`: clients that knew the old one find the new one.
+    pub fn start_again(addr: SocketAddr, dir: &Path) -> StitchProcess {
+        let path = dir.with_extension("yaml");
+        for _ in 0..50 {
+            let mut process = StitchProcess::spawn(&path, dir, addr, &[]);
+            if process.wait_listening(&[addr]) {
+                return process;
+            }
+            let _ = process.child.kill();
+            let _ = process.child.wait();
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("stitch did not start again on {addr}");
+    }
+
     /// `stitch demo` with `routes`, storing in `dir`, started from outside the source tree;
     /// returns it and the demo application's address.
     pub fn demo(dir: &Path, routes: &str) -> (StitchProcess, SocketAddr) {

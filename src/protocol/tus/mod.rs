@@ -28,7 +28,7 @@ use checksum::{ChecksumError, Expected};
 use http::{HeaderName, HeaderValue, Method};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
-use reply::{Answer, Refusal};
+use reply::{Answer, Delivered, Refusal};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -71,9 +71,10 @@ pub async fn handle(
     // Every tus method on the route is tus (a request without `Tus-Resumable` gets 412). GET
     // and PUT are the application's, except a GET on an upload's URL, which asks for the
     // upstream's answer.
+    // A PUT on `<route path>/<token>` is a finalize request if an upload carries that token.
     let ours = match method {
         Method::GET => matches!(target, Target::Upload(_)),
-        Method::PUT => false,
+        Method::PUT => options.finalize.is_some() && matches!(target, Target::Upload(_)),
         _ => true,
     };
     if !ours {
@@ -86,7 +87,15 @@ pub async fn handle(
         scope: scope_value(header, route.scope.as_ref()),
         continued: false,
     };
-    let answer = if method == Method::OPTIONS {
+    let answer = if method == Method::PUT {
+        let Target::Upload(token) = &target else {
+            unreachable!("checked above");
+        };
+        match exchange.finalize(session, token).await {
+            Some(answer) => answer,
+            None => return Ok(false),
+        }
+    } else if method == Method::OPTIONS {
         Answer::Capabilities {
             max_size: route.limits.max_file_size.0,
         }
@@ -168,6 +177,16 @@ impl Exchange<'_> {
         Some(key)
     }
 
+    /// The alias a metadata token gives an upload, in this route and scope.
+    fn token_key(&self, token: &str) -> UploadKey {
+        UploadKey::derive(&[
+            b"stitch tus token v1",
+            self.route.id.as_bytes(),
+            &self.scope,
+            token.as_bytes(),
+        ])
+    }
+
     fn location(&self, id: &str) -> String {
         let PathMatch::Prefix(prefix) = &self.route.path else {
             unreachable!("tus routes are prefix routes");
@@ -222,6 +241,18 @@ impl Exchange<'_> {
         let meta = self.meta(length, &pairs, raw_metadata, &request, &id);
         if let Err(e) = self.core.create(&key, &meta).await {
             return Answer::Refused(Refusal::Core(e));
+        }
+        let token = self.options.finalize.as_ref().and_then(|name| {
+            pairs
+                .iter()
+                .find(|(k, v)| k == name && !v.is_empty())
+                .map(|(_, v)| v)
+        });
+        if let Some(token) = token {
+            // The newest upload with a token is the one a finalize request means.
+            if let Err(e) = self.core.save_alias(&self.token_key(token), &id).await {
+                return Answer::Refused(Refusal::Core(e));
+            }
         }
         tracing::info!("created upload {id} ({} bytes)", display_length(length));
         let mut offset = None;
@@ -304,8 +335,7 @@ impl Exchange<'_> {
         };
         let complete = progress.meta.length == Some(progress.offset);
         if complete && !progress.delivered {
-            let outcome = self.deliver(session, &key, &progress.meta).await;
-            if !delivered(&outcome) {
+            if let Delivered::Failed(outcome) = self.deliver(session, &key, &progress.meta).await {
                 return Answer::Undelivered(outcome);
             }
         }
@@ -370,10 +400,11 @@ impl Exchange<'_> {
         if progress.delivered {
             // Every byte is there and the file went to the application: say so again.
             return match self.core.recorded_answer(&key).await {
-                Ok(delivered) => Answer::Patched {
+                Ok(answer) => Answer::Patched {
                     offset: progress.offset,
                     expires: None,
-                    delivered,
+                    delivered: answer
+                        .map_or(Delivered::Pending, |a| Delivered::Answer(Box::new(a))),
                 },
                 Err(e) => Answer::Refused(Refusal::Core(e)),
             };
@@ -436,20 +467,16 @@ impl Exchange<'_> {
                 BodyError::Broken(reason) => Refusal::BadRequest(reason),
             }));
         }
-        let mut delivered = None;
+        let mut delivered = Delivered::NotYet;
         if appended.complete {
             let meta = match self.core.progress(key).await {
                 Ok(Some(progress)) => progress.meta,
                 Ok(None) => return Err(Answer::Refused(Refusal::NotFound)),
                 Err(e) => return Err(Answer::Refused(Refusal::Core(e))),
             };
-            let outcome = self.deliver(session, key, &meta).await;
-            match outcome {
-                Outcome::Answered {
-                    answer,
-                    retryable: false,
-                } => delivered = Some(*answer),
-                outcome => return Ok(Answer::Undelivered(outcome)),
+            delivered = self.deliver(session, key, &meta).await;
+            if let Delivered::Failed(outcome) = delivered {
+                return Ok(Answer::Undelivered(outcome));
             }
         }
         Ok(Answer::Patched {
@@ -492,9 +519,45 @@ impl Exchange<'_> {
         }
     }
 
+    /// A finalize request (`PUT <route path>/<token>`): waits for the delivery of the upload
+    /// that carries the token, then answers with the upstream's answer. `None`: no upload
+    /// carries it (the request is the application's).
+    async fn finalize(&self, session: &Session, token: &str) -> Option<Answer> {
+        let token = percent_encoding::percent_decode_str(token)
+            .decode_utf8()
+            .ok()?;
+        let id = match self.core.alias(&self.token_key(&token)).await {
+            Ok(Some(id)) => id,
+            Ok(None) => return None,
+            Err(e) => return Some(Answer::Refused(Refusal::Core(e))),
+        };
+        tracing::info!("finalize request for upload {id}");
+        let key = self.key(&id)?;
+        if let Ok(Some(answer)) = self.core.recorded_answer(&key).await {
+            return Some(Answer::Upstream(answer));
+        }
+        let progress = match self.core.progress(&key).await {
+            Ok(Some(progress)) => progress,
+            Ok(None) => return Some(Answer::Refused(Refusal::NotFound)),
+            Err(e) => return Some(Answer::Refused(Refusal::Core(e))),
+        };
+        if progress.meta.length != Some(progress.offset) {
+            return Some(Answer::Refused(Refusal::Incomplete {
+                offset: progress.offset,
+                length: progress.meta.length,
+            }));
+        }
+        Some(match self.deliver(session, &key, &progress.meta).await {
+            Delivered::Answer(answer) => Answer::Upstream(*answer),
+            Delivered::Failed(outcome) => Answer::Undelivered(outcome),
+            Delivered::Pending | Delivered::NotYet => Answer::Pending,
+        })
+    }
+
     /// Delivers the complete upload with the fields and credentials it was created with (the
-    /// credentials of this request instead, if it carries any: a new login after a refusal).
-    async fn deliver(&self, session: &Session, key: &UploadKey, meta: &UploadMeta) -> Outcome {
+    /// credentials of this request instead, if it carries any: a new login after a refusal),
+    /// waiting for it up to `forward.wait`.
+    async fn deliver(&self, session: &Session, key: &UploadKey, meta: &UploadMeta) -> Delivered {
         let state = tus_state(meta);
         let current = delivery_request(session.req_header(), client_ip(session), self.route);
         let has_credentials = |request: &DeliveryRequest| {
@@ -526,20 +589,20 @@ impl Exchange<'_> {
                     .or(current.host),
             }
         };
-        let delivery = self.core.deliver(*key, &self.route.forward, request).await;
-        delivery.outcome.clone()
-    }
-}
-
-/// Did the delivery come to an answer that stands (not one asking for a retry)?
-fn delivered(outcome: &Outcome) -> bool {
-    matches!(
-        outcome,
-        Outcome::Answered {
-            retryable: false,
-            ..
+        let forward = &self.route.forward;
+        // The delivery runs in a task of its own: it goes on after the wait.
+        let delivery = self.core.deliver(*key, forward, request);
+        match tokio::time::timeout(forward.wait, delivery).await {
+            Err(_) => Delivered::Pending,
+            Ok(delivery) => match &delivery.outcome {
+                Outcome::Answered {
+                    answer,
+                    retryable: false,
+                } => Delivered::Answer(answer.clone()),
+                outcome => Delivered::Failed(outcome.clone()),
+            },
         }
-    )
+    }
 }
 
 fn tus_state(meta: &UploadMeta) -> TusState {

@@ -7,6 +7,9 @@ use serde::Deserialize;
 pub struct TusOptions {
     /// The most bytes of `Upload-Metadata` a creation may carry.
     pub max_metadata: usize,
+    /// The metadata key whose value names an upload in a finalize request
+    /// (`PUT <route path>/<value>`); `None`: no finalize requests.
+    pub finalize: Option<String>,
 }
 
 /// `tus:` as written in the config file.
@@ -14,6 +17,7 @@ pub struct TusOptions {
 #[serde(deny_unknown_fields)]
 pub struct RawTusOptions {
     max_metadata: Option<crate::config::ByteSize>,
+    finalize: Option<String>,
 }
 
 impl TusOptions {
@@ -22,8 +26,23 @@ impl TusOptions {
         if !(64..=(64 << 10)).contains(&max_metadata) {
             return Err("tus.max_metadata must be between 64B and 64KiB".into());
         }
+        let finalize = match raw.finalize.as_deref() {
+            None => Some("token".to_string()),
+            Some("none") => None,
+            Some(key)
+                if !key.is_empty() && key.bytes().all(|b| b.is_ascii_graphic() && b != b',') =>
+            {
+                Some(key.to_string())
+            }
+            Some(key) => {
+                return Err(format!(
+                    "tus.finalize: {key:?} is not a metadata key (or `none`)"
+                ))
+            }
+        };
         Ok(TusOptions {
             max_metadata: max_metadata as usize,
+            finalize,
         })
     }
 }

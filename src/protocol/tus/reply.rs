@@ -11,6 +11,18 @@ pub(super) const VERSION: &str = "1.0.0";
 pub(super) const EXTENSIONS: &str =
     "creation,creation-with-upload,creation-defer-length,expiration,checksum,termination";
 
+/// Where a completed upload's delivery stands, as a request that waited for it saw it.
+pub(super) enum Delivered {
+    /// The upload is not complete.
+    NotYet,
+    /// The upstream's answer, final (2xx, or a refusal that a retry would not change).
+    Answer(Box<RecordedAnswer>),
+    /// Still under way after `forward.wait`.
+    Pending,
+    /// It came to no answer that stands (unreachable, 5xx, ...): the bytes are kept.
+    Failed(Outcome),
+}
+
 /// What a tus request comes to, before it is a status.
 pub(super) enum Answer {
     /// OPTIONS: what this server supports.
@@ -30,12 +42,12 @@ pub(super) enum Answer {
         metadata: Option<String>,
         expires: Option<String>,
     },
-    /// PATCH stored its bytes; `delivered`: the upload completed and the upstream answered
-    /// this (2xx: relayed as headers; otherwise relayed as the answer).
+    /// PATCH stored its bytes; `delivered`: where the delivery stands if the upload is
+    /// complete (the upstream's 2xx is relayed as headers, another answer as the answer).
     Patched {
         offset: u64,
         expires: Option<String>,
-        delivered: Option<RecordedAnswer>,
+        delivered: Delivered,
     },
     /// DELETE.
     Terminated,
@@ -61,6 +73,11 @@ pub(super) enum Refusal {
     NotFound,
     /// The method does not apply to this URL.
     Method,
+    /// A finalize request for an upload that still lacks bytes.
+    Incomplete {
+        offset: u64,
+        length: Option<u64>,
+    },
     /// Over `Tus-Max-Size` or the route's limit.
     TooLarge(u64),
     /// `Upload-Checksum` names an algorithm this server does not have.
@@ -136,9 +153,9 @@ fn with_expires(reply: Reply, expires: Option<String>) -> Reply {
 /// A successful PATCH is 204 with the new offset. When it completed the upload, the
 /// upstream's status rides along; an upstream that refused the file (not 2xx) is relayed as the
 /// PATCH's answer, so that the client reports it.
-fn patched(offset: u64, expires: Option<String>, delivered: Option<RecordedAnswer>) -> Reply {
+fn patched(offset: u64, expires: Option<String>, delivered: Delivered) -> Reply {
     let reply = match &delivered {
-        Some(answer) if !(200..300).contains(&answer.status) => Reply {
+        Delivered::Answer(answer) if !(200..300).contains(&answer.status) => Reply {
             status: answer.status,
             headers: answer.headers.clone(),
             body: answer.body.clone(),
@@ -147,10 +164,11 @@ fn patched(offset: u64, expires: Option<String>, delivered: Option<RecordedAnswe
     };
     let reply = with_expires(reply, expires).with_header("upload-offset", &offset.to_string());
     match delivered {
-        Some(answer) => reply
+        Delivered::Answer(answer) => reply
             .with_header("stitch-delivery", "delivered")
             .with_header("stitch-upstream-status", &answer.status.to_string()),
-        None => reply,
+        Delivered::Pending => reply.with_header("stitch-delivery", "pending"),
+        Delivered::NotYet | Delivered::Failed(_) => reply,
     }
 }
 
@@ -193,6 +211,13 @@ fn refused(refusal: Refusal) -> Reply {
         ),
         Refusal::NotFound => Reply::refuse(404, "no such upload"),
         Refusal::Method => Reply::refuse(405, "not a tus request for this URL"),
+        Refusal::Incomplete { offset, length } => {
+            let length = length.map_or_else(|| "an undeclared length".into(), |n| n.to_string());
+            Reply::refuse(
+                409,
+                format!("the upload is not complete: {offset} of {length} bytes are stored"),
+            )
+        }
         Refusal::TooLarge(max) => Reply::refuse(
             413,
             format!("this server takes files of at most {max} bytes"),
