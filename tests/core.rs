@@ -18,6 +18,7 @@ use stitch::upload::{
     Clock, CoreError, FieldsDigest, Outcome, PartRef, PartStatus, Ttls, UploadCore,
 };
 use tokio::io::AsyncReadExt;
+use tokio::time::Instant;
 
 #[derive(Clone, Copy, Debug)]
 enum Engine {
@@ -271,7 +272,10 @@ async fn parts_are_stored_once_and_complete_the_file(engine: Engine) {
         put(&t, &file, 3, "a").await,
         PartStatus::Stored { complete: true }
     ));
-    let delivery = t.core.deliver(file.key, &forward(), request("a")).await;
+    let delivery = t
+        .core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
     assert_eq!(answer(&delivery.outcome).status, 201);
     let received = t.upstream.received.lock().unwrap().clone();
     assert_eq!(received.len(), 1);
@@ -347,8 +351,13 @@ async fn completions_at_once_share_one_delivery_even_when_it_fails(engine: Engin
     let first = tokio::spawn({
         let core = t.core.clone();
         async move {
-            core.deliver(file_key("race.bin"), &forward(), request("a"))
-                .await
+            core.deliver(
+                file_key("race.bin"),
+                &forward(),
+                request("a"),
+                Instant::now(),
+            )
+            .await
         }
     });
     entered.await;
@@ -356,8 +365,13 @@ async fn completions_at_once_share_one_delivery_even_when_it_fails(engine: Engin
     let second = tokio::spawn({
         let core = t.core.clone();
         async move {
-            core.deliver(file_key("race.bin"), &forward(), request("a"))
-                .await
+            core.deliver(
+                file_key("race.bin"),
+                &forward(),
+                request("a"),
+                Instant::now(),
+            )
+            .await
         }
     });
     tokio::task::yield_now().await;
@@ -373,6 +387,40 @@ async fn completions_at_once_share_one_delivery_even_when_it_fails(engine: Engin
     );
 }
 
+async fn a_request_under_way_while_a_delivery_failed_shares_its_outcome(engine: Engine) {
+    let t = Setup::new(engine);
+    *t.upstream.status.lock().unwrap() = 503;
+    let file = File::new("overlap.bin", 4);
+    store_all_but_last(&t, &file).await;
+    put(&t, &file, 3, "a").await;
+    // This request arrives, then waits (for the upload's lease, say) while an attempt fails.
+    let arrived = Instant::now();
+    tokio::time::advance(Duration::from_millis(10)).await;
+    let failed = t
+        .core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
+    assert_eq!(answer(&failed.outcome).status, 503);
+    let late = t
+        .core
+        .deliver(file.key, &forward(), request("a"), arrived)
+        .await;
+    assert_eq!(
+        answer(&late.outcome).status,
+        503,
+        "the failed attempt's answer"
+    );
+    assert_eq!(t.calls(), 1, "the file was not sent again for it");
+    // A request that comes after the failure (a retry) sends it again.
+    *t.upstream.status.lock().unwrap() = 201;
+    let retried = t
+        .core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
+    assert_eq!(answer(&retried.outcome).status, 201);
+    assert_eq!(t.calls(), 2);
+}
+
 fn file_key(name: &str) -> UploadKey {
     UploadKey::derive(&[name.as_bytes()])
 }
@@ -383,9 +431,14 @@ async fn a_retry_after_a_failure_waits_the_retry_pause(engine: Engine) {
     let file = File::new("pause.bin", 5);
     store_all_but_last(&t, &file).await;
     put(&t, &file, 3, "a").await;
-    t.core.deliver(file.key, &forward(), request("a")).await;
+    t.core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
     *t.upstream.status.lock().unwrap() = 201;
-    let retried = t.core.deliver(file.key, &forward(), request("a")).await;
+    let retried = t
+        .core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
     assert_eq!(answer(&retried.outcome).status, 201);
     let at = t.upstream.at.lock().unwrap().clone();
     assert_eq!(at.len(), 2);
@@ -401,7 +454,9 @@ async fn the_answer_is_replayed_to_the_same_fields_and_other_fields_deliver_agai
     let file = File::new("fields.bin", 6);
     store_all_but_last(&t, &file).await;
     put(&t, &file, 3, "a").await;
-    t.core.deliver(file.key, &forward(), request("a")).await;
+    t.core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
     // The same bytes again, same fields: the answer, no delivery.
     for n in 1..=3 {
         assert!(matches!(
@@ -421,7 +476,9 @@ async fn the_answer_is_replayed_to_the_same_fields_and_other_fields_deliver_agai
         put(&t, &file, 3, "b").await,
         PartStatus::Stored { complete: true }
     ));
-    t.core.deliver(file.key, &forward(), request("b")).await;
+    t.core
+        .deliver(file.key, &forward(), request("b"), Instant::now())
+        .await;
     assert_eq!(t.calls(), 2);
 }
 
@@ -430,7 +487,9 @@ async fn a_different_file_under_a_delivered_key_is_delivered_whole(engine: Engin
     let file = File::new("same-name.bin", 7);
     store_all_but_last(&t, &file).await;
     put(&t, &file, 3, "a").await;
-    t.core.deliver(file.key, &forward(), request("a")).await;
+    t.core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
     // Same name and size, the first kilobyte edited.
     let mut edited = File::new("same-name.bin", 7);
     edited.data[..1000].iter_mut().for_each(|b| *b ^= 0xff);
@@ -446,7 +505,9 @@ async fn a_different_file_under_a_delivered_key_is_delivered_whole(engine: Engin
         put(&t, &edited, 3, "a").await,
         PartStatus::Stored { complete: true }
     ));
-    t.core.deliver(edited.key, &forward(), request("a")).await;
+    t.core
+        .deliver(edited.key, &forward(), request("a"), Instant::now())
+        .await;
     let received = t.upstream.received.lock().unwrap().clone();
     assert_eq!(received.len(), 2);
     assert_eq!(received[1].0, edited.sha256());
@@ -480,7 +541,9 @@ async fn a_delivered_answer_expires_after_result_ttl(engine: Engine) {
     let file = File::new("answered.bin", 10);
     store_all_but_last(&t, &file).await;
     put(&t, &file, 3, "a").await;
-    t.core.deliver(file.key, &forward(), request("a")).await;
+    t.core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
     t.advance(TTLS.result / 2);
     assert_eq!(t.core.sweep().await.unwrap(), 0);
     assert!(t.engines.state.answer(&file.key).await.unwrap().is_some());
@@ -582,6 +645,7 @@ on_every_engine!(
     a_part_that_contradicts_the_first_is_refused_and_changes_nothing,
     a_body_shorter_than_declared_is_refused_and_stores_nothing,
     completions_at_once_share_one_delivery_even_when_it_fails,
+    a_request_under_way_while_a_delivery_failed_shares_its_outcome,
     a_retry_after_a_failure_waits_the_retry_pause,
     the_answer_is_replayed_to_the_same_fields_and_other_fields_deliver_again,
     a_different_file_under_a_delivered_key_is_delivered_whole,
@@ -633,7 +697,9 @@ async fn a_new_file_replaces_parts_resent_from_the_delivered_one(engine: Engine)
     let file = File::new("resent.bin", 13);
     store_all_but_last(&t, &file).await;
     put(&t, &file, 3, "a").await;
-    t.core.deliver(file.key, &forward(), request("a")).await;
+    t.core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
     // A page reload sends chunk 1 of the delivered file again: kept, answered.
     assert!(matches!(
         put(&t, &file, 1, "a").await,
@@ -652,7 +718,9 @@ async fn a_new_file_replaces_parts_resent_from_the_delivered_one(engine: Engine)
         put(&t, &other, 3, "a").await,
         PartStatus::Stored { complete: true }
     ));
-    t.core.deliver(other.key, &forward(), request("a")).await;
+    t.core
+        .deliver(other.key, &forward(), request("a"), Instant::now())
+        .await;
     let received = t.upstream.received.lock().unwrap().clone();
     assert_eq!(received.len(), 2);
     assert_eq!(received[1].0, other.sha256(), "the new file, whole");
@@ -663,7 +731,9 @@ async fn parts_left_beside_a_recorded_answer_are_not_taken_for_a_new_file(engine
     let file = File::new("leftover.bin", 14);
     store_all_but_last(&t, &file).await;
     put(&t, &file, 3, "a").await;
-    t.core.deliver(file.key, &forward(), request("a")).await;
+    t.core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
     // As if the process had died between recording the answer and removing the parts.
     let lease = t
         .engines
@@ -709,7 +779,9 @@ async fn parts_left_beside_a_recorded_answer_are_not_taken_for_a_new_file(engine
     for n in [1, 3] {
         put(&t, &other, n, "a").await;
     }
-    t.core.deliver(other.key, &forward(), request("a")).await;
+    t.core
+        .deliver(other.key, &forward(), request("a"), Instant::now())
+        .await;
     let received = t.upstream.received.lock().unwrap().clone();
     assert_eq!(received.len(), 2);
     assert_eq!(received[1].0, other.sha256());
@@ -744,7 +816,10 @@ async fn a_long_delivery_does_not_hold_up_another_upload_on_the_same_lock_stripe
     let delivering = tokio::spawn({
         let core = t.core.clone();
         let key = first.key;
-        async move { core.deliver(key, &forward(), request("a")).await }
+        async move {
+            core.deliver(key, &forward(), request("a"), Instant::now())
+                .await
+        }
     });
     entered.await;
     // The first upload's delivery is in the upstream's hands, under its lease.
@@ -773,7 +848,10 @@ async fn a_part_is_delivered_even_if_its_blobs_own_name_is_lost() {
             std::fs::remove_file(blob.unwrap().path()).unwrap();
         }
     }
-    let delivery = t.core.deliver(file.key, &forward(), request("a")).await;
+    let delivery = t
+        .core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
     assert_eq!(answer(&delivery.outcome).status, 201);
     assert_eq!(t.upstream.received.lock().unwrap()[0].0, file.sha256());
 }

@@ -81,15 +81,27 @@ impl Drop for Landing {
 
 impl UploadCore {
     /// Delivers a complete upload, or joins the delivery already under way for it.
+    ///
+    /// `asked` is when the asking request arrived. A request that was under way while an
+    /// attempt failed (it waited for the upload's lease that the attempt held, say) shares that
+    /// attempt's outcome, as if it had joined it: only a request that comes after a failure
+    /// (a client's retry) sends the file again.
     pub async fn deliver(
         self: &Arc<Self>,
         upload: UploadKey,
         forward: &ForwardConfig,
         request: DeliveryRequest,
+        asked: Instant,
     ) -> Arc<Delivery> {
         let mut flight = match self.flights.entry(upload) {
             dashmap::Entry::Occupied(entry) => entry.get().clone(),
             dashmap::Entry::Vacant(entry) => {
+                if let Some(failure) = self.failures.get(&upload) {
+                    let (ended, delivery) = &*failure;
+                    if *ended > asked {
+                        return Arc::clone(delivery);
+                    }
+                }
                 let (done, flight) = watch::channel(None);
                 entry.insert(flight.clone());
                 let landing = Landing {
@@ -103,7 +115,7 @@ impl UploadCore {
                     let _working = working;
                     let delivery = landing.core.deliver_once(&upload, &forward, &request).await;
                     drop(landing);
-                    let _ = done.send(Some(Arc::new(delivery)));
+                    let _ = done.send(Some(delivery));
                 };
                 let span = tracing::info_span!("delivery", upload = %upload.short());
                 tokio::spawn(delivering.instrument(span));
@@ -124,10 +136,10 @@ impl UploadCore {
         upload: &UploadKey,
         forward: &ForwardConfig,
         request: &DeliveryRequest,
-    ) -> Delivery {
+    ) -> Arc<Delivery> {
         // Back-pressure: a retry right after a failure waits, instead of sending the whole file
         // again at once (Resumable.js retries immediately, up to 100 times).
-        let failed_at = self.failures.get(upload).map(|at| *at);
+        let failed_at = self.failures.get(upload).map(|failure| failure.0);
         if let Some(pause) = failed_at.and_then(|at| forward.retry_pause.checked_sub(at.elapsed()))
         {
             tokio::time::sleep(pause).await;
@@ -145,8 +157,10 @@ impl UploadCore {
                 Delivery { outcome }
             }
         };
+        let delivery = Arc::new(delivery);
         if delivery.retryable() {
-            self.failures.insert(*upload, Instant::now());
+            self.failures
+                .insert(*upload, (Instant::now(), Arc::clone(&delivery)));
         } else {
             self.failures.remove(upload);
         }

@@ -150,8 +150,9 @@ pub struct UploadCore {
     replies: DashMap<UploadKey, Arc<replies::PendingReplies>>,
     /// When an upload's held replies were last all sent (the answer gives them a lead).
     recently_sent: DashMap<UploadKey, std::time::Instant>,
-    /// When each upload's last delivery attempt failed (for `retry_pause`).
-    failures: DashMap<UploadKey, Instant>,
+    /// Each upload's last failed delivery attempt and when it ended (for `retry_pause`, and
+    /// for requests that arrived while it was under way).
+    failures: DashMap<UploadKey, (Instant, Arc<delivery::Delivery>)>,
     /// Answers to delivered files that could not be written down yet (a full disk). They are
     /// replayed from here, and written again (then the parts removed) by the next request for
     /// the upload or the sweep, whichever comes first.

@@ -32,6 +32,7 @@ use pingora::proxy::Session;
 use reply::{Answer, Refusal, MAX_TEXT_FIELD};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::time::Instant;
 
 /// Room for multipart framing and text fields on top of a route's largest chunk; also the most
 /// text (names and values) a multipart request may carry.
@@ -70,6 +71,7 @@ pub async fn handle(
         scope: scope_value(header, route.scope.as_ref()),
         continued: AtomicBool::new(false),
         hold: Mutex::new(None),
+        arrived: Instant::now(),
     };
     let too_large =
         content_length(header).is_some_and(|n| n > route.limits.max_chunk_size.0 + MULTIPART_SLACK);
@@ -107,6 +109,8 @@ struct Exchange<'a> {
     continued: AtomicBool,
     /// Keeps the upload's completing answer behind this request's reply until it is sent.
     hold: Mutex<Option<ReplyHold>>,
+    /// When the request arrived (a delivery that failed meanwhile is this request's answer).
+    arrived: Instant,
 }
 
 /// One chunk request, understood: which upload, what it declares, what the upstream would get.
@@ -190,7 +194,10 @@ impl Exchange<'_> {
                 let mut request = self.delivery.clone();
                 request.fields = chunk.app_fields;
                 let forward = &self.route.forward;
-                let delivery = self.core.deliver(chunk.key, forward, request).await;
+                let delivery = self
+                    .core
+                    .deliver(chunk.key, forward, request, self.arrived)
+                    .await;
                 self.core.earlier_replies_sent(&chunk.key).await;
                 Answer::Undelivered(delivery.outcome.clone())
             }

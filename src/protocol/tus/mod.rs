@@ -31,6 +31,7 @@ use pingora::proxy::Session;
 use reply::{Answer, Delivered, Refusal};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
+use tokio::time::Instant;
 
 /// The body type of a PATCH (and of a creation carrying bytes).
 const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
@@ -86,6 +87,7 @@ pub async fn handle(
         core,
         scope: scope_value(header, route.scope.as_ref()),
         continued: false,
+        arrived: Instant::now(),
     };
     let answer = if method == Method::PUT {
         let Target::Upload(token) = &target else {
@@ -158,6 +160,8 @@ struct Exchange<'a> {
     scope: Vec<u8>,
     /// Whether a `100 Continue` was sent.
     continued: bool,
+    /// When the request arrived (a delivery that failed meanwhile is this request's answer).
+    arrived: Instant,
 }
 
 impl Exchange<'_> {
@@ -591,7 +595,7 @@ impl Exchange<'_> {
         };
         let forward = &self.route.forward;
         // The delivery runs in a task of its own: it goes on after the wait.
-        let delivery = self.core.deliver(*key, forward, request);
+        let delivery = self.core.deliver(*key, forward, request, self.arrived);
         match tokio::time::timeout(forward.wait, delivery).await {
             Err(_) => Delivered::Pending,
             Ok(delivery) => match &delivery.outcome {
