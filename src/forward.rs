@@ -47,6 +47,9 @@ pub struct DeliveryRequest {
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The client's Host header, so the application sees the host it is used to.
     pub host: Option<HeaderValue>,
+    /// The id of the route the upload came in on (the delivery queue finds its forward
+    /// settings by it).
+    pub route: String,
 }
 
 #[derive(Debug, thiserror::Error)]

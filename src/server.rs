@@ -109,11 +109,21 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
         .div_f64(10.0)
         .clamp(Duration::from_secs(1), Duration::from_secs(300));
     let sweeper = Sweeper {
-        core,
+        core: core.clone(),
         interval,
         in_flight: in_flight.clone(),
     };
     server.add_service(background_service("expiry", sweeper));
+    let queue = Queue {
+        core: core.clone(),
+        routes: config
+            .routes
+            .iter()
+            .map(|r| (r.id.clone(), r.forward.clone()))
+            .collect(),
+        in_flight: in_flight.clone(),
+    };
+    server.add_service(background_service("delivery queue", queue));
     Ok(Built {
         server,
         storage,
@@ -146,6 +156,35 @@ impl BackgroundService for Sweeper {
         }
     }
 }
+
+/// Retries the deliveries that are owed (see `upload::queue`), looking every second.
+struct Queue {
+    core: Arc<UploadCore>,
+    /// Each route's forward settings, by route id.
+    routes: std::collections::HashMap<String, crate::config::ForwardConfig>,
+    in_flight: InFlight,
+}
+
+#[async_trait]
+impl BackgroundService for Queue {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(QUEUE_INTERVAL) => {}
+            }
+            let _working = self.in_flight.start();
+            let span = tracing::info_span!("queue");
+            let forward_for = |id: &str| self.routes.get(id).cloned();
+            if let Err(e) = self.core.deliver_due(&forward_for).instrument(span).await {
+                tracing::error!("reading the delivery queue failed: {e}");
+            }
+        }
+    }
+}
+
+/// How often the delivery queue is looked at.
+const QUEUE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A server running in a thread of this process, stopped on `stop()` or drop.
 pub struct Running {

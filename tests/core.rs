@@ -421,6 +421,59 @@ async fn a_request_under_way_while_a_delivery_failed_shares_its_outcome(engine: 
     assert_eq!(t.calls(), 2);
 }
 
+async fn a_failed_delivery_stays_queued_and_the_queue_delivers_it_after_the_backoff(
+    engine: Engine,
+) {
+    let t = Setup::new(engine);
+    *t.upstream.status.lock().unwrap() = 503;
+    let file = File::new("queued.bin", 6);
+    store_all_but_last(&t, &file).await;
+    put(&t, &file, 3, "a").await;
+    let failed = t
+        .core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
+    assert_eq!(answer(&failed.outcome).status, 503);
+    let queued = t
+        .engines
+        .state
+        .queued(&file.key)
+        .await
+        .unwrap()
+        .expect("queued");
+    assert_eq!((queued.attempts, queued.fields.clone()), (1, fields("a")));
+    let forward_for = |_: &str| Some(forward());
+    assert_eq!(
+        t.core.deliver_due(&forward_for).await.unwrap(),
+        0,
+        "not due yet"
+    );
+    *t.upstream.status.lock().unwrap() = 201;
+    t.advance(forward().retry_pause);
+    tokio::time::advance(forward().retry_pause).await;
+    assert_eq!(t.core.deliver_due(&forward_for).await.unwrap(), 1);
+    // It runs in a task of its own; its answer is recorded when it ends.
+    for _ in 0..100 {
+        if t.core.recorded_answer(&file.key).await.unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let recorded = t
+        .core
+        .recorded_answer(&file.key)
+        .await
+        .unwrap()
+        .expect("answered");
+    assert_eq!(recorded.status, 201);
+    assert_eq!(t.calls(), 2);
+    assert!(
+        t.engines.state.queued(&file.key).await.unwrap().is_none(),
+        "no longer owed"
+    );
+    assert_eq!(t.core.deliver_due(&forward_for).await.unwrap(), 0);
+}
+
 fn file_key(name: &str) -> UploadKey {
     UploadKey::derive(&[name.as_bytes()])
 }
@@ -646,6 +699,7 @@ on_every_engine!(
     a_body_shorter_than_declared_is_refused_and_stores_nothing,
     completions_at_once_share_one_delivery_even_when_it_fails,
     a_request_under_way_while_a_delivery_failed_shares_its_outcome,
+    a_failed_delivery_stays_queued_and_the_queue_delivers_it_after_the_backoff,
     a_retry_after_a_failure_waits_the_retry_pause,
     the_answer_is_replayed_to_the_same_fields_and_other_fields_deliver_again,
     a_different_file_under_a_delivered_key_is_delivered_whole,

@@ -173,6 +173,45 @@ async fn upstream_down_at_completion_keeps_the_parts_and_a_retry_delivers_once()
 }
 
 #[tokio::test]
+async fn a_complete_file_whose_browser_left_is_delivered_by_the_queue_with_its_fields() {
+    let routes = r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    forward: { path: /app/upload, field: document, retry_pause: 200ms }
+"#;
+    let h = Harness::with_routes(routes).await;
+    let mut file = ChunkedFile::resumable("left.bin", random_bytes(3000, 17), 1000);
+    file.extra.push(("folder".into(), "inbox".into()));
+    file.headers.push(("cookie".into(), "session=s1".into()));
+    file.upload(&h, 1).await;
+    file.upload(&h, 2).await;
+    h.upstream.go_down();
+    let failed = file.upload(&h, 3).await;
+    assert_eq!(failed.status(), 502);
+    // The browser is gone; the application comes back.
+    h.upstream.answer_with(201, r#"{"id":5}"#);
+    h.upstream.resume().await;
+    wait_for_requests(&h, "/app/upload", 1, Duration::from_secs(20)).await;
+    let received = assert_delivered_once(&h, &file);
+    assert_eq!(
+        received.field("folder"),
+        Some("inbox"),
+        "the completing request's fields"
+    );
+    assert_eq!(
+        received.header("cookie"),
+        Some("session=s1"),
+        "and its credentials"
+    );
+    // A page reload that sends the last chunk again gets the answer, with no second delivery.
+    let again = file.upload(&h, 3).await;
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.text().await.unwrap(), r#"{"id":5}"#);
+    assert_delivered_once(&h, &file);
+}
+
+#[tokio::test]
 async fn an_upstream_server_error_keeps_the_parts_for_a_retry() {
     let h = Harness::start().await;
     h.upstream.answer_with(503, "busy");

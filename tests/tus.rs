@@ -588,30 +588,67 @@ async fn a_patch_that_breaks_off_keeps_the_bytes_that_arrived() {
     assert_eq!(the_delivery(&h).files[0].sha256, sha256_hex(&data));
 }
 
+/// A tus route whose queue retries quickly (the default pause is 2 s, doubling).
+const QUICK_RETRY_ROUTES: &str = r#"
+routes:
+  - path: /files
+    protocol: tus
+    forward: { path: /app/upload, field: document, retry_pause: 200ms }
+"#;
+
 #[tokio::test]
-async fn a_delivery_that_fails_is_retried_by_the_next_head_and_delivered_once() {
-    let h = Harness::with_routes(TUS_ROUTES).await;
+async fn a_delivery_that_fails_goes_on_from_the_queue_and_is_delivered_once() {
+    let h = Harness::with_routes(QUICK_RETRY_ROUTES).await;
     let data = random_bytes(5000, 7);
     let location = create(&h, 5000, &format!("filename {}", b64("c.bin"))).await;
     h.upstream.go_down();
     let response = patch(&h, &location, 0, data.clone()).await;
     assert_eq!(
         response.status(),
-        502,
-        "the application could not be reached"
+        204,
+        "every byte is stored: the PATCH succeeded"
     );
-    assert_eq!(header(&response, "stitch-delivery"), Some("failed"));
+    assert_eq!(header(&response, "upload-offset"), Some("5000"));
+    assert_eq!(header(&response, "stitch-delivery"), Some("retrying"));
     let pending = h.client.get(h.url(&location)).send().await.unwrap();
     assert_eq!(pending.status(), 202, "no answer yet");
-    h.upstream.resume().await;
-    h.upstream.answer_with(200, "saved c.bin");
     // tus-js-client resumes with HEAD; finding every byte there it sends nothing more.
     assert_eq!(offset_of(&h, &location).await, 5000);
+    h.upstream.answer_with(200, "saved c.bin");
+    h.upstream.resume().await;
+    // Nobody asks again: the queue delivers on its own.
+    wait_for_requests(&h, "/app/upload", 1, Duration::from_secs(20)).await;
     assert_eq!(the_delivery(&h).files[0].sha256, sha256_hex(&data));
-    assert_eq!(offset_of(&h, &location).await, 5000);
     let answer = h.client.get(h.url(&location)).send().await.unwrap();
     assert_eq!(answer.status(), 200);
     assert_eq!(answer.text().await.unwrap(), "saved c.bin");
+    assert_eq!(offset_of(&h, &location).await, 5000);
+    // Once answered, it is no longer owed: nothing more goes out.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+}
+
+#[tokio::test]
+async fn an_owed_delivery_survives_a_restart_then_get_and_finalize_return_the_answer() {
+    let mut h = Harness::with_routes(QUICK_RETRY_ROUTES).await;
+    let data = random_bytes(3000, 8);
+    let metadata = format!("filename {},token {}", b64("r.bin"), b64("t-42"));
+    let location = create(&h, 3000, &metadata).await;
+    h.upstream.go_down();
+    let response = patch(&h, &location, 0, data.clone()).await;
+    assert_eq!(response.status(), 204);
+    assert_eq!(header(&response, "stitch-delivery"), Some("retrying"));
+    h.restart();
+    h.upstream.answer_with(201, r#"{"id":"r"}"#);
+    h.upstream.resume().await;
+    wait_for_requests(&h, "/app/upload", 1, Duration::from_secs(20)).await;
+    assert_eq!(the_delivery(&h).files[0].sha256, sha256_hex(&data));
+    let answer = h.client.get(h.url(&location)).send().await.unwrap();
+    assert_eq!(answer.status(), 201);
+    assert_eq!(answer.text().await.unwrap(), r#"{"id":"r"}"#);
+    let finalized = h.client.put(h.url("/files/t-42")).send().await.unwrap();
+    assert_eq!(finalized.status(), 201);
+    assert_eq!(finalized.text().await.unwrap(), r#"{"id":"r"}"#);
     assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
 }
 

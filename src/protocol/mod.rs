@@ -112,6 +112,7 @@ pub(crate) fn delivery_request(
         fields: Vec::new(),
         headers,
         host: host(header),
+        route: route.id.clone(),
     }
 }
 

@@ -9,7 +9,8 @@
 
 use super::{
     BlobStore, BodySource, Cut, Digest, Engines, Fence, Lease, LockKey, Locker, PartIndex,
-    RecordedAnswer, Staged, StateStore, StoreError, StoredPart, UploadKey, UploadMeta,
+    QueuedDelivery, RecordedAnswer, Staged, StateStore, StoreError, StoredPart, UploadKey,
+    UploadMeta,
 };
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -75,6 +76,7 @@ struct Upload {
     answer: Option<(RecordedAnswer, SystemTime)>,
     delivering: bool,
     activity: Option<SystemTime>,
+    queued: Option<QueuedDelivery>,
 }
 
 #[derive(Default)]
@@ -400,6 +402,39 @@ impl StateStore for Memory {
         let _fenced = self.fenced(upload, fence)?;
         self.data.lock().expect("data").uploads.remove(upload);
         Ok(())
+    }
+
+    async fn queue(
+        &self,
+        upload: &UploadKey,
+        entry: &QueuedDelivery,
+        fence: Fence,
+    ) -> Result<(), StoreError> {
+        let _fenced = self.fenced(upload, fence)?;
+        self.with_upload(upload, |u| u.queued = Some(entry.clone()));
+        Ok(())
+    }
+
+    async fn queued(&self, upload: &UploadKey) -> Result<Option<QueuedDelivery>, StoreError> {
+        Ok(self.read_upload(upload, |u| u.and_then(|u| u.queued.clone())))
+    }
+
+    async fn unqueue(&self, upload: &UploadKey, fence: Fence) -> Result<(), StoreError> {
+        let _fenced = self.fenced(upload, fence)?;
+        let mut data = self.data.lock().expect("data");
+        if let Some(u) = data.uploads.get_mut(upload) {
+            u.queued = None;
+        }
+        Ok(())
+    }
+
+    async fn all_queued(&self) -> Result<Vec<(UploadKey, QueuedDelivery)>, StoreError> {
+        let data = self.data.lock().expect("data");
+        Ok(data
+            .uploads
+            .iter()
+            .filter_map(|(key, u)| Some((*key, u.queued.clone()?)))
+            .collect())
     }
 }
 

@@ -326,8 +326,38 @@ pub trait StateStore: Send + Sync {
     /// Forgets index entries older than `before`, once every upload `idle_since` returned for
     /// it has been removed or touched again.
     async fn prune_activity(&self, before: SystemTime) -> Result<(), StoreError>;
-    /// Forgets everything about the upload (its parts first: see `remove_parts`).
+    /// Forgets everything about the upload (its parts first: see `remove_parts`), its queued
+    /// delivery included.
     async fn remove(&self, upload: &UploadKey, fence: Fence) -> Result<(), StoreError>;
+
+    /// The delivery queue (see [`QueuedDelivery`]): one entry per upload at most.
+    async fn queue(
+        &self,
+        upload: &UploadKey,
+        entry: &QueuedDelivery,
+        fence: Fence,
+    ) -> Result<(), StoreError>;
+    async fn queued(&self, upload: &UploadKey) -> Result<Option<QueuedDelivery>, StoreError>;
+    async fn unqueue(&self, upload: &UploadKey, fence: Fence) -> Result<(), StoreError>;
+    /// Every queued delivery (the queue holds only uploads that are complete and undelivered).
+    async fn all_queued(&self) -> Result<Vec<(UploadKey, QueuedDelivery)>, StoreError>;
+}
+
+/// A delivery still owed to the upstream: written before a file is sent, removed once the
+/// upstream gave an answer that stands (2xx, or a refusal a retry would not change), so that the
+/// background queue retries the rest, also after a restart. It carries what the completing
+/// request contributed (fields, credentials, host): the browser may be gone by the retry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueuedDelivery {
+    /// The route's id; its forward settings are read from the config at each attempt.
+    pub route: String,
+    pub fields: Vec<(String, String)>,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub host: Option<Vec<u8>>,
+    /// Attempts started so far.
+    pub attempts: u32,
+    /// When the next attempt is due, in milliseconds since the epoch.
+    pub due_ms: u64,
 }
 
 /// What a lock is taken on.

@@ -187,6 +187,7 @@ impl UploadCore {
         };
         if let Some(answer) = self.fresh_answer(upload, &fields).await? {
             self.clean_leftovers(upload, &answer, fence).await?;
+            self.unqueue(upload, fence).await;
             return Ok(answered(answer, false));
         }
         if let Some((refusal, at)) = state.answer(upload).await? {
@@ -194,14 +195,24 @@ impl UploadCore {
             if same_client && self.applies(&refusal, at, &fields) {
                 // Asked again with the credentials it refused: the same answer, without
                 // sending the file again. New credentials (a new login) deliver below.
+                self.unqueue(upload, fence).await;
                 return Ok(answered(refusal, false));
             }
         }
-        let meta = state.meta(upload).await?.ok_or(DeliverError::Incomplete)?;
-        let parts = state.parts(upload).await?;
-        let count =
-            super::parts::complete_len(&parts, meta.length).ok_or(DeliverError::Incomplete)?;
-        let file: Vec<StoredPart> = (1..=count).map(|n| parts[&n]).collect();
+        let complete = match state.meta(upload).await? {
+            Some(meta) => {
+                let parts = state.parts(upload).await?;
+                super::parts::complete_len(&parts, meta.length)
+                    .map(|count| (meta, (1..=count).map(|n| parts[&n]).collect::<Vec<_>>()))
+            }
+            None => None,
+        };
+        let Some((meta, file)) = complete else {
+            // Nothing to deliver (removed, or never complete): nothing is owed either.
+            self.unqueue(upload, fence).await;
+            return Err(DeliverError::Incomplete);
+        };
+        let file: Vec<StoredPart> = file;
         let key = idempotency_key(upload, &fields, &credentials, &file);
         let size: u64 = file.iter().map(|p| p.len).sum();
         let started = Instant::now();
@@ -211,6 +222,7 @@ impl UploadCore {
                  its answer was never recorded (Idempotency-Key {key})"
             );
         }
+        self.queue_attempt(upload, request, forward, fence).await;
         state.mark_delivering(upload, true, fence).await?;
         let sent = self
             .forwarder
@@ -256,6 +268,7 @@ impl UploadCore {
                     .save_answer(upload, &answer, self.clock.now(), fence)
                     .await?;
                 state.mark_delivering(upload, false, fence).await?;
+                self.unqueue(upload, fence).await;
                 return Ok(answered(answer, false));
             }
             Verdict::TryLater => {
@@ -276,6 +289,7 @@ impl UploadCore {
                 tracing::warn!("{upload:?}: clearing the delivery note failed: {e}");
             }
         }
+        self.unqueue(upload, fence).await;
         Ok(answered(answer, false))
     }
 

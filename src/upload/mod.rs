@@ -35,6 +35,7 @@ mod delivery;
 mod error;
 mod expiry;
 mod parts;
+mod queue;
 mod replies;
 
 pub use delivery::{Delivery, Outcome};
@@ -159,6 +160,10 @@ pub struct UploadCore {
     unrecorded: DashMap<UploadKey, RecordedAnswer>,
     /// Deliveries run in tasks of their own; a graceful shutdown waits for them.
     in_flight: InFlight,
+    /// Queued deliveries this process may run at once (see `queue`).
+    queue_slots: Arc<tokio::sync::Semaphore>,
+    /// Queued uploads whose route the config no longer has (warned about once).
+    unroutable: DashMap<UploadKey, ()>,
 }
 
 impl UploadCore {
@@ -180,6 +185,8 @@ impl UploadCore {
             failures: DashMap::new(),
             unrecorded: DashMap::new(),
             in_flight,
+            queue_slots: Arc::new(tokio::sync::Semaphore::new(queue::QUEUE_SLOTS)),
+            unroutable: DashMap::new(),
         }
     }
 

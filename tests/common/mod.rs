@@ -58,6 +58,23 @@ pub fn config(upstream: SocketAddr, dir: &Path, storage: &str, yaml_tail: &str) 
     Config::from_yaml(&yaml, "test").expect("test config is valid")
 }
 
+/// Waits until the upstream has received `count` requests at `path` (the background queue
+/// delivers on its own schedule), failing after `within`.
+pub async fn wait_for_requests(h: &Harness, path: &str, count: usize, within: std::time::Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let got = h.upstream.received_at(path).len();
+        if got >= count {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the upstream got {got} requests at {path} within {within:?}, not {count}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 pub struct Harness {
     pub upstream: Upstream,
     pub stitch: Option<Running>,

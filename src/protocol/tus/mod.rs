@@ -339,8 +339,11 @@ impl Exchange<'_> {
         };
         let complete = progress.meta.length == Some(progress.offset);
         if complete && !progress.delivered {
-            if let Delivered::Failed(outcome) = self.deliver(session, &key, &progress.meta).await {
-                return Answer::Undelivered(outcome);
+            // Normally queued already; not if the process died between the last byte and
+            // the delivery. The queue delivers it in the background.
+            let request = self.request(session, &progress.meta);
+            if let Err(e) = self.core.ensure_queued(&key, &request).await {
+                return Answer::Refused(Refusal::Core(e));
             }
         }
         let state = tus_state(&progress.meta);
@@ -478,10 +481,9 @@ impl Exchange<'_> {
                 Ok(None) => return Err(Answer::Refused(Refusal::NotFound)),
                 Err(e) => return Err(Answer::Refused(Refusal::Core(e))),
             };
+            // A delivery that failed goes on from the queue: the bytes are all here, so the
+            // PATCH succeeded; its headers say how the delivery stands.
             delivered = self.deliver(session, key, &meta).await;
-            if let Delivered::Failed(outcome) = delivered {
-                return Ok(Answer::Undelivered(outcome));
-            }
         }
         Ok(Answer::Patched {
             offset: appended.offset,
@@ -558,10 +560,28 @@ impl Exchange<'_> {
         })
     }
 
-    /// Delivers the complete upload with the fields and credentials it was created with (the
-    /// credentials of this request instead, if it carries any: a new login after a refusal),
-    /// waiting for it up to `forward.wait`.
+    /// Delivers the complete upload (see `request`), waiting for it up to `forward.wait`.
     async fn deliver(&self, session: &Session, key: &UploadKey, meta: &UploadMeta) -> Delivered {
+        let request = self.request(session, meta);
+        let forward = &self.route.forward;
+        // The delivery runs in a task of its own: it goes on after the wait.
+        let delivery = self.core.deliver(*key, forward, request, self.arrived);
+        match tokio::time::timeout(forward.wait, delivery).await {
+            Err(_) => Delivered::Pending,
+            Ok(delivery) => match &delivery.outcome {
+                Outcome::Answered {
+                    answer,
+                    retryable: false,
+                } => Delivered::Answer(answer.clone()),
+                outcome => Delivered::Failed(outcome.clone()),
+            },
+        }
+    }
+
+    /// What the upstream gets with the file: the fields and credentials the upload was created
+    /// with (the credentials of this request instead, if it carries any: a new login after a
+    /// refusal).
+    fn request(&self, session: &Session, meta: &UploadMeta) -> DeliveryRequest {
         let state = tus_state(meta);
         let current = delivery_request(session.req_header(), client_ip(session), self.route);
         let has_credentials = |request: &DeliveryRequest| {
@@ -569,7 +589,7 @@ impl Exchange<'_> {
                 name == http::header::COOKIE || name == http::header::AUTHORIZATION
             })
         };
-        let request = if has_credentials(&current) {
+        if has_credentials(&current) {
             DeliveryRequest {
                 fields: state.fields,
                 ..current
@@ -591,20 +611,8 @@ impl Exchange<'_> {
                     .host
                     .and_then(|h| HeaderValue::from_bytes(&h).ok())
                     .or(current.host),
+                route: current.route,
             }
-        };
-        let forward = &self.route.forward;
-        // The delivery runs in a task of its own: it goes on after the wait.
-        let delivery = self.core.deliver(*key, forward, request, self.arrived);
-        match tokio::time::timeout(forward.wait, delivery).await {
-            Err(_) => Delivered::Pending,
-            Ok(delivery) => match &delivery.outcome {
-                Outcome::Answered {
-                    answer,
-                    retryable: false,
-                } => Delivered::Answer(answer.clone()),
-                outcome => Delivered::Failed(outcome.clone()),
-            },
         }
     }
 }

@@ -19,7 +19,8 @@ pub(super) enum Delivered {
     Answer(Box<RecordedAnswer>),
     /// Still under way after `forward.wait`.
     Pending,
-    /// It came to no answer that stands (unreachable, 5xx, ...): the bytes are kept.
+    /// It came to no answer that stands (unreachable, 5xx, ...): the bytes are kept and the
+    /// queue retries.
     Failed(Outcome),
 }
 
@@ -164,11 +165,28 @@ fn patched(offset: u64, expires: Option<String>, delivered: Delivered) -> Reply 
     };
     let reply = with_expires(reply, expires).with_header("upload-offset", &offset.to_string());
     match delivered {
-        Delivered::Answer(answer) => reply
-            .with_header("stitch-delivery", "delivered")
-            .with_header("stitch-upstream-status", &answer.status.to_string()),
+        Delivered::Answer(answer) => {
+            let state = if (200..300).contains(&answer.status) {
+                "delivered"
+            } else {
+                "refused"
+            };
+            reply
+                .with_header("stitch-delivery", state)
+                .with_header("stitch-upstream-status", &answer.status.to_string())
+        }
         Delivered::Pending => reply.with_header("stitch-delivery", "pending"),
-        Delivered::NotYet | Delivered::Failed(_) => reply,
+        // Queued: retried in the background until an answer stands.
+        Delivered::Failed(outcome) => {
+            let reply = reply.with_header("stitch-delivery", "retrying");
+            match outcome {
+                Outcome::Answered { answer, .. } => {
+                    reply.with_header("stitch-upstream-status", &answer.status.to_string())
+                }
+                _ => reply,
+            }
+        }
+        Delivered::NotYet => reply,
     }
 }
 

@@ -96,7 +96,7 @@ impl Drop for Fs {
 /// time spans (expiry finds an upload at most this late).
 pub fn open(root: &Path, fsync: bool, span: Duration) -> std::io::Result<Engines> {
     let indexed = root.join("activity").exists();
-    for sub in ["tmp", "blobs", "uploads", "activity", "locks"] {
+    for sub in ["tmp", "blobs", "uploads", "activity", "locks", "queue"] {
         std::fs::create_dir_all(root.join(sub))?;
     }
     if !indexed {
@@ -185,6 +185,11 @@ fn remove_dead_staging(tmp: &Path) {
 }
 
 impl Fs {
+    /// An upload's entry in the delivery queue.
+    fn queue_path(&self, upload: &UploadKey) -> PathBuf {
+        self.root.join("queue").join(upload.hex())
+    }
+
     fn upload_dir(&self, upload: &UploadKey) -> PathBuf {
         self.root.join("uploads").join(upload.hex())
     }

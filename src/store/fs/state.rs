@@ -4,8 +4,8 @@
 
 use super::{remove_if_present, unix_seconds, CachedIndex, Fs};
 use crate::store::{
-    Digest, Fence, PartIndex, RecordedAnswer, StateStore, StoreError, StoredPart, UploadKey,
-    UploadMeta,
+    Digest, Fence, PartIndex, QueuedDelivery, RecordedAnswer, StateStore, StoreError, StoredPart,
+    UploadKey, UploadMeta,
 };
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -499,11 +499,54 @@ impl StateStore for FsState {
         // A listing read before this is not kept (see `parts`).
         self.changing(upload);
         self.0.indexed_spans.remove(upload);
+        remove_if_present(&self.0.queue_path(upload)).await?;
         let removed = match tokio::fs::remove_dir_all(self.0.upload_dir(upload)).await {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         };
         self.0.indexes.remove(upload);
         removed
+    }
+
+    async fn queue(
+        &self,
+        upload: &UploadKey,
+        entry: &QueuedDelivery,
+        _fence: Fence,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+        Ok(self
+            .0
+            .write_atomic(&self.0.queue_path(upload), json)
+            .await?)
+    }
+
+    async fn queued(&self, upload: &UploadKey) -> Result<Option<QueuedDelivery>, StoreError> {
+        let bytes = match tokio::fs::read(self.0.queue_path(upload)).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(parse_or_absent(upload, "queued delivery", || {
+            serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+        }))
+    }
+
+    async fn unqueue(&self, upload: &UploadKey, _fence: Fence) -> Result<(), StoreError> {
+        Ok(remove_if_present(&self.0.queue_path(upload)).await?)
+    }
+
+    async fn all_queued(&self) -> Result<Vec<(UploadKey, QueuedDelivery)>, StoreError> {
+        let mut found = Vec::new();
+        let mut entries = tokio::fs::read_dir(self.0.root.join("queue")).await?;
+        while let Some(entry) = entries.next_entry().await? {
+            let Some(key) = entry.file_name().to_str().and_then(UploadKey::from_hex) else {
+                continue;
+            };
+            if let Some(queued) = self.queued(&key).await? {
+                found.push((key, queued));
+            }
+        }
+        Ok(found)
     }
 }
