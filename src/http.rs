@@ -247,6 +247,52 @@ pub fn host(header: &RequestHeader) -> Option<HeaderValue> {
     })
 }
 
+/// The scheme and authority a client used to reach this server (`http://host:port`), for
+/// absolute URLs in answers. From the `Host` header; when `behind_proxy`, from the first hop of
+/// `Forwarded` (`proto=`, `host=`) or else `X-Forwarded-Proto` / `X-Forwarded-Host`. A host
+/// that is not a plain host name or address (with an optional port) is not used.
+pub fn public_origin(header: &RequestHeader, behind_proxy: bool) -> Option<String> {
+    let mut proto = None;
+    let mut forwarded_host = None;
+    if behind_proxy {
+        if let Some(first) =
+            header_str(header, http::header::FORWARDED).and_then(|v| v.split(',').next())
+        {
+            for pair in first.split(';') {
+                let Some((name, value)) = pair.trim().split_once('=') else {
+                    continue;
+                };
+                let value = value.trim_matches('"');
+                match name.trim().to_ascii_lowercase().as_str() {
+                    "proto" => proto = Some(value.to_ascii_lowercase()),
+                    "host" => forwarded_host = Some(value.to_string()),
+                    _ => {}
+                }
+            }
+        }
+        let first_of = |name: &'static str| {
+            header_str(header, http::HeaderName::from_static(name))
+                .and_then(|v| v.split(',').next())
+                .map(|v| v.trim().to_string())
+        };
+        proto = proto.or_else(|| first_of("x-forwarded-proto").map(|p| p.to_ascii_lowercase()));
+        forwarded_host = forwarded_host.or_else(|| first_of("x-forwarded-host"));
+    }
+    let host = match forwarded_host {
+        Some(host) => host,
+        None => host(header)?.to_str().ok()?.to_string(),
+    };
+    let plain = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    let scheme = match proto.as_deref() {
+        Some("https") => "https",
+        _ => "http",
+    };
+    plain.then(|| format!("{scheme}://{host}"))
+}
+
 /// `X-Forwarded-For` for a request to the upstream: the client's value, if any, with the
 /// client's own address appended.
 pub fn forwarded_for(header: &RequestHeader, client: Option<IpAddr>) -> Option<HeaderValue> {
@@ -270,6 +316,45 @@ pub fn client_ip(session: &Session) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_public_origin_comes_from_host_or_trusted_forwarding_headers() {
+        let request = |headers: &[(&str, &str)]| {
+            let mut r = RequestHeader::build("POST", b"/files", None).unwrap();
+            for (n, v) in headers {
+                r.insert_header(n.to_string(), *v).unwrap();
+            }
+            r
+        };
+        let plain = request(&[("host", "stitch.test:8080"), ("x-forwarded-host", "evil")]);
+        assert_eq!(
+            public_origin(&plain, false).as_deref(),
+            Some("http://stitch.test:8080")
+        );
+        let proxied = request(&[
+            ("host", "10.0.0.5:8080"),
+            ("x-forwarded-host", "uploads.example.com"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        assert_eq!(
+            public_origin(&proxied, true).as_deref(),
+            Some("https://uploads.example.com")
+        );
+        let forwarded = request(&[
+            ("host", "10.0.0.5"),
+            (
+                "forwarded",
+                r#"for=1.2.3.4;proto=https;host="a.example:8443", for=5.6.7.8"#,
+            ),
+            ("x-forwarded-host", "ignored.example"),
+        ]);
+        assert_eq!(
+            public_origin(&forwarded, true).as_deref(),
+            Some("https://a.example:8443")
+        );
+        let garbage = request(&[("host", "x"), ("x-forwarded-host", "a b/c")]);
+        assert_eq!(public_origin(&garbage, true), None);
+    }
 
     fn request(headers: &[(&str, &str)]) -> RequestHeader {
         let mut header = RequestHeader::build("POST", b"/upload?a=1", None).unwrap();

@@ -1,6 +1,6 @@
 //! The real clients: Resumable.js 1.1.0 and Flow.js 2.14.1 in headless Chromium (driven by
-//! playwright-core), uploading through Stitch to a recording upstream. `.ci/setup` installs
-//! Chromium and the npm packages.
+//! playwright-core), uploading through Stitch to a recording upstream, and the demo page with
+//! those two and tus-js-client 4.3.1. `.ci/setup` installs Chromium and the npm packages.
 
 mod common;
 
@@ -245,6 +245,11 @@ routes:
     scope: { cookie: session }
     limits: { max_file_size: 8MiB }
     forward: { path: /upload, field: file }
+  - path: /files
+    protocol: tus
+    scope: { cookie: session }
+    limits: { max_file_size: 8MiB }
+    forward: { path: /upload, field: file }
 "#;
     let (demo, _) = StitchProcess::demo(&dir.path().join("data"), routes);
     (demo, dir)
@@ -274,30 +279,42 @@ struct Paused {
     states: Vec<String>,
 }
 
-async fn drive_demo(library: &str) {
+/// The files the demo test picks (name:size); the last one is over the routes' limit.
+const DEMO_FILES: [&str; 4] = [
+    "holiday.mov:4000000",
+    "notes.txt:3000000",
+    "empty.txt:0",
+    "too-big.iso:9000000",
+];
+
+/// Picks `files` on the demo page with `library`, pauses and resumes; every file but
+/// too-big.iso arrives, and too-big.iso fails with `refusal` (status, words of the message).
+async fn drive_demo(library: &str, files: &[&str], refusal: (u16, &str)) {
     let (demo, _dir) = start_demo();
     let screenshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
     std::fs::create_dir_all(&screenshots).unwrap();
     let screenshot = screenshots.join(format!("demo-{library}.png"));
     let _ = std::fs::remove_file(&screenshot);
-    let args = [
+    let mut args = vec![
         format!("http://{}/", demo.addr),
         library.to_string(),
         screenshot.display().to_string(),
-        "holiday.mov:4000000".to_string(),
-        "notes.txt:3000000".to_string(),
-        "empty.txt:0".to_string(),
-        "too-big.iso:9000000".to_string(),
     ];
-    let run: DemoRun = run_driver("demo.mjs", args.to_vec()).await;
+    args.extend(files.iter().map(|f| f.to_string()));
+    let run: DemoRun = run_driver("demo.mjs", args).await;
 
-    assert_eq!(run.files.len(), 4, "one row per file: {:?}", run.files);
+    assert_eq!(
+        run.files.len(),
+        files.len(),
+        "one row per file: {:?}",
+        run.files
+    );
     for file in &run.files {
         if file.name == "too-big.iso" {
             assert_eq!(file.state, "failed", "{file:?}");
-            assert_eq!(file.status, Some(415), "{file:?}");
+            assert_eq!(file.status, Some(refusal.0), "{file:?}");
             let message = file.message.as_deref().unwrap_or_default();
-            assert!(message.contains("accepts at most"), "{message}");
+            assert!(message.contains(refusal.1), "{message}");
         } else {
             assert_eq!(file.state, "uploaded", "{file:?}");
         }
@@ -328,7 +345,8 @@ async fn drive_demo(library: &str) {
         received, expected,
         "the application got each file once, whole"
     );
-    assert!(run.text.contains("Failed (415)"), "{}", run.text);
+    let failed = format!("Failed ({})", refusal.0);
+    assert!(run.text.contains(&failed), "{}", run.text);
     assert!(
         run.text.contains("The application received holiday.mov"),
         "{}",
@@ -340,12 +358,91 @@ async fn drive_demo(library: &str) {
 
 #[tokio::test]
 async fn the_demo_page_uploads_several_files_with_resumable_pauses_resumes_and_shows_a_refusal() {
-    drive_demo("resumable").await;
+    drive_demo("resumable", &DEMO_FILES, (415, "accepts at most")).await;
 }
 
 #[tokio::test]
 async fn the_demo_page_uploads_several_files_with_flow_pauses_resumes_and_shows_a_refusal() {
-    drive_demo("flow").await;
+    drive_demo("flow", &DEMO_FILES, (415, "accepts at most")).await;
+}
+
+/// tus-js-client's rows show the application's answer, read from each upload's URL. The empty
+/// file is left out: Stitch does not deliver a zero-length tus upload yet (see
+/// `tus_js_client_in_chromium_uploads_an_empty_file` in tests/tus_browser.rs).
+#[tokio::test]
+async fn the_demo_page_uploads_several_files_with_tus_pauses_resumes_and_shows_a_refusal() {
+    let files: Vec<&str> = DEMO_FILES
+        .into_iter()
+        .filter(|f| !f.starts_with("empty"))
+        .collect();
+    drive_demo("tus", &files, (413, "takes files of at most")).await;
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ReloadRun {
+    /// The share of the file sent before the reload.
+    before: f64,
+    sha256: String,
+    result: DemoResult,
+    /// The requests on the tus route after the reload, by method.
+    requests: std::collections::HashMap<String, usize>,
+    received: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct DemoResult {
+    ok: bool,
+    status: Option<u16>,
+    message: Option<String>,
+}
+
+#[tokio::test]
+async fn the_demo_pages_tus_uploader_goes_on_where_it_was_after_a_page_reload() {
+    let (demo, _dir) = start_demo();
+    let size: u64 = 6_000_000;
+    let args = vec![format!("http://{}/", demo.addr), size.to_string()];
+    let run: ReloadRun = run_driver("demo-reload.mjs", args).await;
+
+    assert!(run.before > 0.4, "{}", run.before);
+    assert!(run.result.ok, "{:?}", run.result);
+    assert_eq!(run.result.status, Some(200));
+    let answer = run.result.message.as_deref().unwrap_or_default();
+    assert!(
+        answer.contains(&run.sha256),
+        "the page shows the application's answer, naming the file's sha256"
+    );
+    let count = |method: &str| run.requests.get(method).copied().unwrap_or(0);
+    assert_eq!(count("POST"), 0, "no new upload: {:?}", run.requests);
+    assert_eq!(
+        count("HEAD"),
+        1,
+        "one HEAD finds the offset: {:?}",
+        run.requests
+    );
+    // 92 PATCHes of 64 KiB make the whole file; more than 40% were sent before the reload.
+    let patches = count("PATCH");
+    assert!(
+        patches > 0 && patches < 60,
+        "{patches} PATCHes after the reload"
+    );
+    let received: Vec<(&str, u64, &str)> = run
+        .received
+        .iter()
+        .flat_map(|upload| upload["files"].as_array().unwrap())
+        .map(|f| {
+            let name = f["filename"].as_str().unwrap();
+            (
+                name,
+                f["size"].as_u64().unwrap(),
+                f["sha256"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        received,
+        [("video.mp4", size, run.sha256.as_str())],
+        "the application got the file once, whole"
+    );
 }
 
 #[test]
@@ -360,4 +457,5 @@ fn the_demo_refuses_to_start_without_the_client_libraries_and_says_how_to_get_th
     let message = String::from_utf8_lossy(&output.stderr);
     assert!(message.contains(".ci/setup --demo"), "{message}");
     assert!(message.contains("npm install resumablejs"), "{message}");
+    assert!(message.contains("tus-js-client@4.3.1"), "{message}");
 }

@@ -32,6 +32,17 @@ fn header<'r>(response: &'r Response, name: &str) -> Option<&'r str> {
     response.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
+/// The upload URL a creation answered, as a path. Stitch answers with an absolute URL on the
+/// host the client used.
+fn location_of(h: &Harness, response: &Response) -> String {
+    let location = header(response, "location").expect("Location");
+    let origin = h.url("");
+    location
+        .strip_prefix(origin.trim_end_matches('/'))
+        .unwrap_or_else(|| panic!("{location:?} is not on {origin}"))
+        .to_string()
+}
+
 /// A tus request with `Tus-Resumable: 1.0.0`.
 fn tus(h: &Harness, method: Method, path: &str) -> reqwest::RequestBuilder {
     h.client
@@ -48,7 +59,7 @@ async fn create(h: &Harness, length: u64, metadata: &str) -> String {
         .await
         .unwrap();
     assert_eq!(response.status(), 201, "creation");
-    header(&response, "location").expect("Location").to_string()
+    location_of(h, &response)
 }
 
 async fn patch(h: &Harness, location: &str, offset: u64, body: Bytes) -> Response {
@@ -98,7 +109,7 @@ async fn options_announce_the_version_extensions_limits_and_checksums() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 204);
+    assert_eq!(response.status(), 200);
     assert_eq!(header(&response, "tus-version"), Some("1.0.0"));
     assert_eq!(header(&response, "tus-max-size"), Some("1048576"));
     let extensions: Vec<&str> = header(&response, "tus-extension")
@@ -286,7 +297,7 @@ routes:
         .send()
         .await
         .unwrap();
-    let location = header(&response, "location").unwrap().to_string();
+    let location = location_of(&h, &response);
     let as_bob = tus(&h, Method::HEAD, &location)
         .header("cookie", "session=bob")
         .send()
@@ -315,7 +326,7 @@ async fn creation_with_upload_stores_the_first_bytes_or_the_whole_file() {
         .unwrap();
     assert_eq!(response.status(), 201);
     assert_eq!(header(&response, "upload-offset"), Some("20000"));
-    let location = header(&response, "location").unwrap().to_string();
+    let location = location_of(&h, &response);
     assert_eq!(offset_of(&h, &location).await, 20_000);
     let rest = patch(&h, &location, 20_000, data.slice(20_000..)).await;
     assert_eq!(rest.status(), 204);
@@ -348,7 +359,7 @@ async fn a_deferred_length_is_declared_by_a_later_patch() {
         .await
         .unwrap();
     assert_eq!(response.status(), 201);
-    let location = header(&response, "location").unwrap().to_string();
+    let location = location_of(&h, &response);
     let state = head(&h, &location).await;
     assert_eq!(header(&state, "upload-defer-length"), Some("1"));
     assert_eq!(header(&state, "upload-length"), None);
@@ -519,10 +530,11 @@ async fn termination_removes_the_upload_and_its_bytes() {
     let response = tus(&h, Method::DELETE, &location).send().await.unwrap();
     assert_eq!(response.status(), 204);
     assert_eq!(header(&response, "tus-resumable"), Some("1.0.0"));
-    assert_eq!(head(&h, &location).await.status(), 404);
+    // Gone, not unknown: 410 for everything on its URL.
+    assert_eq!(head(&h, &location).await.status(), 410);
     assert_eq!(
         patch(&h, &location, 60, random_bytes(40, 5)).await.status(),
-        404
+        410
     );
     assert_eq!(
         tus(&h, Method::DELETE, &location)
@@ -530,10 +542,22 @@ async fn termination_removes_the_upload_and_its_bytes() {
             .await
             .unwrap()
             .status(),
-        404
+        410
     );
-    assert_eq!((h.blob_count(), h.upload_files()), (0, 0));
+    assert_eq!(
+        h.client
+            .get(h.url(&location))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        410
+    );
+    assert_eq!((h.blob_count(), h.part_count()), (0, 0), "no bytes kept");
     assert!(h.upstream.received().is_empty());
+    // An id never handed out is still unknown.
+    let unknown = format!("/files/{}", "0".repeat(32));
+    assert_eq!(head(&h, &unknown).await.status(), 404);
 }
 
 #[tokio::test]
@@ -547,10 +571,23 @@ async fn uploads_announce_their_expiry_and_expire_when_idle() {
     let expires = header(&response, "upload-expires").expect("Upload-Expires");
     let expires = httpdate::parse_http_date(expires).expect("an HTTP date");
     assert!(expires > std::time::SystemTime::now());
-    let location = header(&response, "location").unwrap().to_string();
+    let location = location_of(&h, &response);
+    let progress = head(&h, &location).await;
+    let again = header(&progress, "upload-expires").expect("Upload-Expires on HEAD");
+    assert!(httpdate::parse_http_date(again).is_ok());
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while head(&h, &location).await.status() == 200 {
         assert!(std::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(head(&h, &location).await.status(), 410, "expired: gone");
+    assert_eq!(h.blob_count(), 0);
+    // The tombstone itself goes after another idle period.
+    while head(&h, &location).await.status() == 410 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tombstone never went"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(head(&h, &location).await.status(), 404);
@@ -588,6 +625,18 @@ async fn a_patch_that_breaks_off_keeps_the_bytes_that_arrived() {
     assert_eq!(the_delivery(&h).files[0].sha256, sha256_hex(&data));
 }
 
+/// `GET` on an upload once its answer is recorded (202 until then), within 10 s.
+async fn recorded_answer(h: &Harness, location: &str) -> Response {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = h.client.get(h.url(location)).send().await.unwrap();
+        if response.status() != 202 || std::time::Instant::now() > deadline {
+            return response;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A tus route whose queue retries quickly (the default pause is 2 s, doubling).
 const QUICK_RETRY_ROUTES: &str = r#"
 routes:
@@ -619,7 +668,7 @@ async fn a_delivery_that_fails_goes_on_from_the_queue_and_is_delivered_once() {
     // Nobody asks again: the queue delivers on its own.
     wait_for_requests(&h, "/app/upload", 1, Duration::from_secs(20)).await;
     assert_eq!(the_delivery(&h).files[0].sha256, sha256_hex(&data));
-    let answer = h.client.get(h.url(&location)).send().await.unwrap();
+    let answer = recorded_answer(&h, &location).await;
     assert_eq!(answer.status(), 200);
     assert_eq!(answer.text().await.unwrap(), "saved c.bin");
     assert_eq!(offset_of(&h, &location).await, 5000);
@@ -643,7 +692,7 @@ async fn an_owed_delivery_survives_a_restart_then_get_and_finalize_return_the_an
     h.upstream.resume().await;
     wait_for_requests(&h, "/app/upload", 1, Duration::from_secs(20)).await;
     assert_eq!(the_delivery(&h).files[0].sha256, sha256_hex(&data));
-    let answer = h.client.get(h.url(&location)).send().await.unwrap();
+    let answer = recorded_answer(&h, &location).await;
     assert_eq!(answer.status(), 201);
     assert_eq!(answer.text().await.unwrap(), r#"{"id":"r"}"#);
     let finalized = h.client.put(h.url("/files/t-42")).send().await.unwrap();
@@ -675,7 +724,7 @@ async fn the_creating_clients_credentials_go_with_the_file() {
         .send()
         .await
         .unwrap();
-    let location = header(&response, "location").unwrap().to_string();
+    let location = location_of(&h, &response);
     assert_eq!(
         patch(&h, &location, 0, Bytes::from("abc")).await.status(),
         204
@@ -723,7 +772,7 @@ routes:
         .send()
         .await
         .unwrap();
-    let location = header(&response, "location").unwrap().to_string();
+    let location = location_of(&h, &response);
     let finalize = |session: &str| {
         h.client
             .put(h.url("/files/tok%201%2F2?filename=a.txt"))
@@ -786,4 +835,120 @@ routes:
         assert!(std::time::Instant::now() < deadline, "never answered");
     }
     assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+}
+
+#[tokio::test]
+async fn an_empty_file_is_complete_at_creation_and_delivered_once() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    h.upstream.answer_with(201, "got it");
+    let response = tus(&h, Method::POST, "/files")
+        .header("upload-length", "0")
+        .header("upload-metadata", format!("filename {}", b64("empty.txt")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(header(&response, "stitch-delivery"), Some("delivered"));
+    let location = location_of(&h, &response);
+    let progress = head(&h, &location).await;
+    assert_eq!(progress.status(), 200);
+    assert_eq!(header(&progress, "upload-offset"), Some("0"));
+    assert_eq!(header(&progress, "upload-length"), Some("0"));
+    let delivery = the_delivery(&h);
+    assert_eq!(delivery.files[0].file_name, "empty.txt");
+    assert_eq!(delivery.files[0].len, 0);
+    let answer = h.client.get(h.url(&location)).send().await.unwrap();
+    assert_eq!(answer.text().await.unwrap(), "got it");
+}
+
+#[tokio::test]
+async fn a_creation_body_of_another_type_or_checksum_is_refused_and_stores_nothing() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let wrong_type = tus(&h, Method::POST, "/files")
+        .header("upload-length", "5")
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_type.status(), 415);
+    let sha1_of_other = base64::engine::general_purpose::STANDARD
+        .encode(<sha1::Sha1 as sha1::Digest>::digest(b"other"));
+    let wrong_sum = tus(&h, Method::POST, "/files")
+        .header("upload-length", "5")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-checksum", format!("sha1 {sha1_of_other}"))
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_sum.status(), 460);
+    let unknown = tus(&h, Method::POST, "/files")
+        .header("upload-length", "5")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-checksum", "whirlpool AAAA")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 400);
+    let non_ascii = tus(&h, Method::POST, "/files")
+        .header("upload-length", "5")
+        .header(
+            "upload-metadata",
+            reqwest::header::HeaderValue::from_bytes(b"filename \xff").unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(non_ascii.status(), 400);
+    assert_eq!((h.blob_count(), h.upload_files()), (0, 0), "nothing stored");
+}
+
+#[tokio::test]
+async fn upload_urls_behind_a_trusted_proxy_use_its_forwarded_host_and_scheme() {
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    tus: { behind_proxy: true }
+    forward: { path: /app/upload }
+"#;
+    let h = Harness::with_routes(routes).await;
+    let created = |headers: &'static [(&'static str, &'static str)]| {
+        let mut request = tus(&h, Method::POST, "/files").header("upload-length", "1");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send()
+    };
+    let forwarded = created(&[("forwarded", "for=192.0.2.1;proto=https;host=up.example")])
+        .await
+        .unwrap();
+    let location = header(&forwarded, "location").unwrap();
+    assert!(
+        location.starts_with("https://up.example/files/"),
+        "{location}"
+    );
+    let x_forwarded = created(&[
+        ("x-forwarded-host", "media.example:8443"),
+        ("x-forwarded-proto", "https"),
+    ])
+    .await
+    .unwrap();
+    let location = header(&x_forwarded, "location").unwrap();
+    assert!(
+        location.starts_with("https://media.example:8443/files/"),
+        "{location}"
+    );
+    // Not trusted on a route that is not behind a proxy.
+    let plain = Harness::with_routes(TUS_ROUTES).await;
+    let response = tus(&plain, Method::POST, "/files")
+        .header("upload-length", "1")
+        .header("x-forwarded-host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    let location = header(&response, "location").unwrap();
+    assert!(location.starts_with(&plain.url("/files/")), "{location}");
 }

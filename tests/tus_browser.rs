@@ -24,8 +24,16 @@ const ANSWER: &str = r#"{"id":"doc-1","stored":true}"#;
 /// The test page and the libraries it loads: URL, and the file under `tests/browser`.
 const PAGE_FILES: [(&str, &str, &str); 3] = [
     ("/", "text/html", "tus.html"),
-    ("/lib/tus.js", "text/javascript", "node_modules/tus-js-client/dist/tus.js"),
-    ("/lib/uppy.min.js", "text/javascript", "node_modules/uppy/dist/uppy.min.js"),
+    (
+        "/lib/tus.js",
+        "text/javascript",
+        "node_modules/tus-js-client/dist/tus.js",
+    ),
+    (
+        "/lib/uppy.min.js",
+        "text/javascript",
+        "node_modules/uppy/dist/uppy.min.js",
+    ),
 ];
 
 fn browser_dir() -> PathBuf {
@@ -38,7 +46,9 @@ async fn harness() -> Harness {
     let dir = browser_dir();
     let ready = Path::new("/usr/bin/chromium").exists()
         && dir.join("node_modules/playwright-core").exists()
-        && PAGE_FILES.iter().all(|(_, _, file)| dir.join(file).is_file());
+        && PAGE_FILES
+            .iter()
+            .all(|(_, _, file)| dir.join(file).is_file());
     assert!(
         ready,
         "tus browser tests need Chromium and the npm packages (tus-js-client, uppy, \
@@ -101,7 +111,13 @@ async fn browser_upload(h: &Harness, client: &str, size: u64, name: &str, option
 /// The page reports success and reads the application's answer from the upload's URL; the
 /// client created one upload and sent it in `patches` PATCH requests, nothing else; the
 /// application got the file once, whole. Returns the application's request.
-fn assert_uploaded(h: &Harness, seen: &Seen, name: &str, content_type: &str, patches: usize) -> Received {
+fn assert_uploaded(
+    h: &Harness,
+    seen: &Seen,
+    name: &str,
+    content_type: &str,
+    patches: usize,
+) -> Received {
     let result = &seen.result;
     assert!(
         result.ok,
@@ -125,13 +141,17 @@ fn assert_uploaded(h: &Harness, seen: &Seen, name: &str, content_type: &str, pat
         "a GET on the upload's URL returns the application's answer"
     );
 
-    let received = h.upstream.received();
-    assert_eq!(received.len(), 1, "the application gets one request");
-    let request = &received[0];
-    assert_eq!(
-        (request.method.as_str(), request.path.as_str()),
-        ("POST", "/app/upload")
+    assert!(
+        h.upstream
+            .received()
+            .iter()
+            .all(|r| !r.path.starts_with("/files")),
+        "no tus request reaches the application"
     );
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "the application gets the file once");
+    let request = &received[0];
+    assert_eq!(request.method, "POST");
     assert_eq!(request.files.len(), 1, "one file");
     let file = &request.files[0];
     assert_eq!(file.field, "document");
@@ -140,6 +160,17 @@ fn assert_uploaded(h: &Harness, seen: &Seen, name: &str, content_type: &str, pat
     assert_eq!(file.len, seen.size);
     assert_eq!(file.sha256, seen.sha256, "byte-exact");
     request.clone()
+}
+
+/// Uppy sends the file's name and type twice in the metadata (`name`/`type`, and `filename`/
+/// `filetype` for tusd); Stitch takes them for the file part, and neither copy becomes a field.
+/// Nothing else of Uppy's (`relativePath`, ...) reaches the application either.
+fn assert_no_fields(request: &Received) {
+    assert!(
+        request.fields.is_empty(),
+        "the file's name and type are no fields: {:?}",
+        request.fields
+    );
 }
 
 #[tokio::test]
@@ -168,7 +199,8 @@ async fn tus_js_client_in_chromium_uploads_a_file_in_256_kib_patches() {
 async fn uppy_tus_in_chromium_uploads_a_file_in_one_patch_by_default() {
     let h = harness().await;
     let seen = browser_upload(&h, "uppy", 2_300_000, "photo.png", "{}").await;
-    assert_uploaded(&h, &seen, "photo.png", "image/png", 1);
+    let request = assert_uploaded(&h, &seen, "photo.png", "image/png", 1);
+    assert_no_fields(&request);
 }
 
 #[tokio::test]
@@ -177,5 +209,14 @@ async fn uppy_tus_in_chromium_uploads_a_file_in_256_kib_patches() {
     let options = r#"{"chunkSize":262144}"#;
     let seen = browser_upload(&h, "uppy", 3_000_000, "notes.txt", options).await;
     // 3,000,000 bytes: eleven PATCHes of 256 KiB and one of the rest.
-    assert_uploaded(&h, &seen, "notes.txt", "text/plain", 12);
+    let request = assert_uploaded(&h, &seen, "notes.txt", "text/plain", 12);
+    assert_no_fields(&request);
+}
+
+#[tokio::test]
+async fn tus_js_client_in_chromium_uploads_an_empty_file() {
+    let h = harness().await;
+    let seen = browser_upload(&h, "tus-js-client", 0, "empty.txt", "{}").await;
+    // tus-js-client creates an empty upload and, having nothing to send, reports success.
+    assert_uploaded(&h, &seen, "empty.txt", "text/plain", 0);
 }

@@ -1,7 +1,8 @@
 //! Real tus clients through Stitch: tus-js-client 4.x in Node running the flow Wix documents
 //! for its resumable upload API (upload, then a finalize PUT whose answer is the application's),
 //! and surviving a SIGKILL of Stitch mid-upload. Each file is checked by sha256 at the upstream.
-//! `.ci/setup` installs the npm packages.
+//! tuspy (PyPI) uploads in 256 KiB PATCHes with sha1 checksums and, with its aiohttp uploader,
+//! in one PATCH. `.ci/setup` installs the npm packages and tuspy.
 
 mod common;
 
@@ -231,4 +232,125 @@ async fn tus_js_client_resumes_after_stitch_is_killed_and_the_file_arrives_once(
     assert_eq!(received.len(), 1, "delivered exactly once");
     assert_eq!(received[0].files[0].sha256, sha256, "byte-exact");
     assert_eq!(received[0].files[0].len, len as u64);
+}
+
+/// What `tests/clients/tuspy_upload.py` reports.
+#[derive(Debug, serde::Deserialize)]
+struct TuspyResult {
+    ok: bool,
+    error: Option<String>,
+    url: Option<String>,
+    patches: usize,
+    answer: Option<Answered>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Answered {
+    status: u16,
+    body: String,
+}
+
+/// Uploads `file` with tuspy (PyPI), installed by `.ci/setup` into target/venv.
+async fn tuspy_upload(args: serde_json::Value) -> TuspyResult {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join("target/venv/bin/python");
+    let ready = python.exists()
+        && Command::new(&python)
+            .args(["-c", "import tusclient"])
+            .output()
+            .is_ok_and(|output| output.status.success());
+    assert!(
+        ready,
+        "tuspy is missing from target/venv: run .ci/setup (it installs PyPI's tuspy there)"
+    );
+    let mut client = tokio::process::Command::new(python);
+    client
+        .arg(root.join("tests/clients/tuspy_upload.py"))
+        .arg(args.to_string())
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(90), client.output())
+        .await
+        .expect("tuspy finishes within 90 s")
+        .expect("python runs");
+    assert!(
+        output.status.success(),
+        "tuspy: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("the driver prints one JSON line")
+}
+
+/// tuspy created one upload, sent it in `patches` PATCHes, and read the application's answer
+/// (201, `answer`) from the upload's URL; the application got the file once, whole.
+fn assert_tuspy_delivered(
+    h: &Harness,
+    result: &TuspyResult,
+    patches: usize,
+    answer: &str,
+    (name, content_type, len, sha256): (&str, &str, u64, &str),
+) {
+    assert!(result.ok, "tuspy reports success: {:?}", result.error);
+    let url = result.url.as_deref().expect("the upload's URL");
+    assert!(url.starts_with(&h.url("/files/")), "{url}");
+    assert_eq!(result.patches, patches, "PATCH requests");
+    let answered = result.answer.as_ref().expect("a GET on the upload's URL");
+    assert_eq!((answered.status, answered.body.as_str()), (201, answer));
+    assert!(
+        h.upstream.received_at("/files").is_empty(),
+        "no tus request reached the application"
+    );
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "the application gets the file once");
+    let request = &received[0];
+    assert!(request.fields.is_empty(), "{:?}", request.fields);
+    assert_eq!(request.files.len(), 1);
+    let part = &request.files[0];
+    assert_eq!(part.field, "document");
+    assert_eq!(part.file_name, name);
+    assert_eq!(part.content_type.as_deref(), Some(content_type));
+    assert_eq!(part.len, len);
+    assert_eq!(part.sha256, sha256, "byte-exact");
+}
+
+#[tokio::test]
+async fn tuspy_uploads_in_256_kib_patches_with_sha1_checksums_and_the_file_arrives_once() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let answer = r#"{"id":"py-1"}"#;
+    h.upstream.answer_with(201, answer);
+    let (file, sha256) = random_file(h.dir.path(), "scan.tiff", 2_000_000, 21);
+    let result = tuspy_upload(serde_json::json!({
+        "endpoint": h.url("/files"),
+        "file": file,
+        "filename": "Scan – März.tiff",
+        "filetype": "image/tiff",
+        "chunk_size": 256 * 1024,
+        "checksum": true,
+    }))
+    .await;
+    // 2,000,000 bytes: seven PATCHes of 256 KiB and one of the rest.
+    let expected = ("Scan – März.tiff", "image/tiff", 2_000_000, sha256.as_str());
+    assert_tuspy_delivered(&h, &result, 8, answer, expected);
+}
+
+#[tokio::test]
+async fn tuspys_async_uploader_sends_the_whole_file_in_one_patch_and_it_arrives_once() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let answer = r#"{"id":"py-2"}"#;
+    h.upstream.answer_with(201, answer);
+    let (file, sha256) = random_file(h.dir.path(), "data.bin", 3_000_000, 22);
+    let result = tuspy_upload(serde_json::json!({
+        "endpoint": h.url("/files"),
+        "file": file,
+        "filename": "data.bin",
+        "filetype": "application/octet-stream",
+        "async": true,
+    }))
+    .await;
+    let expected = (
+        "data.bin",
+        "application/octet-stream",
+        3_000_000,
+        sha256.as_str(),
+    );
+    assert_tuspy_delivered(&h, &result, 1, answer, expected);
 }

@@ -1,7 +1,7 @@
 //! `stitch demo`: Stitch on its embedded default, in front of a small application that knows
-//! nothing about chunks. The application serves a page with Resumable.js and Flow.js, has one
-//! ordinary upload endpoint (`POST /upload`, multipart) that answers with what it received, and
-//! lists every file it has received (`GET /received`).
+//! nothing about chunks or tus. The application serves a page with Resumable.js, Flow.js and
+//! tus-js-client, has one ordinary upload endpoint (`POST /upload`, multipart) that answers with
+//! what it received, and lists every file it has received (`GET /received`).
 
 use crate::config::Config;
 use crate::server::{self, StartError};
@@ -18,27 +18,29 @@ use std::sync::Mutex;
 const PAGE: &str = include_str!("page.html");
 
 /// The client libraries the page loads: URL, and where npm installs them under `node_modules`.
-const LIBRARIES: [(&str, &str); 2] = [
+const LIBRARIES: [(&str, &str); 3] = [
     ("/lib/resumable.js", "resumablejs/resumable.js"),
     ("/lib/flow.js", "@flowjs/flow.js/dist/flow.js"),
+    ("/lib/tus.js", "tus-js-client/dist/tus.js"),
 ];
 
 /// What to run when the libraries are missing.
 const INSTALL_HINT: &str = "run `.ci/setup --demo` in the Stitch source tree, or \
-     `npm install resumablejs@1.1.0 @flowjs/flow.js@2.14.1` in a directory and pass \
-     `--node-modules DIR/node_modules`";
+     `npm install resumablejs@1.1.0 @flowjs/flow.js@2.14.1 tus-js-client@4.3.1` in a directory \
+     and pass `--node-modules DIR/node_modules`";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error(
-        "the demo page needs Resumable.js and Flow.js, and they are not in {searched}: {INSTALL_HINT}"
+        "the demo page needs Resumable.js, Flow.js and tus-js-client, and they are not in \
+         {searched}: {INSTALL_HINT}"
     )]
     Libraries { searched: String },
     #[error(transparent)]
     Start(#[from] StartError),
 }
 
-/// Finds a `node_modules` holding both libraries: the one given, else the source tree's (from
+/// Finds a `node_modules` holding every library: the one given, else the source tree's (from
 /// the working directory, from the binary's place in `target/`, or where it was built).
 pub fn find_libraries(given: Option<&Path>) -> Result<PathBuf, DemoError> {
     let candidates: Vec<PathBuf> = match given {

@@ -73,10 +73,15 @@ impl UploadCore {
             state.reindex(upload, due - min_ttl).await?;
             return Ok(false);
         }
+        let gone = self.tombstone_of(upload).await?;
         let released = state.remove_parts(upload, lease.fence).await?;
         self.release(released).await?;
         state.remove(upload, lease.fence).await?;
         self.failures.remove(upload);
+        drop(lease);
+        if let Some(tombstone) = gone {
+            self.save_alias(&tombstone, "expired").await?;
+        }
         Ok(true)
     }
 

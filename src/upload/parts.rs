@@ -15,6 +15,8 @@ pub struct Progress {
     pub offset: u64,
     /// The file was delivered (its answer is recorded).
     pub delivered: bool,
+    /// When the upload expires if nothing touches it (not for a delivered file).
+    pub expires: Option<std::time::SystemTime>,
 }
 
 /// The result of an append.
@@ -334,10 +336,15 @@ impl UploadCore {
         let state = &self.engines.state;
         if let Some(meta) = state.meta(upload).await? {
             let parts = state.parts(upload).await?;
+            let expires = state
+                .last_activity(upload)
+                .await?
+                .map(|at| at + self.ttls.upload);
             return Ok(Some(Progress {
                 meta,
                 offset: contiguous_len(&parts),
                 delivered: false,
+                expires,
             }));
         }
         let delivered = match self.unrecorded.get(upload) {
@@ -348,6 +355,7 @@ impl UploadCore {
             offset: file.parts.iter().map(|p| p.len).sum(),
             meta: file.meta,
             delivered: true,
+            expires: None,
         }))
     }
 
@@ -422,15 +430,53 @@ impl UploadCore {
         Ok(meta.and_then(|m| m.protocol["alias"].as_str().map(str::to_string)))
     }
 
-    /// Removes an upload and its bytes (tus termination).
+    /// Removes an upload and its bytes (tus termination), leaving its tombstone.
     pub async fn terminate(&self, upload: &UploadKey) -> Result<(), CoreError> {
+        self.remove_upload(upload, true).await
+    }
+
+    /// Removes an upload nobody was told of (its creation was refused), without a trace.
+    pub async fn discard(&self, upload: &UploadKey) -> Result<(), CoreError> {
+        self.remove_upload(upload, false).await
+    }
+
+    async fn remove_upload(&self, upload: &UploadKey, remember: bool) -> Result<(), CoreError> {
         let lease = self.lock(upload).await?;
+        let gone = match remember {
+            true => self.tombstone_of(upload).await?,
+            false => None,
+        };
         let released = self.engines.state.remove_parts(upload, lease.fence).await?;
         self.release(released).await?;
         self.engines.state.remove(upload, lease.fence).await?;
         self.failures.remove(upload);
         self.unrecorded.remove(upload);
+        drop(lease);
+        if let Some(tombstone) = gone {
+            self.save_alias(&tombstone, "terminated").await?;
+        }
         Ok(())
+    }
+
+    /// Where an upload asked to be remembered when it is removed: the key its metadata names
+    /// under `"gone"` (a protocol that answers "gone" rather than "unknown", as tus does with
+    /// 410). The tombstone is an alias saying how it went; it expires like an idle upload.
+    pub(super) async fn tombstone_of(
+        &self,
+        upload: &UploadKey,
+    ) -> Result<Option<UploadKey>, CoreError> {
+        let state = &self.engines.state;
+        let meta = match state.meta(upload).await? {
+            Some(meta) => Some(meta),
+            None => state
+                .answer(upload)
+                .await?
+                .and_then(|(answer, _)| answer.file.map(|f| f.meta)),
+        };
+        Ok(meta
+            .as_ref()
+            .and_then(|m| m.protocol["gone"].as_str())
+            .and_then(UploadKey::from_hex))
     }
 }
 
@@ -464,6 +510,10 @@ fn contiguous_len(parts: &PartIndex) -> u64 {
 /// Given part lengths (`None`: not stored) and how many parts there are, how many consecutive
 /// parts from 1 end exactly at `total`?
 fn count_to_end(len_of: impl Fn(u64) -> Option<u64>, parts: usize, total: u64) -> Option<u64> {
+    if total == 0 && parts == 0 {
+        // An empty file created whole, without a part (tus).
+        return Some(0);
+    }
     let mut offset = 0u64;
     for number in 1..=parts as u64 {
         offset = offset.checked_add(len_of(number)?)?;
@@ -494,7 +544,8 @@ mod tests {
     #[test]
     fn an_empty_file_is_complete_with_its_one_empty_part() {
         assert_eq!(count_to_end(|n| (n == 1).then_some(0), 1, 0), Some(1));
-        assert_eq!(count_to_end(|_| None, 0, 0), None);
+        assert_eq!(count_to_end(|_| None, 0, 0), Some(0), "or with none at all");
+        assert_eq!(count_to_end(|_| None, 0, 1), None);
     }
 
     #[test]

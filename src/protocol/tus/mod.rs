@@ -21,7 +21,9 @@ pub use options::{RawTusOptions, TusOptions};
 use super::{delivery_request, scope_value};
 use crate::config::{PathMatch, Route};
 use crate::forward::DeliveryRequest;
-use crate::http::{accept_expect_continue, client_ip, content_length, header_str, RequestBody};
+use crate::http::{
+    accept_expect_continue, client_ip, content_length, header_str, public_origin, RequestBody,
+};
 use crate::store::{BodyError, UploadKey, UploadMeta};
 use crate::upload::{CoreError, Outcome, UploadCore};
 use checksum::{ChecksumError, Expected};
@@ -130,6 +132,20 @@ fn effective_method(header: &RequestHeader) -> Method {
         .unwrap_or_else(|| header.method.clone())
 }
 
+/// The request's `Upload-Checksum`, if any.
+fn expected_checksum(header: &RequestHeader) -> Result<Option<Expected>, Refusal> {
+    let Some(value) = header_str(header, HeaderName::from_static("upload-checksum")) else {
+        return Ok(None);
+    };
+    match Expected::parse(value) {
+        Ok(expected) => Ok(Some(expected)),
+        Err(ChecksumError::Unsupported(algorithm)) => Err(Refusal::UnknownAlgorithm(algorithm)),
+        Err(ChecksumError::Malformed) => Err(Refusal::BadRequest(
+            "Upload-Checksum is `<algorithm> <base64 digest>`".into(),
+        )),
+    }
+}
+
 fn speaks_our_version(header: &RequestHeader) -> bool {
     header
         .headers
@@ -191,11 +207,33 @@ impl Exchange<'_> {
         ])
     }
 
-    fn location(&self, id: &str) -> String {
+    /// The upload's URL: absolute when the request says how it reached us (`Host`, or the
+    /// forwarding headers of a trusted proxy), else the path alone.
+    fn location(&self, header: &RequestHeader, id: &str) -> String {
         let PathMatch::Prefix(prefix) = &self.route.path else {
             unreachable!("tus routes are prefix routes");
         };
-        format!("{}/{id}", prefix.trim_end_matches('/'))
+        let origin = public_origin(header, self.options.behind_proxy).unwrap_or_default();
+        format!("{origin}{}/{id}", prefix.trim_end_matches('/'))
+    }
+
+    /// Where a removed upload's tombstone is kept (so that its URL answers 410, not 404).
+    fn gone_key(&self, id: &str) -> UploadKey {
+        UploadKey::derive(&[
+            b"stitch tus gone v1",
+            self.route.id.as_bytes(),
+            &self.scope,
+            id.as_bytes(),
+        ])
+    }
+
+    /// The answer for an upload that is not there: gone (terminated or expired), or unknown.
+    async fn missing(&self, id: &str) -> Answer {
+        match self.core.alias(&self.gone_key(id)).await {
+            Ok(Some(how)) => Answer::Refused(Refusal::Gone(how)),
+            Ok(None) => Answer::Refused(Refusal::NotFound),
+            Err(e) => Answer::Refused(Refusal::Core(e)),
+        }
     }
 
     fn expires(&self) -> String {
@@ -224,16 +262,32 @@ impl Exchange<'_> {
         if length.is_some_and(|n| n > max) {
             return Answer::Refused(Refusal::TooLarge(max));
         }
-        let raw_metadata = header_str(header, HeaderName::from_static("upload-metadata"))
-            .unwrap_or_default()
-            .to_string();
+        let raw_metadata = match header.headers.get("upload-metadata") {
+            None => String::new(),
+            Some(value) => match value.to_str() {
+                Ok(text) => text.to_string(),
+                Err(_) => {
+                    return Answer::Refused(Refusal::BadRequest(
+                        "Upload-Metadata must be ASCII: keys, then values in base64".into(),
+                    ))
+                }
+            },
+        };
         let pairs = match metadata::parse(&raw_metadata, self.options.max_metadata) {
             Ok(pairs) => pairs,
             Err(reason) => return Answer::Refused(Refusal::BadRequest(reason)),
         };
+        let declared_body = content_length(header);
+        let too_long = declared_body.is_some_and(|n| n > length.unwrap_or(max));
         let offset_stream = is_offset_stream(header);
-        let too_long = content_length(header).is_some_and(|n| n > length.unwrap_or(max));
-        let carries_bytes = offset_stream && !session.is_body_empty();
+        let expected = match expected_checksum(header) {
+            Ok(expected) => expected,
+            Err(refusal) => return Answer::Refused(refusal),
+        };
+        let carries_bytes = declared_body != Some(0) && !session.is_body_empty();
+        if carries_bytes && !offset_stream {
+            return Answer::Refused(Refusal::ContentType);
+        }
         if carries_bytes && too_long {
             return Answer::Refused(Refusal::TooLarge(length.unwrap_or(max)));
         }
@@ -259,10 +313,27 @@ impl Exchange<'_> {
             }
         }
         tracing::info!("created upload {id} ({} bytes)", display_length(length));
+        let location = self.location(session.req_header(), &id);
         let mut offset = None;
+        let mut delivered = Delivered::NotYet;
         if carries_bytes {
-            match self.append(session, &key, 0, length, None).await {
-                Ok(Answer::Patched { offset: at, .. }) => offset = Some(at),
+            match self.append(session, &key, 0, length, expected).await {
+                Ok(Answer::Patched {
+                    offset: at,
+                    delivered: how,
+                    ..
+                }) => {
+                    offset = Some(at);
+                    delivered = how;
+                }
+                Err(Answer::Refused(Refusal::Core(CoreError::Refused))) => {
+                    // The checksum did not match: the bytes are discarded, and so is the
+                    // upload they would have started (the client creates it again).
+                    if let Err(e) = self.core.discard(&key).await {
+                        tracing::warn!("removing the refused upload failed: {e}");
+                    }
+                    return Answer::Refused(Refusal::Core(CoreError::Refused));
+                }
                 // The upload exists; its bytes did not make it. The client learns the offset
                 // by HEAD and goes on from there.
                 Ok(_) | Err(_) => offset = Some(0),
@@ -270,11 +341,17 @@ impl Exchange<'_> {
             if let Ok(Some(progress)) = self.core.progress(&key).await {
                 offset = Some(progress.offset);
             }
+        } else if length == Some(0) {
+            // An empty file is complete as soon as it exists.
+            if let Ok(Some(progress)) = self.core.progress(&key).await {
+                delivered = self.deliver(session, &key, &progress.meta).await;
+            }
         }
         Answer::Created {
-            location: self.location(&id),
+            location,
             offset,
             expires: Some(self.expires()),
+            delivered,
         }
     }
 
@@ -296,15 +373,21 @@ impl Exchange<'_> {
         };
         let name = first_of(&["filename", "name"]);
         let media_type = first_of(&["filetype", "contentType", "type"]);
-        let used: Vec<&str> = [&name, &media_type]
-            .into_iter()
-            .flatten()
-            .map(|(k, _)| k.as_str())
-            .collect();
+        // The pairs that named the file or its type are not fields, nor are their repeats
+        // under the other keys (Uppy sends `name` and `filename` alike).
+        let describes_the_file = |(k, v): &(String, String)| {
+            let same = |chosen: &Option<(String, String)>, keys: &[&str]| {
+                chosen
+                    .as_ref()
+                    .is_some_and(|(ck, cv)| ck == k || (keys.contains(&k.as_str()) && cv == v))
+            };
+            same(&name, &["filename", "name"])
+                || same(&media_type, &["filetype", "contentType", "type"])
+        };
         let forward = &self.route.forward;
         let fields = pairs
             .iter()
-            .filter(|(k, _)| !used.contains(&k.as_str()) && forward.fields.allows(k))
+            .filter(|pair| !describes_the_file(pair) && forward.fields.allows(&pair.0))
             .cloned()
             .collect();
         let state = TusState {
@@ -321,7 +404,7 @@ impl Exchange<'_> {
             length,
             name: name.map_or_else(|| id.to_string(), |(_, v)| v),
             media_type: media_type.map(|(_, v)| v),
-            protocol: serde_json::json!({ "tus": state }),
+            protocol: serde_json::json!({ "tus": state, "gone": self.gone_key(id).hex() }),
         }
     }
 
@@ -334,7 +417,7 @@ impl Exchange<'_> {
         };
         let progress = match self.core.progress(&key).await {
             Ok(Some(progress)) => progress,
-            Ok(None) => return Answer::Refused(Refusal::NotFound),
+            Ok(None) => return self.missing(id).await,
             Err(e) => return Answer::Refused(Refusal::Core(e)),
         };
         let complete = progress.meta.length == Some(progress.offset);
@@ -351,7 +434,7 @@ impl Exchange<'_> {
             offset: progress.offset,
             length: progress.meta.length,
             metadata: Some(state.metadata),
-            expires: None,
+            expires: progress.expires.map(httpdate::fmt_http_date),
         }
     }
 
@@ -369,19 +452,9 @@ impl Exchange<'_> {
                 "a PATCH needs Upload-Offset, a number of bytes".into(),
             ));
         };
-        let expected = match header_str(header, HeaderName::from_static("upload-checksum")) {
-            None => None,
-            Some(value) => match Expected::parse(value) {
-                Ok(expected) => Some(expected),
-                Err(ChecksumError::Unsupported(algorithm)) => {
-                    return Answer::Refused(Refusal::UnknownAlgorithm(algorithm))
-                }
-                Err(ChecksumError::Malformed) => {
-                    return Answer::Refused(Refusal::BadRequest(
-                        "Upload-Checksum is `<algorithm> <base64 digest>`".into(),
-                    ))
-                }
-            },
+        let expected = match expected_checksum(header) {
+            Ok(expected) => expected,
+            Err(refusal) => return Answer::Refused(refusal),
         };
         let new_length = match header.headers.get("upload-length") {
             None => None,
@@ -396,7 +469,7 @@ impl Exchange<'_> {
         };
         let progress = match self.core.progress(&key).await {
             Ok(Some(progress)) => progress,
-            Ok(None) => return Answer::Refused(Refusal::NotFound),
+            Ok(None) => return self.missing(id).await,
             Err(e) => return Answer::Refused(Refusal::Core(e)),
         };
         if progress.offset != at {
@@ -499,7 +572,7 @@ impl Exchange<'_> {
         };
         match self.core.progress(&key).await {
             Ok(Some(_)) => {}
-            Ok(None) => return Answer::Refused(Refusal::NotFound),
+            Ok(None) => return self.missing(id).await,
             Err(e) => return Answer::Refused(Refusal::Core(e)),
         }
         match self.core.terminate(&key).await {
@@ -520,7 +593,7 @@ impl Exchange<'_> {
         }
         match self.core.progress(&key).await {
             Ok(Some(_)) => Answer::Pending,
-            Ok(None) => Answer::Refused(Refusal::NotFound),
+            Ok(None) => self.missing(id).await,
             Err(e) => Answer::Refused(Refusal::Core(e)),
         }
     }

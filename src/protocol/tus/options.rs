@@ -10,6 +10,9 @@ pub struct TusOptions {
     /// The metadata key whose value names an upload in a finalize request
     /// (`PUT <route path>/<value>`); `None`: no finalize requests.
     pub finalize: Option<String>,
+    /// The route is reached through another proxy: upload URLs are built from its
+    /// `Forwarded` (or `X-Forwarded-Host` / `X-Forwarded-Proto`) headers.
+    pub behind_proxy: bool,
 }
 
 /// `tus:` as written in the config file.
@@ -18,6 +21,8 @@ pub struct TusOptions {
 pub struct RawTusOptions {
     max_metadata: Option<crate::config::ByteSize>,
     finalize: Option<String>,
+    #[serde(default)]
+    behind_proxy: bool,
 }
 
 impl TusOptions {
@@ -43,6 +48,7 @@ impl TusOptions {
         Ok(TusOptions {
             max_metadata: max_metadata as usize,
             finalize,
+            behind_proxy: raw.behind_proxy,
         })
     }
 }

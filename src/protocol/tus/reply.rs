@@ -35,6 +35,8 @@ pub(super) enum Answer {
         location: String,
         offset: Option<u64>,
         expires: Option<String>,
+        /// Where the delivery stands, if the creation completed the upload.
+        delivered: Delivered,
     },
     /// HEAD: where the upload stands.
     Progress {
@@ -72,6 +74,8 @@ pub(super) enum Refusal {
     ContentType,
     /// No such upload.
     NotFound,
+    /// The upload was there and is no more ("terminated" or "expired").
+    Gone(String),
     /// The method does not apply to this URL.
     Method,
     /// A finalize request for an upload that still lacks bytes.
@@ -89,24 +93,26 @@ pub(super) enum Refusal {
 /// The reply to a tus request.
 pub(super) fn reply(answer: Answer) -> Reply {
     let reply = match answer {
-        Answer::Capabilities { max_size } => {
-            return Reply::empty(204)
-                .with_header("tus-version", VERSION)
-                .with_header("tus-extension", EXTENSIONS)
-                .with_header("tus-max-size", &max_size.to_string())
-                .with_header("tus-checksum-algorithm", ALGORITHMS)
-        }
+        // 200 rather than 204: both are allowed, and some clients and test suites only
+        // take 200.
+        Answer::Capabilities { max_size } => Reply::empty(200)
+            .with_header("tus-version", VERSION)
+            .with_header("tus-extension", EXTENSIONS)
+            .with_header("tus-max-size", &max_size.to_string())
+            .with_header("tus-checksum-algorithm", ALGORITHMS),
         Answer::Created {
             location,
             offset,
             expires,
+            delivered,
         } => {
             let reply = Reply::empty(201).with_header("location", &location);
             let reply = with_expires(reply, expires);
-            match offset {
+            let reply = match offset {
                 Some(offset) => reply.with_header("upload-offset", &offset.to_string()),
                 None => reply,
-            }
+            };
+            with_delivery(reply, delivered)
         }
         Answer::Progress {
             offset,
@@ -137,7 +143,8 @@ pub(super) fn reply(answer: Answer) -> Reply {
             headers: answer.headers,
             body: answer.body,
         },
-        Answer::Pending => Reply::text(202, "the upload is being delivered to the application"),
+        Answer::Pending => Reply::text(202, "the upload is being delivered to the application")
+            .with_header("stitch-delivery", "pending"),
         Answer::Undelivered(outcome) => undelivered(outcome),
         Answer::Refused(refusal) => refused(refusal),
     };
@@ -164,6 +171,11 @@ fn patched(offset: u64, expires: Option<String>, delivered: Delivered) -> Reply 
         _ => Reply::empty(204),
     };
     let reply = with_expires(reply, expires).with_header("upload-offset", &offset.to_string());
+    with_delivery(reply, delivered)
+}
+
+/// Headers that say where a completed upload's delivery stands.
+fn with_delivery(reply: Reply, delivered: Delivered) -> Reply {
     match delivered {
         Delivered::Answer(answer) => {
             let state = if (200..300).contains(&answer.status) {
@@ -228,6 +240,7 @@ fn refused(refusal: Refusal) -> Reply {
             "a PATCH body must be Content-Type: application/offset+octet-stream",
         ),
         Refusal::NotFound => Reply::refuse(404, "no such upload"),
+        Refusal::Gone(how) => Reply::refuse(410, format!("the upload is gone ({how})")),
         Refusal::Method => Reply::refuse(405, "not a tus request for this URL"),
         Refusal::Incomplete { offset, length } => {
             let length = length.map_or_else(|| "an undeclared length".into(), |n| n.to_string());
