@@ -952,3 +952,94 @@ routes:
     let location = header(&response, "location").unwrap();
     assert!(location.starts_with(&plain.url("/files/")), "{location}");
 }
+
+#[tokio::test]
+async fn three_partial_uploads_in_parallel_make_one_final_upload_delivered_once() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    h.upstream.answer_with(201, "whole");
+    let data = random_bytes(30_000, 31);
+    let pieces = [
+        data.slice(0..10_000),
+        data.slice(10_000..25_000),
+        data.slice(25_000..),
+    ];
+    let partial = |piece: Bytes| {
+        let h = &h;
+        async move {
+            let response = tus(h, Method::POST, "/files")
+                .header("upload-length", piece.len().to_string())
+                .header("upload-concat", "partial")
+                .header("upload-metadata", format!("filename {}", b64("piece")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 201);
+            let location = location_of(h, &response);
+            let done = patch(h, &location, 0, piece).await;
+            assert_eq!(done.status(), 204);
+            let progress = head(h, &location).await;
+            assert_eq!(header(&progress, "upload-concat"), Some("partial"));
+            location
+        }
+    };
+    let locations = futures::future::join_all(pieces.iter().cloned().map(partial)).await;
+    assert!(
+        h.upstream.received().is_empty(),
+        "partial uploads are not delivered"
+    );
+    let blobs = h.blob_count();
+
+    // Not complete, unknown, or with a length: refused, nothing created.
+    let unfinished = {
+        let response = tus(&h, Method::POST, "/files")
+            .header("upload-length", "10")
+            .header("upload-concat", "partial")
+            .send()
+            .await
+            .unwrap();
+        location_of(&h, &response)
+    };
+    let final_of = |urls: String| {
+        tus(&h, Method::POST, "/files")
+            .header("upload-concat", format!("final;{urls}"))
+            .header("upload-metadata", format!("filename {}", b64("whole.bin")))
+    };
+    let with_unfinished = final_of(format!("{} {unfinished}", locations[0]));
+    assert_eq!(with_unfinished.send().await.unwrap().status(), 400);
+    let unknown = final_of(format!("{} /files/{}", locations[0], "a".repeat(32)));
+    assert_eq!(unknown.send().await.unwrap().status(), 404);
+    let with_length = final_of(locations.join(" ")).header("upload-length", "30000");
+    assert_eq!(with_length.send().await.unwrap().status(), 400);
+    assert!(h.upstream.received().is_empty());
+
+    // The partial uploads' URLs as absolute URLs, as tus-js-client sends them.
+    let absolute: Vec<String> = locations.iter().map(|l| h.url(l)).collect();
+    let response = final_of(absolute.join(" ")).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    assert_eq!(header(&response, "stitch-delivery"), Some("delivered"));
+    let location = location_of(&h, &response);
+    let delivery = the_delivery(&h);
+    assert_eq!(delivery.files[0].file_name, "whole.bin");
+    assert_eq!(
+        delivery.files[0].sha256,
+        sha256_hex(&data),
+        "in order, byte-exact"
+    );
+    assert_eq!(
+        h.blob_count(),
+        blobs,
+        "no byte copied: the final upload's parts are the partial uploads' blobs"
+    );
+
+    let progress = head(&h, &location).await;
+    assert_eq!(header(&progress, "upload-offset"), Some("30000"));
+    assert_eq!(header(&progress, "upload-length"), Some("30000"));
+    let concat = header(&progress, "upload-concat").unwrap();
+    assert!(concat.starts_with("final;"), "{concat}");
+    assert_eq!(concat.matches("/files/").count(), 3);
+    let patched = patch(&h, &location, 30_000, Bytes::from("x")).await;
+    assert_eq!(patched.status(), 403);
+    let answer = h.client.get(h.url(&location)).send().await.unwrap();
+    assert_eq!(answer.text().await.unwrap(), "whole");
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+}

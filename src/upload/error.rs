@@ -34,6 +34,9 @@ pub enum CoreError {
     /// The length was already declared, differently.
     #[error("the upload's length is {declared} already")]
     LengthDeclared { declared: u64 },
+    /// An upload to be concatenated lacks bytes.
+    #[error("the upload to concatenate is not complete")]
+    Incomplete,
     /// The protocol's own check of the bytes (a checksum) refused them; nothing was kept.
     #[error("the bytes were refused")]
     Refused,

@@ -411,6 +411,58 @@ impl UploadCore {
         })
     }
 
+    /// Creates `upload` whole, as the concatenation of `sources` (complete uploads) in order,
+    /// from their stored parts: no byte is copied, each part references the same blob. `meta`'s
+    /// length is set to the sum. Returns it. Nothing is created if a source is missing or not
+    /// complete.
+    pub async fn concatenate(
+        &self,
+        upload: &UploadKey,
+        meta: &UploadMeta,
+        sources: &[UploadKey],
+    ) -> Result<u64, CoreError> {
+        let state = &self.engines.state;
+        // Each source is read under its own lease (never two leases at once).
+        let mut file = Vec::new();
+        for source in sources {
+            let _lease = self.lock(source).await?;
+            let source_meta = state.meta(source).await?.ok_or(CoreError::NotFound)?;
+            let parts = state.parts(source).await?;
+            let count = complete_len(&parts, source_meta.length).ok_or(CoreError::Incomplete)?;
+            file.extend((1..=count).map(|n| parts[&n]));
+        }
+        let total: u64 = file.iter().map(|p| p.len).sum();
+        let lease = self.lock(upload).await?;
+        state.touch(upload, self.clock.now()).await?;
+        let meta = UploadMeta {
+            length: Some(total),
+            ..meta.clone()
+        };
+        state.save_meta(upload, &meta, lease.fence).await?;
+        let linked = async {
+            for (number, part) in (1..).zip(&file) {
+                // Under the blob's lock: a source removed meanwhile cannot delete it while
+                // this reference is being added (a blob gone already fails the link).
+                let _blob = self
+                    .engines
+                    .locker
+                    .lock(LockKey::Blob(part.digest), super::LEASE)
+                    .await?;
+                let part = StoredPart { number, ..*part };
+                state.add_part(upload, part, lease.fence).await?;
+            }
+            Ok::<_, CoreError>(())
+        };
+        if let Err(e) = linked.await {
+            drop(lease);
+            if let Err(cleanup) = self.discard(upload).await {
+                tracing::warn!("{upload:?}: removing a failed concatenation failed: {cleanup}");
+            }
+            return Err(e);
+        }
+        Ok(total)
+    }
+
     /// Makes `alias` name the upload `target` (a protocol's own identifier; tus: a metadata
     /// token that a finalize request names). An alias is kept as an upload of its own without
     /// bytes: scoped like its key, shared by every process, and expiring like an upload.

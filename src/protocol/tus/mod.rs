@@ -48,6 +48,58 @@ struct TusState {
     /// The creating request's headers that go to the upstream with the file.
     headers: Vec<(String, Vec<u8>)>,
     host: Option<Vec<u8>>,
+    /// `Upload-Concat` as HEAD returns it: `partial`, or `final;<urls>`.
+    #[serde(default)]
+    concat: Option<String>,
+}
+
+impl TusState {
+    fn is_partial(&self) -> bool {
+        self.concat.as_deref() == Some("partial")
+    }
+
+    fn is_final(&self) -> bool {
+        self.concat
+            .as_deref()
+            .is_some_and(|c| c.starts_with("final"))
+    }
+}
+
+/// A creation's `Upload-Concat`.
+enum Concat {
+    Partial,
+    /// The partial uploads' ids, in order.
+    Final(Vec<String>),
+}
+
+impl Concat {
+    fn of(header: &RequestHeader) -> Result<Option<Concat>, Refusal> {
+        let Some(value) = header.headers.get("upload-concat") else {
+            return Ok(None);
+        };
+        let bad = |why: &str| Refusal::BadRequest(format!("Upload-Concat: {why}"));
+        let value = value.to_str().map_err(|_| bad("not ASCII"))?.trim();
+        if value == "partial" {
+            return Ok(Some(Concat::Partial));
+        }
+        let urls = value
+            .strip_prefix("final;")
+            .ok_or_else(|| bad("`partial`, or `final;` and the partial uploads' URLs"))?;
+        let ids: Vec<String> = urls
+            .split_whitespace()
+            .map(|url| {
+                // An absolute URL or a path; the id is its last segment.
+                let path = url.split_once("://").map_or(url, |(_, rest)| {
+                    rest.find('/').map_or("", |slash| &rest[slash..])
+                });
+                path.rsplit('/').next().unwrap_or_default().to_string()
+            })
+            .collect();
+        if ids.is_empty() {
+            return Err(bad("a final upload names at least one partial upload"));
+        }
+        Ok(Some(Concat::Final(ids)))
+    }
 }
 
 /// Which URL of the route a request is for.
@@ -254,6 +306,13 @@ impl Exchange<'_> {
     /// POST on the collection: a new upload, perhaps with its first bytes.
     async fn create(&mut self, session: &mut Session) -> Answer {
         let header = session.req_header();
+        let concat = match Concat::of(header) {
+            Ok(concat) => concat,
+            Err(refusal) => return Answer::Refused(refusal),
+        };
+        if let Some(Concat::Final(ids)) = &concat {
+            return self.create_final(session, ids).await;
+        }
         let max = self.route.limits.max_file_size.0;
         let length = match declared_length(header) {
             Ok(length) => length,
@@ -296,7 +355,10 @@ impl Exchange<'_> {
             unreachable!("a fresh id is well-formed");
         };
         let request = delivery_request(session.req_header(), client_ip(session), self.route);
-        let meta = self.meta(length, &pairs, raw_metadata, &request, &id);
+        let mut meta = self.meta(length, &pairs, raw_metadata, &request, &id);
+        if concat.is_some() {
+            meta.protocol["tus"]["concat"] = "partial".into();
+        }
         if let Err(e) = self.core.create(&key, &meta).await {
             return Answer::Refused(Refusal::Core(e));
         }
@@ -341,7 +403,7 @@ impl Exchange<'_> {
             if let Ok(Some(progress)) = self.core.progress(&key).await {
                 offset = Some(progress.offset);
             }
-        } else if length == Some(0) {
+        } else if length == Some(0) && concat.is_none() {
             // An empty file is complete as soon as it exists.
             if let Ok(Some(progress)) = self.core.progress(&key).await {
                 delivered = self.deliver(session, &key, &progress.meta).await;
@@ -351,6 +413,78 @@ impl Exchange<'_> {
             location,
             offset,
             expires: Some(self.expires()),
+            delivered,
+        }
+    }
+
+    /// POST with `Upload-Concat: final;<urls>`: an upload made of partial uploads of this
+    /// route and scope, from their stored parts. It is complete at once, and delivered.
+    async fn create_final(&mut self, session: &mut Session, ids: &[String]) -> Answer {
+        let header = session.req_header();
+        if header.headers.contains_key("upload-length")
+            || header.headers.contains_key("upload-defer-length")
+        {
+            return Answer::Refused(Refusal::BadRequest(
+                "a final upload takes its length from its partial uploads: no Upload-Length".into(),
+            ));
+        }
+        let raw_metadata = header_str(header, HeaderName::from_static("upload-metadata"))
+            .unwrap_or_default()
+            .to_string();
+        let pairs = match metadata::parse(&raw_metadata, self.options.max_metadata) {
+            Ok(pairs) => pairs,
+            Err(reason) => return Answer::Refused(Refusal::BadRequest(reason)),
+        };
+        let mut sources = Vec::new();
+        let mut total = 0u64;
+        for id in ids {
+            let Some(key) = self.key(id) else {
+                return Answer::Refused(Refusal::NotFound);
+            };
+            let progress = match self.core.progress(&key).await {
+                Ok(Some(progress)) => progress,
+                Ok(None) => return Answer::Refused(Refusal::NotFound),
+                Err(e) => return Answer::Refused(Refusal::Core(e)),
+            };
+            if tus_state(&progress.meta).concat.as_deref() != Some("partial") {
+                return Answer::Refused(Refusal::BadRequest(format!(
+                    "upload {id} is not a partial upload"
+                )));
+            }
+            if progress.meta.length != Some(progress.offset) {
+                return Answer::Refused(Refusal::BadRequest(format!(
+                    "partial upload {id} is not complete"
+                )));
+            }
+            total += progress.offset;
+            sources.push(key);
+        }
+        let max = self.route.limits.max_file_size.0;
+        if total > max {
+            return Answer::Refused(Refusal::TooLarge(max));
+        }
+        let id = hex::encode(rand::random::<[u8; 16]>());
+        let Some(key) = self.key(&id) else {
+            unreachable!("a fresh id is well-formed");
+        };
+        let request = delivery_request(session.req_header(), client_ip(session), self.route);
+        let mut meta = self.meta(None, &pairs, raw_metadata, &request, &id);
+        let urls: Vec<String> = ids.iter().map(|id| self.location(header, id)).collect();
+        meta.protocol["tus"]["concat"] = format!("final;{}", urls.join(" ")).into();
+        let meta = match self.core.concatenate(&key, &meta, &sources).await {
+            Ok(length) => UploadMeta {
+                length: Some(length),
+                ..meta
+            },
+            Err(e) => return Answer::Refused(Refusal::Core(e)),
+        };
+        tracing::info!("created upload {id} from {} partial uploads", ids.len());
+        let location = self.location(session.req_header(), &id);
+        let delivered = self.deliver(session, &key, &meta).await;
+        Answer::Created {
+            location,
+            offset: None,
+            expires: None,
             delivered,
         }
     }
@@ -399,6 +533,7 @@ impl Exchange<'_> {
                 .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
                 .collect(),
             host: request.host.as_ref().map(|h| h.as_bytes().to_vec()),
+            concat: None,
         };
         UploadMeta {
             length,
@@ -420,8 +555,9 @@ impl Exchange<'_> {
             Ok(None) => return self.missing(id).await,
             Err(e) => return Answer::Refused(Refusal::Core(e)),
         };
+        let state = tus_state(&progress.meta);
         let complete = progress.meta.length == Some(progress.offset);
-        if complete && !progress.delivered {
+        if complete && !progress.delivered && !state.is_partial() {
             // Normally queued already; not if the process died between the last byte and
             // the delivery. The queue delivers it in the background.
             let request = self.request(session, &progress.meta);
@@ -429,12 +565,12 @@ impl Exchange<'_> {
                 return Answer::Refused(Refusal::Core(e));
             }
         }
-        let state = tus_state(&progress.meta);
         Answer::Progress {
             offset: progress.offset,
             length: progress.meta.length,
             metadata: Some(state.metadata),
             expires: progress.expires.map(httpdate::fmt_http_date),
+            concat: state.concat,
         }
     }
 
@@ -472,6 +608,9 @@ impl Exchange<'_> {
             Ok(None) => return self.missing(id).await,
             Err(e) => return Answer::Refused(Refusal::Core(e)),
         };
+        if tus_state(&progress.meta).is_final() {
+            return Answer::Refused(Refusal::Final);
+        }
         if progress.offset != at {
             return Answer::Refused(Refusal::Core(CoreError::OffsetMismatch {
                 current: progress.offset,
@@ -554,6 +693,14 @@ impl Exchange<'_> {
                 Ok(None) => return Err(Answer::Refused(Refusal::NotFound)),
                 Err(e) => return Err(Answer::Refused(Refusal::Core(e))),
             };
+            if tus_state(&meta).is_partial() {
+                // A part of a final upload to come: delivered as part of it.
+                return Ok(Answer::Patched {
+                    offset: appended.offset,
+                    expires: None,
+                    delivered,
+                });
+            }
             // A delivery that failed goes on from the queue: the bytes are all here, so the
             // PATCH succeeded; its headers say how the delivery stands.
             delivered = self.deliver(session, key, &meta).await;

@@ -9,7 +9,7 @@ use crate::upload::{CoreError, Outcome};
 
 pub(super) const VERSION: &str = "1.0.0";
 pub(super) const EXTENSIONS: &str =
-    "creation,creation-with-upload,creation-defer-length,expiration,checksum,termination";
+    "creation,creation-with-upload,creation-defer-length,expiration,checksum,termination,concatenation";
 
 /// Where a completed upload's delivery stands, as a request that waited for it saw it.
 pub(super) enum Delivered {
@@ -44,6 +44,8 @@ pub(super) enum Answer {
         length: Option<u64>,
         metadata: Option<String>,
         expires: Option<String>,
+        /// `Upload-Concat` of a partial or final upload.
+        concat: Option<String>,
     },
     /// PATCH stored its bytes; `delivered`: where the delivery stands if the upload is
     /// complete (the upstream's 2xx is relayed as headers, another answer as the answer).
@@ -74,6 +76,8 @@ pub(super) enum Refusal {
     ContentType,
     /// No such upload.
     NotFound,
+    /// A PATCH on a final upload (made of partial uploads).
+    Final,
     /// The upload was there and is no more ("terminated" or "expired").
     Gone(String),
     /// The method does not apply to this URL.
@@ -119,6 +123,7 @@ pub(super) fn reply(answer: Answer) -> Reply {
             length,
             metadata,
             expires,
+            concat,
         } => {
             let mut reply = Reply::empty(200)
                 .with_header("upload-offset", &offset.to_string())
@@ -129,6 +134,9 @@ pub(super) fn reply(answer: Answer) -> Reply {
             };
             if let Some(metadata) = metadata.filter(|m| !m.is_empty()) {
                 reply = reply.with_header("upload-metadata", &metadata);
+            }
+            if let Some(concat) = concat {
+                reply = reply.with_header("upload-concat", &concat);
             }
             with_expires(reply, expires)
         }
@@ -240,6 +248,7 @@ fn refused(refusal: Refusal) -> Reply {
             "a PATCH body must be Content-Type: application/offset+octet-stream",
         ),
         Refusal::NotFound => Reply::refuse(404, "no such upload"),
+        Refusal::Final => Reply::refuse(403, "a final upload is made of its partial uploads"),
         Refusal::Gone(how) => Reply::refuse(410, format!("the upload is gone ({how})")),
         Refusal::Method => Reply::refuse(405, "not a tus request for this URL"),
         Refusal::Incomplete { offset, length } => {
