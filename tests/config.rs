@@ -203,6 +203,22 @@ fn options_of_another_protocol_and_non_prefix_tus_routes_are_refused() {
 }
 
 #[test]
+fn cors_settings_that_browsers_would_refuse_are_refused() {
+    refused_naming(
+        "routes:\n  - path: /files\n    protocol: tus\n    cors: { origins: [] }\n",
+        &["cors.origins"],
+    );
+    refused_naming(
+        "routes:\n  - path: /files\n    protocol: tus\n    cors: { origins: [\"app.example/\"] }\n",
+        &["cors.origins", "app.example/"],
+    );
+    refused_naming(
+        "routes:\n  - path: /files\n    protocol: tus\n    cors: { origins: [\"*\"], credentials: true }\n",
+        &["cors", "credentials"],
+    );
+}
+
+#[test]
 fn a_smaller_max_file_size_lowers_the_default_chunk_limit_with_it() {
     let (ok, message) = check_text(
         "routes:\n  - path: /x\n    protocol: flow\n    scope: { cookie: s }\n    limits: { max_file_size: 1MiB }\n",

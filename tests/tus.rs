@@ -1043,3 +1043,106 @@ async fn three_partial_uploads_in_parallel_make_one_final_upload_delivered_once(
     assert_eq!(answer.text().await.unwrap(), "whole");
     assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
 }
+
+#[tokio::test]
+async fn cors_preflights_are_answered_and_answers_carry_the_headers_for_allowed_origins() {
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    cors: { origins: ["https://app.example"], credentials: true, max_age: 10m }
+    forward: { path: /app/upload }
+  - path: /chunks
+    protocol: resumable
+    cors: { origins: ["https://app.example"] }
+    forward: { path: /app/upload }
+"#;
+    let h = Harness::with_routes(routes).await;
+    let preflight = |path: &str, origin: &str| {
+        h.client
+            .request(Method::OPTIONS, h.url(path))
+            .header("origin", origin.to_string())
+            .header("access-control-request-method", "PATCH")
+            .header(
+                "access-control-request-headers",
+                "tus-resumable, upload-offset, x-custom",
+            )
+            .send()
+    };
+    let allowed = preflight("/files/abc", "https://app.example")
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), 204);
+    assert_eq!(
+        header(&allowed, "access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    assert_eq!(
+        header(&allowed, "access-control-allow-credentials"),
+        Some("true")
+    );
+    assert_eq!(header(&allowed, "access-control-max-age"), Some("600"));
+    let methods = header(&allowed, "access-control-allow-methods").unwrap();
+    assert!(
+        methods.contains("PATCH") && methods.contains("DELETE"),
+        "{methods}"
+    );
+    let headers = header(&allowed, "access-control-allow-headers")
+        .unwrap()
+        .to_lowercase();
+    for name in [
+        "tus-resumable",
+        "upload-offset",
+        "upload-metadata",
+        "x-custom",
+    ] {
+        assert!(headers.contains(name), "{name} in {headers}");
+    }
+    let other = preflight("/files", "https://evil.example").await.unwrap();
+    assert_eq!(other.status(), 403);
+    assert_eq!(header(&other, "access-control-allow-origin"), None);
+
+    // An actual request from the allowed origin can read the tus headers.
+    let created = tus(&h, Method::POST, "/files")
+        .header("origin", "https://app.example")
+        .header("upload-length", "3")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    assert_eq!(
+        header(&created, "access-control-allow-origin"),
+        Some("https://app.example")
+    );
+    let exposed = header(&created, "access-control-expose-headers").unwrap();
+    for name in [
+        "Location",
+        "Upload-Offset",
+        "Upload-Expires",
+        "Tus-Resumable",
+    ] {
+        assert!(exposed.contains(name), "{name} in {exposed}");
+    }
+    // A plain tus OPTIONS (no preflight) still tells the server's capabilities.
+    let capabilities = h
+        .client
+        .request(Method::OPTIONS, h.url("/files"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&capabilities, "tus-version"), Some("1.0.0"));
+
+    // A chunk route answers its preflights too; its other OPTIONS are the application's.
+    let chunk = preflight("/chunks", "https://app.example").await.unwrap();
+    assert_eq!(chunk.status(), 204);
+    assert_eq!(header(&chunk, "access-control-allow-credentials"), None);
+    let plain = h
+        .client
+        .request(Method::OPTIONS, h.url("/chunks"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 200);
+    assert_eq!(h.upstream.received_at("/chunks").len(), 1, "passed through");
+    assert!(h.upstream.received_at("/files").is_empty());
+}

@@ -43,6 +43,10 @@ fn browser_dir() -> PathBuf {
 /// Stitch with a tus route, in front of an upstream that also serves the test page and the
 /// libraries (through Stitch, which passes them on as the application's).
 async fn harness() -> Harness {
+    harness_with(ROUTES).await
+}
+
+async fn harness_with(routes: &str) -> Harness {
     let dir = browser_dir();
     let ready = Path::new("/usr/bin/chromium").exists()
         && dir.join("node_modules/playwright-core").exists()
@@ -54,7 +58,7 @@ async fn harness() -> Harness {
         "tus browser tests need Chromium and the npm packages (tus-js-client, uppy, \
          playwright-core): run .ci/setup"
     );
-    let h = Harness::with_routes(ROUTES).await;
+    let h = Harness::with_routes(routes).await;
     for (url, content_type, file) in PAGE_FILES {
         let body = std::fs::read(dir.join(file)).unwrap();
         h.upstream.serve_static(url, content_type, body.into());
@@ -91,10 +95,21 @@ struct PageAnswer {
 /// Uploads a file of `size` random bytes named `name` with `client` ("tus-js-client" or
 /// "uppy") and its `options` (JSON); returns what the page saw.
 async fn browser_upload(h: &Harness, client: &str, size: u64, name: &str, options: &str) -> Seen {
+    browser_upload_from(&h.url("/"), client, size, name, options).await
+}
+
+/// The same, from the page at `page` (its query may name the endpoint).
+async fn browser_upload_from(
+    page: &str,
+    client: &str,
+    size: u64,
+    name: &str,
+    options: &str,
+) -> Seen {
     let mut driver = tokio::process::Command::new("node");
     driver
         .arg(browser_dir().join("tus-browser.mjs"))
-        .args([&h.url("/"), client, &size.to_string(), name, options])
+        .args([page, client, &size.to_string(), name, options])
         .kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(150), driver.output())
         .await
@@ -219,4 +234,28 @@ async fn tus_js_client_in_chromium_uploads_an_empty_file() {
     let seen = browser_upload(&h, "tus-js-client", 0, "empty.txt", "{}").await;
     // tus-js-client creates an empty upload and, having nothing to send, reports success.
     assert_uploaded(&h, &seen, "empty.txt", "text/plain", 0);
+}
+
+#[tokio::test]
+async fn a_page_on_another_origin_uploads_through_a_route_with_cors() {
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    cors: { origins: ["*"] }
+    forward: { path: /app/upload, field: document }
+"#;
+    let h = harness_with(routes).await;
+    // The page comes from the application's own address, another origin than Stitch's.
+    let endpoint = h.url("/files");
+    let page = format!("http://{}/?endpoint={endpoint}", h.upstream.addr);
+    let seen = browser_upload_from(
+        &page,
+        "tus-js-client",
+        1_500_000,
+        "cross.bin",
+        r#"{"chunkSize":524288}"#,
+    )
+    .await;
+    assert_uploaded(&h, &seen, "cross.bin", "application/octet-stream", 3);
 }

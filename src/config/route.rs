@@ -243,6 +243,69 @@ struct RawRoute {
     scope: Option<Scope>,
     #[serde(default)]
     forward: RawForward,
+    cors: Option<Cors>,
+}
+
+/// Cross-origin access to a route's uploads (`cors:`), for a page served from another origin.
+/// Preflights are answered, and Stitch's own answers carry the CORS headers with the protocol's
+/// headers exposed. Answers the application gives (pass-through) are the application's.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "RawCors")]
+pub struct Cors {
+    /// Allowed origins (`https://app.example`, with a port if not the default), or `*`.
+    pub origins: Vec<String>,
+    /// Let browsers send cookies and authorization (`withCredentials`).
+    pub credentials: bool,
+    /// How long browsers may keep a preflight's answer.
+    pub max_age: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCors {
+    origins: Vec<String>,
+    #[serde(default)]
+    credentials: bool,
+    #[serde(default = "default_cors_max_age")]
+    max_age: Span,
+}
+
+fn default_cors_max_age() -> Span {
+    Span(Duration::from_secs(86400))
+}
+
+impl TryFrom<RawCors> for Cors {
+    type Error = String;
+
+    fn try_from(raw: RawCors) -> Result<Cors, String> {
+        if raw.origins.is_empty() {
+            return Err("cors.origins: list the allowed origins, or `*`".into());
+        }
+        for origin in &raw.origins {
+            let plain = origin == "*"
+                || (origin.starts_with("http://") || origin.starts_with("https://"))
+                    && !origin.ends_with('/')
+                    && origin.split("://").nth(1).is_some_and(|rest| {
+                        !rest.is_empty() && !rest.contains('/') && !rest.contains(' ')
+                    });
+            if !plain {
+                return Err(format!(
+                    "cors.origins: {origin:?} is not an origin (`https://host[:port]`, no path)                      or `*`"
+                ));
+            }
+        }
+        if raw.credentials && raw.origins.iter().any(|o| o == "*") {
+            return Err(
+                "cors: browsers refuse credentials from a server that allows every origin;                  list the origins"
+                    .into(),
+            );
+        }
+        Ok(Cors {
+            origins: raw.origins,
+            credentials: raw.credentials,
+            max_age: raw.max_age.0,
+        })
+    }
 }
 
 /// A validated upload route.
@@ -261,6 +324,7 @@ pub struct Route {
     pub limits: Limits,
     pub scope: Option<Scope>,
     pub forward: ForwardConfig,
+    pub cors: Option<Cors>,
 }
 
 impl TryFrom<RawRoute> for Route {
@@ -364,6 +428,7 @@ impl TryFrom<RawRoute> for Route {
                 retry_pause: raw.forward.retry_pause.0,
                 wait: raw.forward.wait.0,
             },
+            cors: raw.cors,
         })
     }
 }
@@ -371,7 +436,9 @@ impl TryFrom<RawRoute> for Route {
 impl Route {
     /// Does this route intercept a request with this method, path and Host header?
     pub fn matches(&self, method: &Method, path: &str, host: Option<&str>) -> bool {
-        if !self.methods.contains(method) || !self.path.matches(path) {
+        // With CORS, a preflight (OPTIONS) for the route is the route's too.
+        let preflight = self.cors.is_some() && method == Method::OPTIONS;
+        if !(self.methods.contains(method) || preflight) || !self.path.matches(path) {
             return false;
         }
         match &self.host {

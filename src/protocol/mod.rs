@@ -7,6 +7,7 @@
 //! carries that protocol's own options ([`ProtocolConfig`]); [`handle`] dispatches.
 
 pub mod chunk;
+pub mod cors;
 pub mod tus;
 
 use crate::config::{Route, Scope};
@@ -82,6 +83,19 @@ pub async fn handle(
     route: &Route,
     core: &Arc<UploadCore>,
 ) -> pingora::Result<bool> {
+    if let Some(cors) = &route.cors {
+        if cors::is_preflight(session.req_header()) {
+            let reply = cors::preflight(cors, route, session.req_header());
+            return crate::http::answer(session, reply, false)
+                .await
+                .map(|_| true);
+        }
+        let chunk_route = matches!(route.protocol, ProtocolConfig::Chunk(_));
+        if chunk_route && session.req_header().method == http::Method::OPTIONS {
+            // Not a preflight: the application's.
+            return Ok(false);
+        }
+    }
     match &route.protocol {
         ProtocolConfig::Chunk(options) => chunk::handle(session, route, options, core).await,
         ProtocolConfig::Tus(options) => tus::handle(session, route, options, core).await,

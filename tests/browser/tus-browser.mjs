@@ -28,7 +28,8 @@ try {
     const page = await context.newPage();
     const errors = [];
     page.on('pageerror', error => errors.push(String(error)));
-    await page.goto(`${pageUrl}?client=${client}&options=${encodeURIComponent(options)}`);
+    const separator = pageUrl.includes('?') ? '&' : '?';
+    await page.goto(`${pageUrl}${separator}client=${client}&options=${encodeURIComponent(options)}`);
     const loaded = await page.evaluate(() => [typeof tus, typeof Uppy]);
     if (loaded.includes('undefined')) throw new Error(`a library did not load: ${loaded}`);
     await page.setInputFiles('#file', filePath);

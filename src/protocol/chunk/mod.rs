@@ -92,6 +92,7 @@ pub async fn handle(
         exchange.octet(session, &fields).await
     };
     let reply = reply::reply(answer).with_header("cache-control", "no-store");
+    let reply = super::cors::decorate(route, session.req_header(), reply);
     let continued = exchange.continued.load(Ordering::Relaxed);
     let sent = answer_reply(session, reply, continued).await;
     drop(exchange);

@@ -169,6 +169,7 @@ pub async fn handle(
         }
     };
     let reply = reply::reply(answer);
+    let reply = super::cors::decorate(route, session.req_header(), reply);
     crate::http::answer(session, reply, exchange.continued)
         .await
         .map(|_| true)
