@@ -128,6 +128,19 @@ pub trait Forward: Send + Sync {
         request: &DeliveryRequest,
         idempotency_key: &str,
     ) -> Result<RecordedAnswer, ForwardError>;
+
+    /// Asks the upstream a question about an upload (the authorization hook): one small POST of
+    /// `body` (JSON) to `path`, with the client's headers, and its answer.
+    async fn ask(
+        &self,
+        _upload: &UploadKey,
+        _path: &str,
+        _request: &DeliveryRequest,
+        _body: Bytes,
+        _timeout: Duration,
+    ) -> Result<RecordedAnswer, ForwardError> {
+        Err(ForwardError::upstream("this forwarder asks nothing"))
+    }
 }
 
 /// The forwarder over HTTP, through Pingora's connector.
@@ -243,9 +256,121 @@ impl Forward for HttpForwarder {
             return Err(classify(write_error, false));
         }
     }
+
+    async fn ask(
+        &self,
+        upload: &UploadKey,
+        path: &str,
+        request: &DeliveryRequest,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<RecordedAnswer, ForwardError> {
+        self.ask_upstream(upload, path, request, body, timeout)
+            .await
+    }
+}
+
+#[async_trait]
+trait Ask {
+    async fn ask_once(
+        &self,
+        upload: &UploadKey,
+        header: RequestHeader,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<RecordedAnswer, (pingora::BError, bool)>;
+}
+
+#[async_trait]
+impl Ask for HttpForwarder {
+    /// One try; the error says whether the connection was a pooled one.
+    async fn ask_once(
+        &self,
+        upload: &UploadKey,
+        header: RequestHeader,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<RecordedAnswer, (pingora::BError, bool)> {
+        let mut peer = HttpPeer::new(self.upstream, false, String::new());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        let (mut session, reused) = self
+            .connector
+            .get_http_session(&peer)
+            .await
+            .map_err(|e| (e, false))?;
+        session.set_read_timeout(Some(timeout));
+        session.set_write_timeout(Some(timeout));
+        let sent = async {
+            session.write_request_header(Box::new(header)).await?;
+            session.write_request_body(body, true).await?;
+            session.finish_request_body().await?;
+            read_answer(&mut session, upload, timeout).await
+        };
+        match sent.await {
+            Ok((answer, whole)) => {
+                if whole {
+                    self.connector
+                        .release_http_session(session, &peer, peer.idle_timeout())
+                        .await;
+                } else {
+                    session.shutdown().await;
+                }
+                Ok(answer)
+            }
+            Err(e) => {
+                session.shutdown().await;
+                Err((e, reused))
+            }
+        }
+    }
 }
 
 impl HttpForwarder {
+    /// The authorization hook's request (see [`Forward::ask`]); a dead pooled connection is
+    /// replaced once (the question changes nothing, so asking again is safe).
+    pub async fn ask_upstream(
+        &self,
+        upload: &UploadKey,
+        path: &str,
+        request: &DeliveryRequest,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<RecordedAnswer, ForwardError> {
+        let mut header = RequestHeader::build("POST", path.as_bytes(), None)
+            .map_err(|e| ForwardError::upstream(e.to_string()))?;
+        let host = request
+            .host
+            .clone()
+            .unwrap_or_else(|| HeaderValue::from_str(&self.upstream.to_string()).expect("ascii"));
+        let fixed = [
+            (http::header::HOST, host),
+            (
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                http::header::CONTENT_LENGTH,
+                HeaderValue::from(body.len() as u64),
+            ),
+        ];
+        for (name, value) in request.headers.iter().cloned().chain(fixed) {
+            header
+                .append_header(name, value)
+                .map_err(|e| ForwardError::upstream(e.to_string()))?;
+        }
+        let mut retried = false;
+        loop {
+            match self
+                .ask_once(upload, header.clone(), body.clone(), timeout)
+                .await
+            {
+                Ok(answer) => return Ok(answer),
+                Err((e, true)) if !retried && !is_timeout(&e) => retried = true,
+                Err((e, _)) => return Err(classify(e, false)),
+            }
+        }
+    }
+
     fn request_header(
         &self,
         body: &MultipartBody,

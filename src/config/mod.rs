@@ -6,7 +6,7 @@
 mod route;
 mod units;
 
-pub use route::{Cors, FieldPolicy, ForwardConfig, Limits, PathMatch, Route, Scope};
+pub use route::{Authorize, Cors, FieldPolicy, ForwardConfig, Limits, PathMatch, Route, Scope};
 pub use units::{ByteSize, Span};
 
 use units::{above_zero, at_least_a_second, at_least_one, header_size, some_at_least_one};

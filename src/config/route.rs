@@ -244,6 +244,46 @@ struct RawRoute {
     #[serde(default)]
     forward: RawForward,
     cors: Option<Cors>,
+    authorize: Option<Authorize>,
+}
+
+/// The authorization hook (`authorize:`): before a new upload stores its first byte, Stitch
+/// POSTs a JSON description of it to `path` on the upstream, with the client's credentials;
+/// only a 2xx lets it start.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, try_from = "RawAuthorize")]
+pub struct Authorize {
+    pub path: String,
+    /// How long the upstream has to answer.
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuthorize {
+    path: String,
+    #[serde(default = "default_authorize_timeout", deserialize_with = "above_zero")]
+    timeout: Span,
+}
+
+fn default_authorize_timeout() -> Span {
+    Span(Duration::from_secs(10))
+}
+
+impl TryFrom<RawAuthorize> for Authorize {
+    type Error = String;
+
+    fn try_from(raw: RawAuthorize) -> Result<Authorize, String> {
+        if !raw.path.starts_with('/') {
+            return Err(format!("authorize.path {:?} must start with `/`", raw.path));
+        }
+        http::uri::PathAndQuery::try_from(raw.path.as_str())
+            .map_err(|e| format!("authorize.path {:?}: {e}", raw.path))?;
+        Ok(Authorize {
+            path: raw.path,
+            timeout: raw.timeout.0,
+        })
+    }
 }
 
 /// Cross-origin access to a route's uploads (`cors:`), for a page served from another origin.
@@ -325,6 +365,7 @@ pub struct Route {
     pub scope: Option<Scope>,
     pub forward: ForwardConfig,
     pub cors: Option<Cors>,
+    pub authorize: Option<Authorize>,
 }
 
 impl TryFrom<RawRoute> for Route {
@@ -429,6 +470,7 @@ impl TryFrom<RawRoute> for Route {
                 wait: raw.forward.wait.0,
             },
             cors: raw.cors,
+            authorize: raw.authorize,
         })
     }
 }

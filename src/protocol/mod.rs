@@ -102,6 +102,25 @@ pub async fn handle(
     }
 }
 
+/// What the authorization hook is told about a new upload (see `upload::authorize`).
+pub(crate) fn authorization_question(
+    route: &Route,
+    meta: &crate::store::UploadMeta,
+    fields: &[(String, String)],
+) -> serde_json::Value {
+    serde_json::json!({
+        "route": route.id,
+        "protocol": route.protocol.name().to_string(),
+        "name": meta.name,
+        "size": meta.length,
+        "type": meta.media_type,
+        "metadata": fields
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::from(v.as_str())))
+            .collect::<serde_json::Map<_, _>>(),
+    })
+}
+
 /// The headers of the completing request that go to the upstream with the file.
 pub(crate) fn delivery_request(
     header: &RequestHeader,

@@ -11,6 +11,8 @@ impl UploadCore {
     pub async fn sweep(&self) -> Result<usize, CoreError> {
         self.recently_sent
             .retain(|_, at| at.elapsed() < super::replies::LEAD);
+        self.authorizations
+            .retain(|_, (at, _, _)| at.elapsed() < super::authorize::KEEP);
         let pending: Vec<UploadKey> = self.unrecorded.iter().map(|e| *e.key()).collect();
         for upload in pending {
             let lease = self.lock(&upload).await?;

@@ -31,6 +31,7 @@
 //!   until its answer is recorded. If the process dies there, the next delivery repeats the
 //!   file (logged "in doubt"; the `Idempotency-Key` header lets an application drop it).
 
+mod authorize;
 mod delivery;
 mod error;
 mod expiry;
@@ -38,6 +39,7 @@ mod parts;
 mod queue;
 mod replies;
 
+pub use authorize::Authorization;
 pub use delivery::{Delivery, Outcome};
 pub use error::CoreError;
 pub use parts::{Appended, Progress};
@@ -164,6 +166,8 @@ pub struct UploadCore {
     queue_slots: Arc<tokio::sync::Semaphore>,
     /// Queued uploads whose route the config no longer has (warned about once).
     unroutable: DashMap<UploadKey, ()>,
+    /// The authorization hook's final answers, by upload, and when they came.
+    authorizations: DashMap<UploadKey, (Instant, String, Authorization)>,
 }
 
 impl UploadCore {
@@ -187,6 +191,7 @@ impl UploadCore {
             in_flight,
             queue_slots: Arc::new(tokio::sync::Semaphore::new(queue::QUEUE_SLOTS)),
             unroutable: DashMap::new(),
+            authorizations: DashMap::new(),
         }
     }
 

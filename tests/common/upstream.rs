@@ -34,6 +34,8 @@ pub struct Received {
     /// Length and sha256 of the raw body.
     pub body_len: u64,
     pub body_sha256: String,
+    /// A body that is not multipart, if it is small (a JSON question).
+    pub text: Option<String>,
 }
 
 impl Received {
@@ -55,6 +57,7 @@ impl Received {
             files,
             body_len,
             body_sha256,
+            text: None,
         }
     }
 
@@ -257,6 +260,7 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .and_then(|ct| multer::parse_boundary(ct).ok());
     let raw = Arc::new(Mutex::new((Sha256::new(), 0u64)));
+    let mut small = Vec::new();
     let tap = raw.clone();
     let stream = body.into_data_stream().map(move |piece| {
         if let Ok(bytes) = &piece {
@@ -273,13 +277,22 @@ async fn handle(
         }
         None => {
             let mut stream = Box::pin(stream);
-            while stream.next().await.is_some() {}
+            while let Some(piece) = stream.next().await {
+                if let Ok(bytes) = piece {
+                    if small.len() + bytes.len() <= 64 << 10 {
+                        small.extend_from_slice(&bytes);
+                    }
+                }
+            }
             (Vec::new(), Vec::new())
         }
     };
     let (hasher, body_len) = std::mem::take(&mut *raw.lock().unwrap());
     let sha256 = hex::encode(hasher.finalize());
-    let request = Received::of(arrived, parts, fields, files, body_len, sha256);
+    let mut request = Received::of(arrived, parts, fields, files, body_len, sha256);
+    if request.files.is_empty() && body_len as usize == small.len() && body_len > 0 {
+        request.text = String::from_utf8(small).ok();
+    }
     let authorization = request.header("authorization").map(str::to_string);
     received.lock().unwrap().push(request);
     let answer = answer.lock().unwrap().clone();

@@ -15,7 +15,7 @@ mod reply;
 
 pub use options::{ChunkOptions, Flavor, ParamNames, RawParamNames};
 
-use super::{delivery_request, scope_value};
+use super::{authorization_question, delivery_request, scope_value};
 use crate::config::Route;
 use crate::forward::DeliveryRequest;
 use crate::http::{
@@ -23,7 +23,7 @@ use crate::http::{
     header_str, Progress, RequestBody,
 };
 use crate::store::{BodyError, BodySource, UploadKey, UploadMeta};
-use crate::upload::{FieldsDigest, PartStatus, ReplyHold, UploadCore};
+use crate::upload::{Authorization, FieldsDigest, PartStatus, ReplyHold, UploadCore};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::Method;
@@ -286,6 +286,20 @@ impl Exchange<'_> {
 
     /// Stores the chunk (unless it is stored already) and concludes.
     async fn store(&self, chunk: Chunk, body: &mut dyn BodySource) -> Answer {
+        if let Some(hook) = &self.route.authorize {
+            let question = authorization_question(self.route, &chunk.meta, &chunk.app_fields);
+            match self
+                .core
+                .authorize(&chunk.key, hook, &self.delivery, &question)
+                .await
+            {
+                Authorization::Allowed => {}
+                Authorization::Refused(answer) => {
+                    return Answer::Refused(Refusal::Unauthorized(answer))
+                }
+                Authorization::Unavailable(why) => return Answer::Refused(Refusal::Unasked(why)),
+            }
+        }
         let stored = self
             .core
             .put_part(

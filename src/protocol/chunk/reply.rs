@@ -42,6 +42,10 @@ pub(super) enum Refusal {
     /// The body sent nothing for the body timeout.
     Stalled,
     Expect(String),
+    /// The authorization hook could not be asked (the reason is for the log).
+    Unasked(String),
+    /// The authorization hook refused the upload: its answer.
+    Unauthorized(std::sync::Arc<RecordedAnswer>),
     /// The core refused it; `declared` is what the request said, for a conflict's message.
     Core(CoreError, Box<UploadMeta>),
 }
@@ -96,6 +100,27 @@ fn undelivered(outcome: Outcome) -> Reply {
 fn refused(refusal: Refusal) -> Reply {
     match refusal {
         Refusal::Params(e) => Reply::refuse(415, e.0),
+        // "Who are you" stays as it is (the clients retry, a new login may help); any other
+        // refusal is final for both clients as 415, with the application's words.
+        Refusal::Unauthorized(answer) => {
+            let status = match crate::forward::verdict(answer.status) {
+                crate::forward::Verdict::WhoAreYou => answer.status,
+                _ => 415,
+            };
+            Reply {
+                status,
+                headers: answer.headers.clone(),
+                body: answer.body.clone(),
+            }
+        }
+        // Not a permanent error for either client: they retry.
+        Refusal::Unasked(why) => {
+            tracing::warn!("a new upload waits for the authorization hook: {why}");
+            Reply::text(
+                503,
+                "the application could not be asked whether this upload may start; retry",
+            )
+        }
         Refusal::BodyTooLarge => {
             Reply::refuse(415, "the request body is larger than this route accepts")
         }

@@ -18,14 +18,14 @@ mod reply;
 
 pub use options::{RawTusOptions, TusOptions};
 
-use super::{delivery_request, scope_value};
+use super::{authorization_question, delivery_request, scope_value};
 use crate::config::{PathMatch, Route};
 use crate::forward::DeliveryRequest;
 use crate::http::{
     accept_expect_continue, client_ip, content_length, header_str, public_origin, RequestBody,
 };
 use crate::store::{BodyError, UploadKey, UploadMeta};
-use crate::upload::{CoreError, Outcome, UploadCore};
+use crate::upload::{Authorization, CoreError, Outcome, UploadCore};
 use checksum::{ChecksumError, Expected};
 use http::{HeaderName, HeaderValue, Method};
 use pingora::http::RequestHeader;
@@ -359,6 +359,14 @@ impl Exchange<'_> {
         let mut meta = self.meta(length, &pairs, raw_metadata, &request, &id);
         if concat.is_some() {
             meta.protocol["tus"]["concat"] = "partial".into();
+        }
+        if let Some(hook) = &self.route.authorize {
+            let question = authorization_question(self.route, &meta, &pairs);
+            match self.core.authorize(&key, hook, &request, &question).await {
+                Authorization::Allowed => {}
+                Authorization::Refused(answer) => return Answer::Upstream((*answer).clone()),
+                Authorization::Unavailable(why) => return Answer::Refused(Refusal::Unasked(why)),
+            }
         }
         if let Err(e) = self.core.create(&key, &meta).await {
             return Answer::Refused(Refusal::Core(e));

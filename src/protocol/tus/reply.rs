@@ -78,6 +78,8 @@ pub(super) enum Refusal {
     NotFound,
     /// A PATCH on a final upload (made of partial uploads).
     Final,
+    /// The authorization hook could not be asked (the reason is for the log).
+    Unasked(String),
     /// The upload was there and is no more ("terminated" or "expired").
     Gone(String),
     /// The method does not apply to this URL.
@@ -249,6 +251,13 @@ fn refused(refusal: Refusal) -> Reply {
         ),
         Refusal::NotFound => Reply::refuse(404, "no such upload"),
         Refusal::Final => Reply::refuse(403, "a final upload is made of its partial uploads"),
+        Refusal::Unasked(why) => {
+            tracing::warn!("a creation waits for the authorization hook: {why}");
+            Reply::text(
+                503,
+                "the application could not be asked whether this upload may start; retry",
+            )
+        }
         Refusal::Gone(how) => Reply::refuse(410, format!("the upload is gone ({how})")),
         Refusal::Method => Reply::refuse(405, "not a tus request for this URL"),
         Refusal::Incomplete { offset, length } => {

@@ -1,0 +1,136 @@
+//! The authorization hook (`authorize:` on a route, every protocol): before a new upload
+//! stores its first byte, the application is asked (a JSON POST with the client's
+//! credentials); only a 2xx lets the upload start. A refusal reaches the client in its
+//! protocol's terms and nothing is stored.
+
+mod common;
+
+use common::*;
+use reqwest::Method;
+
+const ROUTES: &str = r#"
+routes:
+  - path: /files
+    protocol: tus
+    authorize: { path: /app/may-upload }
+    forward: { path: /app/upload, field: document }
+  - path: /upload
+    protocol: resumable
+    authorize: { path: /app/may-upload, timeout: 2s }
+    forward: { path: /app/upload, field: document }
+"#;
+
+fn question(request: &Received) -> serde_json::Value {
+    assert_eq!(request.method, "POST");
+    assert_eq!(request.header("content-type"), Some("application/json"));
+    serde_json::from_str(request.text.as_deref().expect("a JSON body")).expect("JSON")
+}
+
+fn create(h: &Harness, user: &str) -> reqwest::RequestBuilder {
+    h.client
+        .request(Method::POST, h.url("/files"))
+        .header("tus-resumable", "1.0.0")
+        .header("authorization", format!("Bearer {user}"))
+        .header("upload-length", "5")
+        .header(
+            "upload-metadata",
+            "filename cmVwb3J0LnBkZg==,folder aW5ib3g=",
+        )
+}
+
+#[tokio::test]
+async fn a_tus_creation_is_refused_or_allowed_by_the_application() {
+    let h = Harness::with_routes(ROUTES).await;
+    h.upstream.require_authorization("Bearer alice");
+    h.upstream.answer_with(201, "stored");
+
+    let refused = create(&h, "bob").send().await.unwrap();
+    assert_eq!(refused.status(), 401, "the application's answer");
+    assert_eq!(refused.headers().get("tus-resumable").unwrap(), "1.0.0");
+    assert!(refused.headers().get("location").is_none());
+    assert_eq!((h.upload_files(), h.blob_count()), (0, 0), "nothing stored");
+    let asked = h.upstream.received_at("/app/may-upload");
+    assert_eq!(asked.len(), 1);
+    assert_eq!(asked[0].header("authorization"), Some("Bearer bob"));
+    let q = question(&asked[0]);
+    assert_eq!(q["protocol"], "tus");
+    assert_eq!(q["name"], "report.pdf");
+    assert_eq!(q["size"], 5);
+    assert_eq!(q["metadata"]["folder"], "inbox");
+
+    let allowed = create(&h, "alice").send().await.unwrap();
+    assert_eq!(allowed.status(), 201);
+    let location = allowed.headers().get("location").unwrap().to_str().unwrap();
+    let done = h
+        .client
+        .patch(location)
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "0")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 204);
+    assert_eq!(
+        h.upstream.received_at("/app/may-upload").len(),
+        2,
+        "asked once per upload"
+    );
+    let delivered = h.upstream.received_at("/app/upload");
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].files[0].len, 5);
+}
+
+#[tokio::test]
+async fn a_chunk_upload_is_asked_about_once_and_a_final_refusal_stops_the_client() {
+    let h = Harness::with_routes(ROUTES).await;
+    h.upstream.answer_with(422, "no PDFs here");
+    let file = ChunkedFile::resumable("a.pdf", random_bytes(3000, 9), 1000);
+    for n in [1, 1, 2] {
+        let refused = file.upload(&h, n).await;
+        assert_eq!(refused.status(), 415, "final for Resumable.js and Flow.js");
+        assert_eq!(refused.text().await.unwrap(), "no PDFs here");
+    }
+    assert_eq!(
+        h.upstream.received_at("/app/may-upload").len(),
+        1,
+        "kept for the upload"
+    );
+    assert_eq!((h.upload_files(), h.blob_count()), (0, 0), "nothing stored");
+    let q = question(&h.upstream.received_at("/app/may-upload")[0]);
+    assert_eq!(q["protocol"], "resumable");
+    assert_eq!(
+        (q["name"].as_str(), q["size"].as_u64()),
+        (Some("a.pdf"), Some(3000))
+    );
+
+    // Another file is asked about on its own; allowed, it is stored and delivered once.
+    h.upstream.answer_with(200, "{}");
+    let other = ChunkedFile::resumable("b.txt", random_bytes(2000, 10), 1000);
+    assert_eq!(other.upload_all(&h).await.status(), 200);
+    assert_eq!(
+        h.upstream.received_at("/app/may-upload").len(),
+        2,
+        "once for b.txt"
+    );
+    assert_delivered_once(&h, &other);
+}
+
+#[tokio::test]
+async fn an_unreachable_hook_is_a_retryable_503_and_stores_nothing() {
+    let h = Harness::with_routes(ROUTES).await;
+    h.upstream.go_down();
+    let tus = create(&h, "alice").send().await.unwrap();
+    assert_eq!(tus.status(), 503);
+    let file = ChunkedFile::resumable("c.bin", random_bytes(1000, 11), 1000);
+    assert_eq!(file.upload(&h, 1).await.status(), 503);
+    assert_eq!((h.upload_files(), h.blob_count()), (0, 0));
+    h.upstream.resume().await;
+    assert_eq!(
+        file.upload(&h, 1).await.status(),
+        200,
+        "asked again: allowed"
+    );
+    assert_eq!(h.upstream.received_at("/app/may-upload").len(), 1);
+}
