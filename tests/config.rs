@@ -203,6 +203,14 @@ fn options_of_another_protocol_and_non_prefix_tus_routes_are_refused() {
 }
 
 #[test]
+fn a_metadata_scope_is_only_for_tus_routes() {
+    refused_naming(
+        "routes:\n  - path: /up\n    protocol: resumable\n    scope: { metadata: token }\n",
+        &["metadata", "tus routes"],
+    );
+}
+
+#[test]
 fn cors_settings_that_browsers_would_refuse_are_refused() {
     refused_naming(
         "routes:\n  - path: /files\n    protocol: tus\n    cors: { origins: [] }\n",

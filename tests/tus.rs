@@ -1146,3 +1146,44 @@ routes:
     assert_eq!(h.upstream.received_at("/chunks").len(), 1, "passed through");
     assert!(h.upstream.received_at("/files").is_empty());
 }
+
+#[tokio::test]
+async fn a_metadata_token_can_be_the_scope_of_a_server_to_server_flow() {
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    scope: { metadata: token }
+    forward: { path: /app/upload }
+"#;
+    let h = Harness::with_routes(routes).await;
+    h.upstream.answer_with(200, r#"{"file":"f-1"}"#);
+    let without = tus(&h, Method::POST, "/files")
+        .header("upload-length", "4")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(without.status(), 400, "the token is required");
+    assert_eq!(h.upload_files(), 0);
+    let created = tus(&h, Method::POST, "/files")
+        .header("upload-length", "4")
+        .header("cookie", "session=anything")
+        .header(
+            "upload-metadata",
+            format!("filename {},token {}", b64("f"), b64("T-9")),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let location = location_of(&h, &created);
+    // No cookie on the PATCH or the finalize: the URL and the token are enough.
+    assert_eq!(
+        patch(&h, &location, 0, Bytes::from("data")).await.status(),
+        204
+    );
+    let finalized = h.client.put(h.url("/files/T-9")).send().await.unwrap();
+    assert_eq!(finalized.status(), 200);
+    assert_eq!(finalized.text().await.unwrap(), r#"{"file":"f-1"}"#);
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+}

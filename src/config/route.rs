@@ -92,31 +92,44 @@ impl FieldPolicy {
 
 /// What makes an upload private to one user: a cookie or a request header whose value is part of
 /// the upload's key. Requests without it share one anonymous scope.
+///
+/// On a tus route, a metadata value (`{ metadata: token }`) can be the scope instead: every
+/// creation must carry it, its finalize request is found by it alone, and the upload's URL (128
+/// random bits) is the only other way in, whatever cookies or headers the requests carry (a
+/// server-to-server flow such as Wix's).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "RawScope")]
 pub enum Scope {
     Cookie(String),
     Header(String),
+    Metadata(String),
 }
 
-/// `{ cookie: NAME }` or `{ header: NAME }`.
+/// `{ cookie: NAME }`, `{ header: NAME }` or `{ metadata: KEY }`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawScope {
     cookie: Option<String>,
     header: Option<String>,
+    metadata: Option<String>,
 }
 
 impl TryFrom<RawScope> for Scope {
     type Error = String;
 
     fn try_from(raw: RawScope) -> Result<Scope, String> {
-        match (raw.cookie, raw.header) {
-            (Some(cookie), None) if !cookie.is_empty() => Ok(Scope::Cookie(cookie)),
-            (None, Some(header)) => http::HeaderName::from_bytes(header.as_bytes())
+        match (raw.cookie, raw.header, raw.metadata) {
+            (Some(cookie), None, None) if !cookie.is_empty() => Ok(Scope::Cookie(cookie)),
+            (None, Some(header), None) => http::HeaderName::from_bytes(header.as_bytes())
                 .map(|name| Scope::Header(name.as_str().to_string()))
                 .map_err(|_| format!("scope.header: {header:?} is not a header name")),
-            _ => Err("scope takes exactly one of `cookie: NAME` or `header: NAME`".into()),
+            (None, None, Some(key)) if !key.is_empty() && !key.contains([',', ' ']) => {
+                Ok(Scope::Metadata(key))
+            }
+            _ => Err(
+                "scope takes exactly one of `cookie: NAME`, `header: NAME` or `metadata: KEY`"
+                    .into(),
+            ),
         }
     }
 }
@@ -390,6 +403,9 @@ impl TryFrom<RawRoute> for Route {
             },
         )?;
         let tus = matches!(protocol, ProtocolConfig::Tus(_));
+        if !tus && matches!(raw.scope, Some(Scope::Metadata(_))) {
+            return Err("scope: `metadata` is for tus routes (chunk uploads carry none)".into());
+        }
         if tus && raw.match_kind != MatchKind::Prefix {
             return Err(
                 "a tus route is a prefix route: uploads live below its path (`/files/<id>`)".into(),

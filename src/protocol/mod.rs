@@ -161,5 +161,8 @@ pub(crate) fn scope_value(header: &RequestHeader, scope: Option<&Scope>) -> Vec<
         Some(Scope::Cookie(name)) => cookie(header, name)
             .map(|v| v.as_bytes().to_vec())
             .unwrap_or_default(),
+        // The token's value is checked at creation and names the finalize request; requests
+        // on an upload's URL need nothing else.
+        Some(Scope::Metadata(_)) => Vec::new(),
     }
 }

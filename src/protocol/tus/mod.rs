@@ -19,7 +19,7 @@ mod reply;
 pub use options::{RawTusOptions, TusOptions};
 
 use super::{authorization_question, delivery_request, scope_value};
-use crate::config::{PathMatch, Route};
+use crate::config::{PathMatch, Route, Scope};
 use crate::forward::DeliveryRequest;
 use crate::http::{
     accept_expect_continue, client_ip, content_length, header_str, public_origin, RequestBody,
@@ -337,6 +337,13 @@ impl Exchange<'_> {
             Ok(pairs) => pairs,
             Err(reason) => return Answer::Refused(Refusal::BadRequest(reason)),
         };
+        if let Some(Scope::Metadata(key)) = &self.route.scope {
+            if !pairs.iter().any(|(k, v)| k == key && !v.is_empty()) {
+                return Answer::Refused(Refusal::BadRequest(format!(
+                    "uploads on this route carry `{key}` in Upload-Metadata"
+                )));
+            }
+        }
         let declared_body = content_length(header);
         let too_long = declared_body.is_some_and(|n| n > length.unwrap_or(max));
         let offset_stream = is_offset_stream(header);
