@@ -184,6 +184,23 @@ async fn main() {
     }
     report.push_str("\nProduced by `cargo bench --bench upload`.\n");
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results.md");
-    std::fs::write(&out, &report).unwrap();
+    // Other benchmarks' sections (`cargo bench --bench tus`) stay.
+    let old = std::fs::read_to_string(&out).unwrap_or_default();
+    let mut others = String::new();
+    let mut other = false;
+    for line in old.lines() {
+        if line.starts_with("# ") {
+            other = line.starts_with("# Benchmark: tus");
+        }
+        if other {
+            others.push_str(line);
+            others.push('\n');
+        }
+    }
+    let text = match others.trim_end() {
+        "" => report.clone(),
+        others => format!("{}\n\n{others}\n", report.trim_end()),
+    };
+    std::fs::write(&out, text).unwrap();
     println!("{report}");
 }
