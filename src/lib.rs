@@ -14,6 +14,7 @@ pub mod forward;
 pub mod http;
 mod locks;
 pub mod logging;
+pub mod metrics;
 pub mod protocol;
 pub mod proxy;
 pub mod server;

@@ -124,6 +124,15 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
         in_flight: in_flight.clone(),
     };
     server.add_service(background_service("delivery queue", queue));
+    if let Some(metrics) = &config.metrics {
+        let app = crate::metrics::OperatorsApp {
+            core: core.clone(),
+            upstream: config.upstream,
+        };
+        let mut operators = Service::new("metrics and health".to_string(), app);
+        operators.add_tcp(&metrics.listen.to_string());
+        server.add_service(operators);
+    }
     Ok(Built {
         server,
         storage,

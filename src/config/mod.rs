@@ -44,8 +44,20 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// The operators' listener: Prometheus metrics, health and readiness (off when absent).
+    #[serde(default)]
+    pub metrics: Option<MetricsConfig>,
     #[serde(default)]
     pub routes: Vec<Route>,
+}
+
+/// `metrics:`: a listener of its own, never the public one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `/metrics` (Prometheus text), `/healthz` and `/readyz` are served here.
+    #[serde(deserialize_with = "resolve_listen")]
+    pub listen: SocketAddr,
 }
 
 /// How Stitch logs: one line per event, with the request's route, protocol, upload and part.

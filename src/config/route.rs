@@ -368,6 +368,8 @@ pub struct Route {
     /// Stable name of the route, part of every upload key: uploads stay found when routes are
     /// reordered in the file.
     pub id: String,
+    /// The route as metrics name it: its host (if any) and path, as configured.
+    pub label: String,
     pub path: PathMatch,
     /// Lower-case host name (without port) the route is limited to.
     pub host: Option<String>,
@@ -469,6 +471,7 @@ impl TryFrom<RawRoute> for Route {
                 raw.path,
                 host.as_deref().unwrap_or("*")
             ),
+            label: format!("{}{}", host.as_deref().unwrap_or(""), raw.path),
             path,
             host,
             methods,

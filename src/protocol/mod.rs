@@ -102,6 +102,38 @@ pub async fn handle(
     }
 }
 
+/// What kind of request this is on an upload route, for metrics: `test` or `chunk` (Resumable,
+/// Flow), the tus verb (`create`, `head`, `patch`, `terminate`, `options`, `answer`,
+/// `finalize`), or `preflight` (CORS).
+pub fn kind(route: &Route, header: &RequestHeader) -> &'static str {
+    if route.cors.is_some() && cors::is_preflight(header) {
+        return "preflight";
+    }
+    match &route.protocol {
+        ProtocolConfig::Chunk(_) => match header.method {
+            http::Method::GET | http::Method::HEAD => "test",
+            _ => "chunk",
+        },
+        ProtocolConfig::Tus(_) => {
+            let method = header
+                .headers
+                .get("x-http-method-override")
+                .and_then(|v| http::Method::from_bytes(v.as_bytes()).ok())
+                .unwrap_or_else(|| header.method.clone());
+            match method {
+                http::Method::POST => "create",
+                http::Method::HEAD => "head",
+                http::Method::PATCH => "patch",
+                http::Method::DELETE => "terminate",
+                http::Method::OPTIONS => "options",
+                http::Method::GET => "answer",
+                http::Method::PUT => "finalize",
+                _ => "other",
+            }
+        }
+    }
+}
+
 /// What the authorization hook is told about a new upload (see `upload::authorize`).
 pub(crate) fn authorization_question(
     route: &Route,

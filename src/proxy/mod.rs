@@ -15,6 +15,15 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
+/// What the proxy knows about a request while it is answered (for metrics).
+pub struct Ctx {
+    started: std::time::Instant,
+    /// The upload route it is on, by index.
+    route: Option<usize>,
+    /// What kind of request it is (see `protocol::kind`).
+    kind: &'static str,
+}
+
 pub struct StitchProxy {
     routes: Vec<Route>,
     core: Arc<UploadCore>,
@@ -34,7 +43,7 @@ impl StitchProxy {
         }
     }
 
-    fn route_for(&self, session: &Session) -> Option<&Route> {
+    fn route_for(&self, session: &Session) -> Option<(usize, &Route)> {
         let header = session.req_header();
         let host = header
             .headers
@@ -43,20 +52,27 @@ impl StitchProxy {
             .or_else(|| header.uri.authority().map(|a| a.as_str()));
         self.routes
             .iter()
-            .find(|route| route.matches(&header.method, header.uri.path(), host))
+            .enumerate()
+            .find(|(_, route)| route.matches(&header.method, header.uri.path(), host))
     }
 }
 
 #[async_trait]
 impl ProxyHttp for StitchProxy {
-    type CTX = ();
+    type CTX = Ctx;
 
-    fn new_ctx(&self) {}
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            started: std::time::Instant::now(),
+            route: None,
+            kind: "pass-through",
+        }
+    }
 
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut (),
+        _ctx: &mut Ctx,
     ) -> pingora::Result<Box<HttpPeer>> {
         let mut peer = HttpPeer::new(self.upstream, false, String::new());
         peer.options.connection_timeout = Some(self.connect_timeout);
@@ -68,7 +84,7 @@ impl ProxyHttp for StitchProxy {
         &self,
         session: &mut Session,
         upstream_request: &mut pingora::http::RequestHeader,
-        _ctx: &mut (),
+        _ctx: &mut Ctx,
     ) -> pingora::Result<()> {
         let value =
             crate::http::forwarded_for(session.req_header(), crate::http::client_ip(session));
@@ -82,7 +98,7 @@ impl ProxyHttp for StitchProxy {
     async fn early_request_filter(
         &self,
         session: &mut Session,
-        _ctx: &mut (),
+        _ctx: &mut Ctx,
     ) -> pingora::Result<()> {
         connections::header_arrived();
         let header_size = session
@@ -108,7 +124,7 @@ impl ProxyHttp for StitchProxy {
     }
 
     /// Pingora's own choice of status, except that a client whose body stalled gets 408.
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut ()) -> FailToProxy {
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
         let code = match (e.etype(), e.esource()) {
             (ErrorType::HTTPStatus(code), _) => *code,
             (_, ErrorSource::Upstream) => 502,
@@ -131,9 +147,11 @@ impl ProxyHttp for StitchProxy {
         }
     }
 
-    async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> pingora::Result<bool> {
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
         match self.route_for(session) {
-            Some(route) => {
+            Some((index, route)) => {
+                ctx.route = Some(index);
+                ctx.kind = protocol::kind(route, session.req_header());
                 let span = tracing::info_span!(
                     "request",
                     route = %route.id,
@@ -141,11 +159,41 @@ impl ProxyHttp for StitchProxy {
                     upload = tracing::field::Empty,
                     part = tracing::field::Empty,
                 );
-                protocol::handle(session, route, &self.core)
+                let handled = protocol::handle(session, route, &self.core)
                     .instrument(span)
-                    .await
+                    .await;
+                if matches!(handled, Ok(false)) {
+                    ctx.kind = "pass-through";
+                }
+                handled
             }
             None => Ok(false),
+        }
+    }
+
+    /// Counts every request once it is answered.
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let metrics = &self.core.metrics;
+        let (route, protocol) = match ctx.route.map(|i| &self.routes[i]) {
+            Some(route) => (route.label.as_str(), route.protocol.name().to_string()),
+            None => ("", String::new()),
+        };
+        let status = session
+            .response_written()
+            .map_or("none", |r| crate::metrics::status_class(r.status.as_u16()));
+        metrics
+            .requests
+            .with_label_values(&[route, &protocol, ctx.kind, status])
+            .inc();
+        metrics
+            .request_seconds
+            .with_label_values(&[route, &protocol, ctx.kind])
+            .observe(ctx.started.elapsed().as_secs_f64());
+        if ctx.kind != "pass-through" && ctx.route.is_some() {
+            metrics
+                .received_bytes
+                .with_label_values(&[route, &protocol])
+                .inc_by(session.body_bytes_read() as u64);
         }
     }
 }

@@ -158,6 +158,17 @@ impl UploadCore {
             }
         };
         let delivery = Arc::new(delivery);
+        let outcome = match &delivery.outcome {
+            Outcome::Answered {
+                retryable: true, ..
+            } => "retry-later",
+            Outcome::Answered { answer, .. } if (200..300).contains(&answer.status) => "delivered",
+            Outcome::Answered { .. } => "refused",
+            Outcome::Unreachable => "unreachable",
+            Outcome::TimedOut => "timed-out",
+            Outcome::StorageFailed => "storage-failed",
+        };
+        self.metrics.deliveries.with_label_values(&[outcome]).inc();
         if delivery.retryable() {
             self.failures
                 .insert(*upload, (Instant::now(), Arc::clone(&delivery)));
@@ -239,8 +250,17 @@ impl UploadCore {
                 &key,
             )
             .await;
+        self.metrics
+            .delivery_seconds
+            .observe(started.elapsed().as_secs_f64());
         let mut answer = match sent {
-            Ok(answer) => answer,
+            Ok(answer) => {
+                self.metrics
+                    .upstream_responses
+                    .with_label_values(&[crate::metrics::status_class(answer.status)])
+                    .inc();
+                answer
+            }
             Err(e) => {
                 // Unless the whole request went out, the upstream cannot have the file.
                 if !e.in_doubt() {
@@ -264,6 +284,7 @@ impl UploadCore {
                     answer.status
                 );
                 answer.refused_for = Some(credentials.0);
+                self.metrics.upload_event("refused");
                 state
                     .save_answer(upload, &answer, self.clock.now(), fence)
                     .await?;
@@ -278,6 +299,12 @@ impl UploadCore {
             }
             Verdict::Final => {}
         }
+        self.metrics
+            .upload_event(if (200..300).contains(&answer.status) {
+                "delivered"
+            } else {
+                "refused"
+            });
         answer.file = Some(DeliveredFile { meta, parts: file });
         // The upstream has the file, whatever happens here: never report a retryable failure
         // (a retry would send the file again).

@@ -84,6 +84,7 @@ impl UploadCore {
         if let Some(tombstone) = gone {
             self.save_alias(&tombstone, "expired").await?;
         }
+        self.metrics.upload_event("expired");
         Ok(true)
     }
 

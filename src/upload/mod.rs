@@ -168,6 +168,8 @@ pub struct UploadCore {
     unroutable: DashMap<UploadKey, ()>,
     /// The authorization hook's final answers, by upload, and when they came.
     authorizations: DashMap<UploadKey, (Instant, String, Authorization)>,
+    /// What happens to uploads, counted (the server exposes them).
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl UploadCore {
@@ -192,6 +194,7 @@ impl UploadCore {
             queue_slots: Arc::new(tokio::sync::Semaphore::new(queue::QUEUE_SLOTS)),
             unroutable: DashMap::new(),
             authorizations: DashMap::new(),
+            metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }
 
@@ -201,6 +204,22 @@ impl UploadCore {
             .locker
             .lock(LockKey::Upload(*upload), LEASE)
             .await
+    }
+
+    /// Whether storage takes a write now (readiness): stages an empty blob and lets it go.
+    pub async fn check_store(&self) -> Result<(), StoreError> {
+        struct Empty;
+        #[async_trait::async_trait]
+        impl crate::store::BodySource for Empty {
+            async fn next_piece(
+                &mut self,
+            ) -> Result<Option<bytes::Bytes>, crate::store::BodyError> {
+                Ok(None)
+            }
+        }
+        let staged = self.engines.blobs.stage(&mut Empty, 0).await?;
+        self.engines.blobs.discard(staged).await;
+        Ok(())
     }
 
     /// When an upload touched now expires if nothing touches it again.

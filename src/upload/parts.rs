@@ -234,6 +234,7 @@ impl UploadCore {
         state.touch(upload, self.clock.now()).await?;
         if pinned.is_none() {
             state.save_meta(upload, declared, fence).await?;
+            self.metrics.upload_event("started");
         }
         Ok(delivered)
     }
@@ -265,8 +266,16 @@ impl UploadCore {
                 return Err(e.into());
             }
         };
+        let known = self.engines.state.is_referenced(&part.digest).await;
         self.engines.blobs.keep(staged).await?;
         let added = self.engines.state.add_part(upload, part, fence).await;
+        if matches!(added, Ok(true)) {
+            self.metrics.parts_stored.inc();
+            if matches!(known, Ok(true)) {
+                self.metrics.parts_deduplicated.inc();
+                self.metrics.deduplicated_bytes.inc_by(part.len);
+            }
+        }
         if !matches!(added, Ok(true)) {
             // Kept for nothing (the part was there, or adding it failed): let it go if
             // nothing else uses it.
@@ -303,6 +312,12 @@ impl UploadCore {
     /// Starts an upload whose identity is its key (tus): pins its metadata, which may lack the
     /// length (declared later with [`declare_length`](Self::declare_length)).
     pub async fn create(&self, upload: &UploadKey, meta: &UploadMeta) -> Result<(), CoreError> {
+        self.record_meta(upload, meta).await?;
+        self.metrics.upload_event("started");
+        Ok(())
+    }
+
+    async fn record_meta(&self, upload: &UploadKey, meta: &UploadMeta) -> Result<(), CoreError> {
         let lease = self.lock(upload).await?;
         self.engines.state.touch(upload, self.clock.now()).await?;
         self.engines
@@ -439,6 +454,7 @@ impl UploadCore {
             ..meta.clone()
         };
         state.save_meta(upload, &meta, lease.fence).await?;
+        self.metrics.upload_event("started");
         let linked = async {
             for (number, part) in (1..).zip(&file) {
                 // Under the blob's lock: a source removed meanwhile cannot delete it while
@@ -473,7 +489,7 @@ impl UploadCore {
             media_type: None,
             protocol: serde_json::json!({ "alias": target }),
         };
-        self.create(alias, &meta).await
+        self.record_meta(alias, &meta).await
     }
 
     /// What `alias` names, if it is an alias.
@@ -484,7 +500,9 @@ impl UploadCore {
 
     /// Removes an upload and its bytes (tus termination), leaving its tombstone.
     pub async fn terminate(&self, upload: &UploadKey) -> Result<(), CoreError> {
-        self.remove_upload(upload, true).await
+        self.remove_upload(upload, true).await?;
+        self.metrics.upload_event("terminated");
+        Ok(())
     }
 
     /// Removes an upload nobody was told of (its creation was refused), without a trace.

@@ -98,6 +98,10 @@ impl UploadCore {
             due_ms: millis(self.clock.now() + backoff(forward.retry_pause, attempts)),
             ..QueuedDelivery::of(request)
         };
+        if attempts == 1 {
+            // Every byte is there, and the first attempt to deliver it starts.
+            self.metrics.upload_event("completed");
+        }
         if let Err(e) = state.queue(upload, &entry, fence).await {
             tracing::warn!("{upload:?}: the delivery could not be queued ({e}); sending it anyway");
         }
@@ -120,7 +124,9 @@ impl UploadCore {
     ) -> Result<usize, super::CoreError> {
         let now = millis(self.clock.now());
         let mut started = 0;
-        for (upload, entry) in self.engines.state.all_queued().await? {
+        let queued = self.engines.state.all_queued().await?;
+        self.metrics.queue_length.set(queued.len() as i64);
+        for (upload, entry) in queued {
             if entry.due_ms > now || self.flights.contains_key(&upload) {
                 continue;
             }

@@ -1,0 +1,252 @@
+//! Prometheus metrics, one registry per server (tests run several in one process). Names follow
+//! Prometheus conventions (`stitch_` prefix, base units, `_total`); labels are bounded: a
+//! route's configured path, a protocol, a request kind, a status class, an outcome. Never an
+//! identifier, a file name or a client address.
+
+use crate::upload::UploadCore;
+use async_trait::async_trait;
+use http::{Method, Response, StatusCode};
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests on upload routes and passed through, by route, protocol, kind, status class.
+    pub requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    /// Bytes of chunk and PATCH bodies stored.
+    pub received_bytes: IntCounterVec,
+    /// Parts stored, and those whose bytes were stored already (deduplicated).
+    pub parts_stored: IntCounter,
+    pub parts_deduplicated: IntCounter,
+    pub deduplicated_bytes: IntCounter,
+    /// Upload events: started, completed, delivered, refused, expired, terminated.
+    pub uploads: IntCounterVec,
+    /// Delivery attempts by outcome, their duration, and the upstream's statuses by class.
+    pub deliveries: IntCounterVec,
+    pub delivery_seconds: Histogram,
+    pub upstream_responses: IntCounterVec,
+    /// Deliveries owed (the durable queue), as of the queue's last look.
+    pub queue_length: IntGauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("registered once");
+            c
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("registered once");
+            c
+        };
+        let requests = counter_vec(
+            "stitch_requests_total",
+            "Requests, by route, protocol, kind and status class.",
+            &["route", "protocol", "kind", "status"],
+        );
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "stitch_request_duration_seconds",
+                "Time from a request's arrival to the end of its answer.",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+            &["route", "protocol", "kind"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(request_seconds.clone()))
+            .expect("registered once");
+        let received_bytes = counter_vec(
+            "stitch_received_bytes_total",
+            "Bytes of upload bodies (chunks, PATCHes) received on upload routes.",
+            &["route", "protocol"],
+        );
+        let parts_stored = counter(
+            "stitch_parts_stored_total",
+            "Parts (chunks, PATCH bodies) added to uploads.",
+        );
+        let parts_deduplicated = counter(
+            "stitch_parts_deduplicated_total",
+            "Parts whose bytes were stored already, so nothing new was written.",
+        );
+        let deduplicated_bytes = counter(
+            "stitch_deduplicated_bytes_total",
+            "Bytes not stored again thanks to deduplication.",
+        );
+        let uploads = counter_vec(
+            "stitch_uploads_total",
+            "Upload events: started, completed, delivered, refused, expired, terminated.",
+            &["event"],
+        );
+        let deliveries = counter_vec(
+            "stitch_delivery_attempts_total",
+            "Attempts to deliver a finished file, by outcome.",
+            &["outcome"],
+        );
+        let delivery_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "stitch_delivery_duration_seconds",
+                "Time to send a finished file to the upstream and read its answer.",
+            )
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+            ]),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(delivery_seconds.clone()))
+            .expect("registered once");
+        let upstream_responses = counter_vec(
+            "stitch_upstream_responses_total",
+            "The upstream's answers to deliveries, by status class.",
+            &["status"],
+        );
+        let queue_length = IntGauge::new(
+            "stitch_delivery_queue_length",
+            "Deliveries owed to the upstream (complete files without an answer that stands).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(queue_length.clone()))
+            .expect("registered once");
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("registered once");
+        Metrics {
+            registry,
+            requests,
+            request_seconds,
+            received_bytes,
+            parts_stored,
+            parts_deduplicated,
+            deduplicated_bytes,
+            uploads,
+            deliveries,
+            delivery_seconds,
+            upstream_responses,
+            queue_length,
+        }
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding does not fail");
+        out
+    }
+
+    pub fn upload_event(&self, event: &str) {
+        self.uploads.with_label_values(&[event]).inc();
+    }
+}
+
+/// `2xx`, `4xx`, ...
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The operators' listener: `GET /metrics` (Prometheus text format), `GET /healthz` (the process
+/// serves) and `GET /readyz` (the store takes a write and the upstream takes a connection).
+pub struct OperatorsApp {
+    pub core: Arc<UploadCore>,
+    pub upstream: SocketAddr,
+}
+
+#[async_trait]
+impl ServeHttp for OperatorsApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let header = session.req_header();
+        if header.method != Method::GET && header.method != Method::HEAD {
+            return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, b"GET only\n".to_vec());
+        }
+        match header.uri.path() {
+            "/metrics" => reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.core.metrics.render(),
+            ),
+            "/healthz" => reply(StatusCode::OK, TEXT, b"ok\n".to_vec()),
+            "/readyz" => {
+                let upstream = tokio::time::timeout(
+                    READY_TIMEOUT,
+                    tokio::net::TcpStream::connect(self.upstream),
+                )
+                .await;
+                let store = self.core.check_store().await;
+                let problems: Vec<String> = [
+                    store
+                        .err()
+                        .map(|e| format!("storage does not take writes: {e}")),
+                    match upstream {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(e)) => Some(format!("the upstream cannot be reached: {e}")),
+                        Err(_) => Some("the upstream does not accept connections".into()),
+                    },
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                if problems.is_empty() {
+                    reply(StatusCode::OK, TEXT, b"ready\n".to_vec())
+                } else {
+                    let body = format!("not ready: {}\n", problems.join("; "));
+                    reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, body.into_bytes())
+                }
+            }
+            _ => reply(
+                StatusCode::NOT_FOUND,
+                TEXT,
+                b"/metrics, /healthz or /readyz\n".to_vec(),
+            ),
+        }
+    }
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// How long readiness waits for the upstream's connection.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .expect("a valid response")
+}
