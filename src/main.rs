@@ -25,8 +25,8 @@ enum Command {
     Check,
     /// Run Stitch in front of a small demo application (on the configured upstream address).
     Demo {
-        /// Where npm installed resumablejs and @flowjs/flow.js (default: the source tree's
-        /// tests/browser/node_modules, wherever Stitch is started from).
+        /// Where npm installed resumablejs, @flowjs/flow.js and tus-js-client (default: the
+        /// source tree's tests/browser/node_modules, wherever Stitch is started from).
         #[arg(long)]
         node_modules: Option<PathBuf>,
     },

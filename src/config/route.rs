@@ -94,9 +94,9 @@ impl FieldPolicy {
 /// the upload's key. Requests without it share one anonymous scope.
 ///
 /// On a tus route, a metadata value (`{ metadata: token }`) can be the scope instead: every
-/// creation must carry it, its finalize request is found by it alone, and the upload's URL (128
-/// random bits) is the only other way in, whatever cookies or headers the requests carry (a
-/// server-to-server flow such as Wix's).
+/// creation must carry it; requests need no cookie or header, since the upload's URL (128 random
+/// bits) and, for a finalize request, the value of the `tus.finalize` key (`token` by default)
+/// are what find an upload (a server-to-server flow such as Wix's).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(try_from = "RawScope")]
 pub enum Scope {
@@ -343,13 +343,13 @@ impl TryFrom<RawCors> for Cors {
                     });
             if !plain {
                 return Err(format!(
-                    "cors.origins: {origin:?} is not an origin (`https://host[:port]`, no path)                      or `*`"
+                    "cors.origins: {origin:?} is not an origin (`https://host[:port]`, no path) or `*`"
                 ));
             }
         }
         if raw.credentials && raw.origins.iter().any(|o| o == "*") {
             return Err(
-                "cors: browsers refuse credentials from a server that allows every origin;                  list the origins"
+                "cors: browsers refuse credentials from a server that allows every origin; list the origins"
                     .into(),
             );
         }

@@ -322,28 +322,10 @@ impl Exchange<'_> {
         if length.is_some_and(|n| n > max) {
             return Answer::Refused(Refusal::TooLarge(max));
         }
-        let raw_metadata = match header.headers.get("upload-metadata") {
-            None => String::new(),
-            Some(value) => match value.to_str() {
-                Ok(text) => text.to_string(),
-                Err(_) => {
-                    return Answer::Refused(Refusal::BadRequest(
-                        "Upload-Metadata must be ASCII: keys, then values in base64".into(),
-                    ))
-                }
-            },
+        let (raw_metadata, pairs) = match self.metadata(header) {
+            Ok(metadata) => metadata,
+            Err(refusal) => return Answer::Refused(refusal),
         };
-        let pairs = match metadata::parse(&raw_metadata, self.options.max_metadata) {
-            Ok(pairs) => pairs,
-            Err(reason) => return Answer::Refused(Refusal::BadRequest(reason)),
-        };
-        if let Some(Scope::Metadata(key)) = &self.route.scope {
-            if !pairs.iter().any(|(k, v)| k == key && !v.is_empty()) {
-                return Answer::Refused(Refusal::BadRequest(format!(
-                    "uploads on this route carry `{key}` in Upload-Metadata"
-                )));
-            }
-        }
         let declared_body = content_length(header);
         let too_long = declared_body.is_some_and(|n| n > length.unwrap_or(max));
         let offset_stream = is_offset_stream(header);
@@ -433,6 +415,29 @@ impl Exchange<'_> {
         }
     }
 
+    /// A creation's `Upload-Metadata`, as sent and as pairs; with a metadata scope, its key
+    /// must be there.
+    fn metadata(&self, header: &RequestHeader) -> Result<(String, Vec<(String, String)>), Refusal> {
+        let raw = match header.headers.get("upload-metadata") {
+            None => String::new(),
+            Some(value) => value.to_str().map(str::to_string).map_err(|_| {
+                Refusal::BadRequest(
+                    "Upload-Metadata must be ASCII: keys, then values in base64".into(),
+                )
+            })?,
+        };
+        let pairs =
+            metadata::parse(&raw, self.options.max_metadata).map_err(Refusal::BadRequest)?;
+        if let Some(Scope::Metadata(key)) = &self.route.scope {
+            if !pairs.iter().any(|(k, v)| k == key && !v.is_empty()) {
+                return Err(Refusal::BadRequest(format!(
+                    "uploads on this route carry `{key}` in Upload-Metadata"
+                )));
+            }
+        }
+        Ok((raw, pairs))
+    }
+
     /// POST with `Upload-Concat: final;<urls>`: an upload made of partial uploads of this
     /// route and scope, from their stored parts. It is complete at once, and delivered.
     async fn create_final(&mut self, session: &mut Session, ids: &[String]) -> Answer {
@@ -444,12 +449,9 @@ impl Exchange<'_> {
                 "a final upload takes its length from its partial uploads: no Upload-Length".into(),
             ));
         }
-        let raw_metadata = header_str(header, HeaderName::from_static("upload-metadata"))
-            .unwrap_or_default()
-            .to_string();
-        let pairs = match metadata::parse(&raw_metadata, self.options.max_metadata) {
-            Ok(pairs) => pairs,
-            Err(reason) => return Answer::Refused(Refusal::BadRequest(reason)),
+        let (raw_metadata, pairs) = match self.metadata(header) {
+            Ok(metadata) => metadata,
+            Err(refusal) => return Answer::Refused(refusal),
         };
         let mut sources = Vec::new();
         let mut total = 0u64;
@@ -485,6 +487,18 @@ impl Exchange<'_> {
         };
         let request = delivery_request(session.req_header(), client_ip(session), self.route);
         let mut meta = self.meta(None, &pairs, raw_metadata, &request, &id);
+        if let Some(hook) = &self.route.authorize {
+            let described = UploadMeta {
+                length: Some(total),
+                ..meta.clone()
+            };
+            let question = authorization_question(self.route, &described, &pairs);
+            match self.core.authorize(&key, hook, &request, &question).await {
+                Authorization::Allowed => {}
+                Authorization::Refused(answer) => return Answer::Upstream((*answer).clone()),
+                Authorization::Unavailable(why) => return Answer::Refused(Refusal::Unasked(why)),
+            }
+        }
         let urls: Vec<String> = ids.iter().map(|id| self.location(header, id)).collect();
         meta.protocol["tus"]["concat"] = format!("final;{}", urls.join(" ")).into();
         let meta = match self.core.concatenate(&key, &meta, &sources).await {
