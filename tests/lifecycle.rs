@@ -236,4 +236,22 @@ async fn log_lines_carry_the_route_protocol_upload_and_part_and_can_be_json() {
     assert!(span["route"]
         .as_str()
         .is_some_and(|r| r.contains("/upload")));
+
+    // One access line per request, with the request's span: the accepted and the refused chunk.
+    let access: Vec<serde_json::Value> = json
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "stitch::access")
+        .collect();
+    let statuses: Vec<u64> = access
+        .iter()
+        .filter_map(|v| v["fields"]["status"].as_u64())
+        .collect();
+    assert_eq!(statuses, vec![200, 415], "{json}");
+    let stored = &access[0];
+    assert_eq!(stored["span"]["kind"], "chunk");
+    assert_eq!(stored["span"]["part"], 1);
+    assert_eq!(stored["span"]["upload"], span["upload"], "the same upload");
+    assert_eq!(stored["fields"]["received"], 1000);
+    assert!(stored["fields"]["ms"].is_u64());
 }

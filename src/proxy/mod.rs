@@ -15,6 +15,40 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
+/// One line per request Stitch answered itself, in the request's span (route, protocol, kind,
+/// upload hash, part or offset): status, bytes received, duration.
+fn access_log(session: &Session, kind: &str, started: std::time::Instant) {
+    let status = session
+        .response_written()
+        .map_or(0, |r| r.status.as_u16());
+    tracing::info!(
+        target: "stitch::access",
+        status,
+        received = session.body_bytes_read(),
+        ms = started.elapsed().as_millis() as u64,
+        "{} {} {status}",
+        session.req_header().method,
+        kind
+    );
+}
+
+/// One line per request passed through to the application.
+fn pass_through_log(session: &Session, started: std::time::Instant) {
+    let status = session
+        .response_written()
+        .map_or(0, |r| r.status.as_u16());
+    tracing::info!(
+        target: "stitch::access",
+        kind = "pass-through",
+        status,
+        received = session.body_bytes_read(),
+        ms = started.elapsed().as_millis() as u64,
+        "{} {} {status}",
+        session.req_header().method,
+        session.req_header().uri.path()
+    );
+}
+
 /// What the proxy knows about a request while it is answered (for metrics).
 pub struct Ctx {
     started: std::time::Instant,
@@ -154,14 +188,22 @@ impl ProxyHttp for StitchProxy {
                 ctx.kind = protocol::kind(route, session.req_header());
                 let span = tracing::info_span!(
                     "request",
-                    route = %route.id,
+                    route = %route.label,
                     protocol = %route.protocol.name(),
+                    kind = ctx.kind,
                     upload = tracing::field::Empty,
                     part = tracing::field::Empty,
                 );
-                let handled = protocol::handle(session, route, &self.core)
-                    .instrument(span)
-                    .await;
+                let kind = ctx.kind;
+                let started = ctx.started;
+                let answered = async {
+                    let handled = protocol::handle(session, route, &self.core).await;
+                    if matches!(handled, Ok(true)) {
+                        access_log(session, kind, started);
+                    }
+                    handled
+                };
+                let handled = answered.instrument(span).await;
                 if matches!(handled, Ok(false)) {
                     ctx.kind = "pass-through";
                 }
@@ -189,6 +231,9 @@ impl ProxyHttp for StitchProxy {
             .request_seconds
             .with_label_values(&[route, &protocol, ctx.kind])
             .observe(ctx.started.elapsed().as_secs_f64());
+        if ctx.kind == "pass-through" {
+            pass_through_log(session, ctx.started);
+        }
         if ctx.kind != "pass-through" && ctx.route.is_some() {
             metrics
                 .received_bytes
