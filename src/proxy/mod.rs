@@ -18,9 +18,7 @@ use tracing::Instrument;
 /// One line per request Stitch answered itself, in the request's span (route, protocol, kind,
 /// upload hash, part or offset): status, bytes received, duration.
 fn access_log(session: &Session, kind: &str, started: std::time::Instant) {
-    let status = session
-        .response_written()
-        .map_or(0, |r| r.status.as_u16());
+    let status = session.response_written().map_or(0, |r| r.status.as_u16());
     tracing::info!(
         target: "stitch::access",
         status,
@@ -34,9 +32,7 @@ fn access_log(session: &Session, kind: &str, started: std::time::Instant) {
 
 /// One line per request passed through to the application.
 fn pass_through_log(session: &Session, started: std::time::Instant) {
-    let status = session
-        .response_written()
-        .map_or(0, |r| r.status.as_u16());
+    let status = session.response_written().map_or(0, |r| r.status.as_u16());
     tracing::info!(
         target: "stitch::access",
         kind = "pass-through",
