@@ -974,6 +974,7 @@ async fn three_partial_uploads_in_parallel_make_one_final_upload_delivered_once(
                 .await
                 .unwrap();
             assert_eq!(response.status(), 201);
+            assert_eq!(header(&response, "upload-concat"), Some("partial"));
             let location = location_of(h, &response);
             let done = patch(h, &location, 0, piece).await;
             assert_eq!(done.status(), 204);
@@ -1017,6 +1018,11 @@ async fn three_partial_uploads_in_parallel_make_one_final_upload_delivered_once(
     let response = final_of(absolute.join(" ")).send().await.unwrap();
     assert_eq!(response.status(), 201);
     assert_eq!(header(&response, "stitch-delivery"), Some("delivered"));
+    assert_eq!(
+        header(&response, "upload-concat"),
+        Some(format!("final;{}", absolute.join(" ")).as_str()),
+        "the partial uploads' URLs, as sent"
+    );
     let location = location_of(&h, &response);
     let delivery = the_delivery(&h);
     assert_eq!(delivery.files[0].file_name, "whole.bin");

@@ -412,6 +412,7 @@ impl Exchange<'_> {
             offset,
             expires: Some(self.expires()),
             delivered,
+            concat: concat.map(|_| "partial".to_string()),
         }
     }
 
@@ -516,6 +517,7 @@ impl Exchange<'_> {
             offset: None,
             expires: None,
             delivered,
+            concat: tus_state(&meta).concat,
         }
     }
 

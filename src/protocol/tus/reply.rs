@@ -37,6 +37,8 @@ pub(super) enum Answer {
         expires: Option<String>,
         /// Where the delivery stands, if the creation completed the upload.
         delivered: Delivered,
+        /// `Upload-Concat` of a partial or final upload, echoed.
+        concat: Option<String>,
     },
     /// HEAD: where the upload stands.
     Progress {
@@ -111,8 +113,12 @@ pub(super) fn reply(answer: Answer) -> Reply {
             offset,
             expires,
             delivered,
+            concat,
         } => {
-            let reply = Reply::empty(201).with_header("location", &location);
+            let mut reply = Reply::empty(201).with_header("location", &location);
+            if let Some(concat) = concat {
+                reply = reply.with_header("upload-concat", &concat);
+            }
             let reply = with_expires(reply, expires);
             let reply = match offset {
                 Some(offset) => reply.with_header("upload-offset", &offset.to_string()),
