@@ -52,6 +52,22 @@ pub struct DeliveryRequest {
     pub route: String,
 }
 
+impl DeliveryRequest {
+    /// Headers kept as plain names and bytes (in an upload's state), as headers again; any
+    /// that no longer parse are left out.
+    pub fn parse_headers(stored: &[(String, Vec<u8>)]) -> Vec<(HeaderName, HeaderValue)> {
+        stored
+            .iter()
+            .filter_map(|(name, value)| {
+                Some((
+                    HeaderName::from_bytes(name.as_bytes()).ok()?,
+                    HeaderValue::from_bytes(value).ok()?,
+                ))
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
     #[error("the upstream did not answer in time: {message}")]

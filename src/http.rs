@@ -41,6 +41,16 @@ impl Reply {
         Reply::text(status, reason)
     }
 
+    /// A new upload that waits because the authorization hook could not be asked (a 503 that
+    /// every client retries); `why` is for the log.
+    pub fn hook_unavailable(why: &str) -> Reply {
+        tracing::warn!("a new upload waits for the authorization hook: {why}");
+        Reply::text(
+            503,
+            "the application could not be asked whether this upload may start; retry",
+        )
+    }
+
     pub fn empty(status: u16) -> Reply {
         Reply {
             status,
@@ -311,6 +321,22 @@ pub fn forwarded_for(header: &RequestHeader, client: Option<IpAddr>) -> Option<H
 /// The client's IP address, if the session has one.
 pub fn client_ip(session: &Session) -> Option<IpAddr> {
     Some(session.client_addr()?.as_inet()?.ip())
+}
+
+/// A whole response for a small `ServeHttp` app (the demo application, the operators'
+/// listener): the body with its type and length, never cached.
+pub fn app_response(
+    status: http::StatusCode,
+    content_type: &str,
+    body: Vec<u8>,
+) -> http::Response<Vec<u8>> {
+    http::Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .expect("a valid response")
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! route's configured path, a protocol, a request kind, a status class, an outcome. Never an
 //! identifier, a file name or a client address.
 
+use crate::http::app_response as reply;
 use crate::upload::UploadCore;
 use async_trait::async_trait;
 use http::{Method, Response, StatusCode};
@@ -240,13 +241,3 @@ const TEXT: &str = "text/plain; charset=utf-8";
 
 /// How long readiness waits for the upstream's connection.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
-
-fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, content_type)
-        .header(http::header::CONTENT_LENGTH, body.len())
-        .header(http::header::CACHE_CONTROL, "no-store")
-        .body(body)
-        .expect("a valid response")
-}

@@ -4,6 +4,7 @@
 //! what it received, and lists every file it has received (`GET /received`).
 
 use crate::config::Config;
+use crate::http::app_response as reply;
 use crate::server::{self, StartError};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -223,16 +224,6 @@ impl ServeHttp for DemoApp {
             _ => text(StatusCode::METHOD_NOT_ALLOWED, "GET, or POST /upload\n"),
         }
     }
-}
-
-fn reply(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, content_type)
-        .header(http::header::CONTENT_LENGTH, body.len())
-        .header(http::header::CACHE_CONTROL, "no-store")
-        .body(body)
-        .expect("a valid response")
 }
 
 fn text(status: StatusCode, message: &str) -> Response<Vec<u8>> {

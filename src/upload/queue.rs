@@ -13,7 +13,7 @@ use super::UploadCore;
 use crate::config::ForwardConfig;
 use crate::forward::DeliveryRequest;
 use crate::store::{Fence, QueuedDelivery, UploadKey};
-use http::{HeaderName, HeaderValue};
+use http::HeaderValue;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
@@ -58,16 +58,7 @@ impl QueuedDelivery {
     fn request(&self) -> DeliveryRequest {
         DeliveryRequest {
             fields: self.fields.clone(),
-            headers: self
-                .headers
-                .iter()
-                .filter_map(|(name, value)| {
-                    Some((
-                        HeaderName::from_bytes(name.as_bytes()).ok()?,
-                        HeaderValue::from_bytes(value).ok()?,
-                    ))
-                })
-                .collect(),
+            headers: DeliveryRequest::parse_headers(&self.headers),
             host: self
                 .host
                 .as_ref()

@@ -114,13 +114,7 @@ fn refused(refusal: Refusal) -> Reply {
             }
         }
         // Not a permanent error for either client: they retry.
-        Refusal::Unasked(why) => {
-            tracing::warn!("a new upload waits for the authorization hook: {why}");
-            Reply::text(
-                503,
-                "the application could not be asked whether this upload may start; retry",
-            )
-        }
+        Refusal::Unasked(why) => Reply::hook_unavailable(&why),
         Refusal::BodyTooLarge => {
             Reply::refuse(415, "the request body is larger than this route accepts")
         }

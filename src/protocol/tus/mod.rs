@@ -849,16 +849,7 @@ impl Exchange<'_> {
         } else {
             DeliveryRequest {
                 fields: state.fields,
-                headers: state
-                    .headers
-                    .iter()
-                    .filter_map(|(name, value)| {
-                        Some((
-                            HeaderName::from_bytes(name.as_bytes()).ok()?,
-                            HeaderValue::from_bytes(value).ok()?,
-                        ))
-                    })
-                    .collect(),
+                headers: DeliveryRequest::parse_headers(&state.headers),
                 host: state
                     .host
                     .and_then(|h| HeaderValue::from_bytes(&h).ok())

@@ -257,13 +257,7 @@ fn refused(refusal: Refusal) -> Reply {
         ),
         Refusal::NotFound => Reply::refuse(404, "no such upload"),
         Refusal::Final => Reply::refuse(403, "a final upload is made of its partial uploads"),
-        Refusal::Unasked(why) => {
-            tracing::warn!("a creation waits for the authorization hook: {why}");
-            Reply::text(
-                503,
-                "the application could not be asked whether this upload may start; retry",
-            )
-        }
+        Refusal::Unasked(why) => Reply::hook_unavailable(&why),
         Refusal::Gone(how) => Reply::refuse(410, format!("the upload is gone ({how})")),
         Refusal::Method => Reply::refuse(405, "not a tus request for this URL"),
         Refusal::Incomplete { offset, length } => {
