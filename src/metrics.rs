@@ -3,6 +3,7 @@
 //! route's configured path, a protocol, a request kind, a status class, an outcome. Never an
 //! identifier, a file name or a client address.
 
+use crate::config::MetricsConfig;
 use crate::http::app_response as reply;
 use crate::upload::UploadCore;
 use async_trait::async_trait;
@@ -34,8 +35,11 @@ pub struct Metrics {
     pub deliveries: IntCounterVec,
     pub delivery_seconds: Histogram,
     pub upstream_responses: IntCounterVec,
-    /// Deliveries owed (the durable queue), as of the queue's last look.
+    /// Deliveries owed (the durable queue), as of the queue's last look or the last scrape.
     pub queue_length: IntGauge,
+    /// Uploads in store not delivered yet, and the bytes the store holds (set at each scrape).
+    pub in_progress: IntGauge,
+    pub stored_bytes: IntGauge,
 }
 
 impl Default for Metrics {
@@ -133,6 +137,21 @@ impl Metrics {
         registry
             .register(Box::new(queue_length.clone()))
             .expect("registered once");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("registered once");
+            g
+        };
+        let in_progress = gauge(
+            "stitch_uploads_in_progress",
+            "Uploads in store that are not delivered yet (receiving, complete, or owed).",
+        );
+        let stored_bytes = gauge(
+            "stitch_stored_bytes",
+            "Bytes the upload store holds (each distinct content once).",
+        );
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(
@@ -152,6 +171,8 @@ impl Metrics {
             delivery_seconds,
             upstream_responses,
             queue_length,
+            in_progress,
+            stored_bytes,
         }
     }
 
@@ -181,10 +202,12 @@ pub fn status_class(status: u16) -> &'static str {
 }
 
 /// The operators' listener: `GET /metrics` (Prometheus text format), `GET /healthz` (the process
-/// serves) and `GET /readyz` (the store takes a write and the upstream takes a connection).
+/// serves), `GET /readyz` (the store takes a write and the upstream takes a connection) and
+/// `GET /uploads` (the listing, JSON; a bearer token when configured).
 pub struct OperatorsApp {
     pub core: Arc<UploadCore>,
     pub upstream: SocketAddr,
+    pub config: MetricsConfig,
 }
 
 #[async_trait]
@@ -195,44 +218,111 @@ impl ServeHttp for OperatorsApp {
             return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, b"GET only\n".to_vec());
         }
         match header.uri.path() {
-            "/metrics" => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                self.core.metrics.render(),
-            ),
+            "/metrics" => self.metrics().await,
             "/healthz" => reply(StatusCode::OK, TEXT, b"ok\n".to_vec()),
-            "/readyz" => {
-                let upstream = tokio::time::timeout(
-                    READY_TIMEOUT,
-                    tokio::net::TcpStream::connect(self.upstream),
-                )
-                .await;
-                let store = self.core.check_store().await;
-                let problems: Vec<String> = [
-                    store
-                        .err()
-                        .map(|e| format!("storage does not take writes: {e}")),
-                    match upstream {
-                        Ok(Ok(_)) => None,
-                        Ok(Err(e)) => Some(format!("the upstream cannot be reached: {e}")),
-                        Err(_) => Some("the upstream does not accept connections".into()),
-                    },
-                ]
-                .into_iter()
-                .flatten()
-                .collect();
-                if problems.is_empty() {
-                    reply(StatusCode::OK, TEXT, b"ready\n".to_vec())
-                } else {
-                    let body = format!("not ready: {}\n", problems.join("; "));
-                    reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, body.into_bytes())
-                }
-            }
+            "/readyz" => self.readiness().await,
+            "/uploads" => match self.refusal(header.headers.get(http::header::AUTHORIZATION)) {
+                Some(refusal) => refusal,
+                None => self.listing().await,
+            },
             _ => reply(
                 StatusCode::NOT_FOUND,
                 TEXT,
-                b"/metrics, /healthz or /readyz\n".to_vec(),
+                b"/metrics, /healthz, /readyz or /uploads\n".to_vec(),
             ),
+        }
+    }
+}
+
+impl OperatorsApp {
+    async fn metrics(&self) -> Response<Vec<u8>> {
+        let metrics = &self.core.metrics;
+        match self.core.inventory(false).await {
+            Ok(inventory) => {
+                let in_progress = inventory.uploads.iter().filter(|u| u.in_progress()).count();
+                metrics.in_progress.set(in_progress as i64);
+                metrics.stored_bytes.set(inventory.stored_bytes as i64);
+                metrics.queue_length.set(inventory.queued as i64);
+            }
+            // The gauges keep their last values; the rest of the exposition still helps.
+            Err(e) => tracing::warn!("cannot count the uploads in store for metrics: {e}"),
+        }
+        reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        )
+    }
+
+    async fn readiness(&self) -> Response<Vec<u8>> {
+        let upstream =
+            tokio::time::timeout(READY_TIMEOUT, tokio::net::TcpStream::connect(self.upstream))
+                .await;
+        let store = self.core.check_store().await;
+        let problems: Vec<String> = [
+            store
+                .err()
+                .map(|e| format!("storage does not take writes: {e}")),
+            match upstream {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(format!("the upstream cannot be reached: {e}")),
+                Err(_) => Some("the upstream does not accept connections".into()),
+            },
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if problems.is_empty() {
+            reply(StatusCode::OK, TEXT, b"ready\n".to_vec())
+        } else {
+            let body = format!("not ready: {}\n", problems.join("; "));
+            reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, body.into_bytes())
+        }
+    }
+
+    /// 401 unless the request carries the configured bearer token (compared in constant time).
+    fn refusal(&self, authorization: Option<&http::HeaderValue>) -> Option<Response<Vec<u8>>> {
+        let expected = self.config.token.as_ref()?;
+        let given = authorization
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .unwrap_or_default();
+        let same = given.len() == expected.len()
+            && given
+                .iter()
+                .zip(expected.as_bytes())
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0;
+        if same {
+            return None;
+        }
+        let mut refusal = reply(
+            StatusCode::UNAUTHORIZED,
+            TEXT,
+            b"the listing needs the operators' bearer token\n".to_vec(),
+        );
+        refusal.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer realm=\"stitch\""),
+        );
+        Some(refusal)
+    }
+
+    async fn listing(&self) -> Response<Vec<u8>> {
+        match self.core.inventory(self.config.file_names).await {
+            Ok(inventory) => {
+                let body = serde_json::json!({
+                    "uploads": inventory.uploads,
+                    "stored_bytes": inventory.stored_bytes,
+                });
+                let mut body = serde_json::to_vec_pretty(&body).expect("serializable");
+                body.push(b'\n');
+                reply(StatusCode::OK, "application/json", body)
+            }
+            Err(e) => {
+                tracing::error!("cannot list the uploads in store: {e}");
+                let body = format!("cannot list the uploads in store: {e}\n");
+                reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, body.into_bytes())
+            }
         }
     }
 }

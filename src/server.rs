@@ -128,6 +128,7 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
         let app = crate::metrics::OperatorsApp {
             core: core.clone(),
             upstream: config.upstream,
+            config: metrics.clone(),
         };
         let mut operators = Service::new("metrics and health".to_string(), app);
         operators.add_tcp(&metrics.listen.to_string());

@@ -172,3 +172,25 @@ async fn an_answer_cut_after_its_status_line_still_counts_and_is_never_followed_
         file.sha256()
     );
 }
+
+#[tokio::test]
+async fn readiness_turns_unready_on_a_full_disk_and_ready_when_space_returns() {
+    let disk = SmallDisk::new(16);
+    let dir = disk.dir("data");
+    let metrics = free_addr();
+    let routes = format!("metrics:\n  listen: {metrics}\n{ROUTES}");
+    let _h = Harness::custom("", &routes, None, Some(&dir)).await;
+    let ready = || async {
+        let response = reqwest::get(format!("http://{metrics}/readyz"))
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    assert_eq!(ready().await.0, 200);
+    disk.leave_free(0);
+    let (status, why) = ready().await;
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains("storage"), "{why}");
+    disk.free();
+    assert_eq!(ready().await.0, 200);
+}

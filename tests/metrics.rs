@@ -10,14 +10,20 @@ use reqwest::Method;
 use std::net::SocketAddr;
 
 fn routes(metrics: SocketAddr) -> String {
+    routes_with(metrics, "")
+}
+
+/// `extra`: more keys for the `metrics:` section, each on its own line indented by two.
+fn routes_with(metrics: SocketAddr, extra: &str) -> String {
     format!(
         r#"
 metrics:
   listen: {metrics}
+{extra}
 routes:
   - path: /upload
     protocol: resumable
-    forward: {{ path: /app/upload, field: document }}
+    forward: {{ path: /app/upload, field: document, retry_pause: 100ms }}
   - path: /files
     protocol: tus
     forward: {{ path: /app/upload, field: document }}
@@ -128,6 +134,8 @@ async fn metrics_count_requests_parts_dedup_and_deliveries_and_pass_promtool() {
         r#"stitch_received_bytes_total{protocol="resumable",route="/upload"}"#,
     );
     assert!(received >= 6000.0, "the chunks' bodies: {received}");
+    assert_eq!(sample(&text, "stitch_uploads_in_progress"), 0.0);
+    assert_eq!(sample(&text, "stitch_stored_bytes"), 0.0);
     assert!(text.contains("process_resident_memory_bytes"));
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         assert!(
@@ -170,6 +178,184 @@ async fn metrics_count_requests_parts_dedup_and_deliveries_and_pass_promtool() {
     // Not on the public listener: there, /metrics is the application's.
     h.client.get(h.url("/metrics")).send().await.unwrap();
     assert_eq!(h.upstream.received_at("/metrics").len(), 1);
+
+    // A refused request, an upstream failure then a retry from the queue, an upload left
+    // half-way: each shows in the counters and gauges, exactly.
+    let refused = h
+        .client
+        .get(h.url("/upload?resumableChunkNumber=none"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 415);
+    h.upstream.answer_with(503, "busy");
+    let failing = ChunkedFile::resumable("c.bin", random_bytes(2000, 9), 1000);
+    assert_eq!(failing.upload(&h, 1).await.status(), 200);
+    assert_ne!(failing.upload(&h, 2).await.status(), 200);
+    h.upstream.answer_with(200, "stored at last");
+    wait_for_requests(&h, "/app/upload", 5, std::time::Duration::from_secs(20)).await;
+    let half = ChunkedFile::resumable("d.bin", random_bytes(3000, 10), 1000);
+    assert_eq!(half.upload(&h, 1).await.status(), 200);
+    let mut text = scrape(metrics).await;
+    // The queue records its answer just after the upstream gave it.
+    for _ in 0..100 {
+        if sample(
+            &text,
+            r#"stitch_delivery_attempts_total{outcome="delivered"}"#,
+        ) == 4.0
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        text = scrape(metrics).await;
+    }
+    let requests = |kind: &str, status: &str| {
+        sample(
+            &text,
+            &format!(
+                r#"stitch_requests_total{{kind="{kind}",protocol="resumable",route="/upload",status="{status}"}}"#
+            ),
+        )
+    };
+    assert_eq!(requests("test", "4xx"), 1.0, "the refused test");
+    assert_eq!(
+        requests("chunk", "5xx"),
+        1.0,
+        "the chunk whose delivery failed"
+    );
+    assert_eq!(requests("chunk", "2xx"), 8.0);
+    let attempts = |outcome: &str| {
+        sample(
+            &text,
+            &format!(r#"stitch_delivery_attempts_total{{outcome="{outcome}"}}"#),
+        )
+    };
+    assert_eq!(attempts("retry-later"), 1.0);
+    assert_eq!(attempts("delivered"), 4.0);
+    assert_eq!(
+        sample(&text, r#"stitch_upstream_responses_total{status="5xx"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(&text, r#"stitch_upstream_responses_total{status="2xx"}"#),
+        4.0
+    );
+    assert_eq!(
+        sample(&text, r#"stitch_uploads_total{event="delivered"}"#),
+        4.0
+    );
+    assert_eq!(sample(&text, "stitch_delivery_queue_length"), 0.0);
+    assert_eq!(sample(&text, "stitch_uploads_in_progress"), 1.0, "d.bin");
+    assert_eq!(
+        sample(&text, "stitch_stored_bytes"),
+        1000.0,
+        "d.bin's first chunk"
+    );
+}
+
+async fn list(metrics: SocketAddr, token: Option<&str>) -> reqwest::Response {
+    let request = reqwest::Client::new().get(format!("http://{metrics}/uploads"));
+    match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    }
+    .send()
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_listing_shows_uploads_in_progress_byte_exact_and_wants_its_token() {
+    let metrics = free_addr();
+    let token = "listing-token-for-this-test";
+    let h = Harness::with_routes(&routes_with(metrics, &format!("  token: {token}"))).await;
+    let chunked = ChunkedFile::resumable("private-name.bin", random_bytes(2500, 11), 1000);
+    assert_eq!(chunked.upload(&h, 1).await.status(), 200);
+    assert_eq!(chunked.upload(&h, 3).await.status(), 200);
+    let created = h
+        .client
+        .post(h.url("/files"))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", "10")
+        .header("upload-metadata", "filename cHJpdmF0ZS50eHQ=")
+        .send()
+        .await
+        .unwrap();
+    let location = created.headers().get("location").unwrap().to_str().unwrap();
+    let patched = h
+        .client
+        .request(Method::PATCH, location)
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "0")
+        .body("four")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patched.status(), 204);
+
+    for wrong in [
+        None,
+        Some("not-the-token"),
+        Some("listing-token-for-this-tesT"),
+    ] {
+        let refused = list(metrics, wrong).await;
+        assert_eq!(refused.status(), 401, "{wrong:?}");
+        assert!(refused.headers().contains_key("www-authenticate"));
+    }
+    let listed = list(metrics, Some(token)).await;
+    assert_eq!(listed.status(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&listed.bytes().await.unwrap()).unwrap();
+    let uploads = body["uploads"].as_array().unwrap();
+    assert_eq!(uploads.len(), 2, "{body}");
+    let by_protocol = |protocol: &str| {
+        uploads
+            .iter()
+            .find(|u| u["protocol"] == protocol)
+            .unwrap_or_else(|| panic!("no {protocol} upload in {body}"))
+    };
+    let resumable = by_protocol("resumable");
+    assert_eq!(resumable["route"], "/upload");
+    assert_eq!(resumable["declared_bytes"], 2500);
+    assert_eq!(
+        resumable["stored_bytes"], 1500,
+        "parts 1 and 3: {resumable}"
+    );
+    assert_eq!(resumable["parts"], 2);
+    assert_eq!(resumable["delivery"], "receiving");
+    assert_eq!(resumable["attempts"], 0);
+    let tus = by_protocol("tus");
+    assert_eq!(tus["route"], "/files");
+    assert_eq!(tus["declared_bytes"], 10);
+    assert_eq!(tus["stored_bytes"], 4);
+    assert_eq!(tus["delivery"], "receiving");
+    assert_eq!(body["stored_bytes"], 1504);
+    let text = body.to_string();
+    assert!(
+        !text.contains("private") && !text.contains("127.0.0.1"),
+        "no file names or addresses unless asked: {text}"
+    );
+    // Metrics and health need no token.
+    assert_eq!(
+        reqwest::get(format!("http://{metrics}/metrics"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn the_listing_shows_file_names_when_the_operator_asks() {
+    let metrics = free_addr();
+    let h = Harness::with_routes(&routes_with(metrics, "  file_names: true")).await;
+    let chunked = ChunkedFile::resumable("quarterly report.pdf", random_bytes(2000, 12), 1000);
+    assert_eq!(chunked.upload(&h, 2).await.status(), 200);
+    let listed = list(metrics, None).await;
+    assert_eq!(listed.status(), 200, "no token configured: open");
+    let body: serde_json::Value = serde_json::from_slice(&listed.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["uploads"][0]["file_name"], "quarterly report.pdf");
+    assert_eq!(body["uploads"][0]["stored_bytes"], 1000);
 }
 
 #[tokio::test]

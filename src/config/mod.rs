@@ -53,11 +53,56 @@ pub struct Config {
 
 /// `metrics:`: a listener of its own, never the public one.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "RawMetrics")]
 pub struct MetricsConfig {
-    /// `/metrics` (Prometheus text), `/healthz` and `/readyz` are served here.
-    #[serde(deserialize_with = "resolve_listen")]
+    /// `/metrics` (Prometheus text), `/healthz`, `/readyz` and `/uploads` are served here.
     pub listen: SocketAddr,
+    /// The bearer token `/uploads` (the listing) requires, if any.
+    pub token: Option<String>,
+    /// Whether the listing shows file names.
+    pub file_names: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    #[serde(deserialize_with = "resolve_listen")]
+    listen: SocketAddr,
+    #[serde(default)]
+    token: Option<String>,
+    /// The environment variable that holds the token (keeps it out of the file).
+    #[serde(default)]
+    token_env: Option<String>,
+    #[serde(default)]
+    file_names: bool,
+}
+
+impl TryFrom<RawMetrics> for MetricsConfig {
+    type Error = String;
+
+    fn try_from(raw: RawMetrics) -> Result<Self, String> {
+        let token = match (raw.token, raw.token_env) {
+            (Some(_), Some(_)) => return Err("give token or token_env, not both".into()),
+            (Some(token), None) => Some(token),
+            (None, Some(name)) => match std::env::var(&name) {
+                Ok(token) => Some(token),
+                Err(_) => {
+                    return Err(format!(
+                        "token_env names {name}, which is not set in the environment"
+                    ))
+                }
+            },
+            (None, None) => None,
+        };
+        if token.as_ref().is_some_and(|t| t.trim().is_empty()) {
+            return Err("the listing's token is empty".into());
+        }
+        Ok(MetricsConfig {
+            listen: raw.listen,
+            token,
+            file_names: raw.file_names,
+        })
+    }
 }
 
 /// How Stitch logs: one line per event, with the request's route, protocol, upload and part.

@@ -13,6 +13,7 @@ pub mod tus;
 use crate::config::{Route, Scope};
 use crate::forward::DeliveryRequest;
 use crate::http::{cookie, forwarded_for, host};
+use crate::store::{Origin, UploadKey};
 use crate::upload::UploadCore;
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
@@ -178,6 +179,24 @@ pub(crate) fn delivery_request(
         headers,
         host: host(header),
         route: route.id.clone(),
+    }
+}
+
+/// Where a new upload on `route` comes from, for the operators' listing: the scope only as a
+/// short hash, which tells one user's uploads from another's without saying who.
+pub(crate) fn origin(route: &Route, scope: &[u8]) -> Origin {
+    let started_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Origin {
+        route: route.label.clone(),
+        protocol: route.protocol.name().to_string(),
+        scope: if scope.is_empty() {
+            String::new()
+        } else {
+            UploadKey::derive(&[b"stitch scope", route.id.as_bytes(), scope]).short()
+        },
+        started_ms,
     }
 }
 

@@ -205,6 +205,11 @@ impl BlobStore for Memory {
         Ok(())
     }
 
+    async fn stored_bytes(&self) -> Result<u64, StoreError> {
+        let data = self.data.lock().expect("data");
+        Ok(data.blobs.values().map(|b| b.len() as u64).sum())
+    }
+
     async fn digests(&self) -> Result<Vec<Digest>, StoreError> {
         Ok(self
             .data
@@ -434,6 +439,16 @@ impl StateStore for Memory {
             .uploads
             .iter()
             .filter_map(|(key, u)| Some((*key, u.queued.clone()?)))
+            .collect())
+    }
+
+    async fn uploads(&self) -> Result<Vec<UploadKey>, StoreError> {
+        let data = self.data.lock().expect("data");
+        Ok(data
+            .uploads
+            .iter()
+            .filter(|(_, u)| u.meta.is_some())
+            .map(|(key, _)| *key)
             .collect())
     }
 }

@@ -85,6 +85,21 @@ pub struct UploadMeta {
     pub media_type: Option<String>,
     #[serde(default)]
     pub protocol: serde_json::Value,
+    /// Where the upload came from, for operators (the admin listing); never compared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// Where an upload came from: its route, protocol, a short hash of its scope, when it started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    /// The route's label (its configured host and path).
+    pub route: String,
+    pub protocol: String,
+    /// Twelve hex digits of a hash of the route and the user's scope ("" when unscoped).
+    pub scope: String,
+    /// When the upload started, in milliseconds since the epoch.
+    pub started_ms: u64,
 }
 
 impl UploadMeta {
@@ -235,6 +250,8 @@ pub trait BlobStore: Send + Sync {
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StoreError>;
     /// Deletes a blob. Call under the blob's lock, once no part references it.
     async fn delete(&self, digest: &Digest) -> Result<(), StoreError>;
+    /// The bytes every stored blob takes (each distinct content once).
+    async fn stored_bytes(&self) -> Result<u64, StoreError>;
     /// Every stored blob, to collect those no part references (left by a crash between keeping
     /// bytes and adding the part).
     async fn digests(&self) -> Result<Vec<Digest>, StoreError>;
@@ -341,6 +358,8 @@ pub trait StateStore: Send + Sync {
     async fn unqueue(&self, upload: &UploadKey, fence: Fence) -> Result<(), StoreError>;
     /// Every queued delivery (the queue holds only uploads that are complete and undelivered).
     async fn all_queued(&self) -> Result<Vec<(UploadKey, QueuedDelivery)>, StoreError>;
+    /// Every upload with metadata (for the operators' listing: the upload path never lists).
+    async fn uploads(&self) -> Result<Vec<UploadKey>, StoreError>;
 }
 
 /// A delivery still owed to the upstream: written before a file is sent, removed once the

@@ -35,6 +35,7 @@ mod authorize;
 mod delivery;
 mod error;
 mod expiry;
+mod listing;
 mod parts;
 mod queue;
 mod replies;
@@ -42,6 +43,7 @@ mod replies;
 pub use authorize::Authorization;
 pub use delivery::{Delivery, Outcome};
 pub use error::CoreError;
+pub use listing::{Inventory, Listed};
 pub use parts::{Appended, Progress};
 pub use replies::ReplyHold;
 
@@ -206,20 +208,30 @@ impl UploadCore {
             .await
     }
 
-    /// Whether storage takes a write now (readiness): stages an empty blob and lets it go.
+    /// Whether storage takes a write now (readiness): stages one byte and lets it go (an empty
+    /// file would still be created on a full disk).
     pub async fn check_store(&self) -> Result<(), StoreError> {
-        struct Empty;
+        struct OneByte(bool);
         #[async_trait::async_trait]
-        impl crate::store::BodySource for Empty {
+        impl crate::store::BodySource for OneByte {
             async fn next_piece(
                 &mut self,
             ) -> Result<Option<bytes::Bytes>, crate::store::BodyError> {
-                Ok(None)
+                Ok(
+                    (!std::mem::replace(&mut self.0, true))
+                        .then(|| bytes::Bytes::from_static(b"?")),
+                )
             }
         }
-        let staged = self.engines.blobs.stage(&mut Empty, 0).await?;
+        let staged = self.engines.blobs.stage(&mut OneByte(false), 1).await?;
+        let cut = staged.cut.clone();
         self.engines.blobs.discard(staged).await;
-        Ok(())
+        match cut {
+            None => Ok(()),
+            Some(cut) => Err(StoreError::Io(std::io::Error::other(format!(
+                "a one-byte write was cut: {cut:?}"
+            )))),
+        }
     }
 
     /// When an upload touched now expires if nothing touches it again.

@@ -488,6 +488,7 @@ impl UploadCore {
             name: String::new(),
             media_type: None,
             protocol: serde_json::json!({ "alias": target }),
+            origin: None,
         };
         self.record_meta(alias, &meta).await
     }

@@ -15,7 +15,7 @@ mod reply;
 
 pub use options::{ChunkOptions, Flavor, ParamNames, RawParamNames};
 
-use super::{authorization_question, delivery_request, scope_value};
+use super::{authorization_question, delivery_request, origin, scope_value};
 use crate::config::Route;
 use crate::forward::DeliveryRequest;
 use crate::http::{
@@ -145,6 +145,7 @@ impl Exchange<'_> {
             name: params.file_name.clone(),
             media_type: params.file_type(self.options.flavor, body_type),
             protocol: serde_json::json!({ "chunk_size": params.chunk_size }),
+            origin: Some(origin(self.route, &self.scope)),
         };
         tracing::Span::current()
             .record("upload", tracing::field::display(key.short()))

@@ -18,7 +18,7 @@ mod reply;
 
 pub use options::{RawTusOptions, TusOptions};
 
-use super::{authorization_question, delivery_request, scope_value};
+use super::{authorization_question, delivery_request, origin, scope_value};
 use crate::config::{PathMatch, Route, Scope};
 use crate::forward::DeliveryRequest;
 use crate::http::{
@@ -550,6 +550,14 @@ impl Exchange<'_> {
             same(&name, &["filename", "name"])
                 || same(&media_type, &["filetype", "contentType", "type"])
         };
+        // A metadata scope is the token's value; the others come from the request's headers.
+        let scope = match &self.route.scope {
+            Some(Scope::Metadata(key)) => pairs
+                .iter()
+                .find(|(k, _)| k == key)
+                .map_or_else(Vec::new, |(_, v)| v.as_bytes().to_vec()),
+            _ => self.scope.clone(),
+        };
         let forward = &self.route.forward;
         let fields = pairs
             .iter()
@@ -572,6 +580,7 @@ impl Exchange<'_> {
             name: name.map_or_else(|| id.to_string(), |(_, v)| v),
             media_type: media_type.map(|(_, v)| v),
             protocol: serde_json::json!({ "tus": state, "gone": self.gone_key(id).hex() }),
+            origin: Some(origin(self.route, &scope)),
         }
     }
 

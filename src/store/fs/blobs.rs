@@ -157,6 +157,26 @@ impl BlobStore for FsBlobs {
         Ok(remove_if_present(&self.0.blob_path(digest)).await?)
     }
 
+    async fn stored_bytes(&self) -> Result<u64, StoreError> {
+        let blobs = self.0.root.join("blobs");
+        let walk = move || -> std::io::Result<u64> {
+            let mut total = 0;
+            for shard in std::fs::read_dir(blobs)?.flatten() {
+                for blob in std::fs::read_dir(shard.path())
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    total += blob.metadata().map_or(0, |m| m.len());
+                }
+            }
+            Ok(total)
+        };
+        Ok(tokio::task::spawn_blocking(walk)
+            .await
+            .map_err(std::io::Error::other)??)
+    }
+
     async fn digests(&self) -> Result<Vec<Digest>, StoreError> {
         super::remove_dead_staging(&self.0.root.join("tmp"));
         let mut found = Vec::new();

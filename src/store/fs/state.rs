@@ -549,4 +549,17 @@ impl StateStore for FsState {
         }
         Ok(found)
     }
+
+    async fn uploads(&self) -> Result<Vec<UploadKey>, StoreError> {
+        let dir = self.0.root.join("uploads");
+        let list = move || -> std::io::Result<Vec<UploadKey>> {
+            Ok(std::fs::read_dir(dir)?
+                .flatten()
+                .filter_map(|entry| entry.file_name().to_str().and_then(UploadKey::from_hex))
+                .collect())
+        };
+        Ok(tokio::task::spawn_blocking(list)
+            .await
+            .map_err(std::io::Error::other)??)
+    }
 }
