@@ -172,6 +172,7 @@ impl File {
                 name: name.to_string(),
                 media_type: None,
                 protocol: serde_json::json!({ "chunk_size": 1000 }),
+                origin: None,
             },
             data,
         }

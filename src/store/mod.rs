@@ -87,7 +87,7 @@ pub struct UploadMeta {
     pub protocol: serde_json::Value,
     /// Where the upload came from, for operators (the admin listing); never compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub origin: Option<Origin>,
+    pub origin: Option<Box<Origin>>,
 }
 
 /// Where an upload came from: its route, protocol, a short hash of its scope, when it started.

@@ -92,7 +92,7 @@ impl UploadCore {
                 file_name: file_names.then(|| meta.name.clone()),
             });
         }
-        uploads.sort_by(|a, b| b.age_seconds.cmp(&a.age_seconds));
+        uploads.sort_by_key(|u| std::cmp::Reverse(u.age_seconds));
         Ok(Inventory {
             uploads,
             stored_bytes: self.engines.blobs.stored_bytes().await?,

@@ -145,7 +145,7 @@ impl Exchange<'_> {
             name: params.file_name.clone(),
             media_type: params.file_type(self.options.flavor, body_type),
             protocol: serde_json::json!({ "chunk_size": params.chunk_size }),
-            origin: Some(origin(self.route, &self.scope)),
+            origin: Some(Box::new(origin(self.route, &self.scope))),
         };
         tracing::Span::current()
             .record("upload", tracing::field::display(key.short()))

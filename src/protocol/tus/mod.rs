@@ -580,7 +580,7 @@ impl Exchange<'_> {
             name: name.map_or_else(|| id.to_string(), |(_, v)| v),
             media_type: media_type.map(|(_, v)| v),
             protocol: serde_json::json!({ "tus": state, "gone": self.gone_key(id).hex() }),
-            origin: Some(origin(self.route, &scope)),
+            origin: Some(Box::new(origin(self.route, &scope))),
         }
     }
 
