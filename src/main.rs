@@ -14,6 +14,13 @@ struct Cli {
     /// YAML configuration; without it, the embedded default (conf/stitch.yaml) runs.
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
+    /// Run in the background, writing the process id to `process.pid_file`.
+    #[arg(long, short)]
+    daemon: bool,
+    /// Take over the listeners of the Stitch running with the same `process.upgrade_socket`
+    /// (send it SIGQUIT: it hands them over and drains), for a restart without downtime.
+    #[arg(long, short)]
+    upgrade: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -71,7 +78,11 @@ fn main() -> ExitCode {
                 config.upstream,
                 config.storage.describe()
             );
-            finish(stitch::server::run(&config, move || {
+            let launch = stitch::server::Launch {
+                daemon: cli.daemon,
+                upgrade: cli.upgrade,
+            };
+            finish(stitch::server::run_as(&config, launch, move || {
                 tracing::info!("{started}")
             }))
         }

@@ -59,8 +59,25 @@ impl StorageHandle {
     }
 }
 
+/// How the process runs: in the foreground or the background, fresh or taking over the
+/// listeners of a running Stitch.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Launch {
+    /// Fork into the background, writing `process.pid_file` (`stitch --daemon`).
+    pub daemon: bool,
+    /// Take the listeners of the Stitch running with the same `process.upgrade_socket`, which
+    /// hands them over on SIGQUIT and drains (`stitch --upgrade`).
+    pub upgrade: bool,
+}
+
 /// Builds a ready-to-run server.
 pub fn build(config: &Config) -> Result<Built, StartError> {
+    build_as(config, Launch::default())
+}
+
+/// Builds a ready-to-run server that runs as `launch` says. With `upgrade`, this waits (a few
+/// seconds) for the running Stitch to send its listeners.
+pub fn build_as(config: &Config, launch: Launch) -> Result<Built, StartError> {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
@@ -82,12 +99,22 @@ pub fn build(config: &Config) -> Result<Built, StartError> {
     ));
     // Pingora counts whole seconds: a grace of 500ms is 1 s, not 0.
     let grace = config.shutdown_grace.0.as_secs_f64().ceil() as u64;
+    let options = pingora::server::configuration::Opt {
+        upgrade: launch.upgrade,
+        daemon: launch.daemon,
+        ..Default::default()
+    };
     let mut server = Server::new_with_opt_and_conf(
-        None,
+        Some(options),
         ServerConf {
             threads: config.threads(),
             grace_period_seconds: Some(grace),
             graceful_shutdown_timeout_seconds: Some(grace.max(1)),
+            daemon: launch.daemon,
+            pid_file: config.process.pid_file.display().to_string(),
+            upgrade_sock: config.process.upgrade_socket.display().to_string(),
+            // A daemon keeps the directory it was started in: relative paths keep their meaning.
+            working_directory: std::env::current_dir().ok(),
             ..Default::default()
         },
     );
@@ -335,37 +362,73 @@ pub fn check_can_listen(addr: SocketAddr) -> Result<(), StartError> {
         .map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Runs in the foreground until SIGINT (fast) or SIGTERM (graceful). `ready` is called once
-/// the server accepts connections on `listen`, so that its line comes after everything
-/// start-up prints, errors included.
+/// Runs until SIGINT (fast), SIGTERM (graceful) or SIGQUIT (hands the listeners to a new
+/// Stitch started with `--upgrade`, then drains). `ready` is called once the server accepts
+/// connections on `listen`, so that its line comes after everything start-up prints, errors
+/// included.
 pub fn run(config: &Config, ready: impl FnOnce() + Send + 'static) -> Result<(), StartError> {
-    check_can_listen(config.listen)?;
-    run_built(build(config)?, config, ready);
+    run_as(config, Launch::default(), ready)
+}
+
+/// Runs as `launch` says (see [`run`]).
+pub fn run_as(
+    config: &Config,
+    launch: Launch,
+    ready: impl FnOnce() + Send + 'static,
+) -> Result<(), StartError> {
+    if !launch.upgrade {
+        // Upgrading, the listeners are the running Stitch's, handed over.
+        check_can_listen(config.listen)?;
+    }
+    run_built(build_as(config, launch)?, config, ready);
     Ok(())
 }
 
-/// Runs a built server in the foreground (see [`run`]).
-pub fn run_built(built: Built, config: &Config, ready: impl FnOnce() + Send + 'static) {
+/// Runs a built server (see [`run`]).
+pub fn run_built(mut built: Built, config: &Config, ready: impl FnOnce() + Send + 'static) {
     let signals = Signals {
         in_flight: built.in_flight,
         grace: config.shutdown_grace.0,
     };
-    let listen = config.listen;
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect(listen).is_err() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        ready();
-    });
+    // A service, not a thread started here: a daemon forks when the server runs, and only
+    // the forking thread goes on in the child.
+    let announce = Announce {
+        listen: config.listen,
+        ready: std::sync::Mutex::new(Some(Box::new(ready))),
+    };
+    built
+        .server
+        .add_service(background_service("ready announcement", announce));
     built.server.run(RunArgs {
         shutdown_signal: Box::new(signals),
     });
 }
 
+/// Calls `ready` once `listen` accepts connections.
+struct Announce {
+    listen: SocketAddr,
+    ready: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+#[async_trait]
+impl BackgroundService for Announce {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(self.listen).await.is_err()
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ready = self.ready.lock().expect("not poisoned").take();
+        if let Some(ready) = ready {
+            ready();
+        }
+    }
+}
+
 /// Pingora's signals (SIGINT fast, SIGTERM graceful, SIGQUIT graceful upgrade), except that a
-/// graceful shutdown ends as soon as nothing is in flight: Pingora itself always waits out the
-/// whole grace period, even with nothing to wait for.
+/// graceful shutdown or upgrade ends as soon as nothing is in flight: Pingora itself always
+/// waits out the whole grace period, even with nothing to wait for.
 struct Signals {
     in_flight: InFlight,
     grace: Duration,
@@ -375,11 +438,18 @@ struct Signals {
 impl ShutdownSignalWatch for Signals {
     async fn recv(&self) -> ShutdownSignal {
         let signal = UnixShutdownSignalWatch.recv().await;
-        if let ShutdownSignal::GracefulTerminate = signal {
+        // Pingora stops accepting first: at once on SIGTERM; on SIGQUIT once it has sent the
+        // listeners and given the new process time to take them (5 s). Then only work in
+        // flight remains.
+        let stops_accepting = match signal {
+            ShutdownSignal::GracefulTerminate => Some(Duration::from_millis(200)),
+            ShutdownSignal::GracefulUpgrade => Some(Duration::from_millis(5_500)),
+            ShutdownSignal::FastShutdown => None,
+        };
+        if let Some(after) = stops_accepting {
             let (in_flight, grace) = (self.in_flight.clone(), self.grace);
             std::thread::spawn(move || {
-                // Pingora closes the listeners first; then only work in flight remains.
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(after);
                 if in_flight.wait_idle(grace) {
                     tracing::info!("nothing in flight; exiting");
                     std::process::exit(0);

@@ -47,6 +47,9 @@ pub struct Config {
     /// The operators' listener: Prometheus metrics, health and readiness (off when absent).
     #[serde(default)]
     pub metrics: Option<MetricsConfig>,
+    /// Running in the background (`--daemon`) and handing the listeners over (`--upgrade`).
+    #[serde(default)]
+    pub process: ProcessConfig,
     #[serde(default)]
     pub routes: Vec<Route>,
 }
@@ -103,6 +106,37 @@ impl TryFrom<RawMetrics> for MetricsConfig {
             file_names: raw.file_names,
         })
     }
+}
+
+/// `process:`: where a background Stitch writes its process id, and the socket through which a
+/// new Stitch takes the listeners of a running one (a zero-downtime restart).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// Written by `stitch --daemon` (a service manager reads it).
+    #[serde(default = "default_pid_file")]
+    pub pid_file: PathBuf,
+    /// `stitch --upgrade` waits here for the running Stitch's listeners, which it sends on
+    /// SIGQUIT. Both processes must name the same path.
+    #[serde(default = "default_upgrade_socket")]
+    pub upgrade_socket: PathBuf,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        ProcessConfig {
+            pid_file: default_pid_file(),
+            upgrade_socket: default_upgrade_socket(),
+        }
+    }
+}
+
+fn default_pid_file() -> PathBuf {
+    "/tmp/stitch.pid".into()
+}
+
+fn default_upgrade_socket() -> PathBuf {
+    "/tmp/stitch-upgrade.sock".into()
 }
 
 /// How Stitch logs: one line per event, with the request's route, protocol, upload and part.

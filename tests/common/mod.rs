@@ -590,7 +590,12 @@ impl Harness {
 
 /// Asserts that the upstream received `file` exactly once, whole, as the `document` field.
 pub fn assert_delivered_once(h: &Harness, file: &ChunkedFile) -> Received {
-    let received = h.upstream.received_at("/app/upload");
+    assert_delivered_once_to(&h.upstream, file)
+}
+
+/// [`assert_delivered_once`], for an upstream without a harness.
+pub fn assert_delivered_once_to(upstream: &Upstream, file: &ChunkedFile) -> Received {
+    let received = upstream.received_at("/app/upload");
     assert_eq!(
         received.len(),
         1,

@@ -232,6 +232,26 @@ impl StitchProcess {
         panic!("stitch demo did not start");
     }
 
+    /// Starts another Stitch with the config of `start_yaml` on `dir` and `args` (such as
+    /// `--upgrade`), without waiting for it to listen.
+    pub fn start_beside(&self, dir: &Path, args: &[&str]) -> StitchProcess {
+        StitchProcess::spawn(&dir.with_extension("yaml"), dir, self.addr, args)
+    }
+
+    /// Waits up to `within` until process `pid` accepts connections on `addr`.
+    pub fn wait_owned_by(pid: u32, addr: SocketAddr, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if std::net::TcpStream::connect(addr).is_ok()
+                && stitch::server::owns_listener(pid, addr)
+            {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    }
+
     fn spawn(config: &Path, dir: &Path, addr: SocketAddr, args: &[&str]) -> StitchProcess {
         let log = dir.with_extension("log");
         let stderr = std::fs::OpenOptions::new()
