@@ -330,3 +330,39 @@ async fn a_host_name_listen_address_is_resolved_and_served() {
     assert_eq!(status.ok(), Some(502));
     running.stop();
 }
+
+#[test]
+fn the_listing_token_comes_from_the_file_or_a_set_environment_variable() {
+    refused_naming(
+        "metrics:\n  listen: 127.0.0.1:9999\n  token: a\n  token_env: B\n",
+        &["token or token_env, not both"],
+    );
+    refused_naming(
+        "metrics:\n  listen: 127.0.0.1:9999\n  token_env: STITCH_TEST_TOKEN_NOBODY_SETS\n",
+        &["STITCH_TEST_TOKEN_NOBODY_SETS", "not set"],
+    );
+    refused_naming(
+        "metrics:\n  listen: 127.0.0.1:9999\n  token: \"  \"\n",
+        &["token is empty"],
+    );
+    // Set in the environment of the process that reads the file: accepted.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stitch.yaml");
+    std::fs::write(
+        &path,
+        "metrics:\n  listen: 127.0.0.1:9999\n  token_env: STITCH_TEST_LISTING_TOKEN\n",
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_stitch"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check")
+        .env("STITCH_TEST_LISTING_TOKEN", "from-the-environment")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
