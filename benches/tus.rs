@@ -13,6 +13,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/report.rs"]
+mod report;
 
 use bytes::{Bytes, BytesMut};
 use common::{config_yaml, multipart_frame, random_bytes, Upstream};
@@ -844,31 +846,6 @@ fn timeline(cases: &[Case]) -> String {
     out
 }
 
-/// Replaces the tus section of `benches/results.md` (from its heading to the next `# `
-/// heading), or appends one, keeping everything else.
-fn save(report: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results.md");
-    let old = std::fs::read_to_string(&path).unwrap_or_default();
-    let mut kept = String::new();
-    let mut in_tus = false;
-    for line in old.lines() {
-        if line.starts_with("# ") {
-            in_tus = line.starts_with("# Benchmark: tus");
-        }
-        if !in_tus {
-            kept.push_str(line);
-            kept.push('\n');
-        }
-    }
-    let kept = kept.trim_end();
-    let text = if kept.is_empty() {
-        report.to_string()
-    } else {
-        format!("{kept}\n\n{report}")
-    };
-    std::fs::write(&path, text).expect("write benches/results.md");
-}
-
 /// The servers to run: `SERVERS=stitch,stitch-nofsync,tus-node` (default: all three).
 fn servers() -> Vec<Server> {
     let chosen =
@@ -955,6 +932,6 @@ async fn main() {
         disk,
     };
     let report = report(&cases, file_len, &conditions);
-    save(&report);
+    report::save_section("tus", &report);
     println!("\n{report}");
 }

@@ -7,6 +7,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/report.rs"]
+mod report;
 
 use common::*;
 use std::io::Write;
@@ -161,7 +163,7 @@ async fn main() {
     };
     let here = std::path::Path::new(".");
     let mut report = format!(
-        "# Benchmark: {file_mib} MiB file, multipart chunks, 3 in flight\n\n\
+        "# Benchmark: upload, {file_mib} MiB file, multipart chunks, 3 in flight\n\n\
          Machine: {} cores. The disk baseline writes the same pieces, in the same directory, \
          as files of their own, in the same run.\n\n\
          | chunk | per-part fsync | disk baseline (MiB/s) | ingest (MiB/s) | ingest / disk | final chunk + forward of the whole file (MiB/s) | Stitch peak RSS (MiB) |\n\
@@ -183,24 +185,6 @@ async fn main() {
         }
     }
     report.push_str("\nProduced by `cargo bench --bench upload`.\n");
-    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results.md");
-    // Other benchmarks' sections (`cargo bench --bench tus`) stay.
-    let old = std::fs::read_to_string(&out).unwrap_or_default();
-    let mut others = String::new();
-    let mut other = false;
-    for line in old.lines() {
-        if line.starts_with("# ") {
-            other = line.starts_with("# Benchmark: tus");
-        }
-        if other {
-            others.push_str(line);
-            others.push('\n');
-        }
-    }
-    let text = match others.trim_end() {
-        "" => report.clone(),
-        others => format!("{}\n\n{others}\n", report.trim_end()),
-    };
-    std::fs::write(&out, text).unwrap();
+    report::save_section("upload", &report);
     println!("{report}");
 }

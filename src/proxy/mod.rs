@@ -60,6 +60,8 @@ pub struct StitchProxy {
     upstream: SocketAddr,
     connect_timeout: Duration,
     limits: ConnectionLimits,
+    /// Whether requests are counted (only with a `metrics` listener to expose them).
+    counted: bool,
 }
 
 impl StitchProxy {
@@ -70,6 +72,7 @@ impl StitchProxy {
             upstream: config.upstream,
             connect_timeout: config.connect_timeout.0,
             limits: config.connections.clone(),
+            counted: config.metrics.is_some(),
         }
     }
 
@@ -209,8 +212,14 @@ impl ProxyHttp for StitchProxy {
         }
     }
 
-    /// Counts every request once it is answered.
+    /// Logs a request passed through, and counts every request once it is answered.
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        if ctx.kind == "pass-through" {
+            pass_through_log(session, ctx.started);
+        }
+        if !self.counted {
+            return;
+        }
         let metrics = &self.core.metrics;
         let (route, protocol) = match ctx.route.map(|i| &self.routes[i]) {
             Some(route) => (route.label.as_str(), route.protocol.name().to_string()),
@@ -227,9 +236,6 @@ impl ProxyHttp for StitchProxy {
             .request_seconds
             .with_label_values(&[route, &protocol, ctx.kind])
             .observe(ctx.started.elapsed().as_secs_f64());
-        if ctx.kind == "pass-through" {
-            pass_through_log(session, ctx.started);
-        }
         if ctx.kind != "pass-through" && ctx.route.is_some() {
             metrics
                 .received_bytes
