@@ -68,6 +68,23 @@ async fn sigterm_during_a_chunk_upload_lets_it_finish_then_exits() {
     .await
     .unwrap();
     assert_eq!(test.status(), 200, "the chunk survived the stop");
+    // The upload finishes through the restarted process, and arrives once.
+    let client = reqwest::Client::new();
+    for n in 2..=4 {
+        let (start, end) = file.bounds(n);
+        let sent = client
+            .post(format!(
+                "http://{}/upload?{}",
+                restarted.addr,
+                file.query_string(n)
+            ))
+            .body(file.data.slice(start, end))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(sent.status(), 200, "chunk {n}");
+    }
+    assert_delivered_once_to(&upstream, &file);
 }
 
 #[tokio::test]
