@@ -59,6 +59,8 @@ struct Run {
     fsync: bool,
     ingest_mib_s: f64,
     forward_mib_s: f64,
+    /// `curl -F` posting the same file to the same upstream.
+    curl_mib_s: f64,
     peak_rss_mib: f64,
 }
 
@@ -145,10 +147,31 @@ async fn run(file_mib: u64, chunk_mib: u64, fsync: bool) -> Run {
     let received = upstream.received_at("/app/upload");
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].files[0].len, count * chunk);
+    // The same file, posted by curl to the same upstream: the forward's ceiling.
+    let file = root.path().join("bench.bin");
+    {
+        let mut out = std::fs::File::create(&file).unwrap();
+        for n in 1..=count {
+            out.write_all(&random_bytes(chunk as usize, n)).unwrap();
+        }
+    }
+    let started = Instant::now();
+    let curl = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-F"])
+        .arg(format!("document=@{}", file.display()))
+        .arg(format!("http://{}/app/upload", upstream.addr))
+        .output()
+        .expect("curl posts the file (apt-get install curl)");
+    let curl_seconds = started.elapsed().as_secs_f64();
+    assert_eq!(String::from_utf8_lossy(&curl.stdout), "200");
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].files[0].sha256, received[0].files[0].sha256);
     Run {
         fsync,
         ingest_mib_s: mib_per_s((count - 1) * chunk, ingest),
         forward_mib_s: mib_per_s(count * chunk, forward),
+        curl_mib_s: mib_per_s(count * chunk, curl_seconds),
         peak_rss_mib: peak,
     }
 }
@@ -166,8 +189,8 @@ async fn main() {
         "# Benchmark: upload, {file_mib} MiB file, multipart chunks, 3 in flight\n\n\
          Machine: {} cores. The disk baseline writes the same pieces, in the same directory, \
          as files of their own, in the same run.\n\n\
-         | chunk | per-part fsync | disk baseline (MiB/s) | ingest (MiB/s) | ingest / disk | final chunk + forward of the whole file (MiB/s) | Stitch peak RSS (MiB) |\n\
-         |---|---|---|---|---|---|---|\n",
+         | chunk | per-part fsync | disk baseline (MiB/s) | ingest (MiB/s) | ingest / disk | final chunk + forward of the whole file (MiB/s) | curl -F of the file (MiB/s) | forward / curl | Stitch peak RSS (MiB) |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
     for chunk_mib in chunk_sizes {
@@ -175,11 +198,13 @@ async fn main() {
             let disk = disk_baseline(here, file_mib << 20, chunk_mib << 20, fsync);
             let r = run(file_mib, chunk_mib, fsync).await;
             report.push_str(&format!(
-                "| {chunk_mib} MiB | {} | {disk:.0} | {:.0} | {:.0}% | {:.0} | {:.1} |\n",
+                "| {chunk_mib} MiB | {} | {disk:.0} | {:.0} | {:.0}% | {:.0} | {:.0} | {:.2} | {:.1} |\n",
                 if r.fsync { "on" } else { "off" },
                 r.ingest_mib_s,
                 100.0 * r.ingest_mib_s / disk,
                 r.forward_mib_s,
+                r.curl_mib_s,
+                r.forward_mib_s / r.curl_mib_s,
                 r.peak_rss_mib
             ));
         }
