@@ -412,7 +412,7 @@ struct Announce {
 
 #[async_trait]
 impl BackgroundService for Announce {
-    async fn start(&self, _shutdown: ShutdownWatch) {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(self.listen).await.is_err()
             && Instant::now() < deadline
@@ -423,6 +423,8 @@ impl BackgroundService for Announce {
         if let Some(ready) = ready {
             ready();
         }
+        // Pingora logs a service that ends: the announcement stays the last line.
+        let _ = shutdown.changed().await;
     }
 }
 
