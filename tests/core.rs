@@ -910,3 +910,57 @@ async fn a_part_is_delivered_even_if_its_blobs_own_name_is_lost() {
     assert_eq!(answer(&delivery.outcome).status, 201);
     assert_eq!(t.upstream.received.lock().unwrap()[0].0, file.sha256());
 }
+
+/// The fs engine keeps metadata and "no answer yet" in memory for chunk tests; another process
+/// changing them (here: a second engine on the same directory, with locks of its own) makes
+/// this one read them again.
+#[tokio::test]
+async fn what_one_process_caches_is_read_again_once_another_changes_it() {
+    use stitch::store::{Fence, LockKey, RecordedAnswer};
+    let dir = tempfile::tempdir().unwrap();
+    let open = || stitch::store::fs::open(dir.path(), true, Duration::from_secs(60)).unwrap();
+    let (a, b) = (open(), open());
+    let file = File::new("cached.bin", 3);
+    let key = file.key;
+    let lease = Duration::from_secs(30);
+    {
+        let held = a.locker.lock(LockKey::Upload(key), lease).await.unwrap();
+        a.state
+            .save_meta(&key, &file.meta, held.fence)
+            .await
+            .unwrap();
+    }
+    assert_eq!(a.state.meta(&key).await.unwrap(), Some(file.meta.clone()));
+    assert!(a.state.answer(&key).await.unwrap().is_none());
+    // Read twice: the second time from memory.
+    assert!(a.state.answer(&key).await.unwrap().is_none());
+
+    let mut changed = file.meta.clone();
+    changed.name = "renamed.bin".into();
+    let answer = RecordedAnswer {
+        status: 201,
+        headers: vec![],
+        fields: String::new(),
+        file: None,
+        refused_for: None,
+        body: bytes::Bytes::from_static(b"kept"),
+    };
+    {
+        let held = b.locker.lock(LockKey::Upload(key), lease).await.unwrap();
+        let Fence(_) = held.fence;
+        b.state.save_meta(&key, &changed, held.fence).await.unwrap();
+        b.state
+            .save_answer(&key, &answer, std::time::SystemTime::now(), held.fence)
+            .await
+            .unwrap();
+    }
+    assert_eq!(a.state.meta(&key).await.unwrap(), Some(changed));
+    let (seen, _) = a
+        .state
+        .answer(&key)
+        .await
+        .unwrap()
+        .expect("the answer B recorded");
+    assert_eq!(seen.status, 201);
+    assert_eq!(seen.body, "kept");
+}

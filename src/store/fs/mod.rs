@@ -26,8 +26,9 @@
 //! Two processes: every change happens under the upload's lock, which here is a `flock` on a
 //! lock file, so it excludes other processes too; the kernel releases it when its holder dies,
 //! so a lease never outlives its holder and no stale holder can exist (fencing tokens are
-//! issued, and the state store has nothing to refuse). Each process keeps upload part indexes
-//! in memory, and trusts one only while no other process has taken that upload's lock stripe
+//! issued, and the state store has nothing to refuse). Each process keeps upload part indexes,
+//! metadata and "no answer yet" in memory (a chunk test then reads nothing from disk), and
+//! trusts them only while no other process has taken that upload's lock stripe
 //! since (the stripe's token counter, on disk, tells) and no change of its own was under way
 //! while it was read (a generation counter per upload tells).
 //!
@@ -65,6 +66,10 @@ pub(crate) struct Fs {
     blob_stripes: Vec<locker::Stripe>,
     /// Part indexes read from disk (see [`CachedIndex`]).
     indexes: DashMap<UploadKey, CachedIndex>,
+    /// Changes so far to uploads without an entry in `indexes` (removals included): a read
+    /// that saw no entry stores one only if no such change happened meanwhile (it may have
+    /// read the upload just before the change).
+    unentered: std::sync::atomic::AtomicU64,
     /// How long a span of the activity index lasts (a fraction of the shortest TTL).
     span: u64,
     /// The span each upload was last indexed in by this process.
@@ -76,12 +81,20 @@ pub(crate) struct Fs {
 /// and at the end of every change this process makes, so that a listing read while a change
 /// was under way is never kept; `parts` is trusted only while no other process has taken the
 /// upload's lock stripe since (see `Fs::stripe_untouched`).
+///
+/// The upload's metadata and the absence of an answer are kept the same way (each with the
+/// epoch it was read in), so that a chunk test, the request clients send before every chunk,
+/// reads nothing from disk for an upload this process knows.
 #[derive(Default)]
 struct CachedIndex {
     generation: u64,
     /// The stripe's epoch when `parts` was read.
     epoch: u64,
     parts: Option<Arc<PartIndex>>,
+    /// The metadata (`None` inside: there is none), and the epoch it was read in.
+    meta: Option<(u64, Option<Arc<super::UploadMeta>>)>,
+    /// The epoch in which the upload was found to have no recorded answer.
+    no_answer: Option<u64>,
 }
 
 impl Drop for Fs {
@@ -122,6 +135,7 @@ pub fn open(root: &Path, fsync: bool, span: Duration) -> std::io::Result<Engines
             .map(|n| locker::Stripe::new(root, &format!("blob-{n}")))
             .collect(),
         indexes: DashMap::new(),
+        unentered: std::sync::atomic::AtomicU64::new(0),
         span: span.as_secs().max(1),
         indexed_spans: DashMap::new(),
         closed: closed.clone(),

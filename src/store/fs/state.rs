@@ -83,6 +83,58 @@ impl FsState {
         cached.parts = None;
     }
 
+    /// A change of this process's to the upload's metadata or answer begins or ends: what was
+    /// cached of them (`forget`) is not trusted, nor kept by a read under way.
+    fn invalidate(&self, upload: &UploadKey, forget: impl Fn(&mut CachedIndex)) {
+        match self.0.indexes.get_mut(upload) {
+            Some(mut cached) => {
+                cached.generation += 1;
+                forget(&mut cached);
+            }
+            None => {
+                self.0
+                    .unentered
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    }
+
+    /// Where reading `upload`'s state from disk starts: the entry's generation, the changes to
+    /// uploads without an entry so far (see [`keep`](Self::keep)), and the stripe's epoch.
+    fn read_start(&self, upload: &UploadKey) -> (Option<u64>, u64, u64) {
+        let generation = self.0.indexes.get(upload).map(|c| c.generation);
+        let unentered = self.0.unentered.load(std::sync::atomic::Ordering::SeqCst);
+        (generation, unentered, self.0.epoch(upload))
+    }
+
+    /// Keeps what a read found (`remember`) if nothing changed the upload meanwhile: no change
+    /// of this process's began or ended, and (for an upload without an entry) no upload without
+    /// an entry changed.
+    /// An upload without an entry gets one only if `worth_an_entry` (an unknown upload that
+    /// clients probe must not take memory).
+    fn keep(
+        &self,
+        upload: &UploadKey,
+        (generation, unentered, _): (Option<u64>, u64, u64),
+        worth_an_entry: bool,
+        remember: impl FnOnce(&mut CachedIndex),
+    ) {
+        match (self.0.indexes.entry(*upload), generation) {
+            (dashmap::Entry::Occupied(mut cached), Some(g)) if cached.get().generation == g => {
+                remember(cached.get_mut())
+            }
+            (dashmap::Entry::Vacant(vacant), None)
+                if worth_an_entry
+                    && self.0.unentered.load(std::sync::atomic::Ordering::SeqCst) == unentered =>
+            {
+                let mut cached = CachedIndex::default();
+                remember(&mut cached);
+                vacant.insert(cached);
+            }
+            _ => {}
+        }
+    }
+
     /// The change is done (under the upload's lease): `parts` is the index now (`None`:
     /// unknown, read it again).
     fn changed(&self, upload: &UploadKey, parts: Option<PartIndex>) {
@@ -214,13 +266,27 @@ async fn modified(path: &Path) -> std::io::Result<Option<SystemTime>> {
 #[async_trait]
 impl StateStore for FsState {
     async fn meta(&self, upload: &UploadKey) -> Result<Option<UploadMeta>, StoreError> {
-        match tokio::fs::read(self.0.upload_dir(upload).join("meta.json")).await {
-            Ok(bytes) => Ok(parse_or_absent(upload, "meta.json", || {
-                serde_json::from_slice(&bytes).map_err(|e| e.to_string())
-            })),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
+        if let Some(cached) = self.0.indexes.get(upload) {
+            if let Some((epoch, meta)) = &cached.meta {
+                if self.0.cache_holds(upload, *epoch) {
+                    return Ok(meta.as_deref().cloned());
+                }
+            }
         }
+        let start = self.read_start(upload);
+        let meta: Option<UploadMeta> =
+            match tokio::fs::read(self.0.upload_dir(upload).join("meta.json")).await {
+                Ok(bytes) => parse_or_absent(upload, "meta.json", || {
+                    serde_json::from_slice(&bytes).map_err(|e| e.to_string())
+                }),
+                Err(e) if e.kind() == ErrorKind::NotFound => None,
+                Err(e) => return Err(e.into()),
+            };
+        let kept = meta.clone().map(Arc::new);
+        self.keep(upload, start, meta.is_some(), |c| {
+            c.meta = Some((start.2, kept))
+        });
+        Ok(meta)
     }
 
     async fn save_meta(
@@ -231,40 +297,34 @@ impl StateStore for FsState {
     ) -> Result<(), StoreError> {
         let json = serde_json::to_vec(meta).expect("metadata serializes");
         let path = self.0.upload_dir(upload).join("meta.json");
-        Ok(self.0.write_atomic(&path, json).await?)
+        self.invalidate(upload, |c| c.meta = None);
+        let written = self.0.write_atomic(&path, json).await;
+        self.invalidate(upload, |c| c.meta = None);
+        Ok(written?)
     }
 
     async fn remove_meta(&self, upload: &UploadKey, _fence: Fence) -> Result<(), StoreError> {
-        Ok(remove_if_present(&self.0.upload_dir(upload).join("meta.json")).await?)
+        self.invalidate(upload, |c| c.meta = None);
+        let removed = remove_if_present(&self.0.upload_dir(upload).join("meta.json")).await;
+        self.invalidate(upload, |c| c.meta = None);
+        Ok(removed?)
     }
 
     async fn parts(&self, upload: &UploadKey) -> Result<Arc<PartIndex>, StoreError> {
-        let generation = match self.0.indexes.get(upload) {
-            Some(cached) => match &cached.parts {
-                Some(parts) if self.0.cache_holds(upload, cached.epoch) => {
-                    return Ok(Arc::clone(parts))
+        if let Some(cached) = self.0.indexes.get(upload) {
+            if let Some(parts) = &cached.parts {
+                if self.0.cache_holds(upload, cached.epoch) {
+                    return Ok(Arc::clone(parts));
                 }
-                _ => cached.generation,
-            },
-            None => 0,
-        };
-        let epoch = self.0.epoch(upload);
+            }
+        }
+        let start = self.read_start(upload);
         let parts = Arc::new(self.list_parts(upload).await?);
         // Kept only if no change of this process's began or ended while the listing was read.
-        match self.0.indexes.entry(*upload) {
-            dashmap::Entry::Occupied(mut cached) if cached.get().generation == generation => {
-                cached.get_mut().parts = Some(Arc::clone(&parts));
-                cached.get_mut().epoch = epoch;
-            }
-            dashmap::Entry::Vacant(vacant) if !parts.is_empty() => {
-                vacant.insert(CachedIndex {
-                    generation: 0,
-                    epoch,
-                    parts: Some(Arc::clone(&parts)),
-                });
-            }
-            _ => {}
-        }
+        self.keep(upload, start, !parts.is_empty(), |c| {
+            c.parts = Some(Arc::clone(&parts));
+            c.epoch = start.2;
+        });
         Ok(parts)
     }
 
@@ -376,10 +436,23 @@ impl StateStore for FsState {
         &self,
         upload: &UploadKey,
     ) -> Result<Option<(RecordedAnswer, SystemTime)>, StoreError> {
+        if let Some(cached) = self.0.indexes.get(upload) {
+            if cached
+                .no_answer
+                .is_some_and(|epoch| self.0.cache_holds(upload, epoch))
+            {
+                return Ok(None);
+            }
+        }
+        let start = self.read_start(upload);
         let path = self.0.upload_dir(upload).join("answer");
         let bytes = match tokio::fs::read(&path).await {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                // Remembered only for an upload this process has an entry for already.
+                self.keep(upload, start, false, |c| c.no_answer = Some(start.2));
+                return Ok(None);
+            }
             Err(e) => return Err(e.into()),
         };
         let header = parse_or_absent(upload, "answer", || {
@@ -420,11 +493,17 @@ impl StateStore for FsState {
         bytes.push(b'\n');
         bytes.extend_from_slice(&answer.body);
         let path = self.0.upload_dir(upload).join("answer");
-        Ok(self.0.write_atomic(&path, bytes).await?)
+        self.invalidate(upload, |c| c.no_answer = None);
+        let written = self.0.write_atomic(&path, bytes).await;
+        self.invalidate(upload, |c| c.no_answer = None);
+        Ok(written?)
     }
 
     async fn remove_answer(&self, upload: &UploadKey, _fence: Fence) -> Result<(), StoreError> {
-        Ok(remove_if_present(&self.0.upload_dir(upload).join("answer")).await?)
+        self.invalidate(upload, |c| c.no_answer = None);
+        let removed = remove_if_present(&self.0.upload_dir(upload).join("answer")).await;
+        self.invalidate(upload, |c| c.no_answer = None);
+        Ok(removed?)
     }
 
     async fn mark_delivering(
@@ -504,6 +583,9 @@ impl StateStore for FsState {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         };
+        self.0
+            .unentered
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.0.indexes.remove(upload);
         removed
     }

@@ -1,0 +1,177 @@
+//! Many uploads at once: 1,000 uploads in progress (two 4 KiB chunks of four each), then chunk
+//! tests (the request Resumable.js and Flow.js send before every chunk) against pass-through
+//! requests, measured alternately in the same run, and Stitch's memory.
+//! Results replace the "many uploads" section of `benches/results.md`.
+//!
+//! Run: `cargo bench --bench many` (UPLOADS=… ROUNDS=… SECONDS=… to change the sizes).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "common/report.rs"]
+mod report;
+
+use common::*;
+use futures::StreamExt;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_mib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024.0
+}
+
+/// Requests per second: `clients` keep-alive clients for `seconds`, each GETting `url(i)`.
+async fn rate(
+    clients: usize,
+    seconds: u64,
+    url: Arc<dyn Fn(u64) -> String + Send + Sync>,
+    expect: &'static [u16],
+) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients as u64)
+        .map(|c| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut done = 0u64;
+                while Instant::now() < deadline {
+                    let response = client.get(url(c * 7919 + done)).send().await.unwrap();
+                    assert!(expect.contains(&response.status().as_u16()));
+                    response.bytes().await.unwrap();
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let uploads = env_u64("UPLOADS", 1000);
+    let rounds = env_u64("ROUNDS", 3);
+    let seconds = env_u64("SECONDS", 4);
+    let upstream = Upstream::start().await;
+    upstream.serve_static("/page", "text/html", bytes::Bytes::from(vec![b'x'; 1024]));
+    let root = tempfile::tempdir_in(".").unwrap();
+    let dir = root.path().join("data");
+    let yaml = config_yaml(upstream.addr, &dir, "", ROUTES);
+    let path = root.path().join("stitch.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let listen: SocketAddr = yaml.lines().next().unwrap()["listen: ".len()..]
+        .parse()
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stitch"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(listen).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = child.id();
+    let baseline = rss_mib(pid, "VmRSS:");
+
+    let files: Arc<Vec<ChunkedFile>> = Arc::new(
+        (0..uploads)
+            .map(|i| ChunkedFile::resumable(&format!("f{i}.bin"), random_bytes(16384, i), 4096))
+            .collect(),
+    );
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let sends = (0..uploads as usize).flat_map(|i| [(i, 1u64), (i, 2)]);
+    let mut in_flight = futures::stream::iter(sends.map(|(i, n)| {
+        let (files, client) = (files.clone(), client.clone());
+        async move {
+            let file = &files[i];
+            let (start, end) = file.bounds(n);
+            let response = client
+                .post(format!("http://{listen}/upload?{}", file.query_string(n)))
+                .body(file.data.slice(start, end))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+        }
+    }))
+    .buffer_unordered(16);
+    while in_flight.next().await.is_some() {}
+    let created = started.elapsed().as_secs_f64();
+    let after = rss_mib(pid, "VmRSS:");
+
+    let test_url: Arc<dyn Fn(u64) -> String + Send + Sync> = {
+        let files = files.clone();
+        Arc::new(move |i| {
+            let file = &files[(i % uploads) as usize];
+            // Parts 1 and 2 are stored (200), 3 and 4 are not (204).
+            format!(
+                "http://{listen}/upload?{}",
+                file.query_string(1 + (i / uploads) % 4)
+            )
+        })
+    };
+    let page_url: Arc<dyn Fn(u64) -> String + Send + Sync> =
+        Arc::new(move |_| format!("http://{listen}/page"));
+    let (mut tests, mut passes) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        if round % 2 == 0 {
+            tests.push(rate(16, seconds, test_url.clone(), &[200, 204]).await);
+            passes.push(rate(16, seconds, page_url.clone(), &[200]).await);
+        } else {
+            passes.push(rate(16, seconds, page_url.clone(), &[200]).await);
+            tests.push(rate(16, seconds, test_url.clone(), &[200, 204]).await);
+        }
+    }
+    let peak = rss_mib(pid, "VmHWM:");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let (test, pass) = (median(tests.clone()), median(passes.clone()));
+    let report = format!(
+        "# Benchmark: many uploads at once\n\n\
+         Machine: {} cores. The release binary, fs storage with fsync, {uploads} uploads in \
+         progress (two 4 KiB chunks of four each, sent 16 at a time in {created:.1} s). Then, \
+         alternately, {rounds} rounds of {seconds} s: 16 keep-alive clients sending chunk tests \
+         (half for stored chunks: 200, half for missing ones: 204) or pass-through GETs of a 1 \
+         KiB page; medians.\n\n\
+         | measure | value |\n|---|---|\n\
+         | chunk tests (requests/s) | {test:.0} |\n\
+         | pass-through (requests/s) | {pass:.0} |\n\
+         | tests / pass-through | {:.2} |\n\
+         | Stitch RSS at start, with the uploads, peak (MiB) | {baseline:.1}, {after:.1}, {peak:.1} |\n\n\
+         Every round (tests, pass-through): {:?}, {:?}.\n\n\
+         Produced by `cargo bench --bench many`.\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        test / pass,
+        tests.iter().map(|v| v.round()).collect::<Vec<_>>(),
+        passes.iter().map(|v| v.round()).collect::<Vec<_>>(),
+    );
+    report::save_section("many uploads", &report);
+    println!("{report}");
+}
