@@ -10,8 +10,11 @@ use tokio::io::AsyncRead;
 
 pub(super) struct FsBlobs(pub(super) Arc<Fs>);
 
-/// A staged body reaches the disk in writes of about this size.
+/// A staged body reaches the disk in writes of about this size...
 const STAGE_WRITE: usize = 1 << 20;
+/// ...or of what arrived in this long, whichever comes first: a slow client's bytes are not
+/// held in memory while it trickles the rest (250 slow clients would hold a chunk each).
+const STAGE_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The staging file, and its hash so far, or the write under way with them.
 enum Writer {
@@ -57,10 +60,11 @@ impl Writer {
 
 #[async_trait]
 impl BlobStore for FsBlobs {
-    /// The body is gathered into writes of up to 1 MiB, each hashed and written on the
-    /// blocking pool while the next one is being received: one pool round trip per MiB instead
-    /// of one per piece, and receiving overlaps hashing and writing. No thread is held while the
-    /// client sends nothing.
+    /// The body is gathered into writes of up to 1 MiB (or of what arrived within 20 ms), each
+    /// hashed and written on the blocking pool while the next one is being received: one pool
+    /// round trip per MiB instead of one per piece for a fast client, receiving overlaps hashing
+    /// and writing, and a slow client's bytes go to disk as they come. No thread is held while
+    /// the client sends nothing.
     async fn stage(&self, body: &mut dyn BodySource, limit: u64) -> Result<Staged, StoreError> {
         let (token, path) = self.0.tmp_path();
         let staging = path.clone();
@@ -72,6 +76,7 @@ impl BlobStore for FsBlobs {
         };
         let mut writer = Writer::Idle(Box::new((Sha256::new(), file)));
         let mut gathered = bytes::BytesMut::new();
+        let mut since = std::time::Instant::now();
         let mut len = 0u64;
         let mut cut = None;
         let received = async {
@@ -85,9 +90,12 @@ impl BlobStore for FsBlobs {
                     }
                 };
                 let room = (limit - len).min(piece.len() as u64) as usize;
+                if gathered.is_empty() {
+                    since = std::time::Instant::now();
+                }
                 gathered.extend_from_slice(&piece[..room]);
                 len += room as u64;
-                if gathered.len() >= STAGE_WRITE {
+                if gathered.len() >= STAGE_WRITE || since.elapsed() >= STAGE_LINGER {
                     writer = writer.write(gathered.split().freeze()).await?;
                 }
                 if room < piece.len() {

@@ -1,0 +1,124 @@
+//! Memory after bursts: 250 slow clients, each sending a 256 KiB chunk in 8 pieces over about
+//! two seconds, come and go three times; Stitch's resident memory and thread count are read
+//! before, after each burst (once idle blocking threads have ended), and at the end.
+//! Results replace the "bursts" section of `benches/results.md`.
+//!
+//! Run: `cargo bench --bench bursts` (CLIENTS=… BURSTS=… to change the sizes).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "common/report.rs"]
+mod report;
+
+use common::*;
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// (resident MiB, threads) of process `pid`.
+fn footprint(pid: u32) -> (f64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> f64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    (field("VmRSS:") / 1024.0, field("Threads:") as u64)
+}
+
+/// One slow client: a 256 KiB chunk of upload `id`, in 8 pieces 250 ms apart.
+async fn slow_chunk(listen: SocketAddr, id: u64) {
+    let file = ChunkedFile::resumable(
+        &format!("slow-{id}.bin"),
+        random_bytes(262_144, id),
+        262_144,
+    );
+    let mut stream = tokio::net::TcpStream::connect(listen).await.unwrap();
+    let head = format!(
+        "POST /upload?{} HTTP/1.1\r\nHost: a\r\nContent-Length: 262144\r\nConnection: close\r\n\r\n",
+        file.query_string(1)
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    for piece in 0..8u64 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let body = file.data.slice(piece * 32_768, (piece + 1) * 32_768);
+        stream.write_all(&body).await.unwrap();
+    }
+    let mut answer = Vec::new();
+    tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut answer)
+        .await
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "slow client {id}");
+}
+
+#[tokio::main]
+async fn main() {
+    let clients = env_u64("CLIENTS", 250);
+    let bursts = env_u64("BURSTS", 3);
+    let upstream = Upstream::start().await;
+    let root = tempfile::tempdir_in(".").unwrap();
+    let dir = root.path().join("data");
+    let yaml = config_yaml(upstream.addr, &dir, "", ROUTES);
+    let path = root.path().join("stitch.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let listen: SocketAddr = yaml.lines().next().unwrap()["listen: ".len()..]
+        .parse()
+        .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stitch"))
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(listen).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = child.id();
+    let mut rows = vec![("start".to_string(), footprint(pid))];
+    let mut peak = footprint(pid);
+    for burst in 0..bursts {
+        let tasks: Vec<_> = (0..clients)
+            .map(|i| tokio::spawn(slow_chunk(listen, burst * clients + i)))
+            .collect();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = footprint(pid);
+            peak = (peak.0.max(now.0), peak.1.max(now.1));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // Idle blocking threads end after 10 s.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        rows.push((format!("after burst {}", burst + 1), footprint(pid)));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut report = format!(
+        "# Benchmark: bursts of slow clients\n\n\
+         Machine: {} cores. The release binary, fs storage with fsync; {bursts} bursts of \
+         {clients} clients each sending a 256 KiB chunk in 8 pieces over 2 s; readings 12 s \
+         after each burst (idle blocking threads end after 10 s). During the bursts: at most \
+         {:.1} MiB and {} threads.\n\n| when | RSS (MiB) | threads |\n|---|---|---|\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        peak.0,
+        peak.1
+    );
+    for (when, (rss, threads)) in rows {
+        report.push_str(&format!("| {when} | {rss:.1} | {threads} |\n"));
+    }
+    report.push_str("\nProduced by `cargo bench --bench bursts`.\n");
+    report::save_section("bursts", &report);
+    println!("{report}");
+}
