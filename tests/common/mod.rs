@@ -86,6 +86,8 @@ pub struct Harness {
     forward_to: SocketAddr,
     /// The storage directory (in `dir` unless a test puts it elsewhere).
     storage_dir: std::path::PathBuf,
+    /// A proxy in front of Stitch that requests go through, if a test put one there.
+    pub front: Option<SocketAddr>,
 }
 
 impl Harness {
@@ -125,12 +127,21 @@ impl Harness {
             yaml_tail: yaml_tail.to_string(),
             forward_to,
             storage_dir,
+            front: None,
         }
     }
 
     pub fn url(&self, path_and_query: &str) -> String {
-        let addr = self.stitch.as_ref().expect("stitch is running").addr;
+        let addr = match self.front {
+            Some(front) => front,
+            None => self.stitch.as_ref().expect("stitch is running").addr,
+        };
         format!("http://{addr}{path_and_query}")
+    }
+
+    /// Where Stitch itself listens (not a proxy in front).
+    pub fn stitch_addr(&self) -> SocketAddr {
+        self.stitch.as_ref().expect("stitch is running").addr
     }
 
     /// Stops Stitch and starts it again on the same storage directory (a new port).
