@@ -1,6 +1,8 @@
 //! Metrics must not cost throughput: pass-through requests per second, and ingest of 8 MiB
 //! chunks, through one Stitch with the metrics listener on and one with it off (requests are
-//! then not counted), measured alternately in the same run; the medians are compared.
+//! then not counted), measured alternately in the same run; the medians are compared. Hashing
+//! must not be the bottleneck: ingest with content hashing against a Stitch that skips it
+//! (`STITCH_BENCH_SKIP_HASH=1`, a switch for this bench only), the same way.
 //! Results replace the metrics section of `benches/results.md`.
 //!
 //! Run: `cargo bench --bench metrics` (ROUNDS=… SECONDS=… FILE_MIB=… to change the sizes).
@@ -37,7 +39,7 @@ impl Drop for Stitch {
     }
 }
 
-fn start(upstream: SocketAddr, metrics: bool) -> Stitch {
+fn start(upstream: SocketAddr, metrics: bool, hashing: bool) -> Stitch {
     let root = tempfile::tempdir_in(".").unwrap();
     let dir = root.path().join("data");
     let mut routes = String::from(
@@ -58,6 +60,7 @@ fn start(upstream: SocketAddr, metrics: bool) -> Stitch {
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "warn")
+        .env("STITCH_BENCH_SKIP_HASH", if hashing { "0" } else { "1" })
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
@@ -168,9 +171,11 @@ async fn main() {
     let file_mib = env_u64("FILE_MIB", 128).max(16);
     let upstream = Upstream::start().await;
     upstream.serve_static("/page", "text/html", bytes::Bytes::from(vec![b'x'; 1024]));
-    let on = start(upstream.addr, true);
-    let off = start(upstream.addr, false);
+    let on = start(upstream.addr, true, true);
+    let off = start(upstream.addr, false, true);
+    let unhashed = start(upstream.addr, true, false);
     let (mut rps, mut mib) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let mut skipped = Vec::new();
     // Warm both up, then alternate which goes first.
     for stitch in [&on, &off] {
         requests_per_second(stitch.listen, 16, 1).await;
@@ -183,13 +188,15 @@ async fn main() {
         }
         for i in order {
             let stitch = [&on, &off][i];
-            mib[i].push(ingest(stitch.listen, file_mib, round * 2 + i as u64).await);
+            mib[i].push(ingest(stitch.listen, file_mib, round * 3 + i as u64).await);
         }
+        skipped.push(ingest(unhashed.listen, file_mib, round * 3 + 2).await);
     }
+    let unhashed_mib = median(skipped.clone());
     let [rps_on, rps_off] = rps.clone().map(median);
     let [mib_on, mib_off] = mib.clone().map(median);
     let report = format!(
-        "# Benchmark: metrics on and off, same run\n\n\
+        "# Benchmark: metrics and hashing on and off, same run\n\n\
          Machine: {} cores. Two release Stitch processes, one with `metrics.listen` (every request \
          counted) and one without, measured alternately, {rounds} rounds; medians. Pass-through: \
          16 keep-alive clients GET a 1 KiB page for {seconds} s. Ingest: a {file_mib} MiB file \
@@ -197,15 +204,20 @@ async fn main() {
          | measure | metrics off | metrics on | on / off |\n|---|---|---|---|\n\
          | pass-through (requests/s) | {rps_off:.0} | {rps_on:.0} | {:.3} |\n\
          | ingest, 8 MiB chunks (MiB/s) | {mib_off:.0} | {mib_on:.0} | {:.3} |\n\n\
-         Every round (requests/s off, on): {:?}, {:?}; (MiB/s off, on): {:?}, {:?}.\n\n\
+         Hashing: ingest as above with content hashing (metrics on) {mib_on:.0} MiB/s, without \
+         {unhashed_mib:.0} MiB/s: with / without {:.3}.\n\n\
+         Every round (requests/s off, on): {:?}, {:?}; (MiB/s off, on, unhashed): {:?}, {:?}, \
+         {:?}.\n\n\
          Produced by `cargo bench --bench metrics`.\n",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         rps_on / rps_off,
         mib_on / mib_off,
+        mib_on / unhashed_mib,
         rps[1].iter().map(|v| v.round()).collect::<Vec<_>>(),
         rps[0].iter().map(|v| v.round()).collect::<Vec<_>>(),
         mib[1].iter().map(|v| v.round()).collect::<Vec<_>>(),
         mib[0].iter().map(|v| v.round()).collect::<Vec<_>>(),
+        skipped.iter().map(|v| v.round()).collect::<Vec<_>>(),
     );
     report::save_section("metrics", &report);
     println!("{report}");
