@@ -118,7 +118,14 @@ impl Daemon {
     fn exited_within(&self, within: Duration) -> bool {
         let deadline = std::time::Instant::now() + within;
         while std::time::Instant::now() < deadline {
-            if !Path::new(&format!("/proc/{}", self.0)).exists() {
+            // Gone, or a zombie waiting for init to reap it (a daemon's parent is init).
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0));
+            let state = stat
+                .as_deref()
+                .ok()
+                .and_then(|s| s.rsplit_once(')'))
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
+            if matches!(state, None | Some('Z')) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
