@@ -1,7 +1,7 @@
 //! Restarts without downtime (the real binary): a new Stitch started with `--upgrade` takes the
 //! listeners of the running one, which hands them over on SIGQUIT, finishes what is in flight
 //! and exits; `--daemon` runs in the background with a pid file, as the systemd unit in
-//! `deploy/` does it.
+//! `conf/deploy/` does it.
 
 mod common;
 
