@@ -5,35 +5,22 @@
 //!
 //! Run: `cargo bench --bench bursts` (CLIENTS=… BURSTS=… to change the sizes).
 
+#[path = "common/bench.rs"]
+mod bench;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "common/report.rs"]
 mod report;
 
+use bench::{env_u64, proc_mib, proc_status, Stitch};
 use common::*;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// (resident MiB, threads) of process `pid`.
 fn footprint(pid: u32) -> (f64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> f64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    };
-    (field("VmRSS:") / 1024.0, field("Threads:") as u64)
+    (proc_mib(pid, "VmRSS:"), proc_status(pid, "Threads:") as u64)
 }
 
 /// One slow client: a 256 KiB chunk of upload `id`, in 8 pieces 250 ms apart.
@@ -67,24 +54,9 @@ async fn main() {
     let bursts = env_u64("BURSTS", 3);
     let upstream = Upstream::start().await;
     let root = tempfile::tempdir_in(".").unwrap();
-    let dir = root.path().join("data");
-    let yaml = config_yaml(upstream.addr, &dir, "", ROUTES);
-    let path = root.path().join("stitch.yaml");
-    std::fs::write(&path, &yaml).unwrap();
-    let listen: SocketAddr = yaml.lines().next().unwrap()["listen: ".len()..]
-        .parse()
-        .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stitch"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    while std::net::TcpStream::connect(listen).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let pid = child.id();
+    let stitch = Stitch::start(root.path(), upstream.addr, ROUTES, true, &[]);
+    let listen = stitch.listen;
+    let pid = stitch.child.id();
     let mut rows = vec![("start".to_string(), footprint(pid))];
     let mut peak = footprint(pid);
     for burst in 0..bursts {
@@ -103,8 +75,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_secs(12)).await;
         rows.push((format!("after burst {}", burst + 1), footprint(pid)));
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(stitch);
     let mut report = format!(
         "# Benchmark: bursts of slow clients\n\n\
          Machine: {} cores. The release binary, fs storage with fsync; {bursts} bursts of \

@@ -5,71 +5,18 @@
 //!
 //! Run: `cargo bench --bench many` (UPLOADS=… ROUNDS=… SECONDS=… to change the sizes).
 
+#[path = "common/bench.rs"]
+mod bench;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "common/report.rs"]
 mod report;
 
+use bench::{env_u64, median, proc_mib as rss_mib, rate, Stitch};
 use common::*;
 use futures::StreamExt;
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn rss_mib(pid: u32, field: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib / 1024.0
-}
-
-/// Requests per second: `clients` keep-alive clients for `seconds`, each GETting `url(i)`.
-async fn rate(
-    clients: usize,
-    seconds: u64,
-    url: Arc<dyn Fn(u64) -> String + Send + Sync>,
-    expect: &'static [u16],
-) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients as u64)
-        .map(|c| {
-            let url = url.clone();
-            tokio::spawn(async move {
-                let client = reqwest::Client::new();
-                let mut done = 0u64;
-                while Instant::now() < deadline {
-                    let response = client.get(url(c * 7919 + done)).send().await.unwrap();
-                    assert!(expect.contains(&response.status().as_u16()));
-                    response.bytes().await.unwrap();
-                    done += 1;
-                }
-                done
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for task in tasks {
-        total += task.await.unwrap();
-    }
-    total as f64 / started.elapsed().as_secs_f64()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
+use std::time::Instant;
 
 #[tokio::main]
 async fn main() {
@@ -79,24 +26,9 @@ async fn main() {
     let upstream = Upstream::start().await;
     upstream.serve_static("/page", "text/html", bytes::Bytes::from(vec![b'x'; 1024]));
     let root = tempfile::tempdir_in(".").unwrap();
-    let dir = root.path().join("data");
-    let yaml = config_yaml(upstream.addr, &dir, "", ROUTES);
-    let path = root.path().join("stitch.yaml");
-    std::fs::write(&path, &yaml).unwrap();
-    let listen: SocketAddr = yaml.lines().next().unwrap()["listen: ".len()..]
-        .parse()
-        .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stitch"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    while std::net::TcpStream::connect(listen).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let pid = child.id();
+    let stitch = Stitch::start(root.path(), upstream.addr, ROUTES, true, &[]);
+    let listen = stitch.listen;
+    let pid = stitch.child.id();
     let baseline = rss_mib(pid, "VmRSS:");
 
     let files: Arc<Vec<ChunkedFile>> = Arc::new(
@@ -150,8 +82,7 @@ async fn main() {
         }
     }
     let peak = rss_mib(pid, "VmHWM:");
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(stitch);
     let (test, pass) = (median(tests.clone()), median(passes.clone()));
     let report = format!(
         "# Benchmark: many uploads at once\n\n\

@@ -7,41 +7,22 @@
 //!
 //! Run: `cargo bench --bench metrics` (ROUNDS=… SECONDS=… FILE_MIB=… to change the sizes).
 
+#[path = "common/bench.rs"]
+mod bench;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "common/report.rs"]
 mod report;
 
+use bench::{env_u64, median, rate, send_chunk, Stitch};
 use common::*;
 use futures::StreamExt;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// A release `stitch` process, killed when dropped.
-struct Stitch {
-    child: Child,
-    listen: SocketAddr,
-    _root: tempfile::TempDir,
-}
-
-impl Drop for Stitch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(upstream: SocketAddr, metrics: bool, hashing: bool) -> Stitch {
+/// A release Stitch with the metrics listener or not, hashing or not, and its directory.
+fn start(upstream: SocketAddr, metrics: bool, hashing: bool) -> (Stitch, tempfile::TempDir) {
     let root = tempfile::tempdir_in(".").unwrap();
-    let dir = root.path().join("data");
     let mut routes = String::from(
         "routes:\n  - path: /upload\n    protocol: resumable\n    limits: { max_chunk_size: 16MiB }\n    \
          forward: { path: /app/upload, field: document }\n",
@@ -49,61 +30,26 @@ fn start(upstream: SocketAddr, metrics: bool, hashing: bool) -> Stitch {
     if metrics {
         routes = format!("metrics:\n  listen: {}\n{routes}", free_addr());
     }
-    let yaml =
-        config_yaml(upstream, &dir, "", &routes).replace("  fsync: true\n", "  fsync: false\n");
-    let path = root.path().join("stitch.yaml");
-    std::fs::write(&path, &yaml).unwrap();
-    let listen: SocketAddr = yaml.lines().next().unwrap()["listen: ".len()..]
-        .parse()
-        .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_stitch"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .env("STITCH_BENCH_SKIP_HASH", if hashing { "0" } else { "1" })
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(listen).is_err() {
-        assert!(Instant::now() < deadline, "stitch did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    Stitch {
-        child,
-        listen,
-        _root: root,
-    }
+    let skip = if hashing { "0" } else { "1" };
+    let stitch = Stitch::start(
+        root.path(),
+        upstream,
+        &routes,
+        false,
+        &[("STITCH_BENCH_SKIP_HASH", skip)],
+    );
+    (stitch, root)
 }
 
 /// Pass-through GETs per second, `clients` keep-alive connections for `seconds`.
 async fn requests_per_second(listen: SocketAddr, clients: usize, seconds: u64) -> f64 {
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            tokio::spawn(async move {
-                let client = reqwest::Client::new();
-                let mut done = 0u64;
-                while Instant::now() < deadline {
-                    let response = client
-                        .get(format!("http://{listen}/page"))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(response.status(), 200);
-                    response.bytes().await.unwrap();
-                    done += 1;
-                }
-                done
-            })
-        })
-        .collect();
-    let mut total = 0;
-    for task in tasks {
-        total += task.await.unwrap();
-    }
-    total as f64 / started.elapsed().as_secs_f64()
+    rate(
+        clients,
+        seconds,
+        std::sync::Arc::new(move |_| format!("http://{listen}/page")),
+        &[200],
+    )
+    .await
 }
 
 /// MiB/s of `file_mib` in 8 MiB multipart chunks, 3 in flight (the last chunk, which would
@@ -113,55 +59,17 @@ async fn ingest(listen: SocketAddr, file_mib: u64, round: u64) -> f64 {
     let count = file_mib / 8;
     let body = random_bytes(chunk as usize, round);
     let client = reqwest::Client::new();
+    let identifier = format!("metrics-{round}");
     let send = |n: u64| {
-        let (client, body) = (client.clone(), body.clone());
-        async move {
-            let params = [
-                ("resumableChunkNumber", n.to_string()),
-                ("resumableChunkSize", chunk.to_string()),
-                ("resumableCurrentChunkSize", chunk.to_string()),
-                ("resumableTotalSize", (count * chunk).to_string()),
-                ("resumableIdentifier", format!("metrics-{round}")),
-                ("resumableFilename", "bench.bin".to_string()),
-            ];
-            let pairs: Vec<(String, String)> = params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect();
-            let (boundary, head, tail) =
-                multipart_frame(&pairs, "file", "bench.bin", "application/octet-stream");
-            // Each chunk differs (its number leads), so nothing is deduplicated.
-            let mut first = bytes::BytesMut::from(&body[..]);
-            first[..8].copy_from_slice(&n.to_be_bytes());
-            let len = head.len() + first.len() + tail.len();
-            let pieces: Vec<reqwest::Result<bytes::Bytes>> =
-                vec![Ok(head), Ok(first.freeze()), Ok(tail)];
-            let query = url::form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(&pairs)
-                .finish();
-            let response = client
-                .post(format!("http://{listen}/upload?{query}"))
-                .header(
-                    "content-type",
-                    format!("multipart/form-data; boundary={boundary}"),
-                )
-                .header("content-length", len)
-                .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200, "chunk {n}");
-        }
+        // Each chunk differs (its number leads), so nothing is deduplicated.
+        let mut first = bytes::BytesMut::from(&body[..]);
+        first[..8].copy_from_slice(&n.to_be_bytes());
+        send_chunk(&client, listen, &identifier, n, count, first.freeze())
     };
     let started = Instant::now();
     let mut in_flight = futures::stream::iter((1..count).map(send)).buffer_unordered(3);
     while in_flight.next().await.is_some() {}
     ((count - 1) * 8) as f64 / started.elapsed().as_secs_f64()
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
 }
 
 #[tokio::main]
@@ -171,9 +79,9 @@ async fn main() {
     let file_mib = env_u64("FILE_MIB", 128).max(16);
     let upstream = Upstream::start().await;
     upstream.serve_static("/page", "text/html", bytes::Bytes::from(vec![b'x'; 1024]));
-    let on = start(upstream.addr, true, true);
-    let off = start(upstream.addr, false, true);
-    let unhashed = start(upstream.addr, true, false);
+    let (on, _on_dir) = start(upstream.addr, true, true);
+    let (off, _off_dir) = start(upstream.addr, false, true);
+    let (unhashed, _unhashed_dir) = start(upstream.addr, true, false);
     let (mut rps, mut mib) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     let mut skipped = Vec::new();
     // Warm both up, then alternate which goes first.

@@ -5,22 +5,18 @@
 //!
 //! Run: `cargo bench --bench upload` (FILE_MIB=… CHUNK_MIB=… to change the sizes).
 
+#[path = "common/bench.rs"]
+mod bench;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "common/report.rs"]
 mod report;
 
+use bench::{env_u64, proc_mib, send_chunk, Stitch};
 use common::*;
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use std::process::Command;
+use std::time::Instant;
 
 /// Writes `total` bytes as files of `piece` bytes, each fsynced (as Stitch does per part).
 fn disk_baseline(dir: &std::path::Path, total: u64, piece: u64, fsync: bool) -> f64 {
@@ -45,16 +41,6 @@ fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / (1 << 20) as f64 / seconds
 }
 
-fn peak_rss_mib(child: &Child) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib / 1024.0
-}
-
 struct Run {
     fsync: bool,
     ingest_mib_s: f64,
@@ -67,71 +53,21 @@ struct Run {
 async fn run(file_mib: u64, chunk_mib: u64, fsync: bool) -> Run {
     let upstream = Upstream::start().await;
     let root = tempfile::tempdir_in(".").unwrap();
-    let dir = root.path().join("data");
-    let storage = format!("  fsync: {fsync}\n");
     let routes = format!(
         "routes:\n  - path: /upload\n    protocol: resumable\n    limits: {{ max_chunk_size: {}MiB }}\n    \
          forward: {{ path: /app/upload, field: document, timeout: 30m }}\n",
         chunk_mib * 2
     );
-    // The test helper writes `fsync: true`; YAML keys may not repeat, so it is replaced.
-    let yaml = config_yaml(upstream.addr, &dir, "", &routes).replace("  fsync: true\n", &storage);
-    let path = root.path().join("stitch.yaml");
-    std::fs::write(&path, &yaml).unwrap();
-    let listen: std::net::SocketAddr = yaml.lines().next().unwrap()["listen: ".len()..]
-        .parse()
-        .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_stitch"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    while std::net::TcpStream::connect(listen).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let stitch = Stitch::start(root.path(), upstream.addr, &routes, fsync, &[]);
+    let listen = stitch.listen;
 
     let chunk = chunk_mib << 20;
     let count = file_mib / chunk_mib;
     let client = reqwest::Client::new();
+    let identifier = format!("bench-{fsync}");
     let send = |n: u64| {
-        let client = client.clone();
-        async move {
-            let body = random_bytes(chunk as usize, n);
-            let params = [
-                ("resumableChunkNumber", n.to_string()),
-                ("resumableChunkSize", chunk.to_string()),
-                ("resumableCurrentChunkSize", chunk.to_string()),
-                ("resumableTotalSize", (count * chunk).to_string()),
-                ("resumableIdentifier", format!("bench-{fsync}")),
-                ("resumableFilename", "bench.bin".to_string()),
-            ];
-            let pairs: Vec<(String, String)> = params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect();
-            let (boundary, head, tail) =
-                multipart_frame(&pairs, "file", "bench.bin", "application/octet-stream");
-            let len = head.len() + body.len() + tail.len();
-            let pieces: Vec<reqwest::Result<bytes::Bytes>> = vec![Ok(head), Ok(body), Ok(tail)];
-            // Resumable.js repeats its parameters in the URL of a multipart upload.
-            let query = url::form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(&pairs)
-                .finish();
-            let response = client
-                .post(format!("http://{listen}/upload?{query}"))
-                .header(
-                    "content-type",
-                    format!("multipart/form-data; boundary={boundary}"),
-                )
-                .header("content-length", len)
-                .body(reqwest::Body::wrap_stream(futures::stream::iter(pieces)))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200, "chunk {n}");
-        }
+        let body = random_bytes(chunk as usize, n);
+        send_chunk(&client, listen, &identifier, n, count, body)
     };
     let started = Instant::now();
     let mut in_flight = futures::stream::iter((1..count).map(send)).buffer_unordered(3);
@@ -141,9 +77,8 @@ async fn run(file_mib: u64, chunk_mib: u64, fsync: bool) -> Run {
     let started = Instant::now();
     send(count).await;
     let forward = started.elapsed().as_secs_f64();
-    let peak = peak_rss_mib(&child);
-    child.kill().unwrap();
-    child.wait().unwrap();
+    let peak = proc_mib(stitch.child.id(), "VmHWM:");
+    drop(stitch);
     let received = upstream.received_at("/app/upload");
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].files[0].len, count * chunk);

@@ -39,6 +39,32 @@ async fn scrape(metrics: SocketAddr) -> String {
     response.text().await.unwrap()
 }
 
+/// Creates a tus upload of `length` bytes on `/files` and sends `first` as its first PATCH;
+/// returns the PATCH's status.
+async fn tus_start(h: &Harness, length: u64, metadata: Option<&str>, first: &'static str) -> u16 {
+    let mut create = h
+        .client
+        .post(h.url("/files"))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", length.to_string());
+    if let Some(metadata) = metadata {
+        create = create.header("upload-metadata", metadata);
+    }
+    let created = create.send().await.unwrap();
+    let location = created.headers().get("location").unwrap().to_str().unwrap();
+    h.client
+        .request(Method::PATCH, location)
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "0")
+        .body(first)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
 /// The value of the sample whose name and labels (in the exposition's order) are `series`.
 fn sample(exposition: &str, series: &str) -> f64 {
     exposition
@@ -62,26 +88,7 @@ async fn metrics_count_requests_parts_dedup_and_deliveries_and_pass_promtool() {
     let second = ChunkedFile::resumable("b.bin", data, 1000);
     assert_eq!(second.upload_all(&h).await.status(), 200);
     assert_eq!(first.upload(&h, 3).await.status(), 200);
-    let created = h
-        .client
-        .post(h.url("/files"))
-        .header("tus-resumable", "1.0.0")
-        .header("upload-length", "4")
-        .send()
-        .await
-        .unwrap();
-    let location = created.headers().get("location").unwrap().to_str().unwrap();
-    let patched = h
-        .client
-        .request(Method::PATCH, location)
-        .header("tus-resumable", "1.0.0")
-        .header("content-type", "application/offset+octet-stream")
-        .header("upload-offset", "0")
-        .body("tus!")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(patched.status(), 204);
+    assert_eq!(tus_start(&h, 4, None, "tus!").await, 204);
     assert_eq!(
         h.client
             .get(h.url("/elsewhere"))
@@ -272,27 +279,8 @@ async fn the_listing_shows_uploads_in_progress_byte_exact_and_wants_its_token() 
     let chunked = ChunkedFile::resumable("private-name.bin", random_bytes(2500, 11), 1000);
     assert_eq!(chunked.upload(&h, 1).await.status(), 200);
     assert_eq!(chunked.upload(&h, 3).await.status(), 200);
-    let created = h
-        .client
-        .post(h.url("/files"))
-        .header("tus-resumable", "1.0.0")
-        .header("upload-length", "10")
-        .header("upload-metadata", "filename cHJpdmF0ZS50eHQ=")
-        .send()
-        .await
-        .unwrap();
-    let location = created.headers().get("location").unwrap().to_str().unwrap();
-    let patched = h
-        .client
-        .request(Method::PATCH, location)
-        .header("tus-resumable", "1.0.0")
-        .header("content-type", "application/offset+octet-stream")
-        .header("upload-offset", "0")
-        .body("four")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(patched.status(), 204);
+    let metadata = Some("filename cHJpdmF0ZS50eHQ=");
+    assert_eq!(tus_start(&h, 10, metadata, "four").await, 204);
 
     for wrong in [
         None,
