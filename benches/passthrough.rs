@@ -1,0 +1,195 @@
+//! Pass-through cost: requests that are not uploads, through Stitch, through a bare Pingora
+//! proxy (this bench re-run as a proxy with nothing but an upstream peer, in a process of its
+//! own like Stitch), and through nginx (Debian's, as `.ci/setup` unpacks it), in front of the
+//! same upstream, measured alternately in the same run; medians.
+//! Results replace the "pass-through" section of `benches/results.md`.
+//!
+//! Run: `cargo bench --bench passthrough` (ROUNDS=… SECONDS=… CLIENTS=… to change the sizes).
+
+#[path = "common/bench.rs"]
+mod bench;
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "common/report.rs"]
+mod report;
+
+use async_trait::async_trait;
+use bench::{env_u64, median, rate, Stitch};
+use common::*;
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The bare proxy: every request to one upstream, nothing else.
+struct Bare(SocketAddr);
+
+#[async_trait]
+impl ProxyHttp for Bare {
+    type CTX = ();
+    fn new_ctx(&self) {}
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut (),
+    ) -> pingora::Result<Box<HttpPeer>> {
+        Ok(Box::new(HttpPeer::new(self.0, false, String::new())))
+    }
+}
+
+/// Runs the bare proxy in this process (the bench re-run with BARE_LISTEN and BARE_UPSTREAM).
+fn run_bare(listen: &str, upstream: &str) -> ! {
+    let conf = pingora::server::configuration::ServerConf {
+        threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        ..Default::default()
+    };
+    let mut server = pingora::server::Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let mut proxy =
+        pingora::proxy::http_proxy_service(&server.configuration, Bare(upstream.parse().unwrap()));
+    proxy.add_tcp(listen);
+    server.add_service(proxy);
+    server.run_forever()
+}
+
+/// A child process, killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_listening(addr: SocketAddr, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "it exited");
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn start_bare(upstream: SocketAddr) -> (Process, SocketAddr) {
+    let listen = free_addr();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .env("BARE_LISTEN", listen.to_string())
+        .env("BARE_UPSTREAM", upstream.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(listen, &mut child);
+    (Process(child), listen)
+}
+
+/// nginx proxying to `upstream` with keep-alive, if it is installed or unpacked.
+fn start_nginx(upstream: SocketAddr, dir: &Path) -> Option<(Process, SocketAddr)> {
+    let unpacked = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/nginx/usr/sbin/nginx");
+    let binary = [unpacked, "/usr/sbin/nginx".into()]
+        .into_iter()
+        .find(|p| p.exists())?;
+    let listen = free_addr();
+    let d = dir.display();
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let conf = format!(
+        "daemon off;\nworker_processes {workers};\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
+         fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n  \
+         upstream app {{ server {upstream}; keepalive 64; }}\n  \
+         server {{ listen {listen}; location / {{ proxy_pass http://app; proxy_http_version 1.1; \
+         proxy_set_header Connection \"\"; }} }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let mut child = Command::new(binary)
+        .arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_listening(listen, &mut child);
+    Some((Process(child), listen))
+}
+
+fn main() {
+    // Re-run as the bare proxy, outside any runtime (Pingora makes its own).
+    if let (Ok(listen), Ok(upstream)) =
+        (std::env::var("BARE_LISTEN"), std::env::var("BARE_UPSTREAM"))
+    {
+        run_bare(&listen, &upstream);
+    }
+    tokio::runtime::Runtime::new().unwrap().block_on(measure());
+}
+
+async fn measure() {
+    let rounds = env_u64("ROUNDS", 5);
+    let seconds = env_u64("SECONDS", 3);
+    let clients = env_u64("CLIENTS", 16) as usize;
+    let upstream = Upstream::start().await;
+    upstream.serve_static("/page", "text/html", bytes::Bytes::from(vec![b'x'; 1024]));
+    let root = tempfile::tempdir_in(".").unwrap();
+    let stitch = Stitch::start(root.path(), upstream.addr, ROUTES, true, &[]);
+    let (_bare, bare) = start_bare(upstream.addr);
+    let nginx_dir = tempfile::tempdir().unwrap();
+    let nginx = start_nginx(upstream.addr, nginx_dir.path());
+    let mut targets = vec![("Stitch", stitch.listen), ("bare Pingora proxy", bare)];
+    if let Some((_, addr)) = &nginx {
+        targets.push(("nginx", *addr));
+    }
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for &(_, addr) in &targets {
+        rate(
+            clients,
+            1,
+            Arc::new(move |_| format!("http://{addr}/page")),
+            &[200],
+        )
+        .await;
+    }
+    for round in 0..rounds as usize {
+        for k in 0..targets.len() {
+            let i = (k + round) % targets.len();
+            let addr = targets[i].1;
+            let url = Arc::new(move |_| format!("http://{addr}/page"));
+            results[i].push(rate(clients, seconds, url, &[200]).await);
+        }
+    }
+    let medians: Vec<f64> = results.iter().cloned().map(median).collect();
+    let mut report = format!(
+        "# Benchmark: pass-through, same run\n\n\
+         Machine: {} cores. {clients} keep-alive clients GET a 1 KiB page for {seconds} s through \
+         each proxy in turn, {rounds} rounds, medians; the same upstream (in the bench process) \
+         behind all of them. Stitch: the release binary with its default routes. Bare Pingora \
+         proxy: Pingora 0.9.1 with only an upstream peer, in a process of its own. nginx: \
+         Debian's, proxying with keep-alive.\n\n\
+         | proxy | requests/s | Stitch / this |\n|---|---|---|\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    for ((name, _), value) in targets.iter().zip(&medians) {
+        report.push_str(&format!(
+            "| {name} | {value:.0} | {:.3} |\n",
+            medians[0] / value
+        ));
+    }
+    report.push_str(&format!(
+        "\nEvery round: {:?}.\n\nProduced by `cargo bench --bench passthrough`.\n",
+        results
+            .iter()
+            .map(|r| r.iter().map(|v| v.round()).collect::<Vec<_>>())
+            .collect::<Vec<_>>()
+    ));
+    if nginx.is_none() {
+        report.push_str("\nnginx was not found (run .ci/setup): its row is missing.\n");
+    }
+    report::save_section("pass-through", &report);
+    println!("{report}");
+}
