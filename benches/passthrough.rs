@@ -55,12 +55,15 @@ fn run_bare(listen: &str, upstream: &str) -> ! {
     server.run_forever()
 }
 
-/// A child process, killed when dropped.
+/// A child process, stopped when dropped: SIGTERM, so that nginx's master stops its workers
+/// too (SIGKILL would leave them running), then waited for.
 struct Process(Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
         let _ = self.0.wait();
     }
 }
