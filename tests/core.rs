@@ -109,7 +109,15 @@ const TTLS: Ttls = Ttls {
 
 impl Setup {
     fn new(engine: Engine) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
+        Setup::in_dir(engine, tempfile::tempdir().unwrap())
+    }
+
+    /// A new core and engine on this one's directory: what a restarted Stitch sees.
+    fn reopened(self) -> Setup {
+        Setup::in_dir(Engine::Fs, self._dir)
+    }
+
+    fn in_dir(engine: Engine, dir: tempfile::TempDir) -> Setup {
         let (engines, memory) = match engine {
             Engine::Fs => (
                 stitch::store::fs::open(dir.path(), true, Duration::from_secs(60)).unwrap(),
@@ -909,6 +917,55 @@ async fn a_part_is_delivered_even_if_its_blobs_own_name_is_lost() {
         .await;
     assert_eq!(answer(&delivery.outcome).status, 201);
     assert_eq!(t.upstream.received.lock().unwrap()[0].0, file.sha256());
+}
+
+#[tokio::test]
+async fn a_store_whose_blobs_are_named_by_sha256_is_still_read_after_an_upgrade() {
+    // Stores written before blobs were named by BLAKE3 name them (and their parts' links) by
+    // SHA-256. An upload begun then is finished and delivered, byte-exact, after the upgrade.
+    let t = Setup::new(Engine::Fs);
+    let file = File::new("older.bin", 23);
+    store_all_but_last(&t, &file).await;
+    let root = t._dir.path().to_path_buf();
+    let mut renamed = 0;
+    for n in 1..=2 {
+        let (_, bytes) = file.part(n);
+        let (old, new) = (
+            hex::encode(blake3::hash(&bytes).as_bytes()),
+            hex::encode(Sha256::digest(&bytes)),
+        );
+        let blob = root.join("blobs").join(&old[..2]).join(&old);
+        std::fs::create_dir_all(root.join("blobs").join(&new[..2])).unwrap();
+        std::fs::rename(&blob, root.join("blobs").join(&new[..2]).join(&new)).unwrap();
+        for upload in std::fs::read_dir(root.join("uploads")).unwrap() {
+            let parts = upload.unwrap().path().join("parts");
+            for part in std::fs::read_dir(&parts).unwrap() {
+                let name = part.unwrap().file_name().into_string().unwrap();
+                if name.ends_with(&old) {
+                    let older = name.replace(&old, &new);
+                    std::fs::rename(parts.join(&name), parts.join(older)).unwrap();
+                    renamed += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(
+        renamed, 2,
+        "both parts were named by their blob's BLAKE3 hash"
+    );
+    let t = t.reopened();
+    assert!(matches!(
+        put(&t, &file, 3, "a").await,
+        PartStatus::Stored { complete: true }
+    ));
+    let delivery = t
+        .core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
+    assert_eq!(answer(&delivery.outcome).status, 201);
+    assert_eq!(t.upstream.received.lock().unwrap()[0].0, file.sha256());
+    // The delivered upload released its blobs, those named the older way included.
+    assert!(t.engines.blobs.digests().await.unwrap().is_empty());
 }
 
 /// The fs engine keeps metadata and "no answer yet" in memory for chunk tests; another process

@@ -14,7 +14,6 @@ use super::{
 };
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -161,7 +160,7 @@ impl BlobStore for Memory {
         let token = hex::encode(rand::random::<[u8; 16]>());
         let staged = Staged {
             len: bytes.len() as u64,
-            digest: Sha256::digest(&bytes).into(),
+            digest: blake3::hash(&bytes).into(),
             cut,
             token: token.clone(),
         };

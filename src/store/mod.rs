@@ -1,7 +1,7 @@
 //! Storage, behind three small interfaces, each engine in its own file:
 //!
 //! - [`BlobStore`]: content-addressed bytes. Bytes are staged (streamed in and hashed), then
-//!   kept under their SHA-256, so identical bytes are stored once; read back streamed.
+//!   kept under their BLAKE3 hash, so identical bytes are stored once; read back streamed.
 //! - [`StateStore`]: what is known about each upload: its pinned metadata, its part index
 //!   (which blob is part N), the recorded answer, its last activity (with an index to find idle
 //!   uploads without listing them all), and how many parts reference each blob.
@@ -28,7 +28,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::io::AsyncRead;
 
-/// A SHA-256 of some bytes: the name of a blob.
+/// The BLAKE3 hash of some bytes: the name of a blob. (Stores written before BLAKE3 named
+/// blobs by their SHA-256; a part records its blob's name, so those are still read. Bytes
+/// stored under both names are kept twice until the uploads that hold them end.)
 pub type Digest = [u8; 32];
 
 /// The identity of one upload: a hash of the route, the user's scope and the client's identifier.

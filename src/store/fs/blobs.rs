@@ -1,9 +1,9 @@
-//! Blobs on local disk: staged in `tmp/`, kept as `blobs/<aa>/<sha256>`.
+//! Blobs on local disk: staged in `tmp/`, kept as `blobs/<aa>/<blake3>`.
 
 use super::{remove_if_present, Fs};
 use crate::store::{BlobStore, BodySource, Cut, Digest, Staged, StoreError};
 use async_trait::async_trait;
-use sha2::{Digest as _, Sha256};
+use blake3::Hasher;
 use std::io::ErrorKind;
 use std::sync::Arc;
 use tokio::io::AsyncRead;
@@ -17,7 +17,7 @@ const STAGE_WRITE: usize = 1 << 20;
 const STAGE_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// `STITCH_BENCH_SKIP_HASH=1` (benchmarks only: `cargo bench --bench metrics` compares ingest
-/// with and without hashing) names each blob by random bytes instead of its SHA-256, which
+/// with and without hashing) names each blob by random bytes instead of its BLAKE3 hash, which
 /// turns deduplication off. Read once.
 fn skip_hash() -> bool {
     static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -26,8 +26,8 @@ fn skip_hash() -> bool {
 
 /// The staging file, and its hash so far, or the write under way with them.
 enum Writer {
-    Idle(Box<(Sha256, std::fs::File)>),
-    Writing(tokio::task::JoinHandle<std::io::Result<(Sha256, std::fs::File)>>),
+    Idle(Box<(Hasher, std::fs::File)>),
+    Writing(tokio::task::JoinHandle<std::io::Result<(Hasher, std::fs::File)>>),
 }
 
 impl Writer {
@@ -47,7 +47,7 @@ impl Writer {
         })))
     }
 
-    async fn idle(self) -> std::io::Result<(Sha256, std::fs::File)> {
+    async fn idle(self) -> std::io::Result<(Hasher, std::fs::File)> {
         match self {
             Writer::Idle(state) => Ok(*state),
             Writer::Writing(task) => task
@@ -87,7 +87,7 @@ impl BlobStore for FsBlobs {
             Ok(Err(e)) => return Err(e.into()),
             Err(e) => return Err(StoreError::Io(std::io::Error::other(e.to_string()))),
         };
-        let mut writer = Writer::Idle(Box::new((Sha256::new(), file)));
+        let mut writer = Writer::Idle(Box::new((Hasher::new(), file)));
         let mut gathered = bytes::BytesMut::new();
         let mut since = std::time::Instant::now();
         let mut len = 0u64;

@@ -5,9 +5,9 @@
 //! ```text
 //! <dir>/tmp/<process>/<random>                  bytes being staged by one process
 //! <dir>/tmp/<process>.lock                      held (flock) while that process lives
-//! <dir>/blobs/<aa>/<sha256>                     one file per distinct content (deduplication)
+//! <dir>/blobs/<aa>/<blake3>                     one file per distinct content (deduplication)
 //! <dir>/uploads/<key>/meta.json                 pinned metadata
-//! <dir>/uploads/<key>/parts/<n>-<len>-<sha256>  a hard link to the blob: one part
+//! <dir>/uploads/<key>/parts/<n>-<len>-<blake3>  a hard link to the blob: one part
 //! <dir>/uploads/<key>/answer                    the upstream's recorded answer
 //! <dir>/uploads/<key>/delivering                present while a delivery is being sent
 //! <dir>/uploads/<key>/activity                  its modification time is the last activity

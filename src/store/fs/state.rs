@@ -36,7 +36,7 @@ impl FsState {
         self.0.upload_dir(upload).join("parts").join(name)
     }
 
-    /// Reads the parts directory: each entry is `<number>-<len>-<sha256>`.
+    /// Reads the parts directory: each entry is `<number>-<len>-<blob name>`.
     async fn list_parts(&self, upload: &UploadKey) -> std::io::Result<PartIndex> {
         let dir = self.0.upload_dir(upload).join("parts");
         let mut entries = match tokio::fs::read_dir(&dir).await {
