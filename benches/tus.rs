@@ -11,11 +11,14 @@
 //! Run: `cargo bench --bench tus` (FILE_MIB=… PATCH_MIB=… RUNS=… to change the sizes,
 //! SERVERS=stitch,stitch-nofsync,tus-node to choose the servers).
 
+#[path = "common/bench.rs"]
+mod bench;
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "common/report.rs"]
 mod report;
 
+use bench::env_u64;
 use bytes::{Bytes, BytesMut};
 use common::{config_yaml, multipart_frame, random_bytes, Upstream};
 use futures::StreamExt;
@@ -40,13 +43,6 @@ const CASE_LIMIT: Duration = Duration::from_secs(300);
 const START_LIMIT: Duration = Duration::from_secs(30);
 /// The most bytes the client reads from the file at a time.
 const READ_PIECE: u64 = 1 << 20;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} is a number")))
-        .unwrap_or(default)
-}
 
 fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / (1 << 20) as f64 / seconds

@@ -12,10 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A number from the environment, or `default`.
+/// A number from the environment, or `default` when unset; a value that is no number stops the
+/// bench rather than silently measuring something else.
 pub fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
-        .and_then(|v| v.parse().ok())
+        .map(|v| v.parse().unwrap_or_else(|_| panic!("{name} is a number")))
         .unwrap_or(default)
 }
 
