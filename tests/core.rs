@@ -15,7 +15,7 @@ use stitch::store::{
     BodyError, BodySource, Engines, RecordedAnswer, StoreError, StoredPart, UploadKey, UploadMeta,
 };
 use stitch::upload::{
-    Clock, CoreError, FieldsDigest, Outcome, PartRef, PartStatus, Ttls, UploadCore,
+    Clock, CoreError, Delivery, FieldsDigest, Outcome, PartRef, PartStatus, Ttls, UploadCore,
 };
 use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
@@ -262,6 +262,17 @@ async fn store_all_but_last(t: &Setup, file: &File) {
     }
 }
 
+/// Sends part 3, which completes the file, then delivers it as a request from `folder` would.
+async fn complete_and_deliver(t: &Setup, file: &File, folder: &str) -> Arc<Delivery> {
+    assert!(matches!(
+        put(t, file, 3, folder).await,
+        PartStatus::Stored { complete: true }
+    ));
+    t.core
+        .deliver(file.key, &forward(), request(folder), Instant::now())
+        .await
+}
+
 fn answer(outcome: &Outcome) -> &RecordedAnswer {
     match outcome {
         Outcome::Answered { answer, .. } => answer,
@@ -277,14 +288,7 @@ async fn parts_are_stored_once_and_complete_the_file(engine: Engine) {
         put(&t, &file, 2, "a").await,
         PartStatus::Stored { complete: false }
     ));
-    assert!(matches!(
-        put(&t, &file, 3, "a").await,
-        PartStatus::Stored { complete: true }
-    ));
-    let delivery = t
-        .core
-        .deliver(file.key, &forward(), request("a"), Instant::now())
-        .await;
+    let delivery = complete_and_deliver(&t, &file, "a").await;
     assert_eq!(answer(&delivery.outcome).status, 201);
     let received = t.upstream.received.lock().unwrap().clone();
     assert_eq!(received.len(), 1);
@@ -534,13 +538,7 @@ async fn the_answer_is_replayed_to_the_same_fields_and_other_fields_deliver_agai
             PartStatus::Stored { complete: false }
         ));
     }
-    assert!(matches!(
-        put(&t, &file, 3, "b").await,
-        PartStatus::Stored { complete: true }
-    ));
-    t.core
-        .deliver(file.key, &forward(), request("b"), Instant::now())
-        .await;
+    complete_and_deliver(&t, &file, "b").await;
     assert_eq!(t.calls(), 2);
 }
 
@@ -563,13 +561,7 @@ async fn a_different_file_under_a_delivered_key_is_delivered_whole(engine: Engin
         put(&t, &edited, 1, "a").await,
         PartStatus::Stored { complete: false }
     ));
-    assert!(matches!(
-        put(&t, &edited, 3, "a").await,
-        PartStatus::Stored { complete: true }
-    ));
-    t.core
-        .deliver(edited.key, &forward(), request("a"), Instant::now())
-        .await;
+    complete_and_deliver(&t, &edited, "a").await;
     let received = t.upstream.received.lock().unwrap().clone();
     assert_eq!(received.len(), 2);
     assert_eq!(received[1].0, edited.sha256());
@@ -777,13 +769,7 @@ async fn a_new_file_replaces_parts_resent_from_the_delivered_one(engine: Engine)
             PartStatus::Stored { complete: false }
         ));
     }
-    assert!(matches!(
-        put(&t, &other, 3, "a").await,
-        PartStatus::Stored { complete: true }
-    ));
-    t.core
-        .deliver(other.key, &forward(), request("a"), Instant::now())
-        .await;
+    complete_and_deliver(&t, &other, "a").await;
     let received = t.upstream.received.lock().unwrap().clone();
     assert_eq!(received.len(), 2);
     assert_eq!(received[1].0, other.sha256(), "the new file, whole");
@@ -954,14 +940,7 @@ async fn a_store_whose_blobs_are_named_by_sha256_is_still_read_after_an_upgrade(
         "both parts were named by their blob's BLAKE3 hash"
     );
     let t = t.reopened();
-    assert!(matches!(
-        put(&t, &file, 3, "a").await,
-        PartStatus::Stored { complete: true }
-    ));
-    let delivery = t
-        .core
-        .deliver(file.key, &forward(), request("a"), Instant::now())
-        .await;
+    let delivery = complete_and_deliver(&t, &file, "a").await;
     assert_eq!(answer(&delivery.outcome).status, 201);
     assert_eq!(t.upstream.received.lock().unwrap()[0].0, file.sha256());
     // The delivered upload released its blobs, those named the older way included.
