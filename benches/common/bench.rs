@@ -11,7 +11,6 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A number from the environment, or `default`.
 /// A number from the environment, or `default` when unset; a value that is no number stops the
 /// bench rather than silently measuring something else.
 pub fn env_u64(name: &str, default: u64) -> u64 {
