@@ -33,6 +33,8 @@ pub struct Metrics {
     pub uploads: IntCounterVec,
     /// Delivery attempts by outcome, their duration, and the upstream's statuses by class.
     pub deliveries: IntCounterVec,
+    /// Early deliveries (`forward.early`), by how they ended.
+    pub early: IntCounterVec,
     pub delivery_seconds: Histogram,
     pub upstream_responses: IntCounterVec,
     /// Deliveries owed (the durable queue), as of the queue's last look or the last scrape.
@@ -111,6 +113,13 @@ impl Metrics {
             "Attempts to deliver a finished file, by outcome.",
             &["outcome"],
         );
+        let early = counter_vec(
+            "stitch_early_deliveries_total",
+            "Deliveries begun while their upload arrived, by how the stream ended: used (the \
+             delivery finished it), stalled (a part did not come in time), unused (no delivery \
+             came to finish it), failed.",
+            &["outcome"],
+        );
         let delivery_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "stitch_delivery_duration_seconds",
@@ -168,6 +177,7 @@ impl Metrics {
             deduplicated_bytes,
             uploads,
             deliveries,
+            early,
             delivery_seconds,
             upstream_responses,
             queue_length,

@@ -180,6 +180,22 @@ fn values_that_could_not_run_are_refused_by_check() {
         "routes:\n  - path: /x\n    protocol: flow\n    methods: []\n",
         &["methods", "at least one"],
     );
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: tus\n    forward: { early: { streams: 0 } }\n",
+        &["forward.early.streams", "1 or more"],
+    );
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: tus\n    forward: { early: { stall: 0s } }\n",
+        &["stall", "above zero", "line 4"],
+    );
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: tus\n    forward: { early: { stal: 1s } }\n",
+        &["stal", "line 4"],
+    );
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: tus\n    forward: { early: yes please }\n",
+        &["`true`, `false` or settings", "line 4"],
+    );
 }
 
 #[test]

@@ -233,6 +233,7 @@ fn forward() -> ForwardConfig {
         timeout: Duration::from_secs(30),
         retry_pause: Duration::from_secs(2),
         wait: Duration::from_secs(30),
+        early: None,
     }
 }
 

@@ -202,6 +202,43 @@ struct RawForward {
     retry_pause: Span,
     #[serde(default = "default_wait", deserialize_with = "above_zero")]
     wait: Span,
+    early: Option<RawEarly>,
+}
+
+/// `forward.early`: `true`, `false`, or its settings.
+#[derive(Debug, Clone)]
+enum RawEarly {
+    On(bool),
+    Settings(EarlySettings),
+}
+
+impl<'de> Deserialize<'de> for RawEarly {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RawEarly, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = RawEarly;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("`true`, `false` or settings such as `{ stall: 10s, streams: 8 }`")
+            }
+            fn visit_bool<E>(self, on: bool) -> Result<RawEarly, E> {
+                Ok(RawEarly::On(on))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<RawEarly, A::Error> {
+                EarlySettings::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(RawEarly::Settings)
+            }
+        }
+        d.deserialize_any(Either)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EarlySettings {
+    #[serde(default = "default_early_stall", deserialize_with = "above_zero")]
+    stall: Span,
+    #[serde(default = "default_early_streams")]
+    streams: usize,
 }
 
 impl Default for RawForward {
@@ -215,6 +252,7 @@ impl Default for RawForward {
             timeout: default_forward_timeout(),
             retry_pause: default_retry_pause(),
             wait: default_wait(),
+            early: None,
         }
     }
 }
@@ -238,6 +276,25 @@ pub struct ForwardConfig {
     /// tus: how long a request that completes an upload (or asks for its answer) waits for the
     /// delivery before it answers without the upstream's answer; the delivery goes on.
     pub wait: Duration,
+    /// Start sending the file to the upstream while it is still arriving (`None`: only once
+    /// it is complete).
+    pub early: Option<Early>,
+}
+
+/// Early delivery (`forward.early`): while an upload of known length arrives, its stored parts
+/// are already sent, in order, as the body of the upstream request; the request's last bytes go
+/// out only once the upload is complete and its delivery is decided under the upload's lease,
+/// so the upstream never holds a whole request that is not the delivery. The completing request
+/// then waits only for what was not sent yet. A stream that waits longer than `stall` for the
+/// next part (a client that paused or left) is cut off, and the upload is delivered whole once
+/// complete: the application sees a request that broke off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Early {
+    /// How long a stream waits for the next part (and, with every part sent, for the delivery).
+    pub stall: Duration,
+    /// At most this many early streams at once for the route in one process; uploads beyond
+    /// them are delivered once complete.
+    pub streams: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -487,6 +544,24 @@ impl TryFrom<RawRoute> for Route {
                 timeout: raw.forward.timeout.0,
                 retry_pause: raw.forward.retry_pause.0,
                 wait: raw.forward.wait.0,
+                early: match raw.forward.early {
+                    None | Some(RawEarly::On(false)) => None,
+                    Some(RawEarly::On(true)) => Some(Early {
+                        stall: default_early_stall().0,
+                        streams: default_early_streams(),
+                    }),
+                    Some(RawEarly::Settings(settings)) => {
+                        if settings.streams == 0 {
+                            return Err("forward.early.streams must be 1 or more (or leave \
+                                        forward.early out)"
+                                .to_string());
+                        }
+                        Some(Early {
+                            stall: settings.stall.0,
+                            streams: settings.streams,
+                        })
+                    }
+                },
             },
             cors: raw.cors,
             authorize: raw.authorize,
@@ -569,6 +644,12 @@ fn default_forward_timeout() -> Span {
 }
 fn default_wait() -> Span {
     Span(Duration::from_secs(30))
+}
+fn default_early_stall() -> Span {
+    Span(Duration::from_secs(10))
+}
+fn default_early_streams() -> usize {
+    8
 }
 fn default_retry_pause() -> Span {
     Span(Duration::from_secs(2))

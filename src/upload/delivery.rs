@@ -4,7 +4,9 @@
 use super::{Credentials, FieldsDigest, UploadCore};
 use crate::config::ForwardConfig;
 use crate::forward::{verdict, DeliveryRequest, ForwardError, PartReader, Verdict};
-use crate::store::{DeliveredFile, Fence, RecordedAnswer, StoreError, StoredPart, UploadKey};
+use crate::store::{
+    DeliveredFile, Fence, RecordedAnswer, StoreError, StoredPart, UploadKey, UploadMeta,
+};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -224,7 +226,7 @@ impl UploadCore {
             return Err(DeliverError::Incomplete);
         };
         let file: Vec<StoredPart> = file;
-        let key = idempotency_key(upload, &fields, &credentials, &file);
+        let key = idempotency_key(upload, &fields, &credentials, &meta, &file);
         let size: u64 = file.iter().map(|p| p.len).sum();
         let started = Instant::now();
         if state.was_delivering(upload).await? {
@@ -447,9 +449,9 @@ impl UploadCore {
 }
 
 /// An upload's parts, read through its own references where the engine keeps them.
-struct UploadParts<'a> {
-    engines: &'a crate::store::Engines,
-    upload: UploadKey,
+pub(super) struct UploadParts<'a> {
+    pub(super) engines: &'a crate::store::Engines,
+    pub(super) upload: UploadKey,
 }
 
 #[async_trait::async_trait]
@@ -467,21 +469,37 @@ impl PartReader for UploadParts<'_> {
 
 /// A stable `Idempotency-Key` for one delivery of one file: the same upload, fields,
 /// credentials and bytes always give the same key, so an application that honours the header
-/// can drop a delivery repeated after a crash.
-fn idempotency_key(
+/// can drop a delivery repeated after a crash. An upload that records when it started is keyed
+/// by that instead of its parts' digests, so that a delivery begun before the last part is
+/// stored (`forward.early`) carries the key the finished delivery computes: within one upload
+/// the bytes cannot change, and a new upload of the same file starts at another time.
+pub(super) fn idempotency_key(
     upload: &UploadKey,
     fields: &FieldsDigest,
     credentials: &Credentials,
+    meta: &UploadMeta,
     file: &[StoredPart],
 ) -> String {
     let mut hasher = Sha256::new();
-    hasher.update(b"stitch delivery v1");
-    hasher.update(upload.hex());
-    hasher.update(&fields.0);
-    hasher.update(&credentials.0);
-    for part in file {
-        hasher.update(part.len.to_be_bytes());
-        hasher.update(part.digest);
+    match &meta.origin {
+        Some(origin) => {
+            hasher.update(b"stitch delivery v2");
+            hasher.update(upload.hex());
+            hasher.update(&fields.0);
+            hasher.update(&credentials.0);
+            hasher.update(meta.length.unwrap_or_default().to_be_bytes());
+            hasher.update(origin.started_ms.to_be_bytes());
+        }
+        None => {
+            hasher.update(b"stitch delivery v1");
+            hasher.update(upload.hex());
+            hasher.update(&fields.0);
+            hasher.update(&credentials.0);
+            for part in file {
+                hasher.update(part.len.to_be_bytes());
+                hasher.update(part.digest);
+            }
+        }
     }
     hex::encode(&hasher.finalize()[..16])
 }

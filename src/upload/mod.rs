@@ -33,6 +33,7 @@
 
 mod authorize;
 mod delivery;
+mod early;
 mod error;
 mod expiry;
 mod listing;
@@ -170,6 +171,12 @@ pub struct UploadCore {
     unroutable: DashMap<UploadKey, ()>,
     /// The authorization hook's final answers, by upload, and when they came.
     authorizations: DashMap<UploadKey, (Instant, String, Authorization)>,
+    /// Uploads whose early delivery began in this process, and when (see `early`).
+    early_begun: DashMap<UploadKey, Instant>,
+    /// Early deliveries under way, woken when a part of their upload is stored.
+    early_watch: DashMap<UploadKey, tokio::sync::watch::Sender<u64>>,
+    /// Early deliveries each route may run at once, by route id.
+    early_slots: DashMap<String, Arc<tokio::sync::Semaphore>>,
     /// What happens to uploads, counted (the server exposes them).
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -196,6 +203,9 @@ impl UploadCore {
             queue_slots: Arc::new(tokio::sync::Semaphore::new(queue::QUEUE_SLOTS)),
             unroutable: DashMap::new(),
             authorizations: DashMap::new(),
+            early_begun: DashMap::new(),
+            early_watch: DashMap::new(),
+            early_slots: DashMap::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }

@@ -270,6 +270,7 @@ impl UploadCore {
         self.engines.blobs.keep(staged).await?;
         let added = self.engines.state.add_part(upload, part, fence).await;
         if matches!(added, Ok(true)) {
+            self.part_stored(upload);
             self.metrics.parts_stored.inc();
             if matches!(known, Ok(true)) {
                 self.metrics.parts_deduplicated.inc();
@@ -417,6 +418,90 @@ impl UploadCore {
         } else {
             let next = parts.keys().next_back().map_or(1, |n| n + 1);
             self.publish(upload, next, staged, lease.fence).await?;
+        }
+        state.touch(upload, self.clock.now()).await?;
+        Ok(Appended {
+            offset,
+            complete: meta.length == Some(offset),
+            broke_off,
+        })
+    }
+
+    /// Appends `body` at offset `at` like [`UploadCore::append`], without a check of the whole
+    /// body, storing it as parts of at most `piece` bytes, each kept as soon as it is whole: an
+    /// early delivery sends each while the rest arrives. `body` must not carry more than the
+    /// room left (the caller checked its Content-Length): what passes it is refused, and the
+    /// pieces kept before stay.
+    pub async fn append_in_pieces(
+        &self,
+        upload: &UploadKey,
+        at: u64,
+        body: &mut dyn BodySource,
+        limit: u64,
+        piece: u64,
+    ) -> Result<Appended, CoreError> {
+        let lease = self.lock(upload).await?;
+        let state = &self.engines.state;
+        let meta = state.meta(upload).await?.ok_or(CoreError::NotFound)?;
+        let parts = state.parts(upload).await?;
+        let current = contiguous_len(&parts);
+        if current != at {
+            return Err(CoreError::OffsetMismatch { current });
+        }
+        let room = meta
+            .length
+            .map_or(limit, |length| length.saturating_sub(current))
+            .min(limit);
+        let mut next = parts.keys().next_back().map_or(1, |n| n + 1);
+        let mut offset = current;
+        let mut carry = None;
+        let mut broke_off = None;
+        loop {
+            // Only a body with more to come starts a piece (no empty part at the end).
+            if carry.is_none() {
+                match body.next_piece().await {
+                    Ok(Some(bytes)) if bytes.is_empty() => continue,
+                    Ok(Some(bytes)) => carry = Some(bytes),
+                    Ok(None) => break,
+                    Err(e) => {
+                        broke_off = Some(e);
+                        break;
+                    }
+                }
+            }
+            let budget = room - (offset - current);
+            if budget == 0 {
+                // Bytes beyond the room.
+                return Err(CoreError::TooLong { limit: room });
+            }
+            let size = piece.min(budget);
+            let mut window = Window {
+                body: &mut *body,
+                carry: &mut carry,
+                left: size,
+            };
+            let staged = self.engines.blobs.stage(&mut window, budget).await?;
+            match &staged.cut {
+                Some(Cut::TooLong(limit)) => {
+                    let limit = *limit;
+                    self.engines.blobs.discard(staged).await;
+                    return Err(CoreError::TooLong { limit });
+                }
+                Some(Cut::Body(e)) => broke_off = Some(e.clone()),
+                None => {}
+            }
+            let staged_len = staged.len;
+            if staged.len == 0 {
+                self.engines.blobs.discard(staged).await;
+            } else {
+                offset += staged.len;
+                self.publish(upload, next, staged, lease.fence).await?;
+                next += 1;
+            }
+            if broke_off.is_some() || (staged_len < size && carry.is_none()) {
+                // Broke off, or ended within the window.
+                break;
+            }
         }
         state.touch(upload, self.clock.now()).await?;
         Ok(Appended {
@@ -596,6 +681,35 @@ fn count_to_end(len_of: impl Fn(u64) -> Option<u64>, parts: usize, total: u64) -
         }
     }
     None
+}
+
+/// At most `left` bytes of a body; the rest of a piece that passes it waits in `carry` for
+/// the next window.
+struct Window<'a> {
+    body: &'a mut dyn BodySource,
+    carry: &'a mut Option<bytes::Bytes>,
+    left: u64,
+}
+
+#[async_trait::async_trait]
+impl BodySource for Window<'_> {
+    async fn next_piece(&mut self) -> Result<Option<bytes::Bytes>, BodyError> {
+        if self.left == 0 {
+            return Ok(None);
+        }
+        let mut bytes = match self.carry.take() {
+            Some(bytes) => bytes,
+            None => match self.body.next_piece().await? {
+                Some(bytes) => bytes,
+                None => return Ok(None),
+            },
+        };
+        if bytes.len() as u64 > self.left {
+            *self.carry = Some(bytes.split_off(self.left as usize));
+        }
+        self.left -= bytes.len() as u64;
+        Ok(Some(bytes))
+    }
 }
 
 #[cfg(test)]

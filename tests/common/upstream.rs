@@ -71,6 +71,13 @@ impl Received {
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
+
+    /// Did the whole body arrive (as long as its Content-Length said)?
+    pub fn whole(&self) -> bool {
+        self.header("content-length")
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n == self.body_len)
+    }
 }
 
 /// What the upstream answers.
@@ -87,11 +94,19 @@ pub struct Answer {
 
 type StaticFiles = Arc<Mutex<Vec<(String, &'static str, Bytes)>>>;
 
+/// What is under way: requests whose head arrived, and body bytes read, so far (whole or not).
+#[derive(Debug, Default)]
+pub struct Arriving {
+    pub heads: std::sync::atomic::AtomicUsize,
+    pub body_bytes: std::sync::atomic::AtomicU64,
+}
+
 pub struct Upstream {
     pub addr: SocketAddr,
     received: Arc<Mutex<Vec<Received>>>,
     statics: StaticFiles,
     answer: Arc<Mutex<Answer>>,
+    arriving: Arc<Arriving>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -112,17 +127,20 @@ impl Upstream {
             authorization: None,
         }));
         let statics = StaticFiles::default();
+        let arriving = Arc::new(Arriving::default());
         let task = tokio::spawn(serve(
             listener,
             received.clone(),
             answer.clone(),
             statics.clone(),
+            arriving.clone(),
         ));
         Upstream {
             addr,
             received,
             statics,
             answer,
+            arriving,
             task: Mutex::new(Some(task)),
         }
     }
@@ -144,6 +162,7 @@ impl Upstream {
             self.received.clone(),
             self.answer.clone(),
             self.statics.clone(),
+            self.arriving.clone(),
         ));
         *self.task.lock().unwrap() = Some(task);
     }
@@ -183,6 +202,20 @@ impl Upstream {
         self.received.lock().unwrap().clone()
     }
 
+    /// Requests whose head arrived so far, whole or still arriving or broken off.
+    pub fn heads(&self) -> usize {
+        self.arriving
+            .heads
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Request body bytes read so far, over every request.
+    pub fn body_bytes(&self) -> u64 {
+        self.arriving
+            .body_bytes
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Requests to `path` so far.
     pub fn received_at(&self, path: &str) -> Vec<Received> {
         self.received()
@@ -199,6 +232,7 @@ async fn serve(
     received: Arc<Mutex<Vec<Received>>>,
     answer: Arc<Mutex<Answer>>,
     statics: StaticFiles,
+    arriving: Arc<Arriving>,
 ) {
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -208,10 +242,12 @@ async fn serve(
         let received = received.clone();
         let answer = answer.clone();
         let statics = statics.clone();
+        let arriving = arriving.clone();
         connections.spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let received = received.clone();
                 let answer = answer.clone();
+                let arriving = arriving.clone();
                 let found = statics
                     .lock()
                     .unwrap()
@@ -224,7 +260,7 @@ async fn serve(
                             .header("content-type", content_type)
                             .body(Full::new(body))
                             .unwrap()),
-                        None => handle(request, received, answer).await,
+                        None => handle(request, received, answer, arriving).await,
                     }
                 }
             });
@@ -240,8 +276,12 @@ async fn handle(
     request: Request<Incoming>,
     received: Arc<Mutex<Vec<Received>>>,
     answer: Arc<Mutex<Answer>>,
+    arriving: Arc<Arriving>,
 ) -> Result<Response<Full<Bytes>>, std::convert::Infallible> {
     let arrived = std::time::Instant::now();
+    arriving
+        .heads
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let (parts, body) = request.into_parts();
     let early = answer.lock().unwrap().clone();
     if early.early {
@@ -262,11 +302,15 @@ async fn handle(
     let raw = Arc::new(Mutex::new((Sha256::new(), 0u64)));
     let mut small = Vec::new();
     let tap = raw.clone();
+    let arriving = arriving.clone();
     let stream = body.into_data_stream().map(move |piece| {
         if let Ok(bytes) = &piece {
             let mut raw = tap.lock().unwrap();
             raw.0.update(bytes);
             raw.1 += bytes.len() as u64;
+            arriving
+                .body_bytes
+                .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::SeqCst);
         }
         piece
     });

@@ -311,6 +311,17 @@ impl Exchange<'_> {
                 &chunk.digest,
             )
             .await;
+        let forward = &self.route.forward;
+        // Early delivery, from the first part stored on. With protocol fields (which differ
+        // from chunk to chunk) the completing request's delivery would not be the same request.
+        if matches!(stored, Ok(PartStatus::Stored { complete: false }))
+            && forward.early.is_some()
+            && !forward.protocol_fields
+        {
+            let mut request = self.delivery.clone();
+            request.fields = chunk.app_fields.clone();
+            self.core.begin_early(chunk.key, forward, request).await;
+        }
         match stored {
             Ok(status) => self.conclude(chunk, status).await,
             Err(e) => Answer::Refused(Refusal::Core(e, Box::new(chunk.meta))),

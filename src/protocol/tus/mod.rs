@@ -38,6 +38,10 @@ use tokio::time::Instant;
 /// The body type of a PATCH (and of a creation carrying bytes).
 const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
 
+/// With early delivery, a PATCH body is kept in parts of this size, each sent on to the
+/// upstream while the next arrives.
+const EARLY_PIECE: u64 = 32 << 20;
+
 /// What a tus upload keeps besides the core's metadata.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct TusState {
@@ -707,15 +711,21 @@ impl Exchange<'_> {
             return Err(Answer::Refused(Refusal::TooLarge(room)));
         }
         self.proceed(session).await?;
+        // Early delivery: the stored parts go to the upstream while the rest arrives, so a
+        // body of known length without a checksum to check first is kept in pieces.
+        let early = self.route.forward.early.is_some() && self.begin_early(session, key).await;
+        let pieces = early && expected.is_none() && content_length(session.req_header()).is_some();
         let mut body = RequestBody(session);
-        let (mut checked, verdict) = checksum::check(&mut body, expected);
-        let accept = move |_: &crate::store::Staged| verdict.matches();
-        let appended = self
-            .core
-            .append(key, at, &mut checked, room, &accept)
-            .await
-            .map_err(|e| Answer::Refused(Refusal::Core(e)))?;
-        drop(checked);
+        let appended = if pieces {
+            self.core
+                .append_in_pieces(key, at, &mut body, room, EARLY_PIECE)
+                .await
+        } else {
+            let (mut checked, verdict) = checksum::check(&mut body, expected);
+            let accept = move |_: &crate::store::Staged| verdict.matches();
+            self.core.append(key, at, &mut checked, room, &accept).await
+        }
+        .map_err(|e| Answer::Refused(Refusal::Core(e)))?;
         if let Some(e) = appended.broke_off {
             // What arrived is kept; the client asks with HEAD where to go on.
             tracing::info!(
@@ -751,6 +761,23 @@ impl Exchange<'_> {
             expires: (!appended.complete).then(|| self.expires()),
             delivered,
         })
+    }
+
+    /// Begins the upload's early delivery (`forward.early`) unless it is a partial upload
+    /// (delivered as part of a final one). True if the upload may be delivered early.
+    async fn begin_early(&self, session: &Session, key: &UploadKey) -> bool {
+        let meta = match self.core.progress(key).await {
+            Ok(Some(progress)) if !progress.delivered => progress.meta,
+            _ => return false,
+        };
+        if tus_state(&meta).is_partial() {
+            return false;
+        }
+        let request = self.request(session, &meta);
+        self.core
+            .begin_early(*key, &self.route.forward, request)
+            .await;
+        true
     }
 
     /// DELETE: the upload and its bytes go.

@@ -19,6 +19,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
+mod early;
+
+use early::Shape;
+pub use early::{EarlyBegin, EarlyEnd, PartFeed};
+
 /// Bytes read from the chunk store per upstream write.
 const READ_BUFFER: usize = 256 * 1024;
 
@@ -145,6 +150,15 @@ pub trait Forward: Send + Sync {
         idempotency_key: &str,
     ) -> Result<RecordedAnswer, ForwardError>;
 
+    /// Begins the delivery of an upload that is still arriving (`forward.early`): sends the
+    /// request's header and the parts `feed` gives, in order, as they are stored, but never the
+    /// request's end. Returns when the stream ended: with every part sent and the request
+    /// finished by [`Forward::send`] for the same file, or cut off. By default nothing is sent
+    /// early.
+    async fn send_early(&self, _begin: EarlyBegin<'_>, _feed: &dyn PartFeed) -> EarlyEnd {
+        EarlyEnd::Unsupported
+    }
+
     /// Asks the upstream a question about an upload (the authorization hook): one small POST of
     /// `body` (JSON) to `path`, with the client's headers, and its answer.
     async fn ask(
@@ -164,6 +178,8 @@ pub struct HttpForwarder {
     connector: Connector,
     upstream: SocketAddr,
     connect_timeout: Duration,
+    /// Requests begun early, by upload (see `early`).
+    early: dashmap::DashMap<UploadKey, std::sync::Arc<early::Slot>>,
 }
 
 impl HttpForwarder {
@@ -172,6 +188,7 @@ impl HttpForwarder {
             connector: Connector::new(None),
             upstream,
             connect_timeout,
+            early: dashmap::DashMap::new(),
         }
     }
 }
@@ -180,7 +197,9 @@ impl HttpForwarder {
 impl Forward for HttpForwarder {
     /// A pooled connection that turns out to be dead is replaced once; an upstream that
     /// answers before taking the whole body (a 413, a 401) is heard, not reported as a failure.
-    /// `forward.timeout` bounds every read and write, and the wait for the answer.
+    /// `forward.timeout` bounds every read and write, and the wait for the answer. A request
+    /// begun early for this file (see [`Forward::send_early`]) is finished instead of sending
+    /// the file again, if it is the same request.
     async fn send(
         &self,
         parts: &dyn PartReader,
@@ -191,86 +210,82 @@ impl Forward for HttpForwarder {
         request: &DeliveryRequest,
         idempotency_key: &str,
     ) -> Result<RecordedAnswer, ForwardError> {
+        let file_len: u64 = file.iter().map(|p| p.len).sum();
+        let shape = Shape::of(meta, forward, request, idempotency_key, file_len);
+        let peer = self.peer();
+        if let Some(mut begun) = self.take_early(upload).await {
+            if begun.shape == shape && file.starts_with(&begun.sent) {
+                let rest = &file[begun.sent.len()..];
+                tracing::debug!(
+                    "{upload:?}: finishing the request begun early ({} parts sent, {} to go)",
+                    begun.sent.len(),
+                    rest.len()
+                );
+                let attempt = self
+                    .attempt(
+                        begun.session,
+                        None,
+                        &begun.body,
+                        parts,
+                        rest,
+                        upload,
+                        forward,
+                        &peer,
+                    )
+                    .await;
+                match attempt {
+                    Attempt::Done(result) => return *result,
+                    Attempt::Retry(e) => tracing::info!(
+                        "{upload:?}: the request begun early broke off ({e}); sending the file \
+                         on another connection"
+                    ),
+                }
+            } else {
+                tracing::info!(
+                    "{upload:?}: the request begun early is not this delivery's (its parts or \
+                     fields changed); sending the file anew"
+                );
+                begun.session.shutdown().await;
+            }
+        }
         let body = MultipartBody::new(meta, forward, request);
-        let header = self.request_header(&body, file, forward, request, idempotency_key)?;
-        let mut peer = HttpPeer::new(self.upstream, false, String::new());
-        peer.options.connection_timeout = Some(self.connect_timeout);
+        let header = self.request_header(&body, file_len, forward, request, idempotency_key)?;
         let mut retried = false;
         loop {
-            let (mut session, reused) = self
+            let (session, reused) = self
                 .connector
                 .get_http_session(&peer)
                 .await
                 .map_err(|e| classify(e, false))?;
-            // The connector does not apply a peer's read and write timeouts: set them here, or
-            // an upstream that stops reading holds the delivery forever.
-            session.set_read_timeout(Some(forward.timeout));
-            session.set_write_timeout(Some(forward.timeout));
-            let sent = send_body(&mut session, header.clone(), &body, parts, file).await;
-            let write_error = match sent {
-                Ok(()) => {
-                    // The whole request went out: whatever happens now, never send it again.
-                    return match read_answer(&mut session, upload, forward.timeout).await {
-                        Ok((answer, whole)) => {
-                            if whole {
-                                self.connector
-                                    .release_http_session(session, &peer, peer.idle_timeout())
-                                    .await;
-                            } else {
-                                session.shutdown().await;
-                            }
-                            Ok(answer)
-                        }
-                        Err(e) => {
-                            session.shutdown().await;
-                            tracing::warn!(
-                                "{upload:?}: the upstream got the whole file and gave no answer \
-                                 ({e}); whether it kept the file is in doubt"
-                            );
-                            Err(classify(e, true))
-                        }
-                    };
+            let attempt = self
+                .attempt(
+                    session,
+                    Some(header.clone()),
+                    &body,
+                    parts,
+                    file,
+                    upload,
+                    forward,
+                    &peer,
+                )
+                .await;
+            match attempt {
+                Attempt::Done(result) => return *result,
+                // A pooled connection the upstream had closed fails on the first writes;
+                // nothing was processed, so one more try on another connection is safe.
+                Attempt::Retry(e) if reused && !retried => {
+                    tracing::debug!(
+                        "{upload:?}: pooled upstream connection failed ({e}); retrying"
+                    );
+                    retried = true;
                 }
-                Err(Failure::Store(e)) => {
-                    session.shutdown().await;
-                    return Err(ForwardError::Store(e));
-                }
-                Err(Failure::Upstream(e)) => e,
-            };
-            if is_timeout(&write_error) {
-                // It stopped reading: no answer is coming either.
-                session.shutdown().await;
-                return Err(classify(write_error, false));
+                Attempt::Retry(e) => return Err(classify(e, false)),
             }
-            // The upstream stopped taking the request. It may have refused it early and said
-            // why (a 413, a 401): that answer counts, unless it claims success for a file it
-            // never fully received.
-            let early = tokio::time::timeout(
-                EARLY_ANSWER_WAIT,
-                read_answer(&mut session, upload, EARLY_ANSWER_WAIT),
-            )
-            .await;
-            session.shutdown().await;
-            if let Ok(Ok((answer, _))) = early {
-                if (200..300).contains(&answer.status) {
-                    return Err(ForwardError::upstream(format!(
-                        "the upstream answered {} before it had the whole file",
-                        answer.status
-                    )));
-                }
-                return Ok(answer);
-            }
-            // A pooled connection the upstream had closed fails on the first writes; nothing
-            // was processed, so one more try on another connection is safe.
-            if reused && !retried {
-                tracing::debug!(
-                    "{upload:?}: pooled upstream connection failed ({write_error}); retrying"
-                );
-                retried = true;
-                continue;
-            }
-            return Err(classify(write_error, false));
         }
+    }
+
+    async fn send_early(&self, begin: EarlyBegin<'_>, feed: &dyn PartFeed) -> EarlyEnd {
+        self.stream_early(begin, feed).await
     }
 
     async fn ask(
@@ -307,8 +322,7 @@ impl Ask for HttpForwarder {
         body: Bytes,
         timeout: Duration,
     ) -> Result<RecordedAnswer, (pingora::BError, bool)> {
-        let mut peer = HttpPeer::new(self.upstream, false, String::new());
-        peer.options.connection_timeout = Some(self.connect_timeout);
+        let peer = self.peer();
         let (mut session, reused) = self
             .connector
             .get_http_session(&peer)
@@ -341,7 +355,106 @@ impl Ask for HttpForwarder {
     }
 }
 
+/// How one try at sending the request ended.
+enum Attempt {
+    /// With an answer or a failure to report.
+    Done(Box<Result<RecordedAnswer, ForwardError>>),
+    /// The connection failed before the upstream had the whole request, and it said nothing:
+    /// another connection may do better.
+    Retry(Box<pingora::Error>),
+}
+
 impl HttpForwarder {
+    fn peer(&self) -> HttpPeer {
+        let mut peer = HttpPeer::new(self.upstream, false, String::new());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer
+    }
+
+    /// Sends the request on `session` (its header first, if given: else the header, the text
+    /// parts and the parts before `file` went out already), then reads the answer.
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt(
+        &self,
+        mut session: HttpSession,
+        header: Option<RequestHeader>,
+        body: &MultipartBody,
+        parts: &dyn PartReader,
+        file: &[StoredPart],
+        upload: &UploadKey,
+        forward: &ForwardConfig,
+        peer: &HttpPeer,
+    ) -> Attempt {
+        // The connector does not apply a peer's read and write timeouts: set them here, or an
+        // upstream that stops reading holds the delivery forever.
+        session.set_read_timeout(Some(forward.timeout));
+        session.set_write_timeout(Some(forward.timeout));
+        let sent = async {
+            if let Some(header) = header {
+                send_start(&mut session, header, body).await?;
+            }
+            for part in file {
+                send_part(&mut session, parts, part).await?;
+            }
+            send_end(&mut session, body).await
+        };
+        let write_error = match sent.await {
+            Ok(()) => {
+                // The whole request went out: whatever happens now, never send it again.
+                let answered = match read_answer(&mut session, upload, forward.timeout).await {
+                    Ok((answer, whole)) => {
+                        if whole {
+                            self.connector
+                                .release_http_session(session, peer, peer.idle_timeout())
+                                .await;
+                        } else {
+                            session.shutdown().await;
+                        }
+                        Ok(answer)
+                    }
+                    Err(e) => {
+                        session.shutdown().await;
+                        tracing::warn!(
+                            "{upload:?}: the upstream got the whole file and gave no answer \
+                             ({e}); whether it kept the file is in doubt"
+                        );
+                        Err(classify(e, true))
+                    }
+                };
+                return Attempt::Done(Box::new(answered));
+            }
+            Err(Failure::Store(e)) => {
+                session.shutdown().await;
+                return Attempt::Done(Box::new(Err(ForwardError::Store(e))));
+            }
+            Err(Failure::Upstream(e)) => e,
+        };
+        if is_timeout(&write_error) {
+            // It stopped reading: no answer is coming either.
+            session.shutdown().await;
+            return Attempt::Done(Box::new(Err(classify(write_error, false))));
+        }
+        // The upstream stopped taking the request. It may have refused it early and said why
+        // (a 413, a 401): that answer counts, unless it claims success for a file it never
+        // fully received.
+        let early = tokio::time::timeout(
+            EARLY_ANSWER_WAIT,
+            read_answer(&mut session, upload, EARLY_ANSWER_WAIT),
+        )
+        .await;
+        session.shutdown().await;
+        if let Ok(Ok((answer, _))) = early {
+            if (200..300).contains(&answer.status) {
+                return Attempt::Done(Box::new(Err(ForwardError::upstream(format!(
+                    "the upstream answered {} before it had the whole file",
+                    answer.status
+                )))));
+            }
+            return Attempt::Done(Box::new(Ok(answer)));
+        }
+        Attempt::Retry(write_error)
+    }
+
     /// The authorization hook's request (see [`Forward::ask`]); a dead pooled connection is
     /// replaced once (the question changes nothing, so asking again is safe).
     pub async fn ask_upstream(
@@ -390,7 +503,7 @@ impl HttpForwarder {
     fn request_header(
         &self,
         body: &MultipartBody,
-        file: &[StoredPart],
+        file_len: u64,
         forward: &ForwardConfig,
         request: &DeliveryRequest,
         idempotency_key: &str,
@@ -401,7 +514,6 @@ impl HttpForwarder {
             .host
             .clone()
             .unwrap_or_else(|| HeaderValue::from_str(&self.upstream.to_string()).expect("ascii"));
-        let file_len: u64 = file.iter().map(|p| p.len).sum();
         let content_length = body.head.len() as u64 + file_len + body.tail.len() as u64;
         let content_type = format!("multipart/form-data; boundary={}", body.boundary);
         let fixed = [
@@ -437,13 +549,11 @@ enum Failure {
     Store(StoreError),
 }
 
-/// Writes the request: header, the text parts, every part of the file from the store, the tail.
-async fn send_body(
+/// Writes the request's header and the text parts before the file.
+async fn send_start(
     session: &mut HttpSession,
     header: RequestHeader,
     body: &MultipartBody,
-    parts: &dyn PartReader,
-    file: &[StoredPart],
 ) -> Result<(), Failure> {
     session
         .write_request_header(Box::new(header))
@@ -452,25 +562,53 @@ async fn send_body(
     session
         .write_request_body(body.head.clone(), false)
         .await
-        .map_err(Failure::Upstream)?;
-    for part in file {
-        let mut reader = parts.open(part).await.map_err(Failure::Store)?;
-        let mut buffer = BytesMut::with_capacity(READ_BUFFER);
-        loop {
-            buffer.reserve(READ_BUFFER);
-            let read = reader
-                .read_buf(&mut buffer)
-                .await
-                .map_err(|e| Failure::Store(StoreError::Io(e)))?;
-            if read == 0 {
-                break;
-            }
-            session
-                .write_request_body(buffer.split().freeze(), false)
-                .await
-                .map_err(Failure::Upstream)?;
+        .map_err(Failure::Upstream)
+}
+
+/// Writes one part of the file, read from the store.
+async fn send_part(
+    session: &mut HttpSession,
+    parts: &dyn PartReader,
+    part: &StoredPart,
+) -> Result<(), Failure> {
+    let mut reader = parts.open(part).await.map_err(Failure::Store)?;
+    copy_part(session, &mut reader, part.len).await
+}
+
+/// Copies a part's bytes from `reader` to the request; the part must hold `len` bytes.
+async fn copy_part(
+    session: &mut HttpSession,
+    reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    len: u64,
+) -> Result<(), Failure> {
+    let mut buffer = BytesMut::with_capacity(READ_BUFFER);
+    let mut copied = 0u64;
+    loop {
+        buffer.reserve(READ_BUFFER);
+        let read = reader
+            .read_buf(&mut buffer)
+            .await
+            .map_err(|e| Failure::Store(StoreError::Io(e)))?;
+        if read == 0 {
+            break;
         }
+        copied += read as u64;
+        session
+            .write_request_body(buffer.split().freeze(), false)
+            .await
+            .map_err(Failure::Upstream)?;
     }
+    if copied != len {
+        // The declared Content-Length would be wrong: never let such a request complete.
+        return Err(Failure::Store(StoreError::Io(std::io::Error::other(
+            format!("a stored part held {copied} bytes where {len} were recorded"),
+        ))));
+    }
+    Ok(())
+}
+
+/// Writes the closing boundary and ends the request.
+async fn send_end(session: &mut HttpSession, body: &MultipartBody) -> Result<(), Failure> {
     session
         .write_request_body(body.tail.clone(), true)
         .await
@@ -586,6 +724,7 @@ fn classify(e: Box<pingora::Error>, in_doubt: bool) -> ForwardError {
 }
 
 /// The bytes around the file: text parts and the file part's header, then the closing boundary.
+#[derive(Debug)]
 struct MultipartBody {
     boundary: String,
     head: Bytes,
