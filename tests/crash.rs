@@ -201,6 +201,132 @@ async fn a_delivery_cut_by_kill_9_is_sent_again_with_the_same_idempotency_key_an
     );
 }
 
+const EARLY_ROUTES: &str = r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    forward: { path: /app/upload, field: document, early: true }
+"#;
+
+/// Waits up to 20 s for `ready`.
+async fn until(what: &str, ready: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !ready() {
+        assert!(std::time::Instant::now() < deadline, "waited for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn kill_9_during_an_early_delivery_leaves_a_request_that_broke_off_and_the_file_arrives_once()
+{
+    let upstream = Upstream::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let file = ChunkedFile::resumable("early-crash.bin", random_bytes(8 << 20, 62), 1 << 20);
+    let client = reqwest::Client::new();
+    let send = |addr, n| file.send_to(&client, addr, n);
+    let stitch = StitchProcess::start(upstream.addr, &dir, EARLY_ROUTES);
+    for n in 1..=5 {
+        assert_eq!(send(stitch.addr, n).await.unwrap().status(), 200);
+    }
+    // The stored chunks are on their way to the application when Stitch dies.
+    until("the early request upstream", || {
+        upstream.body_bytes() >= 3 << 20
+    })
+    .await;
+    stitch.kill();
+    until("the broken request to end", || {
+        !upstream.received_at("/app/upload").is_empty()
+    })
+    .await;
+    let broken = upstream.received_at("/app/upload");
+    assert!(
+        !broken[0].whole(),
+        "the application never had a whole request"
+    );
+
+    let stitch = StitchProcess::start(upstream.addr, &dir, EARLY_ROUTES);
+    for n in 1..=5 {
+        let test = client
+            .get(format!(
+                "http://{}/upload?{}",
+                stitch.addr,
+                file.query_string(n)
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(test.status(), 200, "chunk {n} survived");
+    }
+    for n in 6..file.count() {
+        assert_eq!(send(stitch.addr, n).await.unwrap().status(), 200);
+    }
+    let last = send(stitch.addr, file.count()).await.unwrap();
+    assert_eq!(last.status(), 200);
+    let whole: Vec<_> = upstream
+        .received_at("/app/upload")
+        .into_iter()
+        .filter(Received::whole)
+        .collect();
+    assert_eq!(whole.len(), 1, "delivered once");
+    assert_eq!(whole[0].files[0].sha256, file.sha256());
+    assert_eq!(
+        upstream.heads(),
+        2,
+        "the cut request, then one early delivery"
+    );
+}
+
+#[tokio::test]
+async fn an_early_delivery_in_doubt_after_kill_9_is_sent_again_with_the_same_idempotency_key() {
+    let upstream = Upstream::start().await;
+    upstream.delay_answers(Duration::from_secs(30));
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let file = ChunkedFile::resumable("early-doubt.bin", random_bytes(3 << 20, 63), 1 << 20);
+    let client = reqwest::Client::new();
+    let send = |addr, n| file.send_to(&client, addr, n);
+    let stitch = StitchProcess::start(upstream.addr, &dir, EARLY_ROUTES);
+    for n in 1..file.count() {
+        assert_eq!(send(stitch.addr, n).await.unwrap().status(), 200);
+    }
+    let last = tokio::spawn({
+        let (file, client, addr) = (file.clone(), client.clone(), stitch.addr);
+        async move { file.send_to(&client, addr, file.count()).await }
+    });
+    // The request begun early is finished and whole at the application, whose answer is slow.
+    until("the whole delivery upstream", || {
+        !upstream.received_at("/app/upload").is_empty()
+    })
+    .await;
+    assert!(upstream.received_at("/app/upload")[0].whole());
+    assert_eq!(upstream.heads(), 1, "the request begun early was the delivery");
+    stitch.kill();
+    assert!(
+        last.await.unwrap().is_err(),
+        "the client lost its connection"
+    );
+
+    upstream.delay_answers(Duration::ZERO);
+    let stitch = StitchProcess::start(upstream.addr, &dir, EARLY_ROUTES);
+    assert_eq!(send(stitch.addr, file.count()).await.unwrap().status(), 200);
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(
+        received.len(),
+        2,
+        "delivered again: the answer was never recorded"
+    );
+    assert!(received.iter().all(Received::whole));
+    assert_eq!(received[1].files[0].sha256, file.sha256());
+    assert_eq!(
+        received[0].header("idempotency-key"),
+        received[1].header("idempotency-key"),
+        "the application can tell it is the same delivery"
+    );
+    assert!(stitch.log_text().contains("in doubt"));
+}
+
 /// Every regular file under `dir`.
 fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
