@@ -1,6 +1,6 @@
 //! tus benchmark: a 1 GiB file uploaded by a tus 1.0 client through the real `stitch` binary's
 //! tus route, which stores it and delivers it to a recording upstream (with per-part fsync, the
-//! default, and without), and, for comparison, through `@tus/server` with `@tus/file-store`
+//! default, and without; with early delivery, `forward.early`, and without), and, for comparison, through `@tus/server` with `@tus/file-store`
 //! (Node.js, pinned in `benches/tus-peer/`, installed with `npm ci` when missing). Each server
 //! gets the file in 8 MiB PATCHes and in one PATCH of the whole file. The client is written
 //! here in Rust, the same for every server, so that on two cores it is not the bottleneck.
@@ -9,7 +9,8 @@
 //! replace the tus section of `benches/results.md`, keeping the rest.
 //!
 //! Run: `cargo bench --bench tus` (FILE_MIB=… PATCH_MIB=… RUNS=… to change the sizes,
-//! SERVERS=stitch,stitch-nofsync,tus-node to choose the servers).
+//! SERVERS=stitch,stitch-nofsync,stitch-early,stitch-early-nofsync,tus-node to choose the
+//! servers).
 
 #[path = "common/bench.rs"]
 mod bench;
@@ -191,11 +192,17 @@ fn wait_for_listener(addr: SocketAddr) {
 
 /// Stitch with one tus route like `conf/tus.yaml`, storing in `dir` (each part fsynced or
 /// not), delivering to `upstream`.
-fn start_stitch(upstream: SocketAddr, dir: &Path, file_len: u64, fsync: bool) -> (Process, Url) {
+fn start_stitch(
+    upstream: SocketAddr,
+    dir: &Path,
+    file_len: u64,
+    fsync: bool,
+    early: bool,
+) -> (Process, Url) {
     let max_mib = (file_len >> 20).max(5 << 10);
     let routes = format!(
         "routes:\n  - path: {COLLECTION}\n    protocol: tus\n    limits: {{ max_file_size: {max_mib}MiB }}\n    \
-         forward: {{ path: {DELIVERY_PATH}, field: file }}\n"
+         forward: {{ path: {DELIVERY_PATH}, field: file, early: {early} }}\n"
     );
     // The test helper writes `fsync: true`; YAML keys may not repeat, so it is replaced.
     let yaml = config_yaml(upstream, &dir.join("data"), "", &routes)
@@ -438,18 +445,56 @@ fn http_client() -> reqwest::Client {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Server {
-    Stitch { fsync: bool },
+    /// `early`: with `forward.early` (the delivery begins while the file arrives).
+    Stitch {
+        fsync: bool,
+        early: bool,
+    },
     TusNode,
 }
 
 impl Server {
     fn name(self) -> &'static str {
         match self {
-            Server::Stitch { fsync: true } => "Stitch (fsync on, the default)",
-            Server::Stitch { fsync: false } => "Stitch (fsync off)",
+            Server::Stitch {
+                fsync: true,
+                early: false,
+            } => "Stitch (fsync on, the default)",
+            Server::Stitch {
+                fsync: false,
+                early: false,
+            } => "Stitch (fsync off)",
+            Server::Stitch {
+                fsync: true,
+                early: true,
+            } => "Stitch, early delivery (fsync on)",
+            Server::Stitch {
+                fsync: false,
+                early: true,
+            } => "Stitch, early delivery (fsync off)",
             Server::TusNode => "@tus/server",
         }
     }
+
+    /// Every Stitch variant, in the order of the report.
+    const STITCHES: [Server; 4] = [
+        Server::Stitch {
+            fsync: true,
+            early: false,
+        },
+        Server::Stitch {
+            fsync: false,
+            early: false,
+        },
+        Server::Stitch {
+            fsync: true,
+            early: true,
+        },
+        Server::Stitch {
+            fsync: false,
+            early: true,
+        },
+    ];
 }
 
 /// When Stitch's upstream saw the delivery, and Stitch's CPU time before and during it.
@@ -488,6 +533,8 @@ struct Measured {
     cpu_seconds: f64,
     /// The bench process's CPU time during the upload (client, and Stitch's upstream).
     bench_cpu_seconds: f64,
+    /// Stitch with early delivery: its delivery begins with the first part.
+    early: bool,
 }
 
 impl Measured {
@@ -499,6 +546,7 @@ impl Measured {
     ) -> Measured {
         let since_start = |t: Instant| t.duration_since(uploaded.started).as_secs_f64();
         Measured {
+            early: false,
             answered: since_start(uploaded.answered),
             body_sent: since_start(uploaded.body_sent),
             delivery: delivery.map(|d| Phases {
@@ -517,16 +565,20 @@ impl Measured {
 impl Measured {
     /// When the server had stored every byte: Stitch starts its delivery only then (after the
     /// last fsync); @tus/server answers the last PATCH then.
+    /// With early delivery the upstream's view does not tell: its last answer, a bound.
     fn stored(&self) -> f64 {
-        self.delivery.map_or(self.answered, |d| d.started)
+        match self.delivery {
+            Some(d) if !self.early => d.started,
+            _ => self.answered,
+        }
     }
 }
 
 /// Stitch in front of a recording upstream; checks that the upstream got the whole file once.
-async fn run_stitch(source: &Source, patch: u64, fsync: bool) -> Measured {
+async fn run_stitch(source: &Source, patch: u64, fsync: bool, early: bool) -> Measured {
     let upstream = Arc::new(Upstream::start().await);
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let (process, collection) = start_stitch(upstream.addr, dir.path(), source.len, fsync);
+    let (process, collection) = start_stitch(upstream.addr, dir.path(), source.len, fsync, early);
     // Notes when the upstream has read the whole delivered body (it records a request then),
     // and Stitch's CPU time meanwhile.
     let watch = {
@@ -580,7 +632,10 @@ async fn run_stitch(source: &Source, patch: u64, fsync: bool) -> Measured {
         cpu_storing: cpu_at(received.at),
         cpu_delivering: cpu_at(held) - cpu_at(received.at),
     };
-    Measured::of(&uploaded, Some(delivery), &process, bench_cpu)
+    Measured {
+        early,
+        ..Measured::of(&uploaded, Some(delivery), &process, bench_cpu)
+    }
 }
 
 /// `@tus/server`; checks the file it stored.
@@ -644,7 +699,7 @@ async fn run(server: Server, source: &Source, patch: u64) -> Measured {
     settle_disk();
     let run = async {
         match server {
-            Server::Stitch { fsync } => run_stitch(source, patch, fsync).await,
+            Server::Stitch { fsync, early } => run_stitch(source, patch, fsync, early).await,
             Server::TusNode => run_tus_node(source, patch).await,
         }
     };
@@ -711,8 +766,9 @@ fn report(cases: &[Case], file_len: u64, conditions: &Conditions) -> String {
          it stores the file (without fsync) and delivers nothing. \"To the last answer\": from \
          the creation request to the last PATCH's answer, as the client sees it. \"To the file \
          stored\": until the server had every byte stored (Stitch: when its delivery reached \
-         the upstream, which it starts after the last fsync; @tus/server: its last answer). \
-         Each case: the median of {runs} runs, a new server each run; peak RSS is the highest \
+         the upstream, which it starts after the last fsync; @tus/server: its last answer; \
+         Stitch with early delivery, `forward.early: true`, whose delivery begins with the \
+         first part: its last answer, a bound). Each case: the median of {runs} runs, a new server each run; peak RSS is the highest \
          of the runs.\n\n\
          | server | PATCH size | MiB/s to the last answer | MiB/s to the file stored | server peak RSS (MiB) | server CPU (s) |\n\
          |---|---|---|---|---|---|\n",
@@ -779,8 +835,7 @@ fn ratios(cases: &[Case]) -> String {
     let mut patches: Vec<u64> = cases.iter().map(|c| c.patch).collect();
     patches.sort_unstable();
     patches.dedup();
-    for fsync in [true, false] {
-        let stitch = Server::Stitch { fsync };
+    for stitch in Server::STITCHES {
         for patch in &patches {
             if let (Some(s), Some(n)) = (find(stitch, *patch), find(Server::TusNode, *patch)) {
                 out.push_str(&format!(
@@ -842,17 +897,27 @@ fn timeline(cases: &[Case]) -> String {
     out
 }
 
-/// The servers to run: `SERVERS=stitch,stitch-nofsync,tus-node` (default: all three).
+/// The servers to run: `SERVERS=stitch,stitch-nofsync,stitch-early,stitch-early-nofsync,tus-node`
+/// (default: all of them).
 fn servers() -> Vec<Server> {
-    let chosen =
-        std::env::var("SERVERS").unwrap_or_else(|_| "stitch,stitch-nofsync,tus-node".into());
+    let chosen = std::env::var("SERVERS").unwrap_or_else(|_| {
+        "stitch,stitch-nofsync,stitch-early,stitch-early-nofsync,tus-node".into()
+    });
     chosen
         .split(',')
-        .map(|name| match name.trim() {
-            "stitch" => Server::Stitch { fsync: true },
-            "stitch-nofsync" => Server::Stitch { fsync: false },
-            "tus-node" => Server::TusNode,
-            other => panic!("SERVERS: {other:?} is none of stitch, stitch-nofsync, tus-node"),
+        .map(|name| {
+            let (fsync, early) = match name.trim() {
+                "stitch" => (true, false),
+                "stitch-nofsync" => (false, false),
+                "stitch-early" => (true, true),
+                "stitch-early-nofsync" => (false, true),
+                "tus-node" => return Server::TusNode,
+                other => panic!(
+                    "SERVERS: {other:?} is none of stitch, stitch-nofsync, stitch-early, \
+                     stitch-early-nofsync, tus-node"
+                ),
+            };
+            Server::Stitch { fsync, early }
         })
         .collect()
 }
