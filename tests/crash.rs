@@ -301,7 +301,11 @@ async fn an_early_delivery_in_doubt_after_kill_9_is_sent_again_with_the_same_ide
     })
     .await;
     assert!(upstream.received_at("/app/upload")[0].whole());
-    assert_eq!(upstream.heads(), 1, "the request begun early was the delivery");
+    assert_eq!(
+        upstream.heads(),
+        1,
+        "the request begun early was the delivery"
+    );
     stitch.kill();
     assert!(
         last.await.unwrap().is_err(),
