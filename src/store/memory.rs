@@ -172,11 +172,12 @@ impl BlobStore for Memory {
         Ok(staged)
     }
 
-    async fn keep(&self, staged: Staged) -> Result<(), StoreError> {
+    async fn keep(&self, staged: Staged) -> Result<bool, StoreError> {
         let mut data = self.data.lock().expect("data");
         let bytes = data.staged.remove(&staged.token).unwrap_or_default();
+        let known = data.blobs.contains_key(&staged.digest);
         data.blobs.entry(staged.digest).or_insert(bytes);
-        Ok(())
+        Ok(known)
     }
 
     async fn discard(&self, staged: Staged) {

@@ -240,8 +240,9 @@ pub trait BlobStore: Send + Sync {
     /// [`Cut::TooLong`]). Durable (fsynced) when the engine is configured so.
     async fn stage(&self, body: &mut dyn BodySource, limit: u64) -> Result<Staged, StoreError>;
     /// Keeps staged bytes under their digest; a no-op if that content is stored already.
-    /// Call under the blob's lock (see [`LockKey::Blob`]).
-    async fn keep(&self, staged: Staged) -> Result<(), StoreError>;
+    /// Call under the blob's lock (see [`LockKey::Blob`]). True if it was stored already (the
+    /// bytes are deduplicated).
+    async fn keep(&self, staged: Staged) -> Result<bool, StoreError>;
     /// Drops staged bytes.
     async fn discard(&self, staged: Staged);
     /// Reads a blob of `len` bytes.

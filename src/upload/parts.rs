@@ -266,13 +266,12 @@ impl UploadCore {
                 return Err(e.into());
             }
         };
-        let known = self.engines.state.is_referenced(&part.digest).await;
-        self.engines.blobs.keep(staged).await?;
+        let known = self.engines.blobs.keep(staged).await?;
         let added = self.engines.state.add_part(upload, part, fence).await;
         if matches!(added, Ok(true)) {
             self.part_stored(upload);
             self.metrics.parts_stored.inc();
-            if matches!(known, Ok(true)) {
+            if known {
                 self.metrics.parts_deduplicated.inc();
                 self.metrics.deduplicated_bytes.inc_by(part.len);
             }

@@ -134,23 +134,39 @@ impl BlobStore for FsBlobs {
         }
     }
 
-    async fn keep(&self, staged: Staged) -> Result<(), StoreError> {
+    /// One trip to the blocking pool: the caller holds the upload's lease meanwhile, and every
+    /// trip there is a wait on a busy machine.
+    async fn keep(&self, staged: Staged) -> Result<bool, StoreError> {
         let tmp = self.0.staging.join(&staged.token);
         let blob = self.0.blob_path(&staged.digest);
-        let kept = async {
-            if tokio::fs::try_exists(&blob).await? {
-                return remove_if_present(&tmp).await;
+        let kept = tokio::task::spawn_blocking(move || {
+            let kept = (|| {
+                if std::fs::exists(&blob)? {
+                    return match std::fs::remove_file(&tmp) {
+                        Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+                        _ => Ok(true),
+                    };
+                }
+                // The blob's own directory entry needs no fsync: the part's link that
+                // references it is what makes the bytes reachable, and that is fsynced.
+                let shard = blob.parent().expect("blob paths have a parent");
+                match std::fs::rename(&tmp, &blob) {
+                    Err(e) if e.kind() == ErrorKind::NotFound && !shard.exists() => {
+                        std::fs::create_dir_all(shard)?;
+                        std::fs::rename(&tmp, &blob)?;
+                    }
+                    other => other?,
+                }
+                Ok(false)
+            })();
+            if kept.is_err() {
+                // Give the space back at once.
+                let _ = std::fs::remove_file(&tmp);
             }
-            // The blob's own directory entry needs no fsync: the part's link that references
-            // it is what makes the bytes reachable, and that is fsynced.
-            tokio::fs::create_dir_all(blob.parent().expect("blob paths have a parent")).await?;
-            tokio::fs::rename(&tmp, &blob).await
-        }
-        .await;
-        if kept.is_err() {
-            // Give the space back at once.
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
+            kept
+        })
+        .await
+        .map_err(std::io::Error::other)?;
         Ok(kept?)
     }
 

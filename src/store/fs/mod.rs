@@ -72,8 +72,9 @@ pub(crate) struct Fs {
     unentered: std::sync::atomic::AtomicU64,
     /// How long a span of the activity index lasts (a fraction of the shortest TTL).
     span: u64,
-    /// The span each upload was last indexed in by this process.
-    indexed_spans: DashMap<UploadKey, u64>,
+    /// The span each upload was last indexed in by this process, and the activity time this
+    /// process last wrote for it.
+    indexed_spans: DashMap<UploadKey, (u64, std::time::SystemTime)>,
     closed: Arc<AtomicBool>,
 }
 
@@ -237,58 +238,65 @@ impl Fs {
         self.stripes[Fs::upload_stripe(upload)].epoch()
     }
 
-    async fn sync_dir(&self, dir: &Path) -> std::io::Result<()> {
-        if !self.fsync {
-            return Ok(());
-        }
-        let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
+    /// Runs blocking file system work on the blocking pool: one trip there per call (each is a
+    /// wait on a busy machine, often while the upload's lease is held).
+    async fn blocking<T: Send + 'static>(
+        work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        tokio::task::spawn_blocking(work)
             .await
             .map_err(std::io::Error::other)?
-    }
-
-    /// Creates `dir` and any missing parents, making each new entry durable in its parent.
-    async fn create_dir_durable(&self, dir: &Path) -> std::io::Result<()> {
-        let mut missing = Vec::new();
-        let mut cursor = dir;
-        while !tokio::fs::try_exists(cursor).await? {
-            missing.push(cursor.to_path_buf());
-            cursor = match cursor.parent() {
-                Some(parent) => parent,
-                None => break,
-            };
-        }
-        for created in missing.iter().rev() {
-            match tokio::fs::create_dir(created).await {
-                Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
-                _ => {}
-            }
-            if let Some(parent) = created.parent() {
-                self.sync_dir(parent).await?;
-            }
-        }
-        Ok(())
     }
 
     /// Writes a small file atomically: temporary name, fsync, rename, fsync the directory. Every
     /// step's error is reported (a full disk must never leave a short file in place), and the
     /// temporary file is removed when a step fails.
     async fn write_atomic(&self, path: &Path, bytes: Vec<u8>) -> std::io::Result<()> {
-        let dir = path.parent().expect("store paths have a parent");
-        self.create_dir_durable(dir).await?;
         let (_, tmp) = self.tmp_path();
         let (path, fsync) = (path.to_path_buf(), self.fsync);
-        tokio::task::spawn_blocking(move || {
+        Fs::blocking(move || {
+            let dir = path.parent().expect("store paths have a parent");
+            create_dir_durable(dir, fsync)?;
             let written = write_then_rename(&tmp, &path, &bytes, fsync);
             if written.is_err() {
                 let _ = std::fs::remove_file(&tmp);
             }
-            written
+            written?;
+            sync_dir(dir, fsync)
         })
         .await
-        .map_err(std::io::Error::other)??;
-        self.sync_dir(dir).await
     }
+}
+
+/// Fsyncs a directory (its entries become durable), if `fsync`.
+fn sync_dir(dir: &Path, fsync: bool) -> std::io::Result<()> {
+    if fsync {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Creates `dir` and any missing parents, making each new entry durable in its parent.
+fn create_dir_durable(dir: &Path, fsync: bool) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cursor = dir;
+    while !std::fs::exists(cursor)? {
+        missing.push(cursor.to_path_buf());
+        cursor = match cursor.parent() {
+            Some(parent) => parent,
+            None => break,
+        };
+    }
+    for created in missing.iter().rev() {
+        match std::fs::create_dir(created) {
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        if let Some(parent) = created.parent() {
+            sync_dir(parent, fsync)?;
+        }
+    }
+    Ok(())
 }
 
 /// The blocking steps of [`Fs::write_atomic`].

@@ -18,6 +18,30 @@ use std::time::{Duration, SystemTime};
 /// Linux's "too many links" (a blob shared by ~65,000 parts on ext4).
 const EMLINK: i32 = 31;
 
+/// Links a part to its blob; past the file system's link limit, the part is a copy of the
+/// blob (at `tmp` first, fsynced if `fsync`, then renamed).
+fn link_part(blob: &Path, part: &Path, tmp: &Path, fsync: bool) -> std::io::Result<()> {
+    match std::fs::hard_link(blob, part) {
+        Err(e) if e.raw_os_error() == Some(EMLINK) => {
+            let copied = (|| {
+                std::fs::copy(blob, tmp)?;
+                if fsync {
+                    std::fs::File::open(tmp)?.sync_all()?;
+                }
+                std::fs::rename(tmp, part)
+            })();
+            if copied.is_err() {
+                let _ = std::fs::remove_file(tmp);
+            }
+            copied
+        }
+        other => other,
+    }
+}
+
+/// Activity within this long after the activity last written is not written again.
+const ACTIVITY_GRAIN: Duration = Duration::from_millis(100);
+
 pub(super) struct FsState(pub(super) Arc<Fs>);
 
 /// The first line of an `answer` file; the body follows.
@@ -54,27 +78,6 @@ impl FsState {
     }
 
     /// Links a part to its blob; past the file system's link limit, copies the blob.
-    async fn link_part(&self, blob: &Path, part: &Path) -> std::io::Result<()> {
-        match tokio::fs::hard_link(blob, part).await {
-            Err(e) if e.raw_os_error() == Some(EMLINK) => {
-                let (_, tmp) = self.0.tmp_path();
-                let copied = async {
-                    tokio::fs::copy(blob, &tmp).await?;
-                    if self.0.fsync {
-                        tokio::fs::File::open(&tmp).await?.sync_all().await?;
-                    }
-                    tokio::fs::rename(&tmp, part).await
-                }
-                .await;
-                if copied.is_err() {
-                    let _ = tokio::fs::remove_file(&tmp).await;
-                }
-                copied
-            }
-            other => other,
-        }
-    }
-
     /// A change of this process's to the upload's parts begins: a listing read from now on
     /// until [`changed`](Self::changed) is not kept.
     fn changing(&self, upload: &UploadKey) {
@@ -145,12 +148,18 @@ impl FsState {
         cached.parts = parts.map(Arc::new);
     }
 
+    /// Links the part to its blob, durably: one trip to the blocking pool.
     async fn add_part_on_disk(&self, part: &StoredPart, path: &Path) -> std::io::Result<()> {
-        let dir = path.parent().expect("part paths have a parent");
-        self.0.create_dir_durable(dir).await?;
-        self.link_part(&self.0.blob_path(&part.digest), path)
-            .await?;
-        self.0.sync_dir(dir).await
+        let blob = self.0.blob_path(&part.digest);
+        let (_, tmp) = self.0.tmp_path();
+        let (path, fsync) = (path.to_path_buf(), self.0.fsync);
+        Fs::blocking(move || {
+            let dir = path.parent().expect("part paths have a parent");
+            super::create_dir_durable(dir, fsync)?;
+            link_part(&blob, &path, &tmp, fsync)?;
+            super::sync_dir(dir, fsync)
+        })
+        .await
     }
 
     /// Sets the last activity (if `activity`), and enters the upload in the index at `index`
@@ -162,10 +171,16 @@ impl FsState {
         index: SystemTime,
     ) -> Result<(), StoreError> {
         let span = unix_seconds(index) / self.0.span;
-        let span_dir = match self.0.indexed_spans.get(upload) {
-            Some(indexed) if *indexed == span => None,
-            _ => Some(self.span_dir(span)),
+        let (span_dir, written) = match self.0.indexed_spans.get(upload).map(|e| *e) {
+            Some((indexed, written)) if indexed == span => (None, Some(written)),
+            Some((_, written)) => (Some(self.span_dir(span)), Some(written)),
+            None => (Some(self.span_dir(span)), None),
         };
+        // An activity this close after the one written already changes nothing that expiry
+        // could tell (the shortest TTL is a second): one trip to the disk saved per chunk.
+        let activity = activity.filter(|at| {
+            written.is_none_or(|w| !matches!(at.duration_since(w), Ok(d) if d < ACTIVITY_GRAIN))
+        });
         if activity.is_none() && span_dir.is_none() {
             return Ok(());
         }
@@ -195,7 +210,8 @@ impl FsState {
         })
         .await
         .map_err(std::io::Error::other)??;
-        self.0.indexed_spans.insert(*upload, span);
+        let written = activity.or(written).unwrap_or(std::time::UNIX_EPOCH);
+        self.0.indexed_spans.insert(*upload, (span, written));
         Ok(())
     }
 
