@@ -35,6 +35,21 @@ impl InFlight {
     }
 }
 
+impl InFlight {
+    /// Waits (asynchronously) until nothing is in flight, or `within` has passed; true if
+    /// nothing is.
+    pub async fn idle(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.count() > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+}
+
 impl Drop for Working {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);

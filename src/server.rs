@@ -39,6 +39,8 @@ pub struct Built {
     pub server: Server,
     pub storage: StorageHandle,
     pub in_flight: InFlight,
+    /// Delivered uploads whose parts are being removed after their answer was given.
+    pub cleanups: InFlight,
 }
 
 /// Tells when every user of the storage is gone. Pingora's fast shutdown lets tasks outlive
@@ -168,10 +170,12 @@ pub fn build_as(config: &Config, launch: Launch) -> Result<Built, StartError> {
         operators.add_tcp(&metrics.listen.to_string());
         server.add_service(operators);
     }
+    let cleanups = core.cleanups();
     Ok(Built {
         server,
         storage,
         in_flight,
+        cleanups,
     })
 }
 
@@ -264,6 +268,7 @@ pub struct Running {
     stop: tokio::sync::watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
     storage: StorageHandle,
+    cleanups: InFlight,
 }
 
 struct StopSignal(tokio::sync::watch::Receiver<bool>);
@@ -316,7 +321,10 @@ fn free_port(addr: SocketAddr) -> Result<SocketAddr, StartError> {
 
 fn spawn_on(config: &Config) -> Result<Running, StartError> {
     let Built {
-        server, storage, ..
+        server,
+        storage,
+        cleanups,
+        ..
     } = build(config)?;
     let (stop, watch) = tokio::sync::watch::channel(false);
     let thread = std::thread::spawn(move || {
@@ -329,6 +337,7 @@ fn spawn_on(config: &Config) -> Result<Running, StartError> {
         stop,
         thread: Some(thread),
         storage,
+        cleanups,
     };
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(config.listen).is_err() {
@@ -367,6 +376,12 @@ pub fn owns_listener(pid: u32, addr: SocketAddr) -> bool {
 }
 
 impl Running {
+    /// Waits (up to `within`) until no delivered upload's parts are still being removed (the
+    /// answer is given before); true if none are.
+    pub fn wait_settled(&self, within: Duration) -> bool {
+        self.cleanups.wait_idle(within)
+    }
+
     pub fn stop(mut self) {
         self.shutdown();
     }

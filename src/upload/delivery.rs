@@ -115,7 +115,10 @@ impl UploadCore {
                 // A task of its own: a client that gives up must not cut a delivery in half.
                 let delivering = async move {
                     let _working = working;
-                    let delivery = landing.core.deliver_once(&upload, &forward, &request).await;
+                    let delivery = landing
+                        .core
+                        .deliver_once(&upload, &forward, &request, &done)
+                        .await;
                     drop(landing);
                     let _ = done.send(Some(delivery));
                 };
@@ -133,11 +136,13 @@ impl UploadCore {
         delivery
     }
 
+    /// `done` hears a recorded answer as soon as it is recorded, before the parts are removed.
     async fn deliver_once(
         &self,
         upload: &UploadKey,
         forward: &ForwardConfig,
         request: &DeliveryRequest,
+        done: &watch::Sender<Option<Arc<Delivery>>>,
     ) -> Arc<Delivery> {
         // Back-pressure: a retry right after a failure waits, instead of sending the whole file
         // again at once (Resumable.js retries immediately, up to 100 times).
@@ -146,7 +151,7 @@ impl UploadCore {
         {
             tokio::time::sleep(pause).await;
         }
-        let delivery = match self.try_deliver(upload, forward, request).await {
+        let delivery = match self.try_deliver(upload, forward, request, done).await {
             Ok(delivery) => delivery,
             Err(e) => {
                 // The details are for the log; the protocol gives clients a short message.
@@ -185,6 +190,7 @@ impl UploadCore {
         upload: &UploadKey,
         forward: &ForwardConfig,
         request: &DeliveryRequest,
+        done: &watch::Sender<Option<Arc<Delivery>>>,
     ) -> Result<Delivery, DeliverError> {
         let lease = self.lock(upload).await?;
         let fence = lease.fence;
@@ -311,6 +317,10 @@ impl UploadCore {
         // The upstream has the file, whatever happens here: never report a retryable failure
         // (a retry would send the file again).
         if self.record(upload, &answer, fence).await {
+            // The answer stands (any request from now on finds it): the client need not wait
+            // for the parts to be removed, which for a large file in small chunks takes a while.
+            let _cleaning = self.cleanups.start();
+            done.send_replace(Some(Arc::new(answered(answer.clone(), false))));
             if let Err(e) = self.finish(upload, fence).await {
                 tracing::error!("{upload:?}: delivered, but removing its parts failed: {e}");
             }

@@ -165,6 +165,8 @@ pub struct UploadCore {
     unrecorded: DashMap<UploadKey, RecordedAnswer>,
     /// Deliveries run in tasks of their own; a graceful shutdown waits for them.
     in_flight: InFlight,
+    /// Delivered uploads whose answer was given while their parts are being removed.
+    cleanups: InFlight,
     /// Queued deliveries this process may run at once (see `queue`).
     queue_slots: Arc<tokio::sync::Semaphore>,
     /// Queued uploads whose route the config no longer has (warned about once).
@@ -200,6 +202,7 @@ impl UploadCore {
             failures: DashMap::new(),
             unrecorded: DashMap::new(),
             in_flight,
+            cleanups: InFlight::default(),
             queue_slots: Arc::new(tokio::sync::Semaphore::new(queue::QUEUE_SLOTS)),
             unroutable: DashMap::new(),
             authorizations: DashMap::new(),
@@ -208,6 +211,12 @@ impl UploadCore {
             early_slots: DashMap::new(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
         }
+    }
+
+    /// Delivered uploads whose parts are being removed after their answer was given (tests
+    /// wait for none before they look at storage).
+    pub fn cleanups(&self) -> InFlight {
+        self.cleanups.clone()
     }
 
     /// Takes the upload's lease.

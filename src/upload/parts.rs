@@ -349,28 +349,33 @@ impl UploadCore {
     /// Where an upload stands (`None`: no such upload). Read-only.
     pub async fn progress(&self, upload: &UploadKey) -> Result<Option<Progress>, CoreError> {
         let state = &self.engines.state;
-        if let Some(meta) = state.meta(upload).await? {
-            let parts = state.parts(upload).await?;
-            let expires = state
-                .last_activity(upload)
-                .await?
-                .map(|at| at + self.ttls.upload);
-            return Ok(Some(Progress {
-                meta,
-                offset: contiguous_len(&parts),
-                delivered: false,
-                expires,
-            }));
-        }
+        // The answer first: a delivered upload's parts are removed after its answer is
+        // recorded, and a look meanwhile must not take the half-removed parts for its offset.
         let delivered = match self.unrecorded.get(upload) {
             Some(answer) => answer.file.clone(),
             None => state.answer(upload).await?.and_then(|(a, _)| a.file),
         };
-        Ok(delivered.map(|file| Progress {
-            offset: file.parts.iter().map(|p| p.len).sum(),
-            meta: file.meta,
-            delivered: true,
-            expires: None,
+        if let Some(file) = delivered {
+            return Ok(Some(Progress {
+                offset: file.parts.iter().map(|p| p.len).sum(),
+                meta: file.meta,
+                delivered: true,
+                expires: None,
+            }));
+        }
+        let Some(meta) = state.meta(upload).await? else {
+            return Ok(None);
+        };
+        let parts = state.parts(upload).await?;
+        let expires = state
+            .last_activity(upload)
+            .await?
+            .map(|at| at + self.ttls.upload);
+        Ok(Some(Progress {
+            meta,
+            offset: contiguous_len(&parts),
+            delivered: false,
+            expires,
         }))
     }
 

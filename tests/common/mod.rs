@@ -166,6 +166,13 @@ impl Harness {
     /// bytes (`blobs/`), upload state (`uploads/`) and bytes being staged (in `tmp/`). Lock
     /// files and the activity index are bookkeeping, not data.
     pub fn stored_files(&self) -> Vec<(String, u64)> {
+        // A delivered upload's parts are removed just after its answer is given.
+        if let Some(stitch) = &self.stitch {
+            assert!(
+                stitch.wait_settled(std::time::Duration::from_secs(20)),
+                "a delivered upload's parts were still being removed after 20 s"
+            );
+        }
         let mut found = Vec::new();
         walk(&self.storage_dir, &mut found);
         let root = format!("{}/", self.storage_dir.display());
