@@ -365,3 +365,45 @@ async fn readiness_follows_the_upstream_and_health_the_process() {
     h.upstream.resume().await;
     assert_eq!(get("/readyz").await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn early_deliveries_are_counted_by_how_their_stream_ended() {
+    let metrics = free_addr();
+    let yaml = format!(
+        r#"
+metrics:
+  listen: {metrics}
+routes:
+  - path: /upload
+    protocol: resumable
+    forward: {{ path: /app/upload, field: document, early: {{ stall: 300ms }} }}
+"#
+    );
+    let h = Harness::with_routes(&yaml).await;
+    // One upload whose stream the delivery finishes.
+    let used = ChunkedFile::resumable("used.bin", random_bytes(3000, 6), 1000);
+    assert_eq!(used.upload_all(&h).await.status(), 200);
+    // One whose client pauses past the stall time: cut off, then delivered once complete.
+    let paused = ChunkedFile::resumable("paused.bin", random_bytes(3000, 7), 1000);
+    assert_eq!(paused.upload(&h, 1).await.status(), 200);
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    for n in 2..=3 {
+        assert_eq!(paused.upload(&h, n).await.status(), 200);
+    }
+    let whole = h
+        .upstream
+        .received_at("/app/upload")
+        .into_iter()
+        .filter(Received::whole)
+        .count();
+    assert_eq!(whole, 2, "each file delivered once");
+    let text = scrape(metrics).await;
+    let early = |outcome: &str| {
+        sample(
+            &text,
+            &format!(r#"stitch_early_deliveries_total{{outcome="{outcome}"}}"#),
+        )
+    };
+    assert_eq!(early("used"), 1.0);
+    assert_eq!(early("stalled"), 1.0);
+}
