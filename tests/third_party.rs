@@ -59,3 +59,70 @@ async fn a_session_that_expired_during_the_upload_does_not_cost_the_user_the_fil
     assert_eq!(sha256(&saved[0].1), file.sha256());
     assert_eq!(app.posts(), 2);
 }
+
+const EARLY_ROUTE: &str = r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    forward: { path: /upload, field: files, early: { stall: 500ms } }
+"#;
+
+#[tokio::test]
+async fn with_early_delivery_the_file_arrives_whole_once_and_a_cut_stream_leaves_a_piece_in_uploadserver(
+) {
+    let app = UploadServer::start(None);
+    let h = Harness::custom("", EARLY_ROUTE, Some(app.app.addr), None).await;
+    // Streamed while it arrives.
+    let streamed = ChunkedFile::resumable("streamed.mov", random_bytes(6 << 20, 92), 1 << 20);
+    assert_eq!(streamed.upload_all(&h).await.status(), 200);
+    // A client that pauses past the stall time: the application sees a request break off.
+    let paused = ChunkedFile::resumable("paused.mov", random_bytes(4 << 20, 93), 1 << 20);
+    for n in 1..=2 {
+        assert_eq!(paused.upload(&h, n).await.status(), 200);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    for n in 3..=paused.count() {
+        assert_eq!(paused.upload(&h, n).await.status(), 200);
+    }
+    let saved = app.saved();
+    let streamed_saved: Vec<_> = saved
+        .iter()
+        .filter(|(n, _)| n.starts_with("streamed"))
+        .collect();
+    assert_eq!(streamed_saved.len(), 1, "the streamed file saved once");
+    assert_eq!(sha256(&streamed_saved[0].1), streamed.sha256());
+    // The paused file arrives whole once. uploadserver also keeps what it had read of the
+    // request that broke off: a piece of the file under its name. This is why early delivery
+    // is not the default (README, "Early delivery").
+    let paused_saved: Vec<_> = saved
+        .iter()
+        .filter(|(n, _)| n.starts_with("paused"))
+        .collect();
+    let whole: Vec<_> = paused_saved
+        .iter()
+        .filter(|(_, bytes)| sha256(bytes) == paused.sha256())
+        .collect();
+    assert_eq!(whole.len(), 1, "the paused file saved whole once");
+    assert_eq!(
+        paused_saved.len(),
+        2,
+        "and the piece of the cut request: {:?}",
+        paused_saved
+            .iter()
+            .map(|(n, b)| (n, b.len()))
+            .collect::<Vec<_>>()
+    );
+    let piece = paused_saved
+        .iter()
+        .find(|(_, b)| sha256(b) != paused.sha256())
+        .unwrap();
+    assert!(
+        (piece.1.len() as u64) < paused.data.len(),
+        "a piece shorter than the file"
+    );
+    assert_eq!(
+        app.posts(),
+        3,
+        "uploadserver took the cut request for a post of its own"
+    );
+}
