@@ -218,7 +218,7 @@ fn report(runs: &[Run], file_mib: u64, rounds: u64) -> String {
         ));
     }
     out.push_str(
-        "\nGoals (issue \"Performance\"): forward / curl >= 0.9; end to end / direct <= 2.2 with \
+        "\nGoals: forward / curl >= 0.9; end to end / direct <= 2.2 with \
          per-part fsync, <= 1.3 without; ingest / disk >= 0.9 with 1 MiB chunks and fsync. \
          forward / curl is the direct post's time over the forward's (higher is faster).\n\n\
          Produced by `cargo bench --bench upload`.\n",
