@@ -391,18 +391,15 @@ impl UploadCore {
         limit: u64,
         accept: &(dyn Fn(&Staged) -> bool + Send + Sync),
     ) -> Result<Appended, CoreError> {
-        let lease = self.lock(upload).await?;
+        let Appending {
+            lease,
+            meta,
+            current,
+            room,
+            next,
+        } = self.start_append(upload, at, limit).await?;
         let state = &self.engines.state;
-        let meta = state.meta(upload).await?.ok_or(CoreError::NotFound)?;
-        let parts = state.parts(upload).await?;
-        let current = contiguous_len(&parts);
-        if current != at {
-            return Err(CoreError::OffsetMismatch { current });
-        }
-        let room = meta
-            .length
-            .map_or(limit, |length| length.saturating_sub(current));
-        let staged = self.engines.blobs.stage(body, room.min(limit)).await?;
+        let staged = self.engines.blobs.stage(body, room).await?;
         let broke_off = match &staged.cut {
             Some(Cut::TooLong(limit)) => {
                 let limit = *limit;
@@ -420,7 +417,6 @@ impl UploadCore {
         if staged.len == 0 {
             self.engines.blobs.discard(staged).await;
         } else {
-            let next = parts.keys().next_back().map_or(1, |n| n + 1);
             self.publish(upload, next, staged, lease.fence).await?;
         }
         state.touch(upload, self.clock.now()).await?;
@@ -428,6 +424,35 @@ impl UploadCore {
             offset,
             complete: meta.length == Some(offset),
             broke_off,
+        })
+    }
+
+    /// Takes the lease for an append at `at` and says where the upload stands: its offset
+    /// (which must be `at`), the room left (at most `limit`), the next part's number.
+    async fn start_append(
+        &self,
+        upload: &UploadKey,
+        at: u64,
+        limit: u64,
+    ) -> Result<Appending, CoreError> {
+        let lease = self.lock(upload).await?;
+        let state = &self.engines.state;
+        let meta = state.meta(upload).await?.ok_or(CoreError::NotFound)?;
+        let parts = state.parts(upload).await?;
+        let current = contiguous_len(&parts);
+        if current != at {
+            return Err(CoreError::OffsetMismatch { current });
+        }
+        let room = meta
+            .length
+            .map_or(limit, |length| length.saturating_sub(current))
+            .min(limit);
+        Ok(Appending {
+            lease,
+            meta,
+            current,
+            room,
+            next: parts.keys().next_back().map_or(1, |n| n + 1),
         })
     }
 
@@ -444,19 +469,14 @@ impl UploadCore {
         limit: u64,
         piece: u64,
     ) -> Result<Appended, CoreError> {
-        let lease = self.lock(upload).await?;
+        let Appending {
+            lease,
+            meta,
+            current,
+            room,
+            mut next,
+        } = self.start_append(upload, at, limit).await?;
         let state = &self.engines.state;
-        let meta = state.meta(upload).await?.ok_or(CoreError::NotFound)?;
-        let parts = state.parts(upload).await?;
-        let current = contiguous_len(&parts);
-        if current != at {
-            return Err(CoreError::OffsetMismatch { current });
-        }
-        let room = meta
-            .length
-            .map_or(limit, |length| length.saturating_sub(current))
-            .min(limit);
-        let mut next = parts.keys().next_back().map_or(1, |n| n + 1);
         let mut offset = current;
         let mut carry = None;
         let mut broke_off = None;
@@ -685,6 +705,15 @@ fn count_to_end(len_of: impl Fn(u64) -> Option<u64>, parts: usize, total: u64) -
         }
     }
     None
+}
+
+/// An append under way: the lease, and where the upload stood when it was taken.
+struct Appending {
+    lease: crate::store::Lease,
+    meta: UploadMeta,
+    current: u64,
+    room: u64,
+    next: u64,
 }
 
 /// At most `left` bytes of a body; the rest of a piece that passes it waits in `carry` for
