@@ -5,9 +5,10 @@
 mod common;
 
 use bytes::Bytes;
+use common::tus::{header, location_of, patch, tus};
 use common::*;
 use futures::SinkExt;
-use reqwest::{Method, Response};
+use reqwest::Method;
 use std::time::Duration;
 
 const EARLY_ROUTES: &str = r#"
@@ -28,16 +29,6 @@ routes:
     forward: { path: /app/upload, field: document, early: { stall: 300ms } }
 "#;
 
-fn header<'r>(response: &'r Response, name: &str) -> Option<&'r str> {
-    response.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
-fn tus(h: &Harness, method: Method, path: &str) -> reqwest::RequestBuilder {
-    h.client
-        .request(method, h.url(path))
-        .header("tus-resumable", "1.0.0")
-}
-
 /// Creates a tus upload of `length` bytes named `name`; returns its path.
 async fn create(h: &Harness, length: u64, name: &str) -> String {
     use base64::Engine;
@@ -49,21 +40,7 @@ async fn create(h: &Harness, length: u64, name: &str) -> String {
         .await
         .unwrap();
     assert_eq!(response.status(), 201, "creation");
-    let location = header(&response, "location").expect("Location").to_string();
-    location
-        .strip_prefix(h.url("").trim_end_matches('/'))
-        .expect("on Stitch's host")
-        .to_string()
-}
-
-async fn patch(h: &Harness, location: &str, offset: u64, body: Bytes) -> Response {
-    tus(h, Method::PATCH, location)
-        .header("content-type", "application/offset+octet-stream")
-        .header("upload-offset", offset.to_string())
-        .body(body)
-        .send()
-        .await
-        .unwrap()
+    location_of(h, &response)
 }
 
 /// Waits until `ready` holds, for at most `within`.

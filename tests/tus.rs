@@ -7,6 +7,7 @@ mod common;
 use base64::Engine;
 use bytes::Bytes;
 use common::raw::RawConnection;
+use common::tus::{header, location_of, patch, tus};
 use common::*;
 use reqwest::{Method, Response};
 use sha2::{Digest, Sha256};
@@ -28,28 +29,6 @@ fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
 }
 
-fn header<'r>(response: &'r Response, name: &str) -> Option<&'r str> {
-    response.headers().get(name).and_then(|v| v.to_str().ok())
-}
-
-/// The upload URL a creation answered, as a path. Stitch answers with an absolute URL on the
-/// host the client used.
-fn location_of(h: &Harness, response: &Response) -> String {
-    let location = header(response, "location").expect("Location");
-    let origin = h.url("");
-    location
-        .strip_prefix(origin.trim_end_matches('/'))
-        .unwrap_or_else(|| panic!("{location:?} is not on {origin}"))
-        .to_string()
-}
-
-/// A tus request with `Tus-Resumable: 1.0.0`.
-fn tus(h: &Harness, method: Method, path: &str) -> reqwest::RequestBuilder {
-    h.client
-        .request(method, h.url(path))
-        .header("tus-resumable", "1.0.0")
-}
-
 /// Creates an upload; returns its path (the Location).
 async fn create(h: &Harness, length: u64, metadata: &str) -> String {
     let response = tus(h, Method::POST, "/files")
@@ -60,16 +39,6 @@ async fn create(h: &Harness, length: u64, metadata: &str) -> String {
         .unwrap();
     assert_eq!(response.status(), 201, "creation");
     location_of(h, &response)
-}
-
-async fn patch(h: &Harness, location: &str, offset: u64, body: Bytes) -> Response {
-    tus(h, Method::PATCH, location)
-        .header("content-type", "application/offset+octet-stream")
-        .header("upload-offset", offset.to_string())
-        .body(body)
-        .send()
-        .await
-        .unwrap()
 }
 
 async fn head(h: &Harness, location: &str) -> Response {

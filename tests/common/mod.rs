@@ -6,6 +6,7 @@ pub mod disk;
 pub mod process;
 pub mod raw;
 pub mod relay;
+pub mod tus;
 pub mod upstream;
 
 use bytes::Bytes;

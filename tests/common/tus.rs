@@ -1,0 +1,38 @@
+//! tus requests at the HTTP level, for the tests that speak the protocol by hand.
+
+use super::Harness;
+use bytes::Bytes;
+use reqwest::{Method, Response};
+
+pub fn header<'r>(response: &'r Response, name: &str) -> Option<&'r str> {
+    response.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The upload URL a creation answered, as a path. Stitch answers with an absolute URL on the
+/// host the client used.
+pub fn location_of(h: &Harness, response: &Response) -> String {
+    let location = header(response, "location").expect("Location");
+    let origin = h.url("");
+    location
+        .strip_prefix(origin.trim_end_matches('/'))
+        .unwrap_or_else(|| panic!("{location:?} is not on {origin}"))
+        .to_string()
+}
+
+/// A tus request with `Tus-Resumable: 1.0.0`.
+pub fn tus(h: &Harness, method: Method, path: &str) -> reqwest::RequestBuilder {
+    h.client
+        .request(method, h.url(path))
+        .header("tus-resumable", "1.0.0")
+}
+
+/// A PATCH of `body` at `offset`.
+pub async fn patch(h: &Harness, location: &str, offset: u64, body: Bytes) -> Response {
+    tus(h, Method::PATCH, location)
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", offset.to_string())
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
