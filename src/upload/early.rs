@@ -38,7 +38,7 @@ impl UploadCore {
         let Some(early) = forward.early else {
             return;
         };
-        if self.early_begun.contains_key(&upload) {
+        if self.early_begun(&upload) {
             return;
         }
         let slots = self
@@ -104,6 +104,11 @@ impl UploadCore {
         };
         let span = tracing::info_span!("early delivery", upload = %upload.short());
         tokio::spawn(tracing::Instrument::instrument(streaming, span));
+    }
+
+    /// Did an early delivery of `upload` begin in this process (whatever became of it)?
+    pub fn early_begun(&self, upload: &UploadKey) -> bool {
+        self.early_begun.contains_key(upload)
     }
 
     /// Wakes the early delivery waiting for `upload`'s next part, if there is one.

@@ -766,6 +766,9 @@ impl Exchange<'_> {
     /// Begins the upload's early delivery (`forward.early`) unless it is a partial upload
     /// (delivered as part of a final one). True if the upload may be delivered early.
     async fn begin_early(&self, session: &Session, key: &UploadKey) -> bool {
+        if self.core.early_begun(key) {
+            return true;
+        }
         let meta = match self.core.progress(key).await {
             Ok(Some(progress)) if !progress.delivered => progress.meta,
             _ => return false,
