@@ -33,9 +33,7 @@ impl InFlight {
         }
         true
     }
-}
 
-impl InFlight {
     /// Waits (asynchronously) until nothing is in flight, or `within` has passed; true if
     /// nothing is.
     pub async fn idle(&self, within: Duration) -> bool {
