@@ -83,6 +83,39 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_idle_timeout() {
     );
 }
 
+/// The idle timeout counts from the end of the last request, not from the connection's start:
+/// a connection kept busy for longer than it stays open (the timer set for its first wait goes
+/// off while it is busy and must not close it).
+#[tokio::test]
+async fn a_busy_kept_alive_connection_outlives_the_idle_timeout() {
+    let h = Harness::with_routes(&with_limits("  idle_timeout: 1s\n  header_timeout: 1s\n")).await;
+    let mut client = RawConnection::open(addr(&h)).await;
+    let started = std::time::Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_millis(2600) {
+        assert!(
+            client
+                .send(b"GET /elsewhere HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await,
+            "the connection was closed after {served} requests"
+        );
+        let answer = client.response(Duration::from_secs(10)).await;
+        assert_eq!(
+            answer.map(|r| r.status),
+            Some(200),
+            "request {}",
+            served + 1
+        );
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(served >= 6, "{served} requests");
+    assert!(
+        client.closed_within(Duration::from_secs(10)).await,
+        "the idle connection stayed open"
+    );
+}
+
 #[tokio::test]
 async fn a_chunk_body_that_stalls_gets_408_and_stores_nothing() {
     let h = Harness::with_routes(&with_limits("  body_timeout: 1s\n")).await;
