@@ -123,6 +123,30 @@ fn start_nginx(upstream: SocketAddr, dir: &Path) -> Option<(Process, SocketAddr)
     Some((Process(child), listen))
 }
 
+/// CPU time (user and system, seconds) used so far by process `pid` and its children that are
+/// still running (nginx's workers), from `/proc`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = |pid: &str| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Fields after the command name (which may hold spaces): utime and stime are 12 and 13.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        fields
+            .get(11)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+    };
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    let total: u64 = ticks(&pid.to_string()) + children.split_whitespace().map(ticks).sum::<u64>();
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    total as f64 / per_second
+}
+
 fn main() {
     // Re-run as the bare proxy, outside any runtime (Pingora makes its own).
     if let (Ok(listen), Ok(upstream)) =
@@ -141,15 +165,19 @@ async fn measure() {
     upstream.serve_static("/page", "text/html", bytes::Bytes::from(vec![b'x'; 1024]));
     let root = tempfile::tempdir_in(".").unwrap();
     let stitch = Stitch::start(root.path(), upstream.addr, ROUTES, true, &[]);
-    let (_bare, bare) = start_bare(upstream.addr);
+    let (bare_process, bare) = start_bare(upstream.addr);
     let nginx_dir = tempfile::tempdir().unwrap();
     let nginx = start_nginx(upstream.addr, nginx_dir.path());
-    let mut targets = vec![("Stitch", stitch.listen), ("bare Pingora proxy", bare)];
-    if let Some((_, addr)) = &nginx {
-        targets.push(("nginx", *addr));
+    let mut targets = vec![
+        ("Stitch", stitch.listen, stitch.child.id()),
+        ("bare Pingora proxy", bare, bare_process.0.id()),
+    ];
+    if let Some((process, addr)) = &nginx {
+        targets.push(("nginx", *addr, process.0.id()));
     }
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
-    for &(_, addr) in &targets {
+    let mut costs: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    for &(_, addr, _) in &targets {
         rate(
             clients,
             1,
@@ -161,33 +189,50 @@ async fn measure() {
     for round in 0..rounds as usize {
         for k in 0..targets.len() {
             let i = (k + round) % targets.len();
-            let addr = targets[i].1;
+            let (_, addr, pid) = targets[i];
             let url = Arc::new(move |_| format!("http://{addr}/page"));
-            results[i].push(rate(clients, seconds, url, &[200]).await);
+            let (cpu, started) = (cpu_seconds(pid), Instant::now());
+            let per_second = rate(clients, seconds, url, &[200]).await;
+            let requests = per_second * started.elapsed().as_secs_f64();
+            results[i].push(per_second);
+            costs[i].push((cpu_seconds(pid) - cpu) / requests * 1e6);
         }
     }
     let medians: Vec<f64> = results.iter().cloned().map(median).collect();
+    let cost_medians: Vec<f64> = costs.iter().cloned().map(median).collect();
     let mut report = format!(
         "# Benchmark: pass-through, same run\n\n\
          Machine: {} cores. {clients} keep-alive clients GET a 1 KiB page for {seconds} s through \
          each proxy in turn, {rounds} rounds, medians; the same upstream (in the bench process) \
          behind all of them. Stitch: the release binary with its default routes. Bare Pingora \
          proxy: Pingora 0.9.1 with only an upstream peer, in a process of its own. nginx: \
-         Debian's, proxying with keep-alive.\n\n\
-         | proxy | requests/s | Stitch / this |\n|---|---|---|\n",
+         Debian's, proxying with keep-alive. CPU per request: the proxy process's own user and \
+         system time (nginx: its workers') over the requests it served; the client and the \
+         upstream share the two cores, so the rate moves with them while this does not.\n\n\
+         | proxy | requests/s | Stitch / this | CPU per request (us) | this / Stitch |\n\
+         |---|---|---|---|---|\n",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    for ((name, _), value) in targets.iter().zip(&medians) {
+    for (((name, _, _), value), cost) in targets.iter().zip(&medians).zip(&cost_medians) {
         report.push_str(&format!(
-            "| {name} | {value:.0} | {:.3} |\n",
-            medians[0] / value
+            "| {name} | {value:.0} | {:.3} | {cost:.1} | {:.3} |\n",
+            medians[0] / value,
+            cost / cost_medians[0]
         ));
     }
     report.push_str(&format!(
-        "\nEvery round: {:?}.\n\nProduced by `cargo bench --bench passthrough`.\n",
+        "\nEvery round, requests/s: {:?}; CPU per request (us): {:?}.\n\n\
+         Produced by `cargo bench --bench passthrough`.\n",
         results
             .iter()
             .map(|r| r.iter().map(|v| v.round()).collect::<Vec<_>>())
+            .collect::<Vec<_>>(),
+        costs
+            .iter()
+            .map(|r| r
+                .iter()
+                .map(|v| (v * 10.0).round() / 10.0)
+                .collect::<Vec<_>>())
             .collect::<Vec<_>>()
     ));
     if nginx.is_none() {
