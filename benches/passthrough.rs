@@ -127,18 +127,16 @@ fn start_nginx(upstream: SocketAddr, dir: &Path) -> Option<(Process, SocketAddr)
 /// still running (nginx's workers), from `/proc`.
 fn cpu_seconds(pid: u32) -> f64 {
     let ticks = |pid: &str| -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"));
         // Fields after the command name (which may hold spaces): utime and stime are 12 and 13.
         let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        fields
-            .get(11)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-            + fields
-                .get(12)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0)
+        after
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|f| f.parse::<u64>().unwrap())
+            .sum()
     };
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();

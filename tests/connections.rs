@@ -90,26 +90,18 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_idle_timeout() {
 async fn a_busy_kept_alive_connection_outlives_the_idle_timeout() {
     let h = Harness::with_routes(&with_limits("  idle_timeout: 1s\n  header_timeout: 1s\n")).await;
     let mut client = RawConnection::open(addr(&h)).await;
-    let started = std::time::Instant::now();
-    let mut served = 0;
-    while started.elapsed() < Duration::from_millis(2600) {
+    // Nine requests 300 ms apart: the connection stays busy for more than twice idle_timeout.
+    for n in 1..=9 {
         assert!(
             client
                 .send(b"GET /elsewhere HTTP/1.1\r\nHost: a\r\n\r\n")
                 .await,
-            "the connection was closed after {served} requests"
+            "the connection was closed before request {n}"
         );
         let answer = client.response(Duration::from_secs(10)).await;
-        assert_eq!(
-            answer.map(|r| r.status),
-            Some(200),
-            "request {}",
-            served + 1
-        );
-        served += 1;
+        assert_eq!(answer.map(|r| r.status), Some(200), "request {n}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    assert!(served >= 6, "{served} requests");
     assert!(
         client.closed_within(Duration::from_secs(10)).await,
         "the idle connection stayed open"

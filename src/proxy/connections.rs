@@ -168,15 +168,16 @@ async fn within_header_deadline<F: Future>(
     if let Poll::Ready(output) = first {
         return Some(output);
     }
+    if arrived.load(Ordering::Relaxed) {
+        return Some(request.await);
+    }
+    tokio::select! {
+        output = &mut request => return Some(output),
+        () = pingora::time::sleep(deadline) => {}
+    }
     if !arrived.load(Ordering::Relaxed) {
-        tokio::select! {
-            output = &mut request => return Some(output),
-            () = pingora::time::sleep(deadline) => {}
-        }
-        if !arrived.load(Ordering::Relaxed) {
-            tracing::debug!("a request header took longer than {deadline:?}; connection closed");
-            return None;
-        }
+        tracing::debug!("a request header took longer than {deadline:?}; connection closed");
+        return None;
     }
     Some(request.await)
 }
