@@ -8,7 +8,7 @@
 //! peak memory (VmHWM). Results replace the upload section of `benches/results.md`.
 //!
 //! Run: `cargo bench --bench upload` (FILE_MIB=… CHUNK_MIB=… RUNS=… to change the sizes and
-//! the rounds; STITCH_LOG=info for Stitch's log).
+//! the rounds, FSYNC=1|0 and EARLY=1|0 for one case only; STITCH_LOG=info for Stitch's log).
 
 #[path = "common/app.rs"]
 mod app;
@@ -30,7 +30,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-/// Writes `total` bytes as files of `piece` bytes, each fsynced (as Stitch does per part).
+/// Writes `total` bytes as files of `piece` bytes, each fsynced if asked (as Stitch does per
+/// part), one after the other; returns the seconds it took (the files are removed after).
 fn disk_baseline(dir: &Path, total: u64, piece: u64, fsync: bool) -> f64 {
     let data = random_bytes(piece as usize, 1);
     let started = Instant::now();
@@ -46,8 +47,13 @@ fn disk_baseline(dir: &Path, total: u64, piece: u64, fsync: bool) -> f64 {
     for i in 0..total / piece {
         let _ = std::fs::remove_file(dir.join(format!("baseline-{i}")));
     }
-    mib_per_s(total, seconds)
+    seconds
 }
+
+/// Ingest is measured in segments of this many bytes, each right after the disk wrote the
+/// same amount: this VM's disk swings from one second to the next, and taking turns lets both
+/// meet the same swings.
+const SEGMENT: u64 = 64 << 20;
 
 fn mib_per_s(bytes: u64, seconds: f64) -> f64 {
     bytes as f64 / (1 << 20) as f64 / seconds
@@ -81,7 +87,8 @@ struct Run {
     /// The last chunk: the forward of the whole file (store-then-forward), or what was left
     /// of it (early delivery), and the application's answer.
     last_chunk_seconds: f64,
-    /// From the first chunk sent to the application's answer relayed.
+    /// From the first chunk sent to the application's answer relayed (the disk's turns
+    /// between segments left out).
     end_to_end_seconds: f64,
     /// `curl -F` posting the same file straight to the application.
     direct_seconds: f64,
@@ -106,24 +113,40 @@ impl Run {
     }
 }
 
-/// One upload through a new Stitch to a new application, then the direct post.
-async fn run(source: &Source, root: &Path, chunk_mib: u64, fsync: bool, early: bool) -> Run {
-    let work = tempfile::tempdir_in(root).unwrap();
-    let app = App::start(&work.path().join("app"));
+/// What one upload through a new Stitch measured.
+struct Upload {
+    /// Every chunk but the last, stored (the disk's turns left out).
+    ingest_seconds: f64,
+    /// The disk's turns: the same bytes written in the same pieces, before each segment.
+    disk_seconds: f64,
+    last_chunk_seconds: f64,
+    /// From the first chunk sent to the answer.
+    end_to_end_seconds: f64,
+    peak_rss_mib: f64,
+}
+
+/// Uploads the file through a new Stitch (storage in `dir`) to `app`. `taking_turns`: the
+/// chunks before the last go in segments, each after the disk wrote the same bytes (for the
+/// ingest / disk ratio); otherwise they go without a pause (for the end-to-end time: an early
+/// delivery would gain on the pauses).
+async fn upload(
+    source: &Source,
+    dir: &Path,
+    app: &App,
+    chunk_mib: u64,
+    fsync: bool,
+    early: bool,
+    taking_turns: bool,
+) -> Upload {
+    std::fs::create_dir_all(dir).unwrap();
     let routes = format!(
         "routes:\n  - path: /upload\n    protocol: resumable\n    limits: {{ max_chunk_size: {}MiB }}\n    \
          forward: {{ path: /app/upload, field: document, timeout: 30m, early: {early} }}\n",
         chunk_mib * 2
     );
-    let disk_mib_s = disk_baseline(
-        work.path(),
-        source.data.len() as u64,
-        chunk_mib << 20,
-        fsync,
-    );
     settle_disk();
     let log = std::env::var("STITCH_LOG").unwrap_or_else(|_| "warn".into());
-    let stitch = Stitch::start(work.path(), app.addr, &routes, fsync, &[("RUST_LOG", &log)]);
+    let stitch = Stitch::start(dir, app.addr, &routes, fsync, &[("RUST_LOG", &log)]);
     let listen = stitch.listen;
     let chunk = chunk_mib << 20;
     let count = source.data.len() as u64 / chunk;
@@ -135,19 +158,69 @@ async fn run(source: &Source, root: &Path, chunk_mib: u64, fsync: bool, early: b
             .slice(((n - 1) * chunk) as usize..(n * chunk) as usize);
         send_chunk(&client, listen, &identifier, n, count, body)
     };
-    let started = Instant::now();
-    let mut in_flight = futures::stream::iter((1..count).map(send)).buffer_unordered(3);
-    while in_flight.next().await.is_some() {}
-    let ingest = started.elapsed().as_secs_f64();
+    let per_segment = match taking_turns {
+        true => (SEGMENT / chunk).max(1),
+        false => count,
+    };
+    let (mut disk_seconds, mut ingest_seconds) = (0.0, 0.0);
+    let mut first_sent = None;
+    let mut next = 1;
+    while next < count {
+        let end = (next + per_segment).min(count);
+        if taking_turns {
+            disk_seconds += disk_baseline(dir, (end - next) * chunk, chunk, fsync);
+        }
+        let segment = Instant::now();
+        first_sent.get_or_insert(segment);
+        let mut in_flight = futures::stream::iter((next..end).map(send)).buffer_unordered(3);
+        while in_flight.next().await.is_some() {}
+        ingest_seconds += segment.elapsed().as_secs_f64();
+        next = end;
+    }
+    let started = first_sent.unwrap_or_else(Instant::now);
     let last = Instant::now();
     send(count).await;
     let last_chunk_seconds = last.elapsed().as_secs_f64();
-    let end_to_end_seconds = started.elapsed().as_secs_f64();
-    let peak_rss_mib = proc_mib(stitch.child.id(), "VmHWM:");
-    drop(stitch);
+    Upload {
+        ingest_seconds,
+        disk_seconds,
+        last_chunk_seconds,
+        end_to_end_seconds: started.elapsed().as_secs_f64(),
+        peak_rss_mib: proc_mib(stitch.child.id(), "VmHWM:"),
+    }
+}
+
+/// Two uploads through new Stitches to a new application (one taking turns with the disk,
+/// one straight through), then the direct post.
+async fn run(source: &Source, root: &Path, chunk_mib: u64, fsync: bool, early: bool) -> Run {
+    let work = tempfile::tempdir_in(root).unwrap();
+    let app = App::start(&work.path().join("app"));
+    let turns = upload(
+        source,
+        &work.path().join("turns"),
+        &app,
+        chunk_mib,
+        fsync,
+        early,
+        true,
+    )
+    .await;
+    let straight = upload(
+        source,
+        &work.path().join("straight"),
+        &app,
+        chunk_mib,
+        fsync,
+        early,
+        false,
+    )
+    .await;
     let saved = app.saved();
-    assert_eq!(saved.len(), 1, "the application saved the file once");
-    assert_eq!(sha256_of(&saved[0]), source.sha256, "the same bytes");
+    assert_eq!(saved.len(), 2, "the application saved each upload once");
+    for file in &saved {
+        assert_eq!(sha256_of(file), source.sha256, "the same bytes");
+    }
+    let ingested = source.data.len() as u64 - (chunk_mib << 20);
 
     settle_disk();
     let started = Instant::now();
@@ -160,9 +233,9 @@ async fn run(source: &Source, root: &Path, chunk_mib: u64, fsync: bool, early: b
     let direct_seconds = started.elapsed().as_secs_f64();
     assert_eq!(String::from_utf8_lossy(&curl.stdout), "200");
     let saved = app.saved();
-    assert_eq!(saved.len(), 2);
+    assert_eq!(saved.len(), 3);
     assert_eq!(
-        sha256_of(&saved[1]),
+        sha256_of(&saved[2]),
         source.sha256,
         "curl's post, the same bytes"
     );
@@ -170,12 +243,12 @@ async fn run(source: &Source, root: &Path, chunk_mib: u64, fsync: bool, early: b
         chunk_mib,
         fsync,
         early,
-        disk_mib_s,
-        ingest_mib_s: mib_per_s((count - 1) * chunk, ingest),
-        last_chunk_seconds,
-        end_to_end_seconds,
+        disk_mib_s: mib_per_s(ingested, turns.disk_seconds),
+        ingest_mib_s: mib_per_s(ingested, turns.ingest_seconds),
+        last_chunk_seconds: straight.last_chunk_seconds,
+        end_to_end_seconds: straight.end_to_end_seconds,
         direct_seconds,
-        peak_rss_mib,
+        peak_rss_mib: turns.peak_rss_mib.max(straight.peak_rss_mib),
     }
 }
 
@@ -183,12 +256,16 @@ fn report(runs: &[Run], file_mib: u64, rounds: u64) -> String {
     let mut out = format!(
         "# Benchmark: upload, {file_mib} MiB file, multipart chunks, 3 in flight\n\n\
          Machine: {} cores. The application runs in a process of its own and saves each file \
-         to disk with fsync before it answers (`benches/common/app.rs`). Disk: the same pieces \
-         written as files of their own, in the same directory, in the same run. Direct: `curl \
-         -F` posting the same file straight to the same application, right after each upload. \
-         Ingest: every chunk but the last, stored. Last chunk: from the last chunk sent to the \
-         application's answer relayed (store-then-forward: the whole file's forward; early \
-         delivery: what was left of it). End to end: from the first chunk sent to that answer. \
+         to disk with fsync before it answers (`benches/common/app.rs`). Ingest: every chunk but \
+         the last, stored, sent in segments of 64 MiB, each right after the disk's turn. Disk: \
+         the same pieces written as files of their own (each fsynced when per-part fsync is on), \
+         one after the other, in the same directory, taking turns with Stitch segment by segment \
+         (this VM's disk speed swings from one second to the next: taking turns lets both meet \
+         the same swings). Last chunk and end to end come from a second upload, straight \
+         through: last chunk, from the last chunk sent to the application's answer relayed \
+         (store-then-forward: the whole file's forward; early delivery: what was left of it); \
+         end to end, from the first chunk sent to that answer. Direct: `curl -F` posting the \
+         same file straight to the same application, right after. \
          Each figure: the median of {rounds} rounds (the cases taken in turn in each round; this \
          machine's disk speed swings within a run); peak RSS: the highest.\n\n\
          | chunk | per-part fsync | delivery | disk (MiB/s) | ingest (MiB/s) | ingest / disk | last chunk (s) | forward / curl | end to end (s) | direct (s) | end to end / direct | Stitch peak RSS (MiB) |\n\
@@ -226,6 +303,14 @@ fn report(runs: &[Run], file_mib: u64, rounds: u64) -> String {
     out
 }
 
+/// The cases of `all` that the variable `name` (1 or 0) picks; all of them if it is unset.
+fn only(name: &str, all: [bool; 2]) -> Vec<bool> {
+    match std::env::var(name) {
+        Ok(v) => vec![v == "1"],
+        Err(_) => all.to_vec(),
+    }
+}
+
 #[tokio::main]
 async fn main() {
     app::serve_if_asked().await;
@@ -247,8 +332,8 @@ async fn main() {
     let rounds = env_u64("RUNS", 3).max(1);
     let mut plan: Vec<(u64, bool, bool, Vec<Run>)> = Vec::new();
     for chunk_mib in chunk_sizes {
-        for fsync in [true, false] {
-            for early in [false, true] {
+        for fsync in only("FSYNC", [true, false]) {
+            for early in only("EARLY", [false, true]) {
                 plan.push((chunk_mib, fsync, early, Vec::new()));
             }
         }
