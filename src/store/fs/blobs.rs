@@ -134,39 +134,35 @@ impl BlobStore for FsBlobs {
         }
     }
 
-    /// One trip to the blocking pool: the caller holds the upload's lease meanwhile, and every
-    /// trip there is a wait on a busy machine.
+    /// A rename, made here on the async thread: a metadata change of microseconds, where a
+    /// trip to the blocking pool costs a wait on a busy machine while the caller holds the
+    /// upload's lease (no fsync: see below).
     async fn keep(&self, staged: Staged) -> Result<bool, StoreError> {
         let tmp = self.0.staging.join(&staged.token);
         let blob = self.0.blob_path(&staged.digest);
-        let kept = tokio::task::spawn_blocking(move || {
-            let kept = (|| {
-                if std::fs::exists(&blob)? {
-                    return match std::fs::remove_file(&tmp) {
-                        Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
-                        _ => Ok(true),
-                    };
-                }
-                // The blob's own directory entry needs no fsync: the part's link that
-                // references it is what makes the bytes reachable, and that is fsynced.
-                let shard = blob.parent().expect("blob paths have a parent");
-                match std::fs::rename(&tmp, &blob) {
-                    Err(e) if e.kind() == ErrorKind::NotFound && !shard.exists() => {
-                        std::fs::create_dir_all(shard)?;
-                        std::fs::rename(&tmp, &blob)?;
-                    }
-                    other => other?,
-                }
-                Ok(false)
-            })();
-            if kept.is_err() {
-                // Give the space back at once.
-                let _ = std::fs::remove_file(&tmp);
+        let kept = (|| {
+            if std::fs::exists(&blob)? {
+                return match std::fs::remove_file(&tmp) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+                    _ => Ok(true),
+                };
             }
-            kept
-        })
-        .await
-        .map_err(std::io::Error::other)?;
+            // The blob's own directory entry needs no fsync: the part's link that references
+            // it is what makes the bytes reachable, and that is fsynced.
+            let shard = blob.parent().expect("blob paths have a parent");
+            match std::fs::rename(&tmp, &blob) {
+                Err(e) if e.kind() == ErrorKind::NotFound && !shard.exists() => {
+                    std::fs::create_dir_all(shard)?;
+                    std::fs::rename(&tmp, &blob)?;
+                }
+                other => other?,
+            }
+            Ok(false)
+        })();
+        if kept.is_err() {
+            // Give the space back at once.
+            let _ = std::fs::remove_file(&tmp);
+        }
         Ok(kept?)
     }
 

@@ -43,6 +43,9 @@ struct Held {
     file: Option<File>,
     /// The last token this process took.
     last_token: u64,
+    /// `last_token` was taken while this process held the `flock` without a break since:
+    /// the counter on disk is that token, for nobody else can change it meanwhile.
+    fresh: bool,
 }
 
 impl Stripe {
@@ -85,6 +88,7 @@ impl Stripe {
         if held.holders == 0 {
             // Closing the file releases the `flock`.
             held.file = None;
+            held.fresh = false;
         }
     }
 
@@ -99,6 +103,7 @@ impl Stripe {
         let token = last + 1;
         file.write_all_at(&token.to_be_bytes(), 0)?;
         held.last_token = token;
+        held.fresh = true;
         Ok(token)
     }
 
@@ -107,9 +112,16 @@ impl Stripe {
     }
 
     /// True if the counter on disk is where this process left it: nobody else took the stripe
-    /// since. (False when unsure.)
+    /// since. (False when unsure.) Read from memory while this process holds the stripe since
+    /// its last token (a chunk's lease reads the cache several times): from disk otherwise.
     pub(super) fn untouched(&self) -> bool {
-        let last = self.held.lock().expect("stripe").last_token;
+        let last = {
+            let held = self.held.lock().expect("stripe");
+            if held.fresh && held.file.is_some() {
+                return true;
+            }
+            held.last_token
+        };
         last > 0
             && File::open(&self.path)
                 .and_then(|file| read_token(&file))
