@@ -24,30 +24,45 @@ fn skip_hash() -> bool {
     *SKIP.get_or_init(|| std::env::var_os("STITCH_BENCH_SKIP_HASH").is_some_and(|v| v == "1"))
 }
 
-/// The staging file, and its hash so far, or the write under way with them.
+/// The staging file, its hash so far and whether it is durable as it stands, or the write
+/// under way with them.
 enum Writer {
-    Idle(Box<(Hasher, std::fs::File)>),
-    Writing(tokio::task::JoinHandle<std::io::Result<(Hasher, std::fs::File)>>),
+    Idle(Box<Staging>),
+    Writing(tokio::task::JoinHandle<std::io::Result<Staging>>),
+}
+
+struct Staging {
+    hasher: Hasher,
+    file: std::fs::File,
+    /// Fsynced since its last write.
+    synced: bool,
 }
 
 impl Writer {
-    /// Waits for the write under way, then starts hashing and writing `bytes`.
-    async fn write(self, bytes: bytes::Bytes) -> std::io::Result<Writer> {
-        let (mut hasher, mut file) = self.idle().await?;
-        if bytes.is_empty() {
-            return Ok(Writer::Idle(Box::new((hasher, file))));
+    /// Waits for the write under way, then starts hashing and writing `bytes`, and fsyncing
+    /// the file after them if `sync` (the last bytes of a body: one trip to the blocking pool
+    /// for both).
+    async fn write(self, bytes: bytes::Bytes, sync: bool) -> std::io::Result<Writer> {
+        let mut staging = self.idle().await?;
+        if bytes.is_empty() && !sync {
+            return Ok(Writer::Idle(Box::new(staging)));
         }
         Ok(Writer::Writing(tokio::task::spawn_blocking(move || {
             use std::io::Write;
             if !skip_hash() {
-                hasher.update(&bytes);
+                staging.hasher.update(&bytes);
             }
-            file.write_all(&bytes)?;
-            Ok((hasher, file))
+            staging.file.write_all(&bytes)?;
+            staging.synced = bytes.is_empty() && staging.synced;
+            if sync {
+                staging.file.sync_all()?;
+                staging.synced = true;
+            }
+            Ok(staging)
         })))
     }
 
-    async fn idle(self) -> std::io::Result<(Hasher, std::fs::File)> {
+    async fn idle(self) -> std::io::Result<Staging> {
         match self {
             Writer::Idle(state) => Ok(*state),
             Writer::Writing(task) => task
@@ -56,10 +71,15 @@ impl Writer {
         }
     }
 
-    /// Waits for the last write, makes the file durable if asked, and gives the digest.
+    /// Waits for the last write, makes the file durable if asked (unless that write did), and
+    /// gives the digest.
     async fn finish(self, fsync: bool) -> std::io::Result<Digest> {
-        let (hasher, file) = self.idle().await?;
-        if fsync {
+        let Staging {
+            hasher,
+            file,
+            synced,
+        } = self.idle().await?;
+        if fsync && !synced {
             tokio::task::spawn_blocking(move || file.sync_all())
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))??;
@@ -87,7 +107,12 @@ impl BlobStore for FsBlobs {
             Ok(Err(e)) => return Err(e.into()),
             Err(e) => return Err(StoreError::Io(std::io::Error::other(e.to_string()))),
         };
-        let mut writer = Writer::Idle(Box::new((Hasher::new(), file)));
+        let mut writer = Writer::Idle(Box::new(Staging {
+            hasher: Hasher::new(),
+            file,
+            synced: false,
+        }));
+        let fsync = self.0.fsync;
         let mut gathered = bytes::BytesMut::new();
         let mut since = std::time::Instant::now();
         let mut len = 0u64;
@@ -108,16 +133,20 @@ impl BlobStore for FsBlobs {
                 }
                 gathered.extend_from_slice(&piece[..room]);
                 len += room as u64;
-                if gathered.len() >= STAGE_WRITE || since.elapsed() >= STAGE_LINGER {
-                    writer = writer.write(gathered.split().freeze()).await?;
+                // The declared length reached: most likely the body's end, so the file is
+                // fsynced with its last write (if more comes, it is cut and let go).
+                let end = len == limit;
+                if gathered.len() >= STAGE_WRITE || since.elapsed() >= STAGE_LINGER || end {
+                    writer = writer
+                        .write(gathered.split().freeze(), end && fsync)
+                        .await?;
                 }
                 if room < piece.len() {
                     cut = Some(Cut::TooLong(limit));
                     break;
                 }
             }
-            writer = writer.write(gathered.split().freeze()).await?;
-            let fsync = self.0.fsync;
+            writer = writer.write(gathered.split().freeze(), false).await?;
             writer.finish(fsync).await
         };
         match received.await {
