@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use stitch::Config;
 
 /// jemalloc: its threads allocate without contending on shared arena locks (glibc's malloc
-/// parked the proxy's worker threads on them, a sixth of the pass-through rate), and a
+/// parked the proxy's worker threads on them: about a tenth of the pass-through rate), and a
 /// background thread gives freed memory back to the system within about a second (glibc
 /// needed `malloc_trim`), so memory after a burst of clients returns near where it started.
-/// `MALLOC_CONF` in the environment overrides these settings.
+/// `_RJEM_MALLOC_CONF` in the environment overrides these settings (jemalloc's `MALLOC_CONF`).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
