@@ -87,8 +87,8 @@ struct Run {
     /// The last chunk: the forward of the whole file (store-then-forward), or what was left
     /// of it (early delivery), and the application's answer.
     last_chunk_seconds: f64,
-    /// From the first chunk sent to the application's answer relayed (the disk's turns
-    /// between segments left out).
+    /// From the first chunk sent to the application's answer relayed (in the upload that
+    /// went straight through).
     end_to_end_seconds: f64,
     /// `curl -F` posting the same file straight to the application.
     direct_seconds: f64,

@@ -160,16 +160,13 @@ impl FsState {
             .parent()
             .expect("part paths have a parent")
             .to_path_buf();
-        let linked = match std::fs::exists(&dir)? {
-            true => std::fs::hard_link(&blob, &path).map(|()| true),
-            false => Ok(false),
-        };
-        match linked {
-            Ok(true) if !fsync => Ok(()),
-            Ok(true) => Fs::blocking(move || super::sync_dir(&dir, fsync)).await,
-            Err(e) if e.raw_os_error() != Some(EMLINK) => Err(e),
-            // No parts directory yet, or the blob has as many links as it can have.
-            _ => {
+        match std::fs::hard_link(&blob, &path) {
+            Ok(()) if !fsync => Ok(()),
+            Ok(()) => Fs::blocking(move || super::sync_dir(&dir, fsync)).await,
+            Err(e) if e.kind() != ErrorKind::NotFound && e.raw_os_error() != Some(EMLINK) => Err(e),
+            // No parts directory yet (or no blob: the pool's attempt reports it), or the blob
+            // has as many links as it can have.
+            Err(_) => {
                 Fs::blocking(move || {
                     super::create_dir_durable(&dir, fsync)?;
                     link_part(&blob, &path, &tmp, fsync)?;
