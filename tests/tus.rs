@@ -54,6 +54,49 @@ async fn offset_of(h: &Harness, location: &str) -> u64 {
         .unwrap()
 }
 
+/// `bytes`' digest by `algorithm`, in base64, as `Upload-Checksum` carries it.
+fn digest(algorithm: &str, bytes: &[u8]) -> String {
+    let engine = base64::engine::general_purpose::STANDARD;
+    match algorithm {
+        "sha1" => engine.encode(sha1::Sha1::digest(bytes)),
+        "sha256" => engine.encode(Sha256::digest(bytes)),
+        "md5" => engine.encode(md5::Md5::digest(bytes)),
+        _ => engine.encode(crc32fast::hash(bytes).to_be_bytes()),
+    }
+}
+
+/// A request with a chunked body of `body` in chunks of `chunk` bytes and `trailers` (whole
+/// lines) after the last chunk: what no client library here sends.
+fn chunked_request(head: &str, body: &[u8], chunk: usize, trailers: &str) -> Vec<u8> {
+    let mut request = format!(
+        "{head}Host: x\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for piece in body.chunks(chunk) {
+        request.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        request.extend_from_slice(piece);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(format!("0\r\n{trailers}\r\n").as_bytes());
+    request
+}
+
+/// A PATCH of `body` at `offset` whose `Upload-Checksum` is announced as a trailer, and the
+/// trailer lines that follow the body.
+fn trailer_patch(
+    location: &str,
+    offset: u64,
+    body: &[u8],
+    chunk: usize,
+    trailers: &str,
+) -> Vec<u8> {
+    let head = format!(
+        "PATCH {location} HTTP/1.1\r\nUpload-Offset: {offset}\r\nTrailer: Upload-Checksum\r\n"
+    );
+    chunked_request(&head, body, chunk, trailers)
+}
+
 /// The one delivery the upstream got: its file's name, type and sha256, and its fields.
 fn the_delivery(h: &Harness) -> Received {
     let received = h.upstream.received_at("/app/upload");
@@ -91,7 +134,9 @@ async fn options_announce_the_version_extensions_limits_and_checksums() {
         "creation-defer-length",
         "expiration",
         "checksum",
+        "checksum-trailer",
         "termination",
+        "concatenation",
     ] {
         assert!(extensions.contains(&extension), "{extension} announced");
     }
@@ -433,15 +478,6 @@ async fn a_patch_past_the_length_is_413_and_stores_nothing() {
 async fn checksums_are_checked_and_a_mismatch_is_460_with_the_bytes_discarded() {
     let h = Harness::with_routes(TUS_ROUTES).await;
     let body = b"hello world";
-    let digest = |algorithm: &str, bytes: &[u8]| -> String {
-        let engine = base64::engine::general_purpose::STANDARD;
-        match algorithm {
-            "sha1" => engine.encode(sha1::Sha1::digest(bytes)),
-            "sha256" => engine.encode(Sha256::digest(bytes)),
-            "md5" => engine.encode(md5::Md5::digest(bytes)),
-            _ => engine.encode(crc32fast::hash(bytes).to_be_bytes()),
-        }
-    };
     for algorithm in ["sha1", "sha256", "md5", "crc32"] {
         let location = create(&h, 22, "").await;
         let checked = |value: String| {
@@ -485,6 +521,188 @@ async fn checksums_are_checked_and_a_mismatch_is_460_with_the_bytes_discarded() 
         assert_eq!(response.status(), 400, "{value}");
     }
     assert_eq!(offset_of(&h, &location).await, 0);
+}
+
+#[tokio::test]
+async fn checksum_trailers_are_checked_once_the_body_has_ended() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let addr = h.stitch.as_ref().unwrap().addr;
+    // A small body (it comes in with the header, trailer and all) and a large one in many
+    // chunks and writes, for each announced algorithm.
+    let small = random_bytes(11, 20);
+    let large = random_bytes(300_000, 21);
+    for algorithm in ["sha1", "sha256", "md5", "crc32"] {
+        let location = create(&h, (small.len() + large.len()) as u64, "").await;
+        let mut connection = RawConnection::open(addr).await;
+        let stored = h.stored_files();
+        let wrong = format!(
+            "Upload-Checksum: {algorithm} {}\r\n",
+            digest(algorithm, b"x")
+        );
+        assert!(
+            connection
+                .send(&trailer_patch(&location, 0, &small, 4, &wrong))
+                .await
+        );
+        let refused = connection.response(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(refused.status, 460, "{algorithm}: a mismatch");
+        assert_eq!(offset_of(&h, &location).await, 0);
+        assert_eq!(
+            h.stored_files(),
+            stored,
+            "{algorithm}: the bytes are discarded"
+        );
+        // The same connection goes on: the trailer was read to its end.
+        let right = format!(
+            "Upload-Checksum: {algorithm} {}\r\n",
+            digest(algorithm, &small)
+        );
+        assert!(
+            connection
+                .send(&trailer_patch(&location, 0, &small, 4, &right))
+                .await
+        );
+        let accepted = connection.response(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(accepted.status, 204, "{algorithm}: a match");
+        assert_eq!(offset_of(&h, &location).await, small.len() as u64);
+        let at = small.len() as u64;
+        let wrong = format!(
+            "Upload-Checksum: {algorithm} {}\r\n",
+            digest(algorithm, &small)
+        );
+        let request = trailer_patch(&location, at, &large, 7_000, &wrong);
+        for piece in request.chunks(20_000) {
+            assert!(connection.send(piece).await);
+        }
+        let refused = connection.response(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(
+            refused.status, 460,
+            "{algorithm}: a mismatch after a large body"
+        );
+        assert_eq!(offset_of(&h, &location).await, at);
+        let right = format!(
+            "X-Before: 1\r\nUpload-Checksum: {algorithm} {}\r\nX-After: 2\r\n",
+            digest(algorithm, &large)
+        );
+        let request = trailer_patch(&location, at, &large, 7_000, &right);
+        for piece in request.chunks(20_000) {
+            assert!(connection.send(piece).await);
+        }
+        let accepted = connection.response(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(
+            accepted.status, 204,
+            "{algorithm}: a large body that matches"
+        );
+        let offset = accepted
+            .headers
+            .iter()
+            .find(|(name, _)| name == "upload-offset")
+            .map(|(_, value)| value.as_str());
+        assert_eq!(offset, Some("300011"));
+    }
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 4, "each file delivered once");
+    let whole = [&small[..], &large[..]].concat();
+    for request in received {
+        assert_eq!(request.files[0].sha256, sha256_hex(&whole));
+    }
+}
+
+#[tokio::test]
+async fn checksum_trailers_that_cannot_be_checked_are_400_and_store_nothing() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let addr = h.stitch.as_ref().unwrap().addr;
+    let location = create(&h, 100, "").await;
+    let body = b"hello world";
+    let sum = format!("sha1 {}", digest("sha1", body));
+    let stored = h.stored_files();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("no trailer came", trailer_patch(&location, 0, body, 5, "")),
+        (
+            "another trailer only",
+            trailer_patch(&location, 0, body, 5, "X-Other: 1\r\n"),
+        ),
+        (
+            "an unknown algorithm",
+            trailer_patch(&location, 0, body, 5, "Upload-Checksum: whirlpool AAAA\r\n"),
+        ),
+        (
+            "not base64",
+            trailer_patch(&location, 0, body, 5, "Upload-Checksum: sha1 !!!\r\n"),
+        ),
+        (
+            "twice",
+            trailer_patch(
+                &location,
+                0,
+                body,
+                5,
+                &format!("Upload-Checksum: {sum}\r\nUpload-Checksum: {sum}\r\n"),
+            ),
+        ),
+        (
+            "a malformed trailer line",
+            trailer_patch(&location, 0, body, 5, "Upload Checksum: sha1 x\r\n"),
+        ),
+        (
+            "a header and a trailer",
+            chunked_request(
+                &format!(
+                    "PATCH {location} HTTP/1.1\r\nUpload-Offset: 0\r\n\
+                     Trailer: Upload-Checksum\r\nUpload-Checksum: {sum}\r\n"
+                ),
+                body,
+                5,
+                &format!("Upload-Checksum: {sum}\r\n"),
+            ),
+        ),
+        (
+            "a body that cannot have trailers",
+            format!(
+                "PATCH {location} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n\
+                 Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
+                 Trailer: Upload-Checksum\r\nContent-Length: 11\r\n\r\nhello world"
+            )
+            .into_bytes(),
+        ),
+    ];
+    for (case, request) in cases {
+        let mut connection = RawConnection::open(addr).await;
+        assert!(connection.send(&request).await);
+        let response = connection.response(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(response.status, 400, "{case}");
+        assert_eq!(offset_of(&h, &location).await, 0, "{case}");
+        assert_eq!(h.stored_files(), stored, "{case}: nothing stored");
+    }
+    // A creation whose first bytes carry a trailer checksum: kept if it matches, and the
+    // upload not created if it does not.
+    let creation = |trailers: String| {
+        chunked_request(
+            "POST /files HTTP/1.1\r\nUpload-Length: 11\r\nTrailer: upload-checksum\r\n",
+            body,
+            3,
+            &trailers,
+        )
+    };
+    let uploads = h.upload_files();
+    let mut connection = RawConnection::open(addr).await;
+    let wrong = format!("Upload-Checksum: sha1 {}\r\n", digest("sha1", b"other"));
+    assert!(connection.send(&creation(wrong)).await);
+    let response = connection.response(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(response.status, 460);
+    assert_eq!(h.upload_files(), uploads, "no upload made");
+    assert!(
+        connection
+            .send(&creation(format!("Upload-Checksum: {sum}\r\n")))
+            .await
+    );
+    let response = connection.response(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(response.status, 201);
+    let offset = response.headers.iter().find(|(n, _)| n == "upload-offset");
+    assert_eq!(offset.map(|(_, v)| v.as_str()), Some("11"));
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "the whole file, delivered once");
+    assert_eq!(received[0].files[0].sha256, sha256_hex(body));
 }
 
 #[tokio::test]

@@ -2,7 +2,8 @@
 //! for its resumable upload API (upload, then a finalize PUT whose answer is the application's),
 //! and surviving a SIGKILL of Stitch mid-upload. Each file is checked by sha256 at the upstream.
 //! tuspy (PyPI) uploads in 256 KiB PATCHes with sha1 checksums and, with its aiohttp uploader,
-//! in one PATCH. `.ci/setup` installs the npm packages and tuspy.
+//! in one PATCH. Node's own HTTP client sends each PATCH's checksum as a trailer. `.ci/setup`
+//! installs the npm packages and tuspy.
 
 mod common;
 
@@ -353,4 +354,55 @@ async fn tuspys_async_uploader_sends_the_whole_file_in_one_patch_and_it_arrives_
         sha256.as_str(),
     );
     assert_tuspy_delivered(&h, &result, 1, answer, expected);
+}
+
+/// What `tests/browser/tus-trailer.mjs` reports.
+#[derive(Debug, serde::Deserialize)]
+struct TrailerResult {
+    ok: bool,
+    error: Option<String>,
+    statuses: Option<Vec<u16>>,
+    offset: Option<u64>,
+}
+
+#[tokio::test]
+async fn nodes_http_client_sends_checksums_as_trailers_and_the_file_arrives_once() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let dir = tempfile::tempdir().unwrap();
+    let len = 5 * 1024 * 1024 + 17;
+    let (file, sha256) = random_file(dir.path(), "trailed.bin", len, 31);
+    for (algorithm, patch_size) in [("sha1", 2 << 20), ("sha256", 1 << 20), ("md5", len)] {
+        let script = clients_dir().join("tus-trailer.mjs");
+        let args = serde_json::json!({
+            "endpoint": h.url("/files"),
+            "file": file,
+            "filename": "trailed.bin",
+            "patchSize": patch_size,
+            "algorithm": algorithm,
+        });
+        let output = tokio::time::timeout(
+            Duration::from_secs(60),
+            tokio::process::Command::new("node")
+                .arg(script)
+                .arg(args.to_string())
+                .output(),
+        )
+        .await
+        .expect("the Node client finishes within 60 s")
+        .expect("node runs (Node.js 18+ is required)");
+        let line = String::from_utf8_lossy(&output.stdout);
+        let result: TrailerResult = serde_json::from_str(line.trim()).expect("its JSON line");
+        assert!(result.ok, "{algorithm}: {:?}", result.error);
+        let statuses = result.statuses.unwrap();
+        assert_eq!(statuses[0], 460, "{algorithm}: a wrong trailer checksum");
+        let patches = len.div_ceil(patch_size);
+        assert_eq!(statuses[1..], vec![204; patches], "{algorithm}");
+        assert_eq!(result.offset, Some(len as u64));
+    }
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 3, "each upload delivered once");
+    for request in received {
+        assert_eq!(request.files[0].sha256, sha256);
+        assert_eq!(request.files[0].file_name, "trailed.bin");
+    }
 }

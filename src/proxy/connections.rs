@@ -14,6 +14,8 @@
 //!    through [`header_arrived`], from its first filter);
 //! 3. repeat while the proxy hands the connection back.
 //!
+//! Its stream is [`Tapped`], so that a request's trailers can be read (see `trailers`).
+//!
 //! The statuses (README, "Connections"): over a connection limit, 503 and the connection
 //! closed at once; a header too slow, the connection closed without an answer (there is no
 //! request to answer yet); a header over `max_header_size`, 431 (see `StitchProxy`); a body
@@ -21,6 +23,7 @@
 
 use crate::config::ConnectionLimits;
 use crate::drain::InFlight;
+use crate::proxy::trailers::{Tap, Tapped};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
@@ -72,7 +75,7 @@ impl<A> Guarded<A> {
 impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
     async fn process_new(
         self: &Arc<Self>,
-        mut stream: Stream,
+        stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let client = stream
@@ -86,6 +89,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
         let mut kept_alive = false;
         let mut alarm: Option<Alarm> = None;
         let arrived = Arc::new(AtomicBool::new(false));
+        let tap = Tap::new(arrived.clone());
+        let mut stream: Stream = Box::new(Tapped::new(stream, tap.clone()));
         loop {
             let wait = match kept_alive {
                 false => self.limits.header_timeout,
@@ -94,6 +99,7 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             if !first_byte(&mut stream, Instant::now() + wait, &mut alarm).await {
                 return None;
             }
+            tap.restart();
             let mut session = ServerSession::new_http1(stream);
             match settings.take() {
                 Some(settings) => settings.apply_to_session(&mut session),

@@ -2,6 +2,7 @@
 //! to the upstream untouched (streaming both ways, keep-alive kept).
 
 pub mod connections;
+pub mod trailers;
 
 use crate::config::{Config, ConnectionLimits, Route};
 use crate::protocol;

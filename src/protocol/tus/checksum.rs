@@ -1,6 +1,8 @@
 //! The checksum extension: `Upload-Checksum: <algorithm> <base64 digest>` over one request's
-//! body, checked before its bytes are kept. The body is hashed as it streams past.
+//! body, checked before its bytes are kept. The body is hashed as it streams past. With
+//! checksum-trailer, the same field comes as a trailer, after the body.
 
+use crate::proxy::trailers::TrailerError;
 use crate::store::{BodyError, BodySource};
 use async_trait::async_trait;
 use base64::Engine;
@@ -28,6 +30,15 @@ impl Hasher {
             "crc32" => Hasher::Crc32(crc32fast::Hasher::new()),
             _ => return None,
         })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Hasher::Sha1(_) => "sha1",
+            Hasher::Sha256(_) => "sha256",
+            Hasher::Md5(_) => "md5",
+            Hasher::Crc32(_) => "crc32",
+        }
     }
 
     fn update(&mut self, bytes: &[u8]) {
@@ -83,59 +94,155 @@ impl Expected {
     }
 }
 
-/// A body that hashes what passes through it; `matches` tells, at the end, whether the hash
-/// is the expected one.
+/// The trailer fields of a request whose body has ended (see `proxy::trailers`), put there
+/// by whoever reads the body.
+pub type TrailerSlot = Arc<Mutex<Option<Result<Vec<(String, String)>, TrailerError>>>>;
+
+/// Where a request's checksum is.
+pub enum Wanted {
+    /// In the `Upload-Checksum` header.
+    Header(Expected),
+    /// In an `Upload-Checksum` trailer (checksum-trailer), read into the slot once the body
+    /// has ended. The algorithm is not known while the body streams past, so it is hashed
+    /// with every announced one.
+    Trailer(TrailerSlot),
+}
+
+/// Why a trailer's checksum could not be checked; the body is discarded as on a mismatch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrailerProblem {
+    /// Announced, but not among the trailers.
+    Missing,
+    /// Sent more than once.
+    Repeated,
+    /// The trailers could not be read.
+    Unreadable(TrailerError),
+    Checksum(String),
+}
+
+impl TrailerProblem {
+    /// What the client is told (400).
+    pub fn explain(&self) -> String {
+        match self {
+            TrailerProblem::Missing => {
+                "Upload-Checksum was announced as a trailer but did not come".into()
+            }
+            TrailerProblem::Repeated => "Upload-Checksum came more than once".into(),
+            TrailerProblem::Unreadable(TrailerError::Malformed) => {
+                "the request's trailer section is malformed".into()
+            }
+            TrailerProblem::Unreadable(_) => "the request's trailers could not be read".into(),
+            TrailerProblem::Checksum(why) => format!("the Upload-Checksum trailer: {why}"),
+        }
+    }
+}
+
+/// A body that hashes what passes through it; its [`Verdict`] tells, at the end, whether the
+/// hash is the expected one.
 pub struct Checked<'b> {
     inner: &'b mut dyn BodySource,
-    hasher: Arc<Mutex<Option<Hasher>>>,
+    state: Arc<Mutex<State>>,
+}
+
+struct State {
+    hashers: Vec<Hasher>,
+    /// Known once the body has been read and checked.
+    outcome: Option<Result<bool, TrailerProblem>>,
 }
 
 /// Tells whether the bytes that passed through a [`Checked`] body have the expected digest.
 #[derive(Clone)]
 pub struct Verdict {
-    hasher: Arc<Mutex<Option<Hasher>>>,
-    expected: Option<Arc<Expected>>,
+    state: Arc<Mutex<State>>,
+    wanted: Option<Arc<Wanted>>,
 }
 
 impl Verdict {
-    /// True without a checksum to check.
+    /// True without a checksum to check, or if it matches.
     pub fn matches(&self) -> bool {
-        let Some(expected) = &self.expected else {
-            return true;
+        self.outcome() == Ok(true)
+    }
+
+    /// Whether the checksum matches; why it could not be checked. Settled at the first call,
+    /// which must come after the body has ended.
+    pub fn outcome(&self) -> Result<bool, TrailerProblem> {
+        let mut state = self.state.lock().expect("checksum");
+        if let Some(outcome) = &state.outcome {
+            return outcome.clone();
+        }
+        let hashers = std::mem::take(&mut state.hashers);
+        let outcome = match self.wanted.as_deref() {
+            None => Ok(true),
+            Some(Wanted::Header(expected)) => Ok(digest_of(hashers, &expected.algorithm)
+                .is_some_and(|digest| digest == expected.digest)),
+            Some(Wanted::Trailer(slot)) => from_trailer(slot).map(|expected| {
+                digest_of(hashers, &expected.algorithm)
+                    .is_some_and(|digest| digest == expected.digest)
+            }),
         };
-        let hasher = self.hasher.lock().expect("hasher").take();
-        hasher.is_some_and(|h| h.finish() == expected.digest)
+        state.outcome = Some(outcome.clone());
+        outcome
     }
 }
 
-/// Wraps `body` to check it against `expected` (if any).
-pub fn check<'b>(
-    body: &'b mut dyn BodySource,
-    expected: Option<Expected>,
-) -> (Checked<'b>, Verdict) {
-    let hasher = Arc::new(Mutex::new(
-        expected.as_ref().and_then(|e| Hasher::new(&e.algorithm)),
-    ));
-    let verdict = Verdict {
-        hasher: hasher.clone(),
-        expected: expected.map(Arc::new),
+/// The digest the hasher for `algorithm` reached.
+fn digest_of(hashers: Vec<Hasher>, algorithm: &str) -> Option<Vec<u8>> {
+    hashers
+        .into_iter()
+        .find(|h| h.name() == algorithm)
+        .map(Hasher::finish)
+}
+
+/// The `Upload-Checksum` among a body's trailers.
+fn from_trailer(slot: &TrailerSlot) -> Result<Expected, TrailerProblem> {
+    let fields = match slot.lock().expect("trailers").take() {
+        None => return Err(TrailerProblem::Unreadable(TrailerError::NotKept)),
+        Some(read) => read.map_err(TrailerProblem::Unreadable)?,
     };
-    (
-        Checked {
-            inner: body,
-            hasher,
-        },
-        verdict,
-    )
+    let mut values = fields
+        .iter()
+        .filter(|(name, _)| name == "upload-checksum")
+        .map(|(_, value)| value);
+    let value = values.next().ok_or(TrailerProblem::Missing)?;
+    if values.next().is_some() {
+        return Err(TrailerProblem::Repeated);
+    }
+    Expected::parse(value).map_err(|e| {
+        TrailerProblem::Checksum(match e {
+            ChecksumError::Unsupported(algorithm) => {
+                format!("algorithm {algorithm:?} is not one of {ALGORITHMS}")
+            }
+            ChecksumError::Malformed => "it is `<algorithm> <base64 digest>`".into(),
+        })
+    })
+}
+
+/// Wraps `body` to check it as `wanted` says (if at all).
+pub fn check<'b>(body: &'b mut dyn BodySource, wanted: Option<Wanted>) -> (Checked<'b>, Verdict) {
+    let hashers = match &wanted {
+        None => Vec::new(),
+        Some(Wanted::Header(expected)) => Hasher::new(&expected.algorithm).into_iter().collect(),
+        Some(Wanted::Trailer(_)) => ALGORITHMS.split(',').filter_map(Hasher::new).collect(),
+    };
+    let state = Arc::new(Mutex::new(State {
+        hashers,
+        outcome: None,
+    }));
+    let verdict = Verdict {
+        state: state.clone(),
+        wanted: wanted.map(Arc::new),
+    };
+    (Checked { inner: body, state }, verdict)
 }
 
 #[async_trait]
 impl BodySource for Checked<'_> {
     async fn next_piece(&mut self) -> Result<Option<Bytes>, BodyError> {
         let piece = self.inner.next_piece().await?;
-        if let (Some(piece), Some(hasher)) = (&piece, self.hasher.lock().expect("hasher").as_mut())
-        {
-            hasher.update(piece);
+        if let Some(piece) = &piece {
+            for hasher in self.state.lock().expect("checksum").hashers.iter_mut() {
+                hasher.update(piece);
+            }
         }
         Ok(piece)
     }
@@ -156,7 +263,8 @@ mod tests {
 
     async fn verdict(header: &str) -> bool {
         let mut body = Pieces(vec![b"hello ", b"world"]);
-        let (mut checked, verdict) = check(&mut body, Some(Expected::parse(header).unwrap()));
+        let wanted = Wanted::Header(Expected::parse(header).unwrap());
+        let (mut checked, verdict) = check(&mut body, Some(wanted));
         while checked.next_piece().await.unwrap().is_some() {}
         verdict.matches()
     }

@@ -24,9 +24,11 @@ use crate::forward::DeliveryRequest;
 use crate::http::{
     accept_expect_continue, client_ip, content_length, header_str, public_origin, RequestBody,
 };
+use crate::proxy::trailers;
+use crate::store::BodySource;
 use crate::store::{BodyError, UploadKey, UploadMeta};
 use crate::upload::{Authorization, CoreError, Outcome, UploadCore};
-use checksum::{ChecksumError, Expected};
+use checksum::{ChecksumError, Expected, TrailerSlot, Wanted};
 use http::{HeaderName, HeaderValue, Method};
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
@@ -189,17 +191,59 @@ fn effective_method(header: &RequestHeader) -> Method {
         .unwrap_or_else(|| header.method.clone())
 }
 
-/// The request's `Upload-Checksum`, if any.
-fn expected_checksum(header: &RequestHeader) -> Result<Option<Expected>, Refusal> {
-    let Some(value) = header_str(header, HeaderName::from_static("upload-checksum")) else {
+/// The request's `Upload-Checksum`, if any: in its header, or announced as a trailer
+/// (`Trailer: Upload-Checksum`, on a chunked body).
+fn expected_checksum(header: &RequestHeader) -> Result<Option<Wanted>, Refusal> {
+    let in_header = header_str(header, HeaderName::from_static("upload-checksum"));
+    if trailers::announced(header, "upload-checksum") {
+        if in_header.is_some() {
+            return Err(Refusal::BadRequest(
+                "Upload-Checksum comes as a header or as a trailer, not both".into(),
+            ));
+        }
+        let chunked = header
+            .headers
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter()
+            .any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.to_ascii_lowercase().contains("chunked"))
+            });
+        if !chunked {
+            return Err(Refusal::BadRequest(
+                "an Upload-Checksum trailer needs a body sent with Transfer-Encoding: chunked"
+                    .into(),
+            ));
+        }
+        return Ok(Some(Wanted::Trailer(Default::default())));
+    }
+    let Some(value) = in_header else {
         return Ok(None);
     };
     match Expected::parse(value) {
-        Ok(expected) => Ok(Some(expected)),
+        Ok(expected) => Ok(Some(Wanted::Header(expected))),
         Err(ChecksumError::Unsupported(algorithm)) => Err(Refusal::UnknownAlgorithm(algorithm)),
         Err(ChecksumError::Malformed) => Err(Refusal::BadRequest(
             "Upload-Checksum is `<algorithm> <base64 digest>`".into(),
         )),
+    }
+}
+
+/// A request body whose trailers are read into `slot` when it ends.
+struct Trailed<'s> {
+    session: &'s mut Session,
+    slot: TrailerSlot,
+}
+
+#[async_trait::async_trait]
+impl crate::store::BodySource for Trailed<'_> {
+    async fn next_piece(&mut self) -> Result<Option<bytes::Bytes>, BodyError> {
+        let piece = RequestBody(self.session).next_piece().await?;
+        if piece.is_none() {
+            let fields = trailers::trailers(self.session.as_downstream());
+            *self.slot.lock().expect("trailers") = Some(fields);
+        }
+        Ok(piece)
     }
 }
 
@@ -390,13 +434,14 @@ impl Exchange<'_> {
                     offset = Some(at);
                     delivered = how;
                 }
-                Err(Answer::Refused(Refusal::Core(CoreError::Refused))) => {
-                    // The checksum did not match: the bytes are discarded, and so is the
-                    // upload they would have started (the client creates it again).
+                Err(Answer::Refused(refusal)) if refusal.discards_the_bytes() => {
+                    // The checksum did not match (or could not be checked): the bytes are
+                    // discarded, and so is the upload they would have started (the client
+                    // creates it again).
                     if let Err(e) = self.core.discard(&key).await {
                         tracing::warn!("removing the refused upload failed: {e}");
                     }
-                    return Answer::Refused(Refusal::Core(CoreError::Refused));
+                    return Answer::Refused(refusal);
                 }
                 // The upload exists; its bytes did not make it. The client learns the offset
                 // by HEAD and goes on from there.
@@ -694,7 +739,7 @@ impl Exchange<'_> {
         }
     }
 
-    /// Appends the request's body at `at`, checked against `expected`; delivers the upload if
+    /// Appends the request's body at `at`, checked as `wanted` says; delivers the upload if
     /// that completes it.
     async fn append(
         &mut self,
@@ -702,7 +747,7 @@ impl Exchange<'_> {
         key: &UploadKey,
         at: u64,
         length: Option<u64>,
-        expected: Option<Expected>,
+        wanted: Option<Wanted>,
     ) -> Result<Answer, Answer> {
         let room = length
             .unwrap_or(self.route.limits.max_file_size.0)
@@ -710,22 +755,52 @@ impl Exchange<'_> {
         if content_length(session.req_header()).is_some_and(|n| n > room) {
             return Err(Answer::Refused(Refusal::TooLarge(room)));
         }
+        let trailer = match &wanted {
+            Some(Wanted::Trailer(slot)) => Some(slot.clone()),
+            _ => None,
+        };
+        if trailer.is_some() && !trailers::keep_tail(session.as_downstream()) {
+            return Err(Answer::Refused(Refusal::BadRequest(
+                "trailers cannot be read on this connection".into(),
+            )));
+        }
         self.proceed(session).await?;
         // Early delivery: the stored parts go to the upstream while the rest arrives, so a
         // body of known length without a checksum to check first is kept in pieces.
         let early = self.route.forward.early.is_some() && self.begin_early(session, key).await;
-        let pieces = early && expected.is_none() && content_length(session.req_header()).is_some();
-        let mut body = RequestBody(session);
+        let pieces = early && wanted.is_none() && content_length(session.req_header()).is_some();
+        let mut plain;
+        let mut trailed;
+        let body: &mut dyn BodySource = match trailer {
+            Some(slot) => {
+                trailed = Trailed { session, slot };
+                &mut trailed
+            }
+            None => {
+                plain = RequestBody(session);
+                &mut plain
+            }
+        };
         let appended = if pieces {
             self.core
-                .append_in_pieces(key, at, &mut body, room, EARLY_PIECE)
+                .append_in_pieces(key, at, body, room, EARLY_PIECE)
                 .await
+                .map_err(|e| Answer::Refused(Refusal::Core(e)))?
         } else {
-            let (mut checked, verdict) = checksum::check(&mut body, expected);
-            let accept = move |_: &crate::store::Staged| verdict.matches();
-            self.core.append(key, at, &mut checked, room, &accept).await
-        }
-        .map_err(|e| Answer::Refused(Refusal::Core(e)))?;
+            let (mut checked, verdict) = checksum::check(body, wanted);
+            let judge = verdict.clone();
+            let accept = move |_: &crate::store::Staged| judge.matches();
+            match self.core.append(key, at, &mut checked, room, &accept).await {
+                Ok(appended) => appended,
+                Err(CoreError::Refused) => {
+                    return Err(Answer::Refused(match verdict.outcome() {
+                        Err(problem) => Refusal::Trailer(problem.explain()),
+                        Ok(_) => Refusal::Core(CoreError::Refused),
+                    }))
+                }
+                Err(e) => return Err(Answer::Refused(Refusal::Core(e))),
+            }
+        };
         if let Some(e) = appended.broke_off {
             // What arrived is kept; the client asks with HEAD where to go on.
             tracing::info!(

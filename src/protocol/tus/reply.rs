@@ -9,7 +9,8 @@ use crate::upload::{CoreError, Outcome};
 
 pub(super) const VERSION: &str = "1.0.0";
 pub(super) const EXTENSIONS: &str =
-    "creation,creation-with-upload,creation-defer-length,expiration,checksum,termination,concatenation";
+    "creation,creation-with-upload,creation-defer-length,expiration,checksum,checksum-trailer,\
+    termination,concatenation";
 
 /// Where a completed upload's delivery stands, as a request that waited for it saw it.
 pub(super) enum Delivered {
@@ -95,7 +96,20 @@ pub(super) enum Refusal {
     TooLarge(u64),
     /// `Upload-Checksum` names an algorithm this server does not have.
     UnknownAlgorithm(String),
+    /// The checksum announced as a trailer could not be checked: the body is discarded.
+    Trailer(String),
     Core(CoreError),
+}
+
+impl Refusal {
+    /// True if the request's body was read and thrown away: a checksum that did not match,
+    /// or one in a trailer that could not be checked.
+    pub(super) fn discards_the_bytes(&self) -> bool {
+        matches!(
+            self,
+            Refusal::Core(CoreError::Refused) | Refusal::Trailer(_)
+        )
+    }
 }
 
 /// The reply to a tus request.
@@ -275,6 +289,7 @@ fn refused(refusal: Refusal) -> Reply {
             400,
             format!("checksum algorithm {algorithm:?} is not one of {ALGORITHMS}"),
         ),
+        Refusal::Trailer(why) => Reply::refuse(400, why),
         Refusal::Core(e) => core_refusal(e),
     }
 }
