@@ -65,6 +65,36 @@ async fn tus_start(h: &Harness, length: u64, metadata: Option<&str>, first: &'st
         .as_u16()
 }
 
+/// The sum of `stitch_requests_total`'s samples.
+fn requests_counted(text: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with("stitch_requests_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn requests_lines(text: &str) -> String {
+    let lines = text
+        .lines()
+        .filter(|line| line.starts_with("stitch_requests_total{"));
+    lines.collect::<Vec<_>>().join("\n")
+}
+
+/// A scrape taken once `settled` holds of it, or after 5 s. A request is counted as its
+/// exchange ends, just after the client has the answer; a delivered upload's parts are removed
+/// just after its answer is published.
+async fn scrape_when(metrics: SocketAddr, settled: impl Fn(&str) -> bool) -> String {
+    let mut text = scrape(metrics).await;
+    for _ in 0..100 {
+        if settled(&text) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        text = scrape(metrics).await;
+    }
+    text
+}
+
 /// The value of the sample whose name and labels (in the exposition's order) are `series`.
 fn sample(exposition: &str, series: &str) -> f64 {
     exposition
@@ -99,7 +129,11 @@ async fn metrics_count_requests_parts_dedup_and_deliveries_and_pass_promtool() {
         200
     );
 
-    let text = scrape(metrics).await;
+    let text = scrape_when(metrics, |text| {
+        requests_counted(text) == 12.0 && sample(text, "stitch_stored_bytes") == 0.0
+    })
+    .await;
+    assert_eq!(requests_counted(&text), 12.0, "{}", requests_lines(&text));
     let requests = |route: &str, protocol: &str, kind: &str, status: &str| {
         sample(
             &text,
@@ -203,7 +237,11 @@ async fn metrics_count_requests_parts_dedup_and_deliveries_and_pass_promtool() {
     wait_for_requests(&h, "/app/upload", 5, std::time::Duration::from_secs(20)).await;
     let half = ChunkedFile::resumable("d.bin", random_bytes(3000, 10), 1000);
     assert_eq!(half.upload(&h, 1).await.status(), 200);
-    let mut text = scrape(metrics).await;
+    let mut text = scrape_when(metrics, |text| {
+        requests_counted(text) == 17.0 && sample(text, "stitch_stored_bytes") == 1000.0
+    })
+    .await;
+    assert_eq!(requests_counted(&text), 17.0, "{}", requests_lines(&text));
     // The queue records its answer just after the upstream gave it.
     for _ in 0..100 {
         if sample(

@@ -165,6 +165,20 @@ impl UploadCore {
             }
         };
         let delivery = Arc::new(delivery);
+        if done.borrow().is_none() {
+            // An answer published early was counted then.
+            self.count_attempt(&delivery);
+        }
+        if delivery.retryable() {
+            self.failures
+                .insert(*upload, (Instant::now(), Arc::clone(&delivery)));
+        } else {
+            self.failures.remove(upload);
+        }
+        delivery
+    }
+
+    fn count_attempt(&self, delivery: &Delivery) {
         let outcome = match &delivery.outcome {
             Outcome::Answered {
                 retryable: true, ..
@@ -176,13 +190,6 @@ impl UploadCore {
             Outcome::StorageFailed => "storage-failed",
         };
         self.metrics.deliveries.with_label_values(&[outcome]).inc();
-        if delivery.retryable() {
-            self.failures
-                .insert(*upload, (Instant::now(), Arc::clone(&delivery)));
-        } else {
-            self.failures.remove(upload);
-        }
-        delivery
     }
 
     async fn try_deliver(
@@ -320,7 +327,10 @@ impl UploadCore {
             // The answer stands (any request from now on finds it): the client need not wait
             // for the parts to be removed, which for a large file in small chunks takes a while.
             let _cleaning = self.cleanups.start();
-            done.send_replace(Some(Arc::new(answered(answer.clone(), false))));
+            let delivery = answered(answer.clone(), false);
+            // Counted before anyone hears the answer: a scrape after it sees the attempt.
+            self.count_attempt(&delivery);
+            done.send_replace(Some(Arc::new(delivery)));
             if let Err(e) = self.finish(upload, fence).await {
                 tracing::error!("{upload:?}: delivered, but removing its parts failed: {e}");
             }

@@ -68,8 +68,9 @@ impl UploadCore {
             let queued = state.queued(&key).await?;
             owed += usize::from(queued.is_some());
             let delivery = match (&answer, &queued) {
-                _ if self.flights.contains_key(&key) => "delivering",
+                // Its answer stands from when it is recorded, while the parts are removed.
                 (Some(answer), _) if answer.is_delivery() => "delivered",
+                _ if self.flights.contains_key(&key) => "delivering",
                 (Some(_), None) => "refused",
                 (_, Some(_)) => "queued",
                 (None, None) if complete_len(&parts, meta.length).is_some() => "complete",
