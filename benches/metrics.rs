@@ -5,7 +5,9 @@
 //! (`STITCH_BENCH_SKIP_HASH=1`, a switch for this bench only), the same way.
 //! Results replace the metrics section of `benches/results.md`.
 //!
-//! Run: `cargo bench --bench metrics` (ROUNDS=… SECONDS=… FILE_MIB=… to change the sizes).
+//! Run: `cargo bench --bench metrics` (ROUNDS=… SECONDS=… FILE_MIB=… to change the sizes;
+//! STORAGE_IN=/dev/shm keeps the stores in memory, so that the disk's swings leave the CPU
+//! cost alone to compare).
 
 #[path = "common/bench.rs"]
 mod bench;
@@ -20,9 +22,14 @@ use futures::StreamExt;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+/// Where the stores' directories are made (`STORAGE_IN`, else the working directory).
+fn storage_in() -> String {
+    std::env::var("STORAGE_IN").unwrap_or_else(|_| ".".into())
+}
+
 /// A release Stitch with the metrics listener or not, hashing or not, and its directory.
 fn start(upstream: SocketAddr, metrics: bool, hashing: bool) -> (Stitch, tempfile::TempDir) {
-    let root = tempfile::tempdir_in(".").unwrap();
+    let root = tempfile::tempdir_in(storage_in()).unwrap();
     let mut routes = String::from(
         "routes:\n  - path: /upload\n    protocol: resumable\n    limits: { max_chunk_size: 16MiB }\n    \
          forward: { path: /app/upload, field: document }\n",
@@ -101,6 +108,14 @@ async fn main() {
         skipped.push(ingest(unhashed.listen, file_mib, round * 3 + 2).await);
     }
     let unhashed_mib = median(skipped.clone());
+    // Each round's pair ran back to back: their ratio shrugs off the disk's slower spells.
+    let paired = median(
+        mib[0]
+            .iter()
+            .zip(&skipped)
+            .map(|(on, off)| on / off)
+            .collect(),
+    );
     let [rps_on, rps_off] = rps.clone().map(median);
     let [mib_on, mib_off] = mib.clone().map(median);
     let report = format!(
@@ -108,16 +123,18 @@ async fn main() {
          Machine: {} cores. Two release Stitch processes, one with `metrics.listen` (every request \
          counted) and one without, measured alternately, {rounds} rounds; medians. Pass-through: \
          16 keep-alive clients GET a 1 KiB page for {seconds} s. Ingest: a {file_mib} MiB file \
-         in 8 MiB multipart chunks, 3 in flight, `storage.fsync: false`.\n\n\
+         in 8 MiB multipart chunks, 3 in flight, `storage.fsync: false`, stores in `{}`.\n\n\
          | measure | metrics off | metrics on | on / off |\n|---|---|---|---|\n\
          | pass-through (requests/s) | {rps_off:.0} | {rps_on:.0} | {:.3} |\n\
          | ingest, 8 MiB chunks (MiB/s) | {mib_off:.0} | {mib_on:.0} | {:.3} |\n\n\
          Hashing: ingest as above with content hashing (metrics on) {mib_on:.0} MiB/s, without \
-         {unhashed_mib:.0} MiB/s: with / without {:.3}.\n\n\
+         {unhashed_mib:.0} MiB/s: with / without {:.3} (median of each round's ratio: \
+         {paired:.3}).\n\n\
          Every round (requests/s off, on): {:?}, {:?}; (MiB/s off, on, unhashed): {:?}, {:?}, \
          {:?}.\n\n\
          Produced by `cargo bench --bench metrics`.\n",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
+        storage_in(),
         rps_on / rps_off,
         mib_on / mib_off,
         mib_on / unhashed_mib,

@@ -77,14 +77,23 @@ impl Writer {
     }
 }
 
+/// `batch`, its bytes added to `hasher` (none: hashing skipped, a bench's switch).
+fn hashed(hasher: &mut Option<Hasher>, batch: bytes::Bytes) -> bytes::Bytes {
+    if let Some(hasher) = hasher.as_mut() {
+        hasher.update(&batch);
+    }
+    batch
+}
+
 #[async_trait]
 impl BlobStore for FsBlobs {
     /// The body is gathered into writes of up to 1 MiB (or of what arrived within 20 ms), each
     /// written on the blocking pool while the next one is being received: one pool round trip
     /// per MiB instead of one per piece for a fast client, and a slow client's bytes go to disk
-    /// as they come. No thread is held while the client sends nothing. Each piece is hashed as
-    /// it arrives (a piece is at most 64 KiB on HTTP/1: some microseconds of BLAKE3), so the
-    /// hashing overlaps the pool's write of the gathered bytes before it.
+    /// as they come. No thread is held while the client sends nothing. Each gathered write is
+    /// hashed here before it goes to the pool (a MiB is about 0.2 ms of BLAKE3), so the hashing
+    /// overlaps the pool's write of the bytes gathered before it; a MiB at a time, BLAKE3 runs
+    /// at twice its speed over a socket read's few KiB.
     async fn stage(&self, body: &mut dyn BodySource, limit: u64) -> Result<Staged, StoreError> {
         let (token, path) = self.0.tmp_path();
         let staging = path.clone();
@@ -118,25 +127,22 @@ impl BlobStore for FsBlobs {
                 if gathered.is_empty() {
                     since = std::time::Instant::now();
                 }
-                if let Some(hasher) = hasher.as_mut() {
-                    hasher.update(&piece[..room]);
-                }
                 gathered.extend_from_slice(&piece[..room]);
                 len += room as u64;
                 // The declared length reached: most likely the body's end, so the file is
                 // fsynced with its last write (if more comes, it is cut and let go).
                 let end = len == limit;
                 if gathered.len() >= STAGE_WRITE || since.elapsed() >= STAGE_LINGER || end {
-                    writer = writer
-                        .write(gathered.split().freeze(), end && fsync)
-                        .await?;
+                    let batch = hashed(&mut hasher, gathered.split().freeze());
+                    writer = writer.write(batch, end && fsync).await?;
                 }
                 if room < piece.len() {
                     cut = Some(Cut::TooLong(limit));
                     break;
                 }
             }
-            writer = writer.write(gathered.split().freeze(), false).await?;
+            let batch = hashed(&mut hasher, gathered.split().freeze());
+            writer = writer.write(batch, false).await?;
             writer.finish(fsync).await
         };
         match received.await {
