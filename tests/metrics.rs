@@ -435,13 +435,13 @@ routes:
         .filter(Received::whole)
         .count();
     assert_eq!(whole, 2, "each file delivered once");
-    let text = scrape(metrics).await;
-    let early = |outcome: &str| {
-        sample(
-            &text,
-            &format!(r#"stitch_early_deliveries_total{{outcome="{outcome}"}}"#),
-        )
-    };
+    // A stream is counted as its task ends, just after the answer it carried went out.
+    let series = |outcome: &str| format!(r#"stitch_early_deliveries_total{{outcome="{outcome}"}}"#);
+    let text = scrape_when(metrics, |text| {
+        text.contains(&series("used")) && text.contains(&series("stalled"))
+    })
+    .await;
+    let early = |outcome: &str| sample(&text, &series(outcome));
     assert_eq!(early("used"), 1.0);
     assert_eq!(early("stalled"), 1.0);
 }
