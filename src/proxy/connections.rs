@@ -99,7 +99,6 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             if !first_byte(&mut stream, Instant::now() + wait, &mut alarm).await {
                 return None;
             }
-            tap.restart();
             let mut session = ServerSession::new_http1(stream);
             match settings.take() {
                 Some(settings) => settings.apply_to_session(&mut session),
@@ -113,6 +112,8 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Guarded<A> {
             let reused =
                 within_header_deadline(request, &arrived, self.limits.header_timeout).await?;
             drop(working);
+            // What the tap kept of the request is not held while the connection waits.
+            tap.restart();
             (stream, settings) = reused?.consume();
             kept_alive = true;
         }
