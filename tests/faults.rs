@@ -194,3 +194,54 @@ async fn readiness_turns_unready_on_a_full_disk_and_ready_when_space_returns() {
     disk.free();
     assert_eq!(ready().await.0, 200);
 }
+
+#[tokio::test]
+async fn a_chunk_shared_past_the_file_systems_link_limit_is_stored_as_a_copy() {
+    // ext4 allows 65,000 links to a file: a blob that many parts share (the same chunk in many
+    // uploads: a run of zeros, say) cannot take one more, and the part becomes a copy.
+    const EXT4_LINK_MAX: u64 = 65_000;
+    let disk = SmallDisk::new(64);
+    let dir = disk.dir("data");
+    let h = Harness::custom("", ROUTES, None, Some(&dir)).await;
+    let shared = random_bytes(1000, 90);
+    let file_of = |name: &str, seed: u64| {
+        let data = [&shared[..], &random_bytes(2000, seed)[..]].concat();
+        ChunkedFile::resumable(name, data.into(), 1000)
+    };
+    let (first, second) = (file_of("a.bin", 91), file_of("b.bin", 92));
+    assert_eq!(first.upload(&h, 1).await.status(), 200);
+    let blobs: Vec<_> = h
+        .stored_files()
+        .into_iter()
+        .filter(|(path, _)| path.starts_with("blobs/"))
+        .collect();
+    assert_eq!(blobs.len(), 1, "the first chunk's blob");
+    let blob = dir.join(&blobs[0].0);
+    // Other names for the blob, outside the store, up to the limit.
+    let links = disk.dir("links");
+    let nlink = || std::os::unix::fs::MetadataExt::nlink(&std::fs::metadata(&blob).unwrap());
+    for n in nlink()..EXT4_LINK_MAX {
+        std::fs::hard_link(&blob, links.join(n.to_string())).unwrap();
+    }
+    assert!(
+        std::fs::hard_link(&blob, links.join("one more")).is_err(),
+        "the blob is at the link limit"
+    );
+
+    let done = second.upload_all(&h).await;
+    assert_eq!(done.status(), 200, "the upload sharing the blob completes");
+    assert_eq!(nlink(), EXT4_LINK_MAX, "its part is a copy, not a link");
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].files[0].sha256, second.sha256());
+
+    std::fs::remove_dir_all(&links).unwrap();
+    for n in 2..=first.count() {
+        assert_eq!(first.upload(&h, n).await.status(), 200);
+    }
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2, "each file delivered once");
+    assert_eq!(received[1].files[0].sha256, first.sha256());
+    assert_eq!(h.blob_count(), 0, "the blob went with its last part");
+    assert_eq!(h.damage(), Vec::<String>::new());
+}
