@@ -218,6 +218,8 @@ pub struct OperatorsApp {
     pub core: Arc<UploadCore>,
     pub upstream: SocketAddr,
     pub config: MetricsConfig,
+    /// Held while a readiness check's write to the storage is under way.
+    pub store_check: Arc<tokio::sync::Mutex<()>>,
 }
 
 #[async_trait]
@@ -247,7 +249,14 @@ impl ServeHttp for OperatorsApp {
 impl OperatorsApp {
     async fn metrics(&self) -> Response<Vec<u8>> {
         let metrics = &self.core.metrics;
-        match self.core.inventory(false).await {
+        // A stalled disk does not hold the scrape: the gauges keep their last values.
+        let inventory = tokio::time::timeout(READY_TIMEOUT, self.core.inventory(false)).await;
+        let inventory = inventory.unwrap_or_else(|_| {
+            Err(crate::store::StoreError::Io(std::io::Error::other(
+                format!("the store did not answer within {READY_TIMEOUT:?}"),
+            )))
+        });
+        match inventory {
             Ok(inventory) => {
                 let in_progress = inventory.uploads.iter().filter(|u| u.in_progress()).count();
                 metrics.in_progress.set(in_progress as i64);
@@ -268,11 +277,8 @@ impl OperatorsApp {
         let upstream =
             tokio::time::timeout(READY_TIMEOUT, tokio::net::TcpStream::connect(self.upstream))
                 .await;
-        let store = self.core.check_store().await;
         let problems: Vec<String> = [
-            store
-                .err()
-                .map(|e| format!("storage does not take writes: {e}")),
+            self.store_problem().await,
             match upstream {
                 Ok(Ok(_)) => None,
                 Ok(Err(e)) => Some(format!("the upstream cannot be reached: {e}")),
@@ -287,6 +293,28 @@ impl OperatorsApp {
         } else {
             let body = format!("not ready: {}\n", problems.join("; "));
             reply(StatusCode::SERVICE_UNAVAILABLE, TEXT, body.into_bytes())
+        }
+    }
+
+    /// Why the storage does not take a one-byte write, if it does not within
+    /// [`READY_TIMEOUT`]. A write that a stalled disk holds goes on in the background, and
+    /// until it ends, further checks report it rather than start another.
+    async fn store_problem(&self) -> Option<String> {
+        let Ok(one) = self.store_check.clone().try_lock_owned() else {
+            return Some("storage has not yet taken the write of an earlier check".into());
+        };
+        let core = self.core.clone();
+        let check = tokio::spawn(async move {
+            let _one = one;
+            core.check_store().await
+        });
+        match tokio::time::timeout(READY_TIMEOUT, check).await {
+            Ok(Ok(Ok(()))) => None,
+            Ok(Ok(Err(e))) => Some(format!("storage does not take writes: {e}")),
+            Ok(Err(e)) => Some(format!("the storage check failed: {e}")),
+            Err(_) => Some(format!(
+                "storage did not take a one-byte write within {READY_TIMEOUT:?}"
+            )),
         }
     }
 

@@ -165,6 +165,7 @@ pub fn build_as(config: &Config, launch: Launch) -> Result<Built, StartError> {
             core: core.clone(),
             upstream: config.upstream,
             config: metrics.clone(),
+            store_check: Default::default(),
         };
         let mut operators = Service::new("metrics and health".to_string(), app);
         operators.add_tcp(&metrics.listen.to_string());

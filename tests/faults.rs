@@ -245,3 +245,103 @@ async fn a_chunk_shared_past_the_file_systems_link_limit_is_stored_as_a_copy() {
     assert_eq!(h.blob_count(), 0, "the blob went with its last part");
     assert_eq!(h.damage(), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn a_stalled_disk_holds_uploads_but_not_the_proxy_and_they_complete_once_it_moves() {
+    // A file system that stops taking writes (frozen here; a hung disk or network volume
+    // alike) while uploads are being stored: the chunks wait for it, but other traffic is
+    // still served, the operators' endpoints answer (and say why Stitch is not ready), and
+    // once it moves again every file arrives once, byte-exact.
+    let disk = SmallDisk::new(64);
+    let dir = disk.dir("data");
+    let operators = free_addr();
+    let routes = format!("metrics:\n  listen: {operators}\n{ROUTES}");
+    let h = Harness::custom("", &routes, None, Some(&dir)).await;
+    h.upstream.answer_with(200, "still here");
+    let operators_get = |path: &str| {
+        let request = h.client.get(format!("http://{operators}{path}")).send();
+        async move {
+            let response = tokio::time::timeout(Duration::from_secs(10), request)
+                .await
+                .unwrap_or_else(|_| panic!("no answer within 10 s"))
+                .unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let files: Vec<ChunkedFile> = (0..40)
+        .map(|i| ChunkedFile::resumable(&format!("s{i}.bin"), random_bytes(40_000, 300 + i), 4_000))
+        .collect();
+    let uploads: Vec<_> = files
+        .iter()
+        .map(|file| {
+            let (client, stitch) = (h.client.clone(), h.stitch_addr());
+            let file = file.clone();
+            tokio::spawn(async move {
+                // Each chunk in turn, again after a failure, as the clients retry.
+                let mut last = 0;
+                for n in 1..=file.count() {
+                    for _ in 0..100 {
+                        last = match file.send_to(&client, stitch, n).await {
+                            Ok(response) => response.status().as_u16(),
+                            Err(_) => 0,
+                        };
+                        if last == 200 {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                last
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let frozen = disk.freeze();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = operators_get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("storage"), "{body}");
+    let (status, body) = operators_get("/metrics").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("stitch_parts_stored_total"), "{body}");
+    let mut served = 0;
+    for _ in 0..5 {
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            h.client.get(h.url("/elsewhere")).send(),
+        )
+        .await;
+        if let Ok(Ok(response)) = answer {
+            served += usize::from(response.status() == 200);
+        }
+    }
+    drop(frozen);
+    assert_eq!(
+        served, 5,
+        "pass-through answered while the disk was stalled"
+    );
+    // Ready again once the write of the check that was held has gone through.
+    let mut ready = (0, String::new());
+    for _ in 0..50 {
+        ready = operators_get("/readyz").await;
+        if ready.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready.0, 200, "{}", ready.1);
+    for upload in uploads {
+        assert_eq!(upload.await.unwrap(), 200);
+    }
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), files.len(), "each file delivered once");
+    for file in &files {
+        let got: Vec<_> = received
+            .iter()
+            .filter(|r| r.files[0].file_name == file.name)
+            .collect();
+        assert_eq!(got.len(), 1, "{}", file.name);
+        assert_eq!(got[0].files[0].sha256, file.sha256());
+    }
+    assert_eq!(h.damage(), Vec::<String>::new());
+}

@@ -88,3 +88,44 @@ fn run(program: &str, args: &[&str], path: &Path) {
         "{program} failed: install e2fsprogs (`apt-get install e2fsprogs`)"
     );
 }
+
+/// A file system frozen (`fsfreeze`: every write to it, data or metadata, waits) until the
+/// value is dropped, which thaws it. A watchdog process thaws it after 60 s in any case, so
+/// that a test killed meanwhile does not leave it frozen.
+pub struct Frozen {
+    mount: PathBuf,
+    watchdog: std::process::Child,
+}
+
+impl SmallDisk {
+    pub fn freeze(&self) -> Frozen {
+        let watchdog = Command::new("setsid")
+            .args(["sh", "-c", "sleep 60 && fsfreeze -u \"$0\""])
+            .arg(&self.mount)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("setsid and sh (util-linux, dash)");
+        let frozen = Command::new("fsfreeze").arg("-f").arg(&self.mount).status();
+        let frozen_fs = Frozen {
+            mount: self.mount.clone(),
+            watchdog,
+        };
+        if !frozen.is_ok_and(|s| s.success()) {
+            drop(frozen_fs);
+            panic!("fsfreeze failed: it comes with util-linux and needs root");
+        }
+        frozen_fs
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").arg("-u").arg(&self.mount).status();
+        // The watchdog's whole session: its shell and the shell's `sleep`.
+        let group = format!("-{}", self.watchdog.id());
+        let _ = Command::new("kill").args(["--", &group]).status();
+        let _ = self.watchdog.wait();
+    }
+}

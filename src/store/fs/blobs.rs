@@ -162,35 +162,39 @@ impl BlobStore for FsBlobs {
         }
     }
 
-    /// A rename, made here on the async thread: a metadata change of microseconds, where a
-    /// trip to the blocking pool costs a wait on a busy machine while the caller holds the
-    /// upload's lease (no fsync: see below).
+    /// A rename, on the blocking pool: a metadata change of microseconds, but one that waits
+    /// while the disk is stalled (or frozen), and a worker thread must not (no fsync: see
+    /// below).
     async fn keep(&self, staged: Staged) -> Result<bool, StoreError> {
         let tmp = self.0.staging.join(&staged.token);
         let blob = self.0.blob_path(&staged.digest);
-        let kept = (|| {
-            if std::fs::exists(&blob)? {
-                return match std::fs::remove_file(&tmp) {
-                    Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
-                    _ => Ok(true),
-                };
-            }
-            // The blob's own directory entry needs no fsync: the part's link that references
-            // it is what makes the bytes reachable, and that is fsynced.
-            let shard = blob.parent().expect("blob paths have a parent");
-            match std::fs::rename(&tmp, &blob) {
-                Err(e) if e.kind() == ErrorKind::NotFound && !shard.exists() => {
-                    std::fs::create_dir_all(shard)?;
-                    std::fs::rename(&tmp, &blob)?;
+        let kept = Fs::blocking(move || {
+            let kept = (|| {
+                if std::fs::exists(&blob)? {
+                    return match std::fs::remove_file(&tmp) {
+                        Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+                        _ => Ok(true),
+                    };
                 }
-                other => other?,
+                // The blob's own directory entry needs no fsync: the part's link that
+                // references it is what makes the bytes reachable, and that is fsynced.
+                let shard = blob.parent().expect("blob paths have a parent");
+                match std::fs::rename(&tmp, &blob) {
+                    Err(e) if e.kind() == ErrorKind::NotFound && !shard.exists() => {
+                        std::fs::create_dir_all(shard)?;
+                        std::fs::rename(&tmp, &blob)?;
+                    }
+                    other => other?,
+                }
+                Ok(false)
+            })();
+            if kept.is_err() {
+                // Give the space back at once.
+                let _ = std::fs::remove_file(&tmp);
             }
-            Ok(false)
-        })();
-        if kept.is_err() {
-            // Give the space back at once.
-            let _ = std::fs::remove_file(&tmp);
-        }
+            kept
+        })
+        .await;
         Ok(kept?)
     }
 

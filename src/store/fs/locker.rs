@@ -27,9 +27,17 @@ use std::time::Duration;
 pub(super) struct FsLocker(pub(super) Arc<Fs>);
 
 /// One lock file, and what this process holds of it.
+///
+/// Nothing here that can wait for the disk runs on a worker thread while it holds `held`:
+/// lock files are created, and tokens written, on the blocking pool (a stalled or frozen
+/// disk then holds the leases, never the proxy). Opening an existing lock file for reading
+/// and `flock`ing it write nothing to the file system (opening it for writing waits for a
+/// frozen one).
 pub(super) struct Stripe {
     path: PathBuf,
     held: Mutex<Held>,
+    /// Taken (on the blocking pool) while a token is read and written.
+    token_io: Mutex<()>,
     /// Moves on whenever this process finds that another one took the stripe since its own
     /// last lease: what it cached before about the stripe's uploads is stale.
     epoch: AtomicU64,
@@ -40,7 +48,7 @@ struct Held {
     /// Tasks of this process holding a key of this stripe.
     holders: usize,
     /// The lock file, `flock`ed, while `holders > 0`.
-    file: Option<File>,
+    file: Option<Arc<File>>,
     /// The last token this process took.
     last_token: u64,
     /// `last_token` was taken while this process held the `flock` without a break since:
@@ -48,62 +56,92 @@ struct Held {
     fresh: bool,
 }
 
+/// What trying to hold a stripe found.
+enum Tried {
+    Held,
+    /// Another process holds it.
+    Busy,
+    /// Its lock file does not exist yet.
+    NoFile,
+}
+
 impl Stripe {
     pub(super) fn new(root: &Path, name: &str) -> Stripe {
         Stripe {
             path: root.join("locks").join(name),
             held: Mutex::default(),
+            token_io: Mutex::default(),
             epoch: AtomicU64::new(0),
         }
     }
 
     /// Joins the holders if this process holds the stripe already, or takes its `flock` if
-    /// no other process does. False: another process holds it.
-    fn try_hold(&self) -> std::io::Result<bool> {
+    /// no other process does.
+    fn try_hold(&self) -> std::io::Result<Tried> {
         let mut held = self.held.lock().expect("stripe");
         if held.holders > 0 {
             held.holders += 1;
-            return Ok(true);
+            return Ok(Tried::Held);
         }
-        let file = File::options()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&self.path)?;
+        // An existing file, opened for reading only: nothing waits for the disk. (A `flock`
+        // does not need write access.)
+        let file = match File::open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Tried::NoFile),
+            Err(e) => return Err(e),
+        };
         match file.try_lock() {
             Ok(()) => {
-                held.file = Some(file);
+                held.file = Some(Arc::new(file));
                 held.holders = 1;
-                Ok(true)
+                Ok(Tried::Held)
             }
-            Err(std::fs::TryLockError::WouldBlock) => Ok(false),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(Tried::Busy),
             Err(std::fs::TryLockError::Error(e)) => Err(e),
         }
+    }
+
+    /// Creates the lock file (blocking: run it on the pool).
+    fn create_file(&self) -> std::io::Result<()> {
+        File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.path)
+            .map(drop)
     }
 
     fn release(&self) {
         let mut held = self.held.lock().expect("stripe");
         held.holders -= 1;
         if held.holders == 0 {
-            // Closing the file releases the `flock`.
+            // Closing the file releases the `flock` (once a token write under way, which
+            // holds the file too, is done).
             held.file = None;
             held.fresh = false;
         }
     }
 
-    /// Takes the next token (the stripe must be held).
+    /// Takes the next token (the stripe must be held). Blocking: run it on the pool.
     fn next_token(&self) -> std::io::Result<u64> {
+        let _io = self.token_io.lock().expect("stripe tokens");
+        let file = self.held.lock().expect("stripe").file.clone();
+        // The lease was given up before its token was taken (its taker went away).
+        let file = file.ok_or_else(|| std::io::Error::other("the lock was let go"))?;
+        let last = read_token(&file)?;
+        let token = last + 1;
+        // Written through a second handle: the `flock` stays with `file`'s, which is kept open
+        // until the write is done.
+        let writer = File::options().write(true).open(&self.path)?;
+        writer.write_all_at(&token.to_be_bytes(), 0)?;
+        drop(writer);
         let mut held = self.held.lock().expect("stripe");
-        let file = held.file.as_ref().expect("the stripe is held");
-        let last = read_token(file)?;
         if last != held.last_token {
             self.epoch.fetch_add(1, Ordering::SeqCst);
         }
-        let token = last + 1;
-        file.write_all_at(&token.to_be_bytes(), 0)?;
         held.last_token = token;
-        held.fresh = true;
+        // Fresh only if the `flock` was held all along (not let go and taken again).
+        held.fresh = held.file.as_ref().is_some_and(|f| Arc::ptr_eq(f, &file));
         Ok(token)
     }
 
@@ -172,10 +210,19 @@ impl Locker for FsLocker {
         let local = self.0.local.lock(key).await;
         let stripe = self.0.stripe(&key);
         let mut wait = Duration::from_millis(1);
-        while !stripe.try_hold()? {
-            // Held by another process: wait without holding a thread.
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_millis(50));
+        loop {
+            match stripe.try_hold()? {
+                Tried::Held => break,
+                Tried::NoFile => {
+                    let fs = self.0.clone();
+                    Fs::blocking(move || fs.stripe(&key).create_file()).await?;
+                }
+                Tried::Busy => {
+                    // Held by another process: wait without holding a thread.
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(50));
+                }
+            }
         }
         let holding = Holding {
             fs: self.0.clone(),
@@ -183,7 +230,10 @@ impl Locker for FsLocker {
             _local: local,
         };
         let fence = match key {
-            LockKey::Upload(_) => Fence(stripe.next_token()?),
+            LockKey::Upload(_) => {
+                let fs = self.0.clone();
+                Fence(Fs::blocking(move || fs.stripe(&key).next_token()).await?)
+            }
             LockKey::Blob(_) => Fence(0),
         };
         Ok(Lease::new(fence, holding))

@@ -148,33 +148,26 @@ impl FsState {
         cached.parts = parts.map(Arc::new);
     }
 
-    /// Links the part to its blob, durably. The link is made here, on the async thread (a
-    /// metadata change of microseconds, where a trip to the blocking pool is a wait on a busy
-    /// machine while the upload's lease is held); the directory's fsync, a new parts
-    /// directory and a copy past the link limit go to the pool.
+    /// Links the part to its blob, durably, on the blocking pool (with the directory's fsync:
+    /// one trip). A link is a metadata change of microseconds, but one that waits while the
+    /// disk is stalled, and a worker thread must not.
     async fn add_part_on_disk(&self, part: &StoredPart, path: &Path) -> std::io::Result<()> {
         let blob = self.0.blob_path(&part.digest);
         let (_, tmp) = self.0.tmp_path();
         let (path, fsync) = (path.to_path_buf(), self.0.fsync);
-        let dir = path
-            .parent()
-            .expect("part paths have a parent")
-            .to_path_buf();
-        match std::fs::hard_link(&blob, &path) {
-            Ok(()) if !fsync => Ok(()),
-            Ok(()) => Fs::blocking(move || super::sync_dir(&dir, fsync)).await,
-            Err(e) if e.kind() != ErrorKind::NotFound && e.raw_os_error() != Some(EMLINK) => Err(e),
-            // No parts directory yet (or no blob: the pool's attempt reports it), or the blob
-            // has as many links as it can have.
-            Err(_) => {
-                Fs::blocking(move || {
-                    super::create_dir_durable(&dir, fsync)?;
+        Fs::blocking(move || {
+            let dir = path.parent().expect("part paths have a parent");
+            match link_part(&blob, &path, &tmp, fsync) {
+                // No parts directory yet (or no blob: the second attempt reports it).
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    super::create_dir_durable(dir, fsync)?;
                     link_part(&blob, &path, &tmp, fsync)?;
-                    super::sync_dir(&dir, fsync)
-                })
-                .await
+                }
+                other => other?,
             }
-        }
+            super::sync_dir(dir, fsync)
+        })
+        .await
     }
 
     /// Sets the last activity (if `activity`), and enters the upload in the index at `index`
