@@ -1,6 +1,7 @@
-//! Faults a production proxy meets: a full disk, an application that stops reading or cuts its
-//! answer short, a crash in the middle of a delivery. Each was found by fault injection; each
-//! test fails on the code from before its fix.
+//! Faults a production proxy meets: a full or stalled disk, an application that stops reading
+//! or cuts its answer short, a crash in the middle of a delivery. Most were found by fault
+//! injection and fail on the code from before their fix; the tus ones found nothing to fix
+//! and keep it so.
 
 mod common;
 
@@ -344,4 +345,185 @@ async fn a_stalled_disk_holds_uploads_but_not_the_proxy_and_they_complete_once_i
         assert_eq!(got[0].files[0].sha256, file.sha256());
     }
     assert_eq!(h.damage(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn tus_patches_on_a_full_disk_are_503_the_offset_stays_true_and_the_upload_resumes_later() {
+    use common::tus::{header, location_of, patch, tus};
+    use reqwest::Method;
+    let disk = SmallDisk::new(16);
+    let dir = disk.dir("data");
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    forward: { path: /app/upload, field: document }
+"#;
+    let h = Harness::custom("", routes, None, Some(&dir)).await;
+    let offset_of = |location: String| {
+        let head = tus(&h, Method::HEAD, &location).send();
+        async move {
+            let response = head.await.unwrap();
+            assert_eq!(response.status(), 200, "HEAD {location}");
+            assert_eq!(header(&response, "cache-control"), Some("no-store"));
+            header(&response, "upload-offset")
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        }
+    };
+    let mut uploads = Vec::new();
+    let mut refused = 0;
+    // Less and less room: a new upload each time, and every upload so far sent its next
+    // 64 KiB from the offset its HEAD reports, as a resuming client does.
+    for (i, free_kib) in [512u64, 160, 96, 32, 0].into_iter().enumerate() {
+        disk.leave_free(free_kib * 1024);
+        let data = random_bytes(1 << 20, 90 + i as u64);
+        let created = tus(&h, Method::POST, "/files")
+            .header("upload-length", data.len().to_string())
+            .send()
+            .await
+            .unwrap();
+        match created.status().as_u16() {
+            201 => uploads.push((location_of(&h, &created), data)),
+            503 => refused += 1,
+            other => panic!("creation with {free_kib} KiB free: {other}"),
+        }
+        for (location, data) in uploads.iter().cycle().take(3 * uploads.len()) {
+            let before = offset_of(location.clone()).await;
+            if before == data.len() as u64 {
+                continue;
+            }
+            let end = (before + (64 << 10)).min(data.len() as u64);
+            let sent = patch(
+                &h,
+                location,
+                before,
+                data.slice(before as usize..end as usize),
+            )
+            .await;
+            let status = sent.status().as_u16();
+            assert!(
+                status == 204 || status == 503,
+                "PATCH with {free_kib} KiB free: {status}"
+            );
+            let after = offset_of(location.clone()).await;
+            match status {
+                204 => assert_eq!(after, end, "a 204 stored the PATCH"),
+                _ => {
+                    refused += 1;
+                    assert!(
+                        (before..=end).contains(&after),
+                        "after a 503 the offset is {after}, sent {before}..{end}"
+                    );
+                }
+            }
+        }
+        assert_eq!(h.damage(), Vec::<String>::new(), "{free_kib} KiB free");
+    }
+    assert!(refused > 0, "the disk was full at times");
+    assert!(!uploads.is_empty());
+    disk.free();
+    for (location, data) in &uploads {
+        let at = offset_of(location.clone()).await;
+        let rest = patch(&h, location, at, data.slice(at as usize..)).await;
+        assert_eq!(
+            rest.status(),
+            204,
+            "{location} completes once space is back"
+        );
+    }
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), uploads.len(), "each file delivered once");
+    let mut sent: Vec<_> = uploads.iter().map(|(_, data)| sha256_hex(data)).collect();
+    let mut got: Vec<_> = received.iter().map(|r| r.files[0].sha256.clone()).collect();
+    sent.sort();
+    got.sort();
+    assert_eq!(got, sent, "byte-exact");
+    assert_eq!(h.damage(), Vec::<String>::new());
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+#[tokio::test]
+async fn a_tus_upload_completing_while_the_application_is_stopped_is_answered_in_time_and_delivered_once_it_wakes(
+) {
+    use common::tus::{header, location_of, patch, tus};
+    use reqwest::Method;
+    let app = Recorder::start(0.0);
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    forward: { path: /app/upload, field: document, timeout: 6s, wait: 1s, retry_pause: 300ms }
+"#;
+    let h = Harness::custom("", routes, Some(app.app.addr), None).await;
+    // Larger than what the kernel buffers between the two processes: an attempt cut by the
+    // timeout never reaches the application whole. (The timeout leaves the application,
+    // which reads and parses the whole file in Python, time to answer once it is woken:
+    // an attempt that sent the whole file and heard nothing in time is sent again, in
+    // doubt, with the same idempotency key.)
+    let data = random_bytes(32 << 20, 91);
+    let created = tus(&h, Method::POST, "/files")
+        .header("upload-length", data.len().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let location = location_of(&h, &created);
+    let last = data.len() - (1 << 20);
+    assert_eq!(
+        patch(&h, &location, 0, data.slice(..last)).await.status(),
+        204
+    );
+    app.app.signal("STOP");
+    let started = Instant::now();
+    let completing = tokio::time::timeout(
+        Duration::from_secs(30),
+        patch(&h, &location, last as u64, data.slice(last..)),
+    )
+    .await
+    .expect("Stitch answers while the application is stopped");
+    let waited = started.elapsed();
+    assert_eq!(completing.status(), 204, "the bytes are stored");
+    assert_eq!(
+        header(&completing, "upload-offset"),
+        Some(data.len().to_string().as_str())
+    );
+    let state = header(&completing, "stitch-delivery").map(str::to_string);
+    assert!(
+        matches!(state.as_deref(), Some("pending" | "retrying")),
+        "{state:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "answered after {waited:?} with a 1 s wait"
+    );
+    let pending = h.client.get(h.url(&location)).send().await.unwrap();
+    assert_eq!(pending.status(), 202, "no answer yet");
+    // An attempt times out meanwhile.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    app.app.signal("CONT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answer = loop {
+        let response = h.client.get(h.url(&location)).send().await.unwrap();
+        if response.status() != 202 {
+            break response;
+        }
+        assert!(Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(answer.status(), 201, "the application's answer");
+    let body: serde_json::Value = serde_json::from_str(&answer.text().await.unwrap()).unwrap();
+    assert_eq!(body["files"][0]["sha256"], sha256_hex(&data));
+    let complete = app.complete();
+    assert_eq!(complete.len(), 1, "delivered once: {complete:?}");
+    assert_eq!(complete[0]["files"][0]["sha256"], sha256_hex(&data));
+    assert!(
+        app.records().len() > 1,
+        "attempts were cut while it was stopped"
+    );
 }
