@@ -1442,3 +1442,102 @@ routes:
     assert_eq!(finalized.text().await.unwrap(), r#"{"file":"f-1"}"#);
     assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
 }
+
+/// A PATCH of `data` at 0 whose client sent 50,000 bytes and then went quiet (a phone changing
+/// networks): the request stays open on the server.
+async fn quiet_patch(h: &Harness, location: &str, data: &[u8]) -> RawConnection {
+    let mut quiet = RawConnection::open(h.stitch.as_ref().unwrap().addr).await;
+    let head_bytes = format!(
+        "PATCH {location} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
+         Content-Length: {}\r\n\r\n",
+        data.len()
+    );
+    assert!(quiet.send(head_bytes.as_bytes()).await);
+    assert!(quiet.send(&data[..50_000]).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    quiet
+}
+
+/// The old request is answered 409 (taken over), and what its connection sends afterwards,
+/// other bytes here, changes nothing: the file is delivered once, as sent the second time.
+async fn the_quiet_patch_was_taken_over(
+    h: &Harness,
+    location: &str,
+    mut quiet: RawConnection,
+    data: &[u8],
+) {
+    let old = quiet
+        .response(Duration::from_secs(5))
+        .await
+        .expect("the quiet request is answered");
+    assert_eq!(old.status, 409, "taken over");
+    let mut late = data.to_vec();
+    late[100_000] ^= 0xff;
+    let _ = quiet.send(&late[50_000..]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(offset_of(h, location).await, data.len() as u64);
+    assert_eq!(the_delivery(h).files[0].sha256, sha256_hex(data));
+}
+
+#[tokio::test]
+async fn a_client_resuming_on_a_new_connection_takes_over_from_its_quiet_patch_at_once() {
+    // Its old request would hold the upload until the body timeout (60 s by default). The
+    // client resumes as tus-js-client does: HEAD, which stops the old request (keeping the
+    // bytes that arrived) and counts them, then PATCH from there.
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let data = random_bytes(200_000, 12);
+    let location = create(&h, data.len() as u64, "").await;
+    let quiet = quiet_patch(&h, &location, &data).await;
+    let at = tokio::time::timeout(Duration::from_secs(5), offset_of(&h, &location))
+        .await
+        .expect("HEAD is not held up by the quiet request");
+    assert_eq!(at, 50_000, "the bytes that arrived are kept");
+    let rest = patch(&h, &location, at, data.slice(at as usize..)).await;
+    assert_eq!(rest.status(), 204);
+    assert_eq!(header(&rest, "upload-offset"), Some("200000"));
+    the_quiet_patch_was_taken_over(&h, &location, quiet, &data).await;
+}
+
+#[tokio::test]
+async fn a_patch_without_a_head_first_takes_over_and_is_told_the_offset_moved() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let data = random_bytes(200_000, 13);
+    let location = create(&h, data.len() as u64, "").await;
+    let quiet = quiet_patch(&h, &location, &data).await;
+    let retried = tokio::time::timeout(
+        Duration::from_secs(5),
+        patch(&h, &location, 0, data.clone()),
+    )
+    .await
+    .expect("the PATCH is not held up by the quiet request");
+    // 409, as for any offset that moved: tus-js-client retries, asking HEAD where to go on.
+    assert_eq!(retried.status(), 409);
+    assert_eq!(header(&retried, "upload-offset"), Some("50000"));
+    let rest = patch(&h, &location, 50_000, data.slice(50_000..)).await;
+    assert_eq!(rest.status(), 204);
+    the_quiet_patch_was_taken_over(&h, &location, quiet, &data).await;
+}
+
+#[tokio::test]
+async fn termination_takes_over_from_a_quiet_patch() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let data = random_bytes(200_000, 14);
+    let location = create(&h, data.len() as u64, "").await;
+    let mut quiet = quiet_patch(&h, &location, &data).await;
+    let deleted = tokio::time::timeout(
+        Duration::from_secs(5),
+        tus(&h, Method::DELETE, &location).send(),
+    )
+    .await
+    .expect("DELETE is not held up by the quiet request")
+    .unwrap();
+    assert_eq!(deleted.status(), 204);
+    let old = quiet.response(Duration::from_secs(5)).await;
+    assert_eq!(old.map(|a| a.status), Some(409));
+    assert_eq!(head(&h, &location).await.status(), 410);
+    let _ = quiet.send(&data[50_000..]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!((h.blob_count(), h.part_count()), (0, 0), "no bytes kept");
+    assert!(h.upstream.received_at("/app/upload").is_empty());
+}

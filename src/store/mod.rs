@@ -231,6 +231,9 @@ pub enum BodyError {
     Stalled,
     #[error("the request body broke off: {0}")]
     Broken(String),
+    /// A newer request for the same upload took over: this one stopped reading.
+    #[error("a newer request for this upload took over")]
+    Interrupted,
 }
 
 /// Content-addressed bytes.

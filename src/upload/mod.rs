@@ -40,6 +40,7 @@ mod listing;
 mod parts;
 mod queue;
 mod replies;
+mod takeover;
 
 pub use authorize::Authorization;
 pub use delivery::{Delivery, Outcome};
@@ -179,6 +180,8 @@ pub struct UploadCore {
     early_watch: DashMap<UploadKey, tokio::sync::watch::Sender<u64>>,
     /// Early deliveries each route may run at once, by route id.
     early_slots: DashMap<String, Arc<tokio::sync::Semaphore>>,
+    /// Appends under way in this process (a newer request for the upload stops them).
+    appends: takeover::Appends,
     /// What happens to uploads, counted (the server exposes them).
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -209,6 +212,7 @@ impl UploadCore {
             early_begun: DashMap::new(),
             early_watch: DashMap::new(),
             early_slots: DashMap::new(),
+            appends: takeover::Appends::default(),
             metrics: Arc::new(crate::metrics::Metrics::new()),
         }
     }

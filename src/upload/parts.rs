@@ -1,6 +1,7 @@
 //! Storing parts: by number (Resumable.js and Flow.js chunks, any order) or by offset (tus
 //! appends, in order), and the questions protocols ask about them.
 
+use super::takeover::Interruptible;
 use super::{CoreError, FieldsDigest, PartRef, PartStatus, UploadCore};
 use crate::store::{
     BodyError, BodySource, Cut, Digest, Fence, LockKey, PartIndex, RecordedAnswer, Staged,
@@ -346,6 +347,19 @@ impl UploadCore {
         }
     }
 
+    /// Stops an append under way for `upload` in this process, if any, and waits until the
+    /// bytes it received are kept (see `takeover`), for at most `SETTLE_WAIT` (a stalled disk
+    /// may hold them longer: the look then goes on without them).
+    pub async fn settle(&self, upload: &UploadKey) -> Result<(), CoreError> {
+        const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+        if self.appends.interrupt(upload) {
+            if let Ok(lease) = tokio::time::timeout(SETTLE_WAIT, self.lock(upload)).await {
+                drop(lease?);
+            }
+        }
+        Ok(())
+    }
+
     /// Where an upload stands (`None`: no such upload). Read-only.
     pub async fn progress(&self, upload: &UploadKey) -> Result<Option<Progress>, CoreError> {
         let state = &self.engines.state;
@@ -391,6 +405,12 @@ impl UploadCore {
         limit: u64,
         accept: &(dyn Fn(&Staged) -> bool + Send + Sync),
     ) -> Result<Appended, CoreError> {
+        let running = self.appends.take_over(upload);
+        let mut body = Interruptible {
+            body,
+            stop: running.stop.clone(),
+        };
+        let body: &mut dyn BodySource = &mut body;
         let Appending {
             lease,
             meta,
@@ -469,6 +489,12 @@ impl UploadCore {
         limit: u64,
         piece: u64,
     ) -> Result<Appended, CoreError> {
+        let running = self.appends.take_over(upload);
+        let mut body = Interruptible {
+            body,
+            stop: running.stop.clone(),
+        };
+        let body: &mut dyn BodySource = &mut body;
         let Appending {
             lease,
             meta,
@@ -621,6 +647,8 @@ impl UploadCore {
     }
 
     async fn remove_upload(&self, upload: &UploadKey, remember: bool) -> Result<(), CoreError> {
+        // An append under way would hold the lease until its body ends.
+        let _ = self.appends.interrupt(upload);
         let lease = self.lock(upload).await?;
         let gone = match remember {
             true => self.tombstone_of(upload).await?,

@@ -383,7 +383,8 @@ fn multipart_body_error(e: &multer::Error) -> BodyError {
 fn multipart_refusal(e: &multer::Error) -> Refusal {
     match multipart_body_error(e) {
         BodyError::Stalled => Refusal::Stalled,
-        BodyError::Broken(_) => Refusal::Multipart(e.to_string()),
+        // (Chunks are never interrupted: they are stored before the upload's lease is taken.)
+        BodyError::Broken(_) | BodyError::Interrupted => Refusal::Multipart(e.to_string()),
     }
 }
 

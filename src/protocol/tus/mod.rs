@@ -640,6 +640,11 @@ impl Exchange<'_> {
         let Some(key) = self.key(id) else {
             return Answer::Refused(Refusal::NotFound);
         };
+        // A client resumes with HEAD: a PATCH of its still open here (its connection went
+        // quiet) stops, and its bytes count in the offset given.
+        if let Err(e) = self.core.settle(&key).await {
+            return Answer::Refused(Refusal::Core(e));
+        }
         let progress = match self.core.progress(&key).await {
             Ok(Some(progress)) => progress,
             Ok(None) => return self.missing(id).await,
@@ -810,6 +815,7 @@ impl Exchange<'_> {
             return Err(Answer::Refused(match e {
                 BodyError::Stalled => Refusal::Stalled,
                 BodyError::Broken(reason) => Refusal::BadRequest(reason),
+                BodyError::Interrupted => Refusal::TakenOver,
             }));
         }
         let mut delivered = Delivered::NotYet;

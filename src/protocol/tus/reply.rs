@@ -73,6 +73,9 @@ pub(super) enum Refusal {
     Version,
     /// The body stalled (its bytes so far are kept).
     Stalled,
+    /// A newer request for the upload took over while this one's body was being read (its
+    /// bytes so far are kept).
+    TakenOver,
     /// The request's tus headers are missing or malformed.
     BadRequest(String),
     /// A PATCH body not `application/offset+octet-stream`.
@@ -264,6 +267,12 @@ fn refused(refusal: Refusal) -> Reply {
             Reply::refuse(412, "this server speaks tus 1.0.0").with_header("tus-version", VERSION)
         }
         Refusal::Stalled => Reply::refuse(408, "the body stalled; the bytes that arrived are kept"),
+        // 409, as for an offset that moved: tus-js-client retries it, asking HEAD where to go on.
+        Refusal::TakenOver => Reply::refuse(
+            409,
+            "a newer request for this upload took over; the bytes that arrived are kept, \
+             HEAD gives the offset",
+        ),
         Refusal::BadRequest(reason) => Reply::refuse(400, reason),
         Refusal::ContentType => Reply::refuse(
             415,
