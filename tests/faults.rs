@@ -123,10 +123,13 @@ async fn an_application_that_stops_reading_gets_504_in_time_and_a_later_retry_de
 routes:
   - path: /upload
     protocol: resumable
-    forward: { path: /app/upload, field: document, timeout: 2s, retry_pause: 0s }
+    forward: { path: /app/upload, field: document, timeout: 5s, retry_pause: 0s }
 "#;
     let h = Harness::custom("", routes, Some(app.app.addr), None).await;
-    // Larger than what the kernel buffers between the two processes.
+    // Larger than what the kernel buffers between the two processes. (The timeout leaves the
+    // application, which reads and parses the whole file in Python, time to answer the retry
+    // on a busy machine: a retry that sent the whole file and heard nothing in time would be
+    // sent again, in doubt, and the application would get the file twice.)
     let file = ChunkedFile::resumable("stalled.bin", random_bytes(32 << 20, 81), 4 << 20);
     for n in 1..file.count() {
         assert_eq!(file.upload(&h, n).await.status(), 200);
@@ -141,7 +144,7 @@ routes:
     app.app.signal("CONT");
     assert!(
         waited < Duration::from_secs(20),
-        "answered after {waited:?} with a 2 s timeout"
+        "answered after {waited:?} with a 5 s timeout"
     );
     let retried = file.upload(&h, file.count()).await;
     assert_eq!(retried.status(), 201);
