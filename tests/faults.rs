@@ -530,3 +530,77 @@ routes:
         "attempts were cut while it was stopped"
     );
 }
+
+#[tokio::test]
+async fn a_tus_patch_held_by_a_stalled_disk_leaves_head_and_other_traffic_answered() {
+    use common::raw::RawConnection;
+    use common::tus::{header, location_of, patch, tus};
+    use reqwest::Method;
+    let disk = SmallDisk::new(64);
+    let dir = disk.dir("data");
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    forward: { path: /app/upload, field: document }
+"#;
+    let h = Harness::custom("", routes, None, Some(&dir)).await;
+    h.upstream.answer_with(200, "still here");
+    let data = random_bytes(4 << 20, 92);
+    let created = tus(&h, Method::POST, "/files")
+        .header("upload-length", data.len().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let location = location_of(&h, &created);
+    let mut patching = RawConnection::open(h.stitch_addr()).await;
+    let head_bytes = format!(
+        "PATCH {location} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
+         Content-Length: {}\r\n\r\n",
+        data.len()
+    );
+    assert!(patching.send(head_bytes.as_bytes()).await);
+    assert!(patching.send(&data[..1 << 20]).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let frozen = disk.freeze();
+    // More of the body: its write to staging now waits for the disk.
+    assert!(patching.send(&data[1 << 20..2 << 20]).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The client resumes (its connection seemed dead): HEAD asks the PATCH to stop and waits
+    // a while for its bytes, then answers from what is stored.
+    let head = tokio::time::timeout(
+        Duration::from_secs(15),
+        tus(&h, Method::HEAD, &location).send(),
+    )
+    .await
+    .expect("HEAD answers while the disk is stalled")
+    .unwrap();
+    assert_eq!(head.status(), 200);
+    let during: u64 = header(&head, "upload-offset").unwrap().parse().unwrap();
+    assert!(during <= 2 << 20, "{during}");
+    let passed = tokio::time::timeout(Duration::from_secs(10), h.client.get(h.url("/x")).send())
+        .await
+        .expect("pass-through answers while the disk is stalled")
+        .unwrap();
+    assert_eq!(passed.status(), 200);
+    drop(frozen);
+    // The stopped PATCH keeps what it had once the disk moves, and says so.
+    let old = patching
+        .response(Duration::from_secs(15))
+        .await
+        .expect("the stopped PATCH is answered once the disk moves");
+    assert_eq!(old.status, 409, "taken over");
+    let at: u64 = {
+        let response = tus(&h, Method::HEAD, &location).send().await.unwrap();
+        header(&response, "upload-offset").unwrap().parse().unwrap()
+    };
+    assert!((during..=2 << 20).contains(&at), "{during}..{at}");
+    let rest = patch(&h, &location, at, data.slice(at as usize..)).await;
+    assert_eq!(rest.status(), 204, "the rest completes the upload");
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "delivered once");
+    assert_eq!(received[0].files[0].sha256, sha256_hex(&data));
+    assert_eq!(h.damage(), Vec::<String>::new());
+}
