@@ -1,6 +1,6 @@
 //! Stitch in front of an application nobody here wrote: PyPI's `uploadserver` (a plain
 //! `POST /upload` form endpoint, field `files`, optionally behind basic auth). It knows nothing
-//! of chunks; it must receive each file whole, once.
+//! of chunks or tus; it must receive each file whole, once.
 
 mod common;
 
@@ -125,4 +125,48 @@ async fn with_early_delivery_the_file_arrives_whole_once_and_a_cut_stream_leaves
         3,
         "uploadserver took the cut request for a post of its own"
     );
+}
+
+#[tokio::test]
+async fn a_tus_upload_arrives_whole_in_an_unchanged_application_under_its_metadata_name() {
+    use base64::Engine;
+    use common::tus::{header, location_of, patch, tus};
+    use reqwest::Method;
+    let app = UploadServer::start(None);
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    forward: { path: /upload, field: files }
+"#;
+    let h = Harness::custom("", routes, Some(app.app.addr), None).await;
+    let data = random_bytes(5 << 20, 93);
+    let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+    let created = tus(&h, Method::POST, "/files")
+        .header("upload-length", data.len().to_string())
+        .header(
+            "upload-metadata",
+            format!(
+                "filename {},filetype {}",
+                b64("minutes 2026.pdf"),
+                b64("application/pdf")
+            ),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let location = location_of(&h, &created);
+    let first = patch(&h, &location, 0, data.slice(..2 << 20)).await;
+    assert_eq!(first.status(), 204);
+    assert!(app.saved().is_empty(), "nothing before the file is whole");
+    let last = patch(&h, &location, 2 << 20, data.slice(2 << 20..)).await;
+    assert_eq!(last.status(), 204);
+    assert_eq!(header(&last, "stitch-delivery"), Some("delivered"));
+    assert_eq!(header(&last, "stitch-upstream-status"), Some("204"));
+    let saved = app.saved();
+    assert_eq!(saved.len(), 1);
+    assert_eq!(saved[0].0, "minutes 2026.pdf");
+    assert_eq!(sha256(&saved[0].1), sha256(&data));
+    assert_eq!(app.posts(), 1);
 }
