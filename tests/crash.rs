@@ -354,12 +354,6 @@ async fn kill_9_during_tus_patches_keeps_every_acknowledged_offset_and_the_file_
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("data");
     std::fs::create_dir(&dir).unwrap();
-    let routes = r#"
-routes:
-  - path: /files
-    protocol: tus
-    forward: { path: /app/upload, field: document }
-"#;
     let data = random_bytes(48 << 20, 61);
     // No connection kept: each process killed leaves its connections dead.
     let client = reqwest::Client::builder()
@@ -369,7 +363,7 @@ routes:
     let tus = |method: reqwest::Method, url: String| {
         client.request(method, url).header("tus-resumable", "1.0.0")
     };
-    let mut stitch = StitchProcess::start(upstream.addr, &dir, routes);
+    let mut stitch = StitchProcess::start(upstream.addr, &dir, common::tus::TUS_ROUTE);
     let created = tus(
         reqwest::Method::POST,
         format!("http://{}/files", stitch.addr),

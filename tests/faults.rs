@@ -352,17 +352,11 @@ async fn a_stalled_disk_holds_uploads_but_not_the_proxy_and_they_complete_once_i
 
 #[tokio::test]
 async fn tus_patches_on_a_full_disk_are_503_the_offset_stays_true_and_the_upload_resumes_later() {
-    use common::tus::{header, location_of, patch, tus};
+    use common::tus::*;
     use reqwest::Method;
     let disk = SmallDisk::new(16);
     let dir = disk.dir("data");
-    let routes = r#"
-routes:
-  - path: /files
-    protocol: tus
-    forward: { path: /app/upload, field: document }
-"#;
-    let h = Harness::custom("", routes, None, Some(&dir)).await;
+    let h = Harness::custom("", TUS_ROUTE, None, Some(&dir)).await;
     let offset_of = |location: String| {
         let head = tus(&h, Method::HEAD, &location).send();
         async move {
@@ -454,8 +448,7 @@ fn sha256_hex(data: &[u8]) -> String {
 #[tokio::test]
 async fn a_tus_upload_completing_while_the_application_is_stopped_is_answered_in_time_and_delivered_once_it_wakes(
 ) {
-    use common::tus::{header, location_of, patch, tus};
-    use reqwest::Method;
+    use common::tus::*;
     let app = Recorder::start(0.0);
     let routes = r#"
 routes:
@@ -470,13 +463,7 @@ routes:
     // an attempt that sent the whole file and heard nothing in time is sent again, in
     // doubt, with the same idempotency key.)
     let data = random_bytes(32 << 20, 91);
-    let created = tus(&h, Method::POST, "/files")
-        .header("upload-length", data.len().to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let location = location_of(&h, &created);
+    let location = create_upload(&h, data.len()).await;
     let last = data.len() - (1 << 20);
     assert_eq!(
         patch(&h, &location, 0, data.slice(..last)).await.status(),
@@ -534,26 +521,14 @@ routes:
 #[tokio::test]
 async fn a_tus_patch_held_by_a_stalled_disk_leaves_head_and_other_traffic_answered() {
     use common::raw::RawConnection;
-    use common::tus::{header, location_of, patch, tus};
+    use common::tus::*;
     use reqwest::Method;
     let disk = SmallDisk::new(64);
     let dir = disk.dir("data");
-    let routes = r#"
-routes:
-  - path: /files
-    protocol: tus
-    forward: { path: /app/upload, field: document }
-"#;
-    let h = Harness::custom("", routes, None, Some(&dir)).await;
+    let h = Harness::custom("", TUS_ROUTE, None, Some(&dir)).await;
     h.upstream.answer_with(200, "still here");
     let data = random_bytes(4 << 20, 92);
-    let created = tus(&h, Method::POST, "/files")
-        .header("upload-length", data.len().to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let location = location_of(&h, &created);
+    let location = create_upload(&h, data.len()).await;
     let mut patching = RawConnection::open(h.stitch_addr()).await;
     let head_bytes = format!(
         "PATCH {location} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n\

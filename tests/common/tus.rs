@@ -36,3 +36,22 @@ pub async fn patch(h: &Harness, location: &str, offset: u64, body: Bytes) -> Res
         .await
         .unwrap()
 }
+
+/// A tus route at `/files`, delivering to `/app/upload` in the field `document`.
+pub const TUS_ROUTE: &str = r#"
+routes:
+  - path: /files
+    protocol: tus
+    forward: { path: /app/upload, field: document }
+"#;
+
+/// Creates an upload of `length` bytes on `/files`; returns its path.
+pub async fn create_upload(h: &Harness, length: usize) -> String {
+    let created = tus(h, reqwest::Method::POST, "/files")
+        .header("upload-length", length.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201, "creation");
+    location_of(h, &created)
+}
