@@ -5,6 +5,8 @@
 // Usage: node tus-node.mjs '<json>' with
 //   { endpoint, file, filename, contentType, token,
 //     chunkSize?      (default: none, one PATCH for the whole file, as Wix's sample has it),
+//     parallelUploads? (default: none; N partial uploads, concatenated by a final one: the
+//                      file is read into a Buffer, which tus-js-client can slice),
 //     finalize?       (default true),
 //     progress?       (print "progress <sent> <total>" lines as the upload goes) }
 // Prints one JSON line at the end: { ok, error, url, finalize: { status, data } }.
@@ -28,7 +30,9 @@ function upload() {
       onSuccess: () => resolve(upload.url),
     };
     if (args.chunkSize) options.chunkSize = args.chunkSize;
-    const upload = new tus.Upload(fs.createReadStream(file), options);
+    if (args.parallelUploads) options.parallelUploads = args.parallelUploads;
+    const source = args.parallelUploads ? fs.readFileSync(file) : fs.createReadStream(file);
+    const upload = new tus.Upload(source, options);
     upload.start();
   });
 }

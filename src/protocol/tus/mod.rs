@@ -408,15 +408,10 @@ impl Exchange<'_> {
         if let Err(e) = self.core.create(&key, &meta).await {
             return Answer::Refused(Refusal::Core(e));
         }
-        let token = self.options.finalize.as_ref().and_then(|name| {
-            pairs
-                .iter()
-                .find(|(k, v)| k == name && !v.is_empty())
-                .map(|(_, v)| v)
-        });
-        if let Some(token) = token {
-            // The newest upload with a token is the one a finalize request means.
-            if let Err(e) = self.core.save_alias(&self.token_key(token), &id).await {
+        // A partial upload is delivered only as part of a final one: a finalize request
+        // means that one.
+        if concat.is_none() {
+            if let Err(e) = self.save_token(&pairs, &id).await {
                 return Answer::Refused(Refusal::Core(e));
             }
         }
@@ -558,6 +553,11 @@ impl Exchange<'_> {
             },
             Err(e) => return Answer::Refused(Refusal::Core(e)),
         };
+        // (tus-js-client's `parallelUploads` sends the metadata, the token with it, only with
+        // the final upload.)
+        if let Err(e) = self.save_token(&pairs, &id).await {
+            return Answer::Refused(Refusal::Core(e));
+        }
         tracing::info!("created upload {id} from {} partial uploads", ids.len());
         let location = self.location(session.req_header(), &id);
         let delivered = self.deliver(session, &key, &meta).await;
@@ -567,6 +567,22 @@ impl Exchange<'_> {
             expires: None,
             delivered,
             concat: tus_state(&meta).concat,
+        }
+    }
+
+    /// Makes the metadata's finalize token (if the route has finalize requests and the upload
+    /// carries one) name the upload `id`: the newest upload with a token is the one a finalize
+    /// request means.
+    async fn save_token(&self, pairs: &[(String, String)], id: &str) -> Result<(), CoreError> {
+        let token = self.options.finalize.as_ref().and_then(|name| {
+            pairs
+                .iter()
+                .find(|(k, v)| k == name && !v.is_empty())
+                .map(|(_, v)| v)
+        });
+        match token {
+            Some(token) => self.core.save_alias(&self.token_key(token), id).await,
+            None => Ok(()),
         }
     }
 
