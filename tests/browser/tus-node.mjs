@@ -8,7 +8,9 @@
 //     parallelUploads? (default: none; N partial uploads, concatenated by a final one: the
 //                      file is read into a Buffer, which tus-js-client can slice),
 //     finalize?       (default true),
-//     progress?       (print "progress <sent> <total>" lines as the upload goes) }
+//     progress?       (print "progress <sent> <total>" lines as the upload goes),
+//     buffer?         (read the file into a Buffer instead of streaming it),
+//     options?        (more tus.Upload options, as they are) }
 // Prints one JSON line at the end: { ok, error, url, finalize: { status, data } }.
 import fs from 'node:fs';
 import * as tus from 'tus-js-client';
@@ -31,7 +33,10 @@ function upload() {
     };
     if (args.chunkSize) options.chunkSize = args.chunkSize;
     if (args.parallelUploads) options.parallelUploads = args.parallelUploads;
-    const source = args.parallelUploads ? fs.readFileSync(file) : fs.createReadStream(file);
+    Object.assign(options, args.options || {});
+    const source = args.parallelUploads || args.buffer
+      ? fs.readFileSync(file)
+      : fs.createReadStream(file);
     const upload = new tus.Upload(source, options);
     upload.start();
   });
