@@ -42,6 +42,14 @@ struct NodeResult {
     finalize: Option<Finalized>,
 }
 
+impl NodeResult {
+    /// The finalize call's answer, once the upload is known to have succeeded.
+    fn finalized(self) -> Finalized {
+        assert!(self.ok, "tus-js-client reports success: {:?}", self.error);
+        self.finalize.expect("the finalize call was made")
+    }
+}
+
 #[derive(Debug, serde::Deserialize)]
 struct Finalized {
     status: u16,
@@ -215,12 +223,7 @@ async fn tus_js_client_resumes_after_stitch_is_killed_and_the_file_arrives_once(
     })
     .await
     .unwrap();
-    assert!(
-        result.ok,
-        "tus-js-client reports success: {:?}",
-        result.error
-    );
-    let finalized = result.finalize.expect("finalized");
+    let finalized = result.finalized();
     assert_eq!(
         (finalized.status, finalized.data.as_str()),
         (201, r#"{"saved":true}"#)
@@ -430,12 +433,7 @@ async fn tus_js_client_with_parallel_uploads_is_concatenated_and_delivered_once(
     let result = tokio::task::spawn_blocking(move || node.result(Duration::from_secs(90)))
         .await
         .unwrap();
-    assert!(
-        result.ok,
-        "tus-js-client reports success: {:?}",
-        result.error
-    );
-    let finalized = result.finalize.expect("finalized");
+    let finalized = result.finalized();
     assert_eq!(
         (finalized.status, finalized.data.as_str()),
         (201, r#"{"id":"parallel"}"#)
