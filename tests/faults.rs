@@ -376,6 +376,7 @@ async fn tus_patches_on_a_full_disk_are_503_the_offset_stays_true_and_the_upload
     for (i, free_kib) in [512u64, 160, 96, 32, 0].into_iter().enumerate() {
         disk.leave_free(free_kib * 1024);
         let data = random_bytes(1 << 20, 90 + i as u64);
+        let before = h.upload_files();
         let created = tus(&h, Method::POST, "/files")
             .header("upload-length", data.len().to_string())
             .send()
@@ -383,7 +384,10 @@ async fn tus_patches_on_a_full_disk_are_503_the_offset_stays_true_and_the_upload
             .unwrap();
         match created.status().as_u16() {
             201 => uploads.push((location_of(&h, &created), data)),
-            503 => refused += 1,
+            503 => {
+                refused += 1;
+                assert_eq!(h.upload_files(), before, "a refused creation left nothing");
+            }
             other => panic!("creation with {free_kib} KiB free: {other}"),
         }
         for (location, data) in uploads.iter().cycle().take(3 * uploads.len()) {
@@ -574,6 +578,66 @@ async fn a_tus_patch_held_by_a_stalled_disk_leaves_head_and_other_traffic_answer
     assert!((during..=2 << 20).contains(&at), "{during}..{at}");
     let rest = patch(&h, &location, at, data.slice(at as usize..)).await;
     assert_eq!(rest.status(), 204, "the rest completes the upload");
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "delivered once");
+    assert_eq!(received[0].files[0].sha256, sha256_hex(&data));
+    assert_eq!(h.damage(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_final_tus_upload_refused_on_a_full_disk_leaves_nothing_behind_and_is_made_later() {
+    use common::tus::*;
+    use reqwest::Method;
+    let disk = SmallDisk::new(16);
+    let dir = disk.dir("data");
+    let h = Harness::custom("", TUS_ROUTE, None, Some(&dir)).await;
+    h.upstream.answer_with(201, "assembled");
+    let data = random_bytes(192 << 10, 94);
+    let mut urls = Vec::new();
+    for piece in data.chunks(64 << 10) {
+        let created = tus(&h, Method::POST, "/files")
+            .header("upload-length", piece.len().to_string())
+            .header("upload-concat", "partial")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+        let location = location_of(&h, &created);
+        let piece = bytes::Bytes::copy_from_slice(piece);
+        assert_eq!(patch(&h, &location, 0, piece).await.status(), 204);
+        urls.push(h.url(&location));
+    }
+    let finalize = |urls: &[String]| {
+        tus(&h, Method::POST, "/files")
+            .header("upload-concat", format!("final;{}", urls.join(" ")))
+            // token "t-final"
+            .header("upload-metadata", "filename Zi5iaW4=,token dC1maW5hbA==")
+            .send()
+    };
+    // Less and less room: each final upload is made whole, or refused with nothing of it left.
+    let mut made = None;
+    for free_kib in [4u64, 2, 0] {
+        disk.leave_free(free_kib << 10);
+        let before = h.upload_files();
+        let answer = finalize(&urls).await.unwrap();
+        match answer.status().as_u16() {
+            201 => {
+                made = Some(location_of(&h, &answer));
+                break;
+            }
+            503 => assert_eq!(h.upload_files(), before, "{free_kib} KiB free: a leftover"),
+            other => panic!("{free_kib} KiB free: {other}"),
+        }
+        assert_eq!(h.damage(), Vec::<String>::new());
+    }
+    disk.free();
+    if made.is_none() {
+        let answer = finalize(&urls).await.unwrap();
+        assert_eq!(answer.status(), 201, "made once space is back");
+    }
+    let finalized = h.client.put(h.url("/files/t-final")).send().await.unwrap();
+    assert_eq!(finalized.status(), 201);
+    assert_eq!(finalized.text().await.unwrap(), "assembled");
     let received = h.upstream.received_at("/app/upload");
     assert_eq!(received.len(), 1, "delivered once");
     assert_eq!(received[0].files[0].sha256, sha256_hex(&data));

@@ -313,7 +313,14 @@ impl UploadCore {
     /// Starts an upload whose identity is its key (tus): pins its metadata, which may lack the
     /// length (declared later with [`declare_length`](Self::declare_length)).
     pub async fn create(&self, upload: &UploadKey, meta: &UploadMeta) -> Result<(), CoreError> {
-        self.record_meta(upload, meta).await?;
+        if let Err(e) = self.record_meta(upload, meta).await {
+            // Its activity may be written already (a full disk took the metadata only): nothing
+            // is left of an upload the client is not told of.
+            if let Err(cleanup) = self.discard(upload).await {
+                tracing::warn!("{upload:?}: removing a failed creation failed: {cleanup}");
+            }
+            return Err(e);
+        }
         self.metrics.upload_event("started");
         Ok(())
     }
@@ -583,14 +590,14 @@ impl UploadCore {
         }
         let total: u64 = file.iter().map(|p| p.len).sum();
         let lease = self.lock(upload).await?;
-        state.touch(upload, self.clock.now()).await?;
-        let meta = UploadMeta {
-            length: Some(total),
-            ..meta.clone()
-        };
-        state.save_meta(upload, &meta, lease.fence).await?;
-        self.metrics.upload_event("started");
         let linked = async {
+            state.touch(upload, self.clock.now()).await?;
+            let meta = UploadMeta {
+                length: Some(total),
+                ..meta.clone()
+            };
+            state.save_meta(upload, &meta, lease.fence).await?;
+            self.metrics.upload_event("started");
             for (number, part) in (1..).zip(&file) {
                 // Under the blob's lock: a source removed meanwhile cannot delete it while
                 // this reference is being added (a blob gone already fails the link).
@@ -604,6 +611,8 @@ impl UploadCore {
             }
             Ok::<_, CoreError>(())
         };
+        // Whatever was written of it goes if any step fails (a full disk): nothing is left of
+        // an upload the client is not told of.
         if let Err(e) = linked.await {
             drop(lease);
             if let Err(cleanup) = self.discard(upload).await {

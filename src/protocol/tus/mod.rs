@@ -554,8 +554,12 @@ impl Exchange<'_> {
             Err(e) => return Answer::Refused(Refusal::Core(e)),
         };
         // (tus-js-client's `parallelUploads` sends the metadata, the token with it, only with
-        // the final upload.)
+        // the final upload.) A final upload the client is not told of must not stay: it would
+        // never be delivered.
         if let Err(e) = self.save_token(&pairs, &id).await {
+            if let Err(cleanup) = self.core.discard(&key).await {
+                tracing::warn!("removing final upload {id}, whose token was not saved: {cleanup}");
+            }
             return Answer::Refused(Refusal::Core(e));
         }
         tracing::info!("created upload {id} from {} partial uploads", ids.len());
