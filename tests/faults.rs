@@ -643,3 +643,33 @@ async fn a_final_tus_upload_refused_on_a_full_disk_leaves_nothing_behind_and_is_
     assert_eq!(received[0].files[0].sha256, sha256_hex(&data));
     assert_eq!(h.damage(), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn a_tus_delivery_whose_answer_is_cut_counts_once_and_is_never_sent_again() {
+    use common::tus::*;
+    let upstream = Upstream::start().await;
+    upstream.answer_with(201, &format!(r#"{{"id":"{}"}}"#, "7".repeat(4000)));
+    // The status line and headers pass; the 4 KB body is cut after about 100 bytes.
+    let relay = CuttingRelay::start(upstream.addr, 250).await;
+    let h = Harness::custom("", TUS_ROUTE, Some(relay.addr), None).await;
+    let data = random_bytes(300_000, 95);
+    let location = create_upload(&h, data.len()).await;
+    let done = patch(&h, &location, 0, data.clone()).await;
+    assert_eq!(done.status(), 204);
+    assert_eq!(header(&done, "stitch-upstream-status"), Some("201"));
+    assert_eq!(header(&done, "stitch-delivery"), Some("delivered"));
+    // The recorded answer is what arrived of it; HEAD and GET do not deliver it again.
+    let answer = h.client.get(h.url(&location)).send().await.unwrap();
+    assert_eq!(answer.status(), 201);
+    let body = answer.text().await.unwrap();
+    assert!(body.starts_with(r#"{"id":"777"#), "{body}");
+    let head = tus(&h, reqwest::Method::HEAD, &location)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&head, "upload-offset"), Some("300000"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "never delivered again");
+    assert_eq!(received[0].files[0].sha256, sha256_hex(&data));
+}
