@@ -1,7 +1,6 @@
 //! Storing parts: by number (Resumable.js and Flow.js chunks, any order) or by offset (tus
 //! appends, in order), and the questions protocols ask about them.
 
-use super::takeover::Interruptible;
 use super::{CoreError, FieldsDigest, PartRef, PartStatus, UploadCore};
 use crate::store::{
     BodyError, BodySource, Cut, Digest, Fence, LockKey, PartIndex, RecordedAnswer, Staged,
@@ -413,10 +412,7 @@ impl UploadCore {
         accept: &(dyn Fn(&Staged) -> bool + Send + Sync),
     ) -> Result<Appended, CoreError> {
         let running = self.appends.take_over(upload);
-        let mut body = Interruptible {
-            body,
-            stop: running.stop.clone(),
-        };
+        let mut body = running.wrap(body);
         let body: &mut dyn BodySource = &mut body;
         let Appending {
             lease,
@@ -497,10 +493,7 @@ impl UploadCore {
         piece: u64,
     ) -> Result<Appended, CoreError> {
         let running = self.appends.take_over(upload);
-        let mut body = Interruptible {
-            body,
-            stop: running.stop.clone(),
-        };
+        let mut body = running.wrap(body);
         let body: &mut dyn BodySource = &mut body;
         let Appending {
             lease,

@@ -21,7 +21,7 @@ pub(super) struct Appends(DashMap<UploadKey, Arc<Stop>>);
 
 /// The request to stop, for one append.
 #[derive(Default)]
-pub(super) struct Stop {
+struct Stop {
     asked: AtomicBool,
     notify: Notify,
 }
@@ -37,7 +37,17 @@ impl Stop {
 pub(super) struct Running<'a> {
     appends: &'a Appends,
     upload: UploadKey,
-    pub(super) stop: Arc<Stop>,
+    stop: Arc<Stop>,
+}
+
+impl Running<'_> {
+    /// The append's body, ending once a newer request asks it to stop.
+    pub(super) fn wrap<'b>(&self, body: &'b mut dyn BodySource) -> Interruptible<'b> {
+        Interruptible {
+            body,
+            stop: Arc::clone(&self.stop),
+        }
+    }
 }
 
 impl Drop for Running<'_> {
@@ -77,8 +87,8 @@ impl Appends {
 
 /// A body that ends with [`BodyError::Interrupted`] once its append is asked to stop.
 pub(super) struct Interruptible<'b> {
-    pub(super) body: &'b mut dyn BodySource,
-    pub(super) stop: Arc<Stop>,
+    body: &'b mut dyn BodySource,
+    stop: Arc<Stop>,
 }
 
 #[async_trait]
