@@ -844,6 +844,53 @@ async fn uploads_announce_their_expiry_and_expire_when_idle() {
 }
 
 #[tokio::test]
+async fn a_patch_longer_than_the_idle_time_neither_expires_nor_holds_up_expiry() {
+    // tus-js-client and Uppy send a whole file in one PATCH by default: a large file on a
+    // slow line is one body for hours, longer than `upload_ttl`. That upload is in use, not
+    // idle, and the expiry of every other upload goes on meanwhile.
+    let h = Harness::with_storage("  upload_ttl: 2s\n", TUS_ROUTES).await;
+    let data = random_bytes(60_000, 12);
+    let slow = create(&h, data.len() as u64, "").await;
+    let mut connection = RawConnection::open(h.stitch.as_ref().unwrap().addr).await;
+    let head_bytes = format!(
+        "PATCH {slow} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
+         Content-Length: {}\r\n\r\n",
+        data.len()
+    );
+    assert!(connection.send(head_bytes.as_bytes()).await);
+    let started = std::time::Instant::now();
+    // Made after the slow one began: idle from now on.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let idle = create(&h, 10, "").await;
+    // The body trickles for 12 s, six times the idle time; meanwhile the idle upload goes.
+    let mut idle_gone_at = None;
+    for (n, piece) in data.chunks(1_000).enumerate() {
+        assert!(connection.send(piece).await, "the slow body is still read");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if n % 5 == 4 && idle_gone_at.is_none() && head(&h, &idle).await.status() == 410 {
+            idle_gone_at = Some(started.elapsed());
+        }
+    }
+    let sent_for = started.elapsed();
+    let answer = connection
+        .response(Duration::from_secs(10))
+        .await
+        .expect("the slow PATCH is answered");
+    assert_eq!(
+        answer.status, 204,
+        "the slow upload was not expired under it"
+    );
+    let idle_gone_at = idle_gone_at.expect("the idle upload expired");
+    assert!(
+        idle_gone_at < sent_for,
+        "the idle upload expired at {idle_gone_at:?}, while the slow body was still coming \
+         (until {sent_for:?})"
+    );
+    assert_eq!(the_delivery(&h).files[0].sha256, sha256_hex(&data));
+}
+
+#[tokio::test]
 async fn a_patch_that_breaks_off_keeps_the_bytes_that_arrived() {
     let h = Harness::with_routes(TUS_ROUTES).await;
     let location = create(&h, 100_000, "").await;

@@ -1,9 +1,19 @@
 //! Expiry: clients never say they gave up, so uploads idle for `upload_ttl` are deleted, and
 //! answers older than `result_ttl` are forgotten. The sweep asks the state store for uploads
 //! idle past a time (an index by last activity), never for a list of every upload.
+//!
+//! An upload whose lease is held is in use, not idle: a tus client sends a whole file in one
+//! PATCH by default, which on a slow line runs for hours, and its upload is touched only when
+//! the body ends. The sweep passes such an upload by (looking at it again an idle time later)
+//! rather than wait for its lease, which would hold up the expiry of every other upload.
 
 use super::{CoreError, UploadCore};
-use crate::store::UploadKey;
+use crate::store::{Lease, UploadKey};
+use std::time::Duration;
+
+/// How long the sweep waits for an upload's lease held by another process (one of this
+/// process's appends is passed by at once) before it takes the upload for busy.
+const BUSY_WAIT: Duration = Duration::from_secs(2);
 
 impl UploadCore {
     /// Deletes uploads nobody touched within `upload_ttl`, answers older than `result_ttl`,
@@ -15,8 +25,10 @@ impl UploadCore {
             .retain(|_, (at, _, _)| at.elapsed() < super::authorize::KEEP);
         let pending: Vec<UploadKey> = self.unrecorded.iter().map(|e| *e.key()).collect();
         for upload in pending {
-            let lease = self.lock(&upload).await?;
-            self.record_pending(&upload, lease.fence).await;
+            // A busy one is recorded by the next sweep, or by whoever holds it.
+            if let Some(lease) = self.lease_unless_busy(&upload).await? {
+                self.record_pending(&upload, lease.fence).await;
+            }
         }
         let now = self.clock.now();
         let before = now - self.ttls.upload.min(self.ttls.result);
@@ -41,8 +53,11 @@ impl UploadCore {
     /// idle). Returns whether it was removed; one that stays is indexed again at its last
     /// activity.
     async fn expire(&self, upload: &UploadKey) -> Result<bool, CoreError> {
-        let lease = self.lock(upload).await?;
         let state = &self.engines.state;
+        let Some(lease) = self.lease_unless_busy(upload).await? else {
+            state.reindex(upload, self.clock.now()).await?;
+            return Ok(false);
+        };
         self.record_pending(upload, lease.fence).await;
         if self.unrecorded.contains_key(upload) {
             state.reindex(upload, self.clock.now()).await?;
@@ -86,6 +101,18 @@ impl UploadCore {
         }
         self.metrics.upload_event("expired");
         Ok(true)
+    }
+
+    /// The upload's lease, or `None` if it is in use: an append of this process is under way
+    /// (the lease would be held until its body ends), or the lease stays held elsewhere.
+    async fn lease_unless_busy(&self, upload: &UploadKey) -> Result<Option<Lease>, CoreError> {
+        if self.appends.running(upload) {
+            return Ok(None);
+        }
+        match tokio::time::timeout(BUSY_WAIT, self.lock(upload)).await {
+            Ok(lease) => Ok(Some(lease?)),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Deletes blobs no part references (left by a crash between keeping bytes and adding the

@@ -70,6 +70,11 @@ impl Appends {
         }
     }
 
+    /// Whether an append for `upload` is under way (or waiting for the lease).
+    pub(super) fn running(&self, upload: &UploadKey) -> bool {
+        self.0.contains_key(upload)
+    }
+
     /// Stops the append under way for `upload`, if any, and enters a new one (which a later
     /// request may stop in turn, even while it still waits for the lease).
     pub(super) fn take_over(&self, upload: &UploadKey) -> Running<'_> {
