@@ -673,3 +673,122 @@ async fn a_tus_delivery_whose_answer_is_cut_counts_once_and_is_never_sent_again(
     assert_eq!(received.len(), 1, "never delivered again");
     assert_eq!(received[0].files[0].sha256, sha256_hex(&data));
 }
+
+#[tokio::test]
+async fn an_authorization_hook_that_stops_answering_is_a_503_in_time_and_the_upload_starts_once_it_wakes(
+) {
+    use common::tus::*;
+    let app = Recorder::start(0.0);
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    authorize: { path: /app/may-upload, timeout: 1s }
+    forward: { path: /app/upload, field: document }
+  - path: /upload
+    protocol: resumable
+    authorize: { path: /app/may-upload, timeout: 1s }
+    forward: { path: /app/upload, field: document }
+"#;
+    let h = Harness::custom("", routes, Some(app.app.addr), None).await;
+    app.app.signal("STOP");
+    let started = Instant::now();
+    let creation = tokio::time::timeout(
+        Duration::from_secs(15),
+        tus(&h, reqwest::Method::POST, "/files")
+            .header("upload-length", "5")
+            .send(),
+    )
+    .await
+    .expect("answered while the hook is stopped")
+    .unwrap();
+    assert_eq!(creation.status(), 503, "retryable");
+    assert!(header(&creation, "location").is_none());
+    let file = ChunkedFile::resumable("c.bin", random_bytes(1000, 12), 1000);
+    let chunk = tokio::time::timeout(Duration::from_secs(15), file.upload(&h, 1))
+        .await
+        .expect("answered while the hook is stopped");
+    assert_eq!(chunk.status(), 503, "retryable");
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(8),
+        "two requests with a 1 s hook timeout took {waited:?}"
+    );
+    assert_eq!((h.upload_files(), h.blob_count()), (0, 0), "nothing stored");
+    app.app.signal("CONT");
+    // Once it answers again, both start and reach the application.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let location = loop {
+        let response = tus(&h, reqwest::Method::POST, "/files")
+            .header("upload-length", "5")
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 201 {
+            break location_of(&h, &response);
+        }
+        assert_eq!(response.status(), 503);
+        assert!(Instant::now() < deadline, "never allowed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let done = patch(&h, &location, 0, bytes::Bytes::from_static(b"hello")).await;
+    assert_eq!(done.status(), 204);
+    assert_eq!(
+        file.upload(&h, 1).await.status(),
+        201,
+        "the application's answer to the file"
+    );
+    let mut delivered: Vec<u64> = app
+        .complete()
+        .iter()
+        .filter(|r| r["path"] == "/app/upload")
+        .map(|r| r["files"][0]["size"].as_u64().unwrap())
+        .collect();
+    delivered.sort();
+    assert_eq!(delivered, [5, 1000], "each file once");
+}
+
+#[tokio::test]
+async fn an_authorization_hook_whose_answer_is_cut_is_still_its_word() {
+    use common::tus::*;
+    // The application decided: a refusal cut short is still a refusal (relayed as far as it
+    // arrived), a 2xx cut short still lets the upload start.
+    let upstream = Upstream::start().await;
+    let reason = format!(r#"{{"error":"quota","detail":"{}"}}"#, "x".repeat(4000));
+    upstream.answer_with(403, &reason);
+    let relay = CuttingRelay::start(upstream.addr, 250).await;
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    authorize: { path: /app/may-upload }
+    forward: { path: /app/upload, field: document }
+"#;
+    let h = Harness::custom("", routes, Some(relay.addr), None).await;
+    let create = || {
+        tus(&h, reqwest::Method::POST, "/files")
+            .header("upload-length", "5")
+            .send()
+    };
+    let refused = create().await.unwrap();
+    assert_eq!(refused.status(), 403, "the application's refusal");
+    let body = refused.text().await.unwrap_or_default();
+    assert!(
+        body.starts_with(r#"{"error":"quota""#) && body.len() < reason.len(),
+        "{body}"
+    );
+    assert_eq!((h.upload_files(), h.blob_count()), (0, 0), "nothing stored");
+
+    upstream.answer_with(
+        200,
+        &format!(r#"{{"ok":true,"pad":"{}"}}"#, "y".repeat(4000)),
+    );
+    let allowed = create().await.unwrap();
+    assert_eq!(allowed.status(), 201, "allowed");
+    let location = location_of(&h, &allowed);
+    let done = patch(&h, &location, 0, bytes::Bytes::from_static(b"hello")).await;
+    assert_eq!(done.status(), 204);
+    let delivered = upstream.received_at("/app/upload");
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].files[0].sha256, sha256_hex(b"hello"));
+}
