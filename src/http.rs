@@ -300,6 +300,9 @@ pub fn public_origin(header: &RequestHeader, behind_proxy: bool) -> Option<Strin
         Some("https") => "https",
         _ => "http",
     };
+    // The scheme's own port is left out, as browsers write the URL.
+    let default_port = if scheme == "https" { ":443" } else { ":80" };
+    let host = host.strip_suffix(default_port).unwrap_or(&host);
     plain.then(|| format!("{scheme}://{host}"))
 }
 

@@ -231,6 +231,31 @@ async fn a_missing_or_other_version_is_412_and_creates_nothing() {
 }
 
 #[tokio::test]
+async fn a_method_that_does_not_apply_is_405_with_the_methods_that_do() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let location = create(&h, 10, "").await;
+    let files = h.upload_files();
+    for (method, path, allow) in [
+        (Method::PATCH, "/files", "OPTIONS, POST"),
+        (Method::DELETE, "/files", "OPTIONS, POST"),
+        (Method::HEAD, "/files", "OPTIONS, POST"),
+        (
+            Method::POST,
+            location.as_str(),
+            "OPTIONS, HEAD, PATCH, DELETE, GET",
+        ),
+    ] {
+        let response = tus(&h, method.clone(), path).send().await.unwrap();
+        assert_eq!(response.status(), 405, "{method} {path}");
+        assert_eq!(header(&response, "allow"), Some(allow), "{method} {path}");
+        assert_eq!(header(&response, "tus-resumable"), Some("1.0.0"));
+    }
+    assert_eq!(offset_of(&h, &location).await, 0, "the upload is untouched");
+    assert_eq!(h.upload_files(), files, "nothing created or removed");
+    assert!(h.upstream.received().is_empty(), "nothing passed through");
+}
+
+#[tokio::test]
 async fn x_http_method_override_turns_a_post_into_patch_or_head() {
     let h = Harness::with_routes(TUS_ROUTES).await;
     let location = create(&h, 5, "").await;
@@ -1237,6 +1262,18 @@ routes:
         location.starts_with("https://media.example:8443/files/"),
         "{location}"
     );
+    // The scheme's own port is left out.
+    let default_port = created(&[
+        ("x-forwarded-host", "media.example:443"),
+        ("x-forwarded-proto", "https"),
+    ])
+    .await
+    .unwrap();
+    let location = header(&default_port, "location").unwrap();
+    assert!(
+        location.starts_with("https://media.example/files/"),
+        "{location}"
+    );
     // Not trusted on a route that is not behind a proxy.
     let plain = Harness::with_routes(TUS_ROUTES).await;
     let response = tus(&plain, Method::POST, "/files")
@@ -1307,6 +1344,11 @@ async fn three_partial_uploads_in_parallel_make_one_final_upload_delivered_once(
     assert_eq!(unknown.send().await.unwrap().status(), 404);
     let with_length = final_of(locations.join(" ")).header("upload-length", "30000");
     assert_eq!(with_length.send().await.unwrap().status(), 400);
+    // Its bytes are its partial uploads': a body sent with it is refused as a PATCH would be.
+    let with_body = final_of(locations.join(" "))
+        .header("content-type", "application/offset+octet-stream")
+        .body("more");
+    assert_eq!(with_body.send().await.unwrap().status(), 403);
     assert!(h.upstream.received().is_empty());
 
     // The partial uploads' URLs as absolute URLs, as tus-js-client sends them.

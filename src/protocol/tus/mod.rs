@@ -171,7 +171,11 @@ pub async fn handle(
             (Method::PATCH, Target::Upload(id)) => exchange.patch(session, &id).await,
             (Method::DELETE, Target::Upload(id)) => exchange.terminate(&id).await,
             (_, Target::Other) => Answer::Refused(Refusal::NotFound),
-            _ => Answer::Refused(Refusal::Method),
+            // (GET on the route's path is the application's: passed through, not listed.)
+            (_, Target::Collection) => Answer::Refused(Refusal::Method("OPTIONS, POST")),
+            (_, Target::Upload(_)) => {
+                Answer::Refused(Refusal::Method("OPTIONS, HEAD, PATCH, DELETE, GET"))
+            }
         }
     };
     let reply = reply::reply(answer);
@@ -360,6 +364,10 @@ impl Exchange<'_> {
             Err(refusal) => return Answer::Refused(refusal),
         };
         if let Some(Concat::Final(ids)) = &concat {
+            // Its bytes are its partial uploads': a body for it is refused as a PATCH would be.
+            if content_length(header) != Some(0) && !session.is_body_empty() {
+                return Answer::Refused(Refusal::Final);
+            }
             return self.create_final(session, ids).await;
         }
         let max = self.route.limits.max_file_size.0;

@@ -88,8 +88,8 @@ pub(super) enum Refusal {
     Unasked(String),
     /// The upload was there and is no more ("terminated" or "expired").
     Gone(String),
-    /// The method does not apply to this URL.
-    Method,
+    /// The method does not apply to this URL; the ones that do (`Allow`).
+    Method(&'static str),
     /// A finalize request for an upload that still lacks bytes.
     Incomplete {
         offset: u64,
@@ -282,7 +282,9 @@ fn refused(refusal: Refusal) -> Reply {
         Refusal::Final => Reply::refuse(403, "a final upload is made of its partial uploads"),
         Refusal::Unasked(why) => Reply::hook_unavailable(&why),
         Refusal::Gone(how) => Reply::refuse(410, format!("the upload is gone ({how})")),
-        Refusal::Method => Reply::refuse(405, "not a tus request for this URL"),
+        Refusal::Method(allow) => {
+            Reply::refuse(405, "not a tus request for this URL").with_header("allow", allow)
+        }
         Refusal::Incomplete { offset, length } => {
             let length = length.map_or_else(|| "an undeclared length".into(), |n| n.to_string());
             Reply::refuse(
