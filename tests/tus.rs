@@ -928,7 +928,25 @@ async fn a_patch_that_breaks_off_keeps_the_bytes_that_arrived() {
     );
     let data = random_bytes(100_000, 6);
     assert!(connection.send(head_bytes.as_bytes()).await);
-    assert!(connection.send(&data[..40_000]).await);
+    assert!(connection.send(&data[..20_000]).await);
+    // A client that says it is done sending early hears where the upload stands.
+    connection.finish_sending().await;
+    let answer = connection
+        .response(Duration::from_secs(10))
+        .await
+        .expect("answered");
+    assert_eq!(answer.status, 400);
+    let reason = String::from_utf8_lossy(&answer.body);
+    assert!(reason.contains("at offset 20000"), "{reason}");
+    assert_eq!(offset_of(&h, &location).await, 20_000);
+    let mut connection = RawConnection::open(addr).await;
+    let head_bytes = format!(
+        "PATCH {location} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 20000\r\n\
+         Content-Length: 80000\r\n\r\n"
+    );
+    assert!(connection.send(head_bytes.as_bytes()).await);
+    assert!(connection.send(&data[20_000..40_000]).await);
     // Let the bytes arrive, then cut the connection.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     drop(connection);

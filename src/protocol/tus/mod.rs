@@ -842,7 +842,12 @@ impl Exchange<'_> {
             );
             return Err(Answer::Refused(match e {
                 BodyError::Stalled => Refusal::Stalled,
-                BodyError::Broken(reason) => Refusal::BadRequest(reason),
+                // (The reason, Pingora's, is for the log.)
+                BodyError::Broken(_) => Refusal::BadRequest(format!(
+                    "the body ended before its end; the bytes that arrived are kept: the \
+                     upload is at offset {}",
+                    appended.offset
+                )),
                 BodyError::Interrupted => Refusal::TakenOver,
             }));
         }
