@@ -291,6 +291,16 @@ async fn a_patch_at_the_wrong_offset_is_409_and_changes_nothing() {
         let response = patch(&h, &location, wrong, Bytes::from("xx")).await;
         assert_eq!(response.status(), 409, "offset {wrong}");
     }
+    // Two offsets, the right one among them: which one is meant is not guessed.
+    let twice = tus(&h, Method::PATCH, &location)
+        .header("upload-offset", "5")
+        .header("upload-offset", "3")
+        .header("content-type", "application/offset+octet-stream")
+        .body("xx")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(twice.status(), 400);
     assert_eq!(offset_of(&h, &location).await, 5);
     assert_eq!(h.stored_files(), stored, "nothing stored changed");
 }
@@ -425,8 +435,9 @@ async fn a_deferred_length_is_declared_by_a_later_patch() {
 #[tokio::test]
 async fn creation_needs_exactly_one_well_formed_length_within_the_limit() {
     let h = Harness::with_routes(TUS_ROUTES).await;
-    let cases: [(&[(&str, &str)], u16); 6] = [
+    let cases: [(&[(&str, &str)], u16); 7] = [
         (&[], 400),
+        (&[("upload-length", "10"), ("upload-length", "20")], 400),
         (&[("upload-length", "-1")], 400),
         (&[("upload-length", "ten")], 400),
         (&[("upload-defer-length", "2")], 400),

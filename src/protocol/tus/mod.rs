@@ -163,6 +163,10 @@ pub async fn handle(
         }
     } else if method != Method::GET && !speaks_our_version(session.req_header()) {
         Answer::Refused(Refusal::Version)
+    } else if let Some(name) = repeated_tus_header(session.req_header()) {
+        Answer::Refused(Refusal::BadRequest(format!(
+            "{name} is sent more than once"
+        )))
     } else {
         match (method, target) {
             (Method::POST, Target::Collection) => exchange.create(session).await,
@@ -249,6 +253,22 @@ impl crate::store::BodySource for Trailed<'_> {
         }
         Ok(piece)
     }
+}
+
+/// A tus header sent twice, which one reader could take for its first value and another for
+/// its last (a declared length, an offset): refused rather than guessed.
+fn repeated_tus_header(header: &RequestHeader) -> Option<&'static str> {
+    [
+        "upload-length",
+        "upload-defer-length",
+        "upload-offset",
+        "upload-metadata",
+        "upload-checksum",
+        "upload-concat",
+        "tus-resumable",
+    ]
+    .into_iter()
+    .find(|name| header.headers.get_all(*name).iter().nth(1).is_some())
 }
 
 fn speaks_our_version(header: &RequestHeader) -> bool {
