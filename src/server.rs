@@ -41,6 +41,8 @@ pub struct Built {
     pub in_flight: InFlight,
     /// Delivered uploads whose parts are being removed after their answer was given.
     pub cleanups: InFlight,
+    /// The uploads, to stop the appends under way on a graceful shutdown.
+    pub core: Arc<UploadCore>,
 }
 
 /// Tells when every user of the storage is gone. Pingora's fast shutdown lets tasks outlive
@@ -177,6 +179,7 @@ pub fn build_as(config: &Config, launch: Launch) -> Result<Built, StartError> {
         storage,
         in_flight,
         cleanups,
+        core,
     })
 }
 
@@ -440,6 +443,7 @@ pub fn run_built(mut built: Built, config: &Config, ready: impl FnOnce() + Send 
     let signals = Signals {
         in_flight: built.in_flight,
         grace: config.shutdown_grace.0,
+        core: built.core,
     };
     // A service, not a thread started here: a daemon forks when the server runs, and only
     // the forking thread goes on in the child.
@@ -485,6 +489,7 @@ impl BackgroundService for Announce {
 struct Signals {
     in_flight: InFlight,
     grace: Duration,
+    core: Arc<UploadCore>,
 }
 
 #[async_trait]
@@ -501,8 +506,12 @@ impl ShutdownSignalWatch for Signals {
         };
         if let Some(after) = stops_accepting {
             let (in_flight, grace) = (self.in_flight.clone(), self.grace);
+            let core = self.core.clone();
             std::thread::spawn(move || {
                 std::thread::sleep(after);
+                // A body that would outlast the grace period (a whole file in one tus PATCH)
+                // keeps what arrived and is answered now: its client resumes from there.
+                core.stop_appends();
                 if in_flight.wait_idle(grace) {
                     tracing::info!("nothing in flight; exiting");
                     std::process::exit(0);

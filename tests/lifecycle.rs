@@ -7,6 +7,7 @@ mod common;
 use common::process::StitchProcess;
 use common::raw::RawConnection;
 use common::*;
+use sha2::Digest;
 use std::time::Duration;
 
 /// A config for the binary with `shutdown_grace: 30s` (a graceful stop must not wait it out).
@@ -85,6 +86,84 @@ async fn sigterm_during_a_chunk_upload_lets_it_finish_then_exits() {
         assert_eq!(sent.status(), 200, "chunk {n}");
     }
     assert_delivered_once_to(&upstream, &file);
+}
+
+#[tokio::test]
+async fn sigterm_during_a_whole_file_tus_patch_keeps_its_bytes_answers_it_and_exits_at_once() {
+    // tus-js-client and Uppy send a whole file in one PATCH by default: waiting for it could
+    // outlast any grace period, and cutting it at the end would lose every byte of it.
+    let upstream = Upstream::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    let yaml = config_yaml(upstream.addr, &dir, "", common::tus::TUS_ROUTE)
+        .replace("shutdown_grace: 0", "shutdown_grace: 30s");
+    let mut stitch = StitchProcess::start_yaml(&dir, &yaml);
+    let data = random_bytes(200_000, 121);
+    let client = reqwest::Client::new();
+    let created = client
+        .post(format!("http://{}/files", stitch.addr))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", data.len().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let location = created.headers()["location"].to_str().unwrap().to_string();
+    let path = location
+        .split_once(&stitch.addr.to_string())
+        .unwrap()
+        .1
+        .to_string();
+    let mut patch = RawConnection::open(stitch.addr).await;
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: a\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
+         Content-Length: {}\r\n\r\n",
+        data.len()
+    );
+    assert!(patch.send(head.as_bytes()).await);
+    assert!(patch.send(&data[..80_000]).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stitch.signal("TERM");
+    let answer = patch
+        .response(Duration::from_secs(5))
+        .await
+        .expect("the PATCH is answered at once, not after the grace period");
+    assert_eq!(answer.status, 503, "retryable");
+    let offset = answer.headers.iter().find(|(n, _)| n == "upload-offset");
+    assert_eq!(offset.map(|(_, v)| v.as_str()), Some("80000"));
+    let status = stitch.exited_within(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "then it exits: {status:?}"
+    );
+
+    // The client resumes from the bytes that arrived, on the process that follows.
+    let restarted = StitchProcess::start_yaml(&dir, &yaml);
+    let url = format!("http://{}{path}", restarted.addr);
+    let progress = client
+        .head(&url)
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(progress.headers()["upload-offset"], "80000");
+    let rest = client
+        .patch(&url)
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "80000")
+        .body(data.slice(80_000..))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rest.status(), 204);
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "delivered once");
+    assert_eq!(
+        received[0].files[0].sha256,
+        hex::encode(sha2::Sha256::digest(&data))
+    );
 }
 
 #[tokio::test]

@@ -234,6 +234,11 @@ pub enum BodyError {
     /// A newer request for the same upload took over: this one stopped reading.
     #[error("a newer request for this upload took over")]
     Interrupted,
+    /// The process is shutting down: the append stopped reading so that its client resumes
+    /// (elsewhere, or after the restart) from the bytes that arrived, instead of losing them
+    /// when the process exits.
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }
 
 /// Content-addressed bytes.

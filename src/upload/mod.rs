@@ -223,6 +223,12 @@ impl UploadCore {
         self.cleanups.clone()
     }
 
+    /// Stops every append under way, and any that starts from now on (a graceful shutdown):
+    /// each keeps the bytes that arrived and ends with [`BodyError::ShuttingDown`].
+    pub fn stop_appends(&self) {
+        self.appends.stop_all();
+    }
+
     /// Takes the upload's lease.
     async fn lock(&self, upload: &UploadKey) -> Result<Lease, StoreError> {
         self.engines

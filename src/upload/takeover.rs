@@ -7,29 +7,53 @@
 //! a HEAD (a client resumes by asking for the offset first) or a termination. Only appends
 //! of this process are seen: one running in another process on the same storage still holds
 //! the lease until its body ends or times out.
+//!
+//! A graceful shutdown (or upgrade) stops every append the same way: a tus client sending a
+//! whole file in one PATCH keeps what arrived and resumes (on the new process, or once this
+//! one is back) instead of losing the whole body when the process exits.
 
 use crate::store::{BodyError, BodySource, UploadKey};
 use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use tokio::sync::Notify;
 
 #[derive(Default)]
-pub(super) struct Appends(DashMap<UploadKey, Arc<Stop>>);
+pub(super) struct Appends {
+    running: DashMap<UploadKey, Arc<Stop>>,
+    /// The process is shutting down: every append stops, and a new one stops at once.
+    stopping: AtomicBool,
+}
 
-/// The request to stop, for one append.
+/// The request to stop, for one append: why, once asked.
 #[derive(Default)]
 struct Stop {
-    asked: AtomicBool,
+    asked: AtomicU8,
     notify: Notify,
 }
 
+const RUNNING: u8 = 0;
+const TAKEN_OVER: u8 = 1;
+const SHUTTING_DOWN: u8 = 2;
+
 impl Stop {
-    fn ask(&self) {
-        self.asked.store(true, Ordering::SeqCst);
+    fn ask(&self, why: u8) {
+        // The first reason stands.
+        let _ = self
+            .asked
+            .compare_exchange(RUNNING, why, Ordering::SeqCst, Ordering::SeqCst);
         self.notify.notify_one();
+    }
+
+    /// Why the append was asked to stop, if it was.
+    fn asked(&self) -> Option<BodyError> {
+        match self.asked.load(Ordering::SeqCst) {
+            RUNNING => None,
+            TAKEN_OVER => Some(BodyError::Interrupted),
+            _ => Some(BodyError::ShuttingDown),
+        }
     }
 }
 
@@ -53,7 +77,7 @@ impl Running<'_> {
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.appends
-            .0
+            .running
             .remove_if(&self.upload, |_, stop| Arc::ptr_eq(stop, &self.stop));
     }
 }
@@ -61,9 +85,9 @@ impl Drop for Running<'_> {
 impl Appends {
     /// Asks the append under way for `upload`, if any, to stop reading. True if there was one.
     pub(super) fn interrupt(&self, upload: &UploadKey) -> bool {
-        match self.0.get(upload) {
+        match self.running.get(upload) {
             Some(stop) => {
-                stop.ask();
+                stop.ask(TAKEN_OVER);
                 true
             }
             None => false,
@@ -72,15 +96,27 @@ impl Appends {
 
     /// Whether an append for `upload` is under way (or waiting for the lease).
     pub(super) fn running(&self, upload: &UploadKey) -> bool {
-        self.0.contains_key(upload)
+        self.running.contains_key(upload)
+    }
+
+    /// Stops every append, now and from now on (the process is shutting down).
+    pub(super) fn stop_all(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for entry in self.running.iter() {
+            entry.value().ask(SHUTTING_DOWN);
+        }
     }
 
     /// Stops the append under way for `upload`, if any, and enters a new one (which a later
     /// request may stop in turn, even while it still waits for the lease).
     pub(super) fn take_over(&self, upload: &UploadKey) -> Running<'_> {
         let stop = Arc::new(Stop::default());
-        if let Some(older) = self.0.insert(*upload, stop.clone()) {
-            older.ask();
+        if let Some(older) = self.running.insert(*upload, stop.clone()) {
+            older.ask(TAKEN_OVER);
+        }
+        // (Checked after the entry is in: `stop_all` sees it, or this sees the flag.)
+        if self.stopping.load(Ordering::SeqCst) {
+            stop.ask(SHUTTING_DOWN);
         }
         Running {
             appends: self,
@@ -99,12 +135,14 @@ pub(super) struct Interruptible<'b> {
 #[async_trait]
 impl BodySource for Interruptible<'_> {
     async fn next_piece(&mut self) -> Result<Option<Bytes>, BodyError> {
-        if self.stop.asked.load(Ordering::SeqCst) {
-            return Err(BodyError::Interrupted);
+        if let Some(why) = self.stop.asked() {
+            return Err(why);
         }
         tokio::select! {
             biased;
-            () = self.stop.notify.notified() => Err(BodyError::Interrupted),
+            () = self.stop.notify.notified() => {
+                Err(self.stop.asked().unwrap_or(BodyError::Interrupted))
+            }
             piece = self.body.next_piece() => piece,
         }
     }

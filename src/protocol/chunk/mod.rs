@@ -384,7 +384,9 @@ fn multipart_refusal(e: &multer::Error) -> Refusal {
     match multipart_body_error(e) {
         BodyError::Stalled => Refusal::Stalled,
         // (Chunks are never interrupted: they are stored before the upload's lease is taken.)
-        BodyError::Broken(_) | BodyError::Interrupted => Refusal::Multipart(e.to_string()),
+        BodyError::Broken(_) | BodyError::Interrupted | BodyError::ShuttingDown => {
+            Refusal::Multipart(e.to_string())
+        }
     }
 }
 

@@ -869,6 +869,9 @@ impl Exchange<'_> {
                     appended.offset
                 )),
                 BodyError::Interrupted => Refusal::TakenOver,
+                BodyError::ShuttingDown => Refusal::ShuttingDown {
+                    offset: appended.offset,
+                },
             }));
         }
         let mut delivered = Delivered::NotYet;

@@ -76,6 +76,10 @@ pub(super) enum Refusal {
     /// A newer request for the upload took over while this one's body was being read (its
     /// bytes so far are kept).
     TakenOver,
+    /// A graceful shutdown stopped the PATCH; `offset` bytes are stored.
+    ShuttingDown {
+        offset: u64,
+    },
     /// The request's tus headers are missing or malformed.
     BadRequest(String),
     /// A PATCH body not `application/offset+octet-stream`.
@@ -273,6 +277,14 @@ fn refused(refusal: Refusal) -> Reply {
             "a newer request for this upload took over; the bytes that arrived are kept, \
              HEAD gives the offset",
         ),
+        // 503, which tus clients retry (tus-js-client and Uppy after their first retry delay),
+        // asking HEAD where to go on: the new process, or this one once it is back.
+        Refusal::ShuttingDown { offset } => Reply::refuse(
+            503,
+            "the server is restarting; the bytes that arrived are kept, HEAD gives the offset",
+        )
+        .with_header("retry-after", "1")
+        .with_header("upload-offset", &offset.to_string()),
         Refusal::BadRequest(reason) => Reply::refuse(400, reason),
         Refusal::ContentType => Reply::refuse(
             415,
