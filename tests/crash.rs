@@ -484,3 +484,83 @@ async fn kill_9_during_tus_patches_keeps_every_acknowledged_offset_and_the_file_
     );
     stitch.kill();
 }
+
+#[tokio::test]
+async fn kill_9_during_a_whole_file_patch_keeps_every_whole_piece_of_it() {
+    // tus-js-client and Uppy send a whole file in one PATCH by default. A crash 70 MiB into
+    // it keeps the 32 MiB pieces that were whole: the client resumes from 64 MiB, not from 0.
+    let upstream = Upstream::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    let data = random_bytes(100 << 20, 63);
+    let stitch = StitchProcess::start(upstream.addr, &dir, common::tus::TUS_ROUTE);
+    let addr = stitch.addr;
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let created = client
+        .post(format!("http://{addr}/files"))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", data.len().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let location = created.headers()["location"].to_str().unwrap().to_string();
+    let path = location[location.find("/files").unwrap()..].to_string();
+    let mut patch = common::raw::RawConnection::open(addr).await;
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: a\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
+         Content-Length: {}\r\n\r\n",
+        data.len()
+    );
+    assert!(patch.send(head.as_bytes()).await);
+    assert!(patch.send(&data[..70 << 20]).await);
+    // Once the second piece is kept (the third is under way: lost).
+    let parts = || {
+        let mut found = Vec::new();
+        walk(&dir.join("uploads"), &mut found);
+        found.iter().filter(|(p, _)| p.contains("/parts/")).count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while parts() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{} parts", parts());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stitch.kill();
+    drop(patch);
+
+    let stitch = StitchProcess::start_again(addr, &dir);
+    let url = format!("http://{addr}{path}");
+    let progress = client
+        .head(&url)
+        .header("tus-resumable", "1.0.0")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(progress.status(), 200);
+    let offset: usize = progress.headers()["upload-offset"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(offset, 64 << 20, "the whole pieces are kept");
+    let rest = client
+        .patch(&url)
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", offset.to_string())
+        .body(data.slice(offset..))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rest.status(), 204);
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "delivered once");
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+    assert_eq!(received[0].files[0].sha256, sha, "byte-exact");
+    stitch.kill();
+}

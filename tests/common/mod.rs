@@ -228,10 +228,13 @@ impl Harness {
     }
 }
 
-fn walk(dir: &Path, found: &mut Vec<(String, u64)>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let entry = entry.unwrap();
-        let meta = entry.metadata().unwrap();
+/// Every file under `dir`, at any depth, with its length. (A file or directory removed while
+/// it is read is left out: a process may be changing the storage meanwhile.)
+pub fn walk(dir: &Path, found: &mut Vec<(String, u64)>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
         if meta.is_dir() {
             walk(&entry.path(), found);
         } else {

@@ -40,9 +40,11 @@ use tokio::time::Instant;
 /// The body type of a PATCH (and of a creation carrying bytes).
 const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
 
-/// With early delivery, a PATCH body is kept in parts of this size, each sent on to the
-/// upstream while the next arrives.
-const EARLY_PIECE: u64 = 32 << 20;
+/// A PATCH body of known length without a checksum to check first is kept in parts of this
+/// size, each durable as soon as it is whole: a crash loses at most the piece under way, not
+/// the whole body (tus clients send a whole file in one PATCH by default). With early
+/// delivery, each is sent on to the upstream while the next arrives.
+const PIECE: u64 = 32 << 20;
 
 /// What a tus upload keeps besides the core's metadata.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -818,10 +820,13 @@ impl Exchange<'_> {
             )));
         }
         self.proceed(session).await?;
-        // Early delivery: the stored parts go to the upstream while the rest arrives, so a
-        // body of known length without a checksum to check first is kept in pieces.
-        let early = self.route.forward.early.is_some() && self.begin_early(session, key).await;
-        let pieces = early && wanted.is_none() && content_length(session.req_header()).is_some();
+        // Early delivery: the stored parts go to the upstream while the rest arrives.
+        if self.route.forward.early.is_some() {
+            self.begin_early(session, key).await;
+        }
+        // (A body whose checksum is checked once it has ended is kept whole or not at all; one
+        // without a length could pass the room left after pieces were kept.)
+        let pieces = wanted.is_none() && content_length(session.req_header()).is_some();
         let mut plain;
         let mut trailed;
         let body: &mut dyn BodySource = match trailer {
@@ -836,7 +841,7 @@ impl Exchange<'_> {
         };
         let appended = if pieces {
             self.core
-                .append_in_pieces(key, at, body, room, EARLY_PIECE)
+                .append_in_pieces(key, at, body, room, PIECE)
                 .await
                 .map_err(|e| Answer::Refused(Refusal::Core(e)))?
         } else {
@@ -901,23 +906,22 @@ impl Exchange<'_> {
     }
 
     /// Begins the upload's early delivery (`forward.early`) unless it is a partial upload
-    /// (delivered as part of a final one). True if the upload may be delivered early.
-    async fn begin_early(&self, session: &Session, key: &UploadKey) -> bool {
+    /// (delivered as part of a final one).
+    async fn begin_early(&self, session: &Session, key: &UploadKey) {
         if self.core.early_begun(key) {
-            return true;
+            return;
         }
         let meta = match self.core.progress(key).await {
             Ok(Some(progress)) if !progress.delivered => progress.meta,
-            _ => return false,
+            _ => return,
         };
         if tus_state(&meta).is_partial() {
-            return false;
+            return;
         }
         let request = self.request(session, &meta);
         self.core
             .begin_early(*key, &self.route.forward, request)
             .await;
-        true
     }
 
     /// DELETE: the upload and its bytes go.
