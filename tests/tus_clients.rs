@@ -9,6 +9,7 @@
 mod common;
 
 use common::process::StitchProcess;
+use common::relay::SlowLine;
 use common::*;
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader};
@@ -236,6 +237,82 @@ async fn tus_js_client_resumes_after_stitch_is_killed_and_the_file_arrives_once(
     assert_eq!(received.len(), 1, "delivered exactly once");
     assert_eq!(received[0].files[0].sha256, sha256, "byte-exact");
     assert_eq!(received[0].files[0].len, len as u64);
+}
+
+#[tokio::test]
+async fn tus_js_client_sending_the_file_in_one_patch_resumes_from_the_kept_bytes_after_a_graceful_restart(
+) {
+    // A slow line: 12 MiB at 2 MiB/s in tus-js-client's default single PATCH. Stitch is
+    // stopped (SIGTERM, a 30 s grace) a third of the way: it stops reading at once, keeps what
+    // arrived and answers 503; the client retries against the process that follows, from
+    // there.
+    let upstream = Upstream::start().await;
+    upstream.answer_with(201, r#"{"saved":true}"#);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let yaml = config_yaml(upstream.addr, &dir, "", TUS_ROUTES)
+        .replace("shutdown_grace: 0", "shutdown_grace: 30s");
+    let mut stitch = StitchProcess::start_yaml(&dir, &yaml);
+    let addr = stitch.addr;
+    let line = SlowLine::start(addr, 2 << 20).await;
+    let len = 12 << 20;
+    let (file, sha256) = random_file(tmp.path(), "slow.bin", len, 13);
+    let node = TusNode::start(serde_json::json!({
+        "endpoint": format!("http://{}/files", line.addr),
+        "file": file,
+        "filename": "slow.bin",
+        "contentType": "application/octet-stream",
+        "token": "t-slow",
+        "buffer": true,
+        "progress": true,
+    }));
+    let dir_again = dir.clone();
+    let (result, stopped_in, received_after) = tokio::task::spawn_blocking(move || {
+        // (Progress counts what the client handed to its socket: the relay holds some.)
+        assert!(
+            node.sent_at_least(len as u64 / 2, Duration::from_secs(60)),
+            "the upload got half of the way"
+        );
+        stitch.signal("TERM");
+        let asked = std::time::Instant::now();
+        let status = stitch.exited_within(Duration::from_secs(40));
+        let stopped_in = asked.elapsed();
+        assert!(status.is_some_and(|s| s.success()), "{status:?}");
+        let logged = stitch.log_text().len();
+        let again = StitchProcess::start_again(addr, &dir_again);
+        let result = node.result(Duration::from_secs(90));
+        // What the process that followed received of PATCH bodies (its access log lines,
+        // written once each answer has gone out).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !again.log_text()[logged..].contains("PATCH") && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let received_after: u64 = again.log_text()[logged..]
+            .lines()
+            .filter(|line| line.contains("PATCH"))
+            .filter_map(|line| line.split("received=").nth(1))
+            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        drop(again);
+        (result, stopped_in, received_after)
+    })
+    .await
+    .unwrap();
+    assert!(
+        stopped_in < Duration::from_secs(3),
+        "the PATCH was answered and Stitch exited in {stopped_in:?}, not after the body"
+    );
+    let finalized = result.finalized();
+    assert_eq!(finalized.status, 201);
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "delivered exactly once");
+    assert_eq!(received[0].files[0].sha256, sha256, "byte-exact");
+    assert!(
+        received_after > 0 && received_after < len as u64 * 3 / 4,
+        "the client resumed from the bytes kept: the new process received {received_after} of \
+         {len} bytes"
+    );
 }
 
 /// What `tests/clients/tuspy_upload.py` reports.
