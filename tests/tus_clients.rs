@@ -281,19 +281,7 @@ async fn tus_js_client_sending_the_file_in_one_patch_resumes_from_the_kept_bytes
         let logged = stitch.log_text().len();
         let again = StitchProcess::start_again(addr, &dir_again);
         let result = node.result(Duration::from_secs(90));
-        // What the process that followed received of PATCH bodies (its access log lines,
-        // written once each answer has gone out).
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !again.log_text()[logged..].contains("PATCH") && std::time::Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let received_after: u64 = again.log_text()[logged..]
-            .lines()
-            .filter(|line| line.contains("PATCH"))
-            .filter_map(|line| line.split("received=").nth(1))
-            .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-            .sum();
+        let received_after = patch_bytes_received(&again, logged);
         drop(again);
         (result, stopped_in, received_after)
     })
@@ -312,6 +300,92 @@ async fn tus_js_client_sending_the_file_in_one_patch_resumes_from_the_kept_bytes
         received_after > 0 && received_after < len as u64 * 3 / 4,
         "the client resumed from the bytes kept: the new process received {received_after} of \
          {len} bytes"
+    );
+}
+
+/// The body bytes of PATCHes answered 204, from the access log of `stitch` past the first
+/// `skip` bytes of its log file (processes on the same directory append to one file; the old
+/// one's stopped PATCH is answered 503). Access lines are written once each answer has gone
+/// out: this waits up to 10 s for the first.
+fn patch_bytes_received(stitch: &StitchProcess, skip: usize) -> u64 {
+    const STORED: &str = "PATCH patch 204";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !stitch.log_text()[skip..].contains(STORED) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stitch.log_text()[skip..]
+        .lines()
+        .filter(|line| line.contains(STORED))
+        .filter_map(|line| line.split("received=").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn tus_js_client_sending_the_file_in_one_patch_resumes_on_the_new_process_of_an_upgrade() {
+    // As above, through a zero-downtime upgrade (SIGQUIT; the new process started with
+    // `--upgrade` takes the listener): once the listener is handed over, the old process stops
+    // the PATCH, keeping its bytes, and the client resumes on the new one.
+    let upstream = Upstream::start().await;
+    upstream.answer_with(201, r#"{"saved":true}"#);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let process = format!(
+        "process:\n  upgrade_socket: {}\n  pid_file: {}\n",
+        tmp.path().join("upgrade.sock").display(),
+        tmp.path().join("stitch.pid").display()
+    );
+    let yaml = config_yaml(upstream.addr, &dir, "", &format!("{process}{TUS_ROUTES}"))
+        .replace("shutdown_grace: 0", "shutdown_grace: 30s");
+    let mut old = StitchProcess::start_yaml(&dir, &yaml);
+    let addr = old.addr;
+    let line = SlowLine::start(addr, 1 << 20).await;
+    let len = 16 << 20;
+    let (file, sha256) = random_file(tmp.path(), "upgrade.bin", len, 14);
+    let node = TusNode::start(serde_json::json!({
+        "endpoint": format!("http://{}/files", line.addr),
+        "file": file,
+        "filename": "upgrade.bin",
+        "contentType": "application/octet-stream",
+        "token": "t-upgrade",
+        "buffer": true,
+        "progress": true,
+    }));
+    let dir_beside = dir.clone();
+    let (result, stopped_in, received_after) = tokio::task::spawn_blocking(move || {
+        assert!(
+            node.sent_at_least(len as u64 / 4, Duration::from_secs(60)),
+            "the upload got a quarter of the way"
+        );
+        let logged = old.log_text().len();
+        let new = old.start_beside(&dir_beside, &["--upgrade"]);
+        std::thread::sleep(Duration::from_millis(300));
+        old.signal("QUIT");
+        let asked = std::time::Instant::now();
+        let status = old.exited_within(Duration::from_secs(40));
+        let stopped_in = asked.elapsed();
+        assert!(status.is_some_and(|s| s.success()), "{status:?}");
+        let result = node.result(Duration::from_secs(90));
+        let received_after = patch_bytes_received(&new, logged);
+        drop(new);
+        (result, stopped_in, received_after)
+    })
+    .await
+    .unwrap();
+    // The hand-over takes up to 5 s; the body had about 12 s to go.
+    assert!(
+        stopped_in < Duration::from_secs(9),
+        "the old process exited {stopped_in:?} after SIGQUIT, not after the body"
+    );
+    let finalized = result.finalized();
+    assert_eq!(finalized.status, 201);
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "delivered exactly once");
+    assert_eq!(received[0].files[0].sha256, sha256, "byte-exact");
+    assert!(
+        received_after > 0 && received_after < len as u64,
+        "the client resumed on the new process from the bytes kept: it received \
+         {received_after} of {len} bytes"
     );
 }
 
