@@ -1659,3 +1659,61 @@ async fn termination_takes_over_from_a_quiet_patch() {
     assert_eq!((h.blob_count(), h.part_count()), (0, 0), "no bytes kept");
     assert!(h.upstream.received_at("/app/upload").is_empty());
 }
+
+#[tokio::test]
+async fn a_checksummed_patch_taken_over_keeps_nothing_and_is_told_so_not_that_its_checksum_failed()
+{
+    // A checksum covers the whole body: what arrived of it cannot be checked, so it is not
+    // kept; but the client sent nothing wrong, and is told what happened (409, which it
+    // retries), not 460 (which it would not).
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let data = random_bytes(200_000, 15);
+    let location = create(&h, data.len() as u64, "").await;
+    let mut quiet = RawConnection::open(h.stitch.as_ref().unwrap().addr).await;
+    let head_bytes = format!(
+        "PATCH {location} HTTP/1.1\r\nHost: x\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
+         Upload-Checksum: sha256 {}\r\nContent-Length: {}\r\n\r\n",
+        digest("sha256", &data),
+        data.len()
+    );
+    assert!(quiet.send(head_bytes.as_bytes()).await);
+    assert!(quiet.send(&data[..50_000]).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(offset_of(&h, &location).await, 0, "nothing kept");
+    let old = quiet.response(Duration::from_secs(5)).await;
+    assert_eq!(old.map(|a| a.status), Some(409), "taken over");
+    let whole = tus(&h, Method::PATCH, &location)
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "0")
+        .header(
+            "upload-checksum",
+            format!("sha256 {}", digest("sha256", &data)),
+        )
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(whole.status(), 204);
+    assert_eq!(the_delivery(&h).files[0].sha256, sha256_hex(&data));
+}
+
+#[tokio::test]
+async fn a_header_repeated_with_the_same_value_counts_once_and_metadata_lines_join() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    let created = tus(&h, Method::POST, "/files")
+        .header("upload-length", "5")
+        .header("upload-length", "5")
+        .header("upload-metadata", format!("filename {}", b64("a.txt")))
+        .header("upload-metadata", format!("folder {}", b64("inbox")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let location = location_of(&h, &created);
+    let done = patch(&h, &location, 0, Bytes::from("hello")).await;
+    assert_eq!(done.status(), 204);
+    let delivery = the_delivery(&h);
+    assert_eq!(delivery.files[0].file_name, "a.txt");
+    assert_eq!(delivery.field("folder"), Some("inbox"));
+}

@@ -14,7 +14,8 @@ const REQUEST_HEADERS: &str = "Content-Type, Authorization, X-Requested-With, Tu
 /// Response headers a page's script may read.
 const EXPOSED_HEADERS: &str = "Location, Tus-Resumable, Tus-Version, Tus-Extension, \
      Tus-Max-Size, Tus-Checksum-Algorithm, Upload-Offset, Upload-Length, Upload-Metadata, \
-     Upload-Defer-Length, Upload-Concat, Upload-Expires, Stitch-Delivery, Stitch-Upstream-Status";
+     Upload-Defer-Length, Upload-Concat, Upload-Expires, Retry-After, Stitch-Delivery, \
+     Stitch-Upstream-Status";
 
 /// The request's `Origin`, if the route allows it.
 fn allowed_origin<'h>(cors: &Cors, header: &'h RequestHeader) -> Option<&'h str> {

@@ -402,7 +402,8 @@ impl UploadCore {
     /// Appends `body` at offset `at` (which must be the upload's offset), at most `limit`
     /// bytes and never past the declared length. A body that breaks off keeps the bytes that
     /// arrived. `accept` sees the staged bytes before they are kept (a checksum check): if it
-    /// says no, nothing is kept.
+    /// says no, nothing is kept (and a body that broke off is reported so, not refused: a
+    /// checksum of the whole body cannot match what arrived of it).
     pub async fn append(
         &self,
         upload: &UploadKey,
@@ -434,6 +435,14 @@ impl UploadCore {
         };
         if !accept(&staged) {
             self.engines.blobs.discard(staged).await;
+            if broke_off.is_some() {
+                state.touch(upload, self.clock.now()).await?;
+                return Ok(Appended {
+                    offset: current,
+                    complete: false,
+                    broke_off,
+                });
+            }
             return Err(CoreError::Refused);
         }
         let offset = current + staged.len;
@@ -547,6 +556,8 @@ impl UploadCore {
                 offset += staged.len;
                 self.publish(upload, next, staged, lease.fence).await?;
                 next += 1;
+                // Active, for expiry, should this body end in a crash or a failed write.
+                state.touch(upload, self.clock.now()).await?;
             }
             if broke_off.is_some() || (staged_len < size && carry.is_none()) {
                 // Broke off, or ended within the window.

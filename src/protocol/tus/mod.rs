@@ -257,20 +257,25 @@ impl crate::store::BodySource for Trailed<'_> {
     }
 }
 
-/// A tus header sent twice, which one reader could take for its first value and another for
-/// its last (a declared length, an offset): refused rather than guessed.
+/// A tus header sent twice with different values, which one reader could take for its first
+/// value and another for its last (a declared length, an offset): refused rather than
+/// guessed. (The same value twice is one value; `Upload-Metadata`, a list, may come in several
+/// lines, which are joined.)
 fn repeated_tus_header(header: &RequestHeader) -> Option<&'static str> {
     [
         "upload-length",
         "upload-defer-length",
         "upload-offset",
-        "upload-metadata",
         "upload-checksum",
         "upload-concat",
         "tus-resumable",
     ]
     .into_iter()
-    .find(|name| header.headers.get_all(*name).iter().nth(1).is_some())
+    .find(|name| {
+        let mut values = header.headers.get_all(*name).iter();
+        let first = values.next();
+        values.any(|other| Some(other) != first)
+    })
 }
 
 fn speaks_our_version(header: &RequestHeader) -> bool {
@@ -493,14 +498,20 @@ impl Exchange<'_> {
     /// A creation's `Upload-Metadata`, as sent and as pairs; with a metadata scope, its key
     /// must be there.
     fn metadata(&self, header: &RequestHeader) -> Result<(String, Vec<(String, String)>), Refusal> {
-        let raw = match header.headers.get("upload-metadata") {
-            None => String::new(),
-            Some(value) => value.to_str().map(str::to_string).map_err(|_| {
+        // A list: lines of it sent separately are one list (RFC 9110, 5.3).
+        let lines: Result<Vec<&str>, _> = header
+            .headers
+            .get_all("upload-metadata")
+            .iter()
+            .map(|value| value.to_str())
+            .collect();
+        let raw = lines
+            .map_err(|_| {
                 Refusal::BadRequest(
                     "Upload-Metadata must be ASCII: keys, then values in base64".into(),
                 )
-            })?,
-        };
+            })?
+            .join(",");
         let pairs =
             metadata::parse(&raw, self.options.max_metadata).map_err(Refusal::BadRequest)?;
         if let Some(Scope::Metadata(key)) = &self.route.scope {
