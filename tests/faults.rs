@@ -792,3 +792,48 @@ routes:
     assert_eq!(delivered.len(), 1);
     assert_eq!(delivered[0].files[0].sha256, sha256_hex(b"hello"));
 }
+
+#[tokio::test]
+async fn a_whole_file_tus_patch_that_fills_the_disk_keeps_its_whole_pieces_and_resumes_once_space_returns(
+) {
+    // tus-js-client's default: the whole file in one PATCH. The disk fills 50 MiB into a
+    // 100 MiB body: the 32 MiB piece kept before stays, the one under way goes (nothing is left
+    // of it in staging), and the client resumes from 32 MiB once there is room.
+    use common::tus::*;
+    let disk = SmallDisk::new(160);
+    let dir = disk.dir("data");
+    let h = Harness::custom("", TUS_ROUTE, None, Some(&dir)).await;
+    let data = random_bytes(100 << 20, 96);
+    let location = create_upload(&h, data.len()).await;
+    disk.leave_free(50 << 20);
+    // Answered 503 at once; the rest of the body is not read, so the request may also end
+    // with the connection closed under it.
+    let sent = h
+        .client
+        .patch(h.url(&location))
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "0")
+        .body(data.clone())
+        .send()
+        .await;
+    if let Ok(response) = &sent {
+        assert_eq!(response.status(), 503, "the disk is full");
+    }
+    let head = tus(&h, reqwest::Method::HEAD, &location)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        header(&head, "upload-offset"),
+        Some("33554432"),
+        "one piece kept"
+    );
+    assert_eq!(h.damage(), Vec::<String>::new(), "nothing left in staging");
+    disk.free();
+    let rest = patch(&h, &location, 32 << 20, data.slice(32 << 20..)).await;
+    assert_eq!(rest.status(), 204);
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "delivered once");
+    assert_eq!(received[0].files[0].sha256, sha256_hex(&data), "byte-exact");
+}

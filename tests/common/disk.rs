@@ -54,6 +54,11 @@ impl SmallDisk {
             .append(true)
             .open(&self.filler)
             .unwrap();
+        // A MiB at a time while it fits (ext4 reserves the blocks of each write), then a
+        // block at a time, each made durable, to the last one.
+        let mib = vec![0u8; 1 << 20];
+        while file.write_all(&mib).is_ok() {}
+        let _ = file.sync_data();
         let block = vec![0u8; 1024];
         while file
             .write_all(&block)
