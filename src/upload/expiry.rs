@@ -11,9 +11,11 @@ use super::{CoreError, UploadCore};
 use crate::store::{Lease, UploadKey};
 use std::time::Duration;
 
-/// How long the sweep waits for an upload's lease held by another process (one of this
-/// process's appends is passed by at once) before it takes the upload for busy.
-const BUSY_WAIT: Duration = Duration::from_secs(2);
+/// How long the sweep waits for an upload's lease held elsewhere (one of this process's
+/// appends is passed by at once) before it takes the upload for busy: leases for a chunk or a
+/// short request last milliseconds; one held longer is a body or a delivery under way. (The
+/// sweep waits for each such upload in turn, and a graceful stop waits for the sweep.)
+const BUSY_WAIT: Duration = Duration::from_millis(250);
 
 impl UploadCore {
     /// Deletes uploads nobody touched within `upload_ttl`, answers older than `result_ttl`,
