@@ -250,13 +250,7 @@ impl OperatorsApp {
     async fn metrics(&self) -> Response<Vec<u8>> {
         let metrics = &self.core.metrics;
         // A stalled disk does not hold the scrape: the gauges keep their last values.
-        let inventory = tokio::time::timeout(READY_TIMEOUT, self.core.inventory(false)).await;
-        let inventory = inventory.unwrap_or_else(|_| {
-            Err(crate::store::StoreError::Io(std::io::Error::other(
-                format!("the store did not answer within {READY_TIMEOUT:?}"),
-            )))
-        });
-        match inventory {
+        match self.inventory_within(false, READY_TIMEOUT).await {
             Ok(inventory) => {
                 let in_progress = inventory.uploads.iter().filter(|u| u.in_progress()).count();
                 metrics.in_progress.set(in_progress as i64);
@@ -345,8 +339,26 @@ impl OperatorsApp {
         Some(refusal)
     }
 
+    /// The uploads in store, unless the store takes longer than `within` to list them.
+    async fn inventory_within(
+        &self,
+        file_names: bool,
+        within: Duration,
+    ) -> Result<crate::upload::Inventory, crate::store::StoreError> {
+        tokio::time::timeout(within, self.core.inventory(file_names))
+            .await
+            .unwrap_or_else(|_| {
+                Err(crate::store::StoreError::Io(std::io::Error::other(
+                    format!("the store did not answer within {within:?}"),
+                )))
+            })
+    }
+
     async fn listing(&self) -> Response<Vec<u8>> {
-        match self.core.inventory(self.config.file_names).await {
+        match self
+            .inventory_within(self.config.file_names, LISTING_TIMEOUT)
+            .await
+        {
             Ok(inventory) => {
                 let body = serde_json::json!({
                     "uploads": inventory.uploads,
@@ -369,3 +381,7 @@ const TEXT: &str = "text/plain; charset=utf-8";
 
 /// How long readiness waits for the upstream's connection.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long the listing may take (a stalled disk, or a blocking pool held by writes waiting
+/// for it, would hold it for as long): then it is `503`.
+const LISTING_TIMEOUT: Duration = Duration::from_secs(10);

@@ -308,6 +308,20 @@ async fn a_stalled_disk_holds_uploads_but_not_the_proxy_and_they_complete_once_i
     let (status, body) = operators_get("/metrics").await;
     assert_eq!(status, 200);
     assert!(body.contains("stitch_parts_stored_total"), "{body}");
+    // The listing answers too: what it could read (200), or that the store did not answer in
+    // its time (503), never a request left waiting.
+    let listing = tokio::time::timeout(
+        Duration::from_secs(15),
+        h.client.get(format!("http://{operators}/uploads")).send(),
+    )
+    .await
+    .expect("the listing answers within 15 s")
+    .unwrap();
+    assert!(
+        [200, 503].contains(&listing.status().as_u16()),
+        "{}",
+        listing.status()
+    );
     let mut served = 0;
     for _ in 0..5 {
         let answer = tokio::time::timeout(
