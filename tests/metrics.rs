@@ -445,3 +445,37 @@ routes:
     assert_eq!(early("used"), 1.0);
     assert_eq!(early("stalled"), 1.0);
 }
+
+#[tokio::test]
+async fn the_listing_shows_a_delivered_upload_while_its_answer_is_kept() {
+    let metrics = free_addr();
+    let h = Harness::with_routes(&routes_with(metrics, "")).await;
+    let chunked = ChunkedFile::resumable("done.bin", random_bytes(2500, 12), 1000);
+    for n in 1..=chunked.count() {
+        assert_eq!(chunked.upload(&h, n).await.status(), 200, "chunk {n}");
+    }
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1, "delivered");
+    // (Its parts are removed just after the answer is given: counting them waits for that.)
+    assert_eq!(h.part_count(), 0);
+    let listed = list(metrics, None).await;
+    assert_eq!(listed.status(), 200);
+    let body: serde_json::Value = serde_json::from_slice(&listed.bytes().await.unwrap()).unwrap();
+    let uploads = body["uploads"].as_array().unwrap();
+    assert_eq!(uploads.len(), 1, "{body}");
+    let done = &uploads[0];
+    assert_eq!(done["delivery"], "delivered", "{body}");
+    assert_eq!(done["route"], "/upload");
+    assert_eq!(done["declared_bytes"], 2500);
+    assert_eq!(
+        done["stored_bytes"], 0,
+        "its parts went once the answer was recorded"
+    );
+    // Not counted as in progress.
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(sample(&text, "stitch_uploads_in_progress"), 0.0);
+}

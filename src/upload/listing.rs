@@ -57,14 +57,19 @@ impl UploadCore {
         let mut uploads = Vec::new();
         let mut owed = 0;
         for key in state.uploads().await? {
-            let Some(meta) = state.meta(&key).await? else {
-                continue;
+            let answer = state.answer(&key).await?.map(|(answer, _)| answer);
+            // A delivered upload's metadata goes with its parts; its answer keeps a copy.
+            let meta = match state.meta(&key).await? {
+                Some(meta) => meta,
+                None => match answer.as_ref().and_then(|a| a.file.as_ref()) {
+                    Some(file) => file.meta.clone(),
+                    None => continue,
+                },
             };
             if !meta.protocol["alias"].is_null() {
                 continue; // a name for another upload, or a tombstone: not an upload
             }
             let parts = state.parts(&key).await?;
-            let answer = state.answer(&key).await?.map(|(answer, _)| answer);
             let queued = state.queued(&key).await?;
             owed += usize::from(queued.is_some());
             let delivery = match (&answer, &queued) {
