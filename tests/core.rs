@@ -614,6 +614,32 @@ async fn a_delivered_answer_expires_after_result_ttl(engine: Engine) {
     assert!(t.engines.state.answer(&file.key).await.unwrap().is_none());
 }
 
+async fn a_delivered_upload_is_listed_while_its_answer_is_kept(engine: Engine) {
+    let t = Setup::new(engine);
+    let file = File::new("listed.bin", 11);
+    store_all_but_last(&t, &file).await;
+    put(&t, &file, 3, "a").await;
+    t.core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
+    t.core.cleanups().idle(Duration::from_secs(5)).await;
+    let listed = t.core.inventory(true).await.unwrap();
+    assert_eq!(listed.uploads.len(), 1);
+    let upload = &listed.uploads[0];
+    assert_eq!(upload.delivery, "delivered");
+    assert_eq!(upload.declared_bytes, Some(3000));
+    assert_eq!(
+        (upload.parts, upload.stored_bytes),
+        (0, 0),
+        "its parts went"
+    );
+    assert_eq!(upload.file_name.as_deref(), Some("listed.bin"));
+    // Gone from the listing once its answer expires.
+    t.advance(TTLS.result * 2);
+    t.core.sweep().await.unwrap();
+    assert!(t.core.inventory(false).await.unwrap().uploads.is_empty());
+}
+
 async fn appends_at_the_offset_keep_what_a_broken_body_brought(engine: Engine) {
     let t = Setup::new(engine);
     let key = file_key("appended.bin");
@@ -714,6 +740,7 @@ on_every_engine!(
     a_different_file_under_a_delivered_key_is_delivered_whole,
     an_idle_upload_expires_and_its_bytes_go,
     a_delivered_answer_expires_after_result_ttl,
+    a_delivered_upload_is_listed_while_its_answer_is_kept,
     appends_at_the_offset_keep_what_a_broken_body_brought,
     a_new_file_replaces_parts_resent_from_the_delivered_one,
     parts_left_beside_a_recorded_answer_are_not_taken_for_a_new_file,

@@ -1683,6 +1683,7 @@ async fn a_checksummed_patch_taken_over_keeps_nothing_and_is_told_so_not_that_it
     assert_eq!(offset_of(&h, &location).await, 0, "nothing kept");
     let old = quiet.response(Duration::from_secs(5)).await;
     assert_eq!(old.map(|a| a.status), Some(409), "taken over");
+    assert_eq!(h.damage(), Vec::<String>::new(), "nothing left in staging");
     let whole = tus(&h, Method::PATCH, &location)
         .header("content-type", "application/offset+octet-stream")
         .header("upload-offset", "0")
@@ -1706,11 +1707,19 @@ async fn a_header_repeated_with_the_same_value_counts_once_and_metadata_lines_jo
         .header("upload-length", "5")
         .header("upload-metadata", format!("filename {}", b64("a.txt")))
         .header("upload-metadata", format!("folder {}", b64("inbox")))
+        .header("upload-metadata", format!("folder {}", b64("inbox")))
+        .header("upload-metadata", "")
         .send()
         .await
         .unwrap();
     assert_eq!(created.status(), 201);
     let location = location_of(&h, &created);
+    let progress = head(&h, &location).await;
+    assert_eq!(
+        header(&progress, "upload-metadata"),
+        Some(format!("filename {},folder {}", b64("a.txt"), b64("inbox")).as_str()),
+        "one list"
+    );
     let done = patch(&h, &location, 0, Bytes::from("hello")).await;
     assert_eq!(done.status(), 204);
     let delivery = the_delivery(&h);

@@ -447,7 +447,7 @@ impl StateStore for Memory {
         Ok(data
             .uploads
             .iter()
-            .filter(|(_, u)| u.meta.is_some())
+            .filter(|(_, u)| u.meta.is_some() || u.answer.is_some())
             .map(|(key, _)| *key)
             .collect())
     }

@@ -369,7 +369,8 @@ pub trait StateStore: Send + Sync {
     async fn unqueue(&self, upload: &UploadKey, fence: Fence) -> Result<(), StoreError>;
     /// Every queued delivery (the queue holds only uploads that are complete and undelivered).
     async fn all_queued(&self) -> Result<Vec<(UploadKey, QueuedDelivery)>, StoreError>;
-    /// Every upload with metadata (for the operators' listing: the upload path never lists).
+    /// Every upload with metadata or a recorded answer (for the operators' listing: the upload
+    /// path never lists).
     async fn uploads(&self) -> Result<Vec<UploadKey>, StoreError>;
 }
 

@@ -26,7 +26,8 @@ pub struct Appended {
     pub offset: u64,
     /// The upload has all its bytes.
     pub complete: bool,
-    /// The body ended early; the bytes that arrived before are stored.
+    /// The body ended early; the bytes that arrived before are stored (unless a checksum of
+    /// the whole body was to be checked: then none are, and `offset` did not move).
     pub broke_off: Option<BodyError>,
 }
 

@@ -498,20 +498,20 @@ impl Exchange<'_> {
     /// A creation's `Upload-Metadata`, as sent and as pairs; with a metadata scope, its key
     /// must be there.
     fn metadata(&self, header: &RequestHeader) -> Result<(String, Vec<(String, String)>), Refusal> {
-        // A list: lines of it sent separately are one list (RFC 9110, 5.3).
-        let lines: Result<Vec<&str>, _> = header
-            .headers
-            .get_all("upload-metadata")
-            .iter()
-            .map(|value| value.to_str())
-            .collect();
-        let raw = lines
-            .map_err(|_| {
+        // A list: lines of it sent separately are one list (RFC 9110, 5.3); an empty line, or
+        // one sent again as it was, adds nothing.
+        let mut lines: Vec<&str> = Vec::new();
+        for value in header.headers.get_all("upload-metadata") {
+            let line = value.to_str().map_err(|_| {
                 Refusal::BadRequest(
                     "Upload-Metadata must be ASCII: keys, then values in base64".into(),
                 )
-            })?
-            .join(",");
+            })?;
+            if !line.trim().is_empty() && !lines.contains(&line) {
+                lines.push(line);
+            }
+        }
+        let raw = lines.join(",");
         let pairs =
             metadata::parse(&raw, self.options.max_metadata).map_err(Refusal::BadRequest)?;
         if let Some(Scope::Metadata(key)) = &self.route.scope {
@@ -880,8 +880,7 @@ impl Exchange<'_> {
                 BodyError::Stalled => Refusal::Stalled,
                 // (The reason, Pingora's, is for the log.)
                 BodyError::Broken(_) => Refusal::BadRequest(format!(
-                    "the body ended before its end; the bytes that arrived are kept: the \
-                     upload is at offset {}",
+                    "the body ended before its end; the upload is at offset {}",
                     appended.offset
                 )),
                 BodyError::Interrupted => Refusal::TakenOver,
