@@ -564,3 +564,69 @@ async fn kill_9_during_a_whole_file_patch_keeps_every_whole_piece_of_it() {
     assert_eq!(received[0].files[0].sha256, sha, "byte-exact");
     stitch.kill();
 }
+
+#[tokio::test]
+async fn a_patch_in_another_process_on_the_same_storage_takes_over_from_a_quiet_one() {
+    // Two processes share one storage directory (behind one load balancer). A client's
+    // connection to the first goes quiet; it resumes through the second, which asks the first
+    // (through the storage) to stop reading: at once, not after the body timeout (60 s).
+    let upstream = Upstream::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    let first = StitchProcess::start(upstream.addr, &dir, common::tus::TUS_ROUTE);
+    let second = StitchProcess::start_yaml(
+        &dir.with_extension("second"),
+        &config_yaml(upstream.addr, &dir, "", common::tus::TUS_ROUTE),
+    );
+    let data = random_bytes(200_000, 64);
+    let client = reqwest::Client::new();
+    let created = client
+        .post(format!("http://{}/files", first.addr))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", data.len().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let location = created.headers()["location"].to_str().unwrap().to_string();
+    let path = location[location.find("/files").unwrap()..].to_string();
+    let mut quiet = common::raw::RawConnection::open(first.addr).await;
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: a\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
+         Content-Length: {}\r\n\r\n",
+        data.len()
+    );
+    assert!(quiet.send(head.as_bytes()).await);
+    assert!(quiet.send(&data[..50_000]).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let patch = |offset: usize| {
+        client
+            .patch(format!("http://{}{path}", second.addr))
+            .header("tus-resumable", "1.0.0")
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", offset.to_string())
+            .body(data.slice(offset..))
+            .send()
+    };
+    let retried = tokio::time::timeout(Duration::from_secs(10), patch(0))
+        .await
+        .expect("the other process's quiet PATCH does not hold this one up")
+        .unwrap();
+    assert_eq!(retried.status(), 409, "the offset moved");
+    assert_eq!(retried.headers()["upload-offset"], "50000");
+    let old = quiet.response(Duration::from_secs(5)).await;
+    assert_eq!(
+        old.map(|a| a.status),
+        Some(409),
+        "the quiet one was taken over"
+    );
+    let rest = patch(50_000).await.unwrap();
+    assert_eq!(rest.status(), 204);
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "delivered once");
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+    assert_eq!(received[0].files[0].sha256, sha, "byte-exact");
+}

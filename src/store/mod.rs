@@ -348,6 +348,18 @@ pub trait StateStore: Send + Sync {
     /// recording activity.
     async fn reindex(&self, upload: &UploadKey, at: SystemTime) -> Result<(), StoreError>;
     async fn last_activity(&self, upload: &UploadKey) -> Result<Option<SystemTime>, StoreError>;
+
+    /// Asks whoever holds the upload's lease in another process to stop reading the body it is
+    /// appending (a newer request for the upload waits for it). Engines shared by one process
+    /// only need nothing: its appends are stopped in memory.
+    async fn ask_to_stop(&self, _upload: &UploadKey) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// When another process last asked for the upload's append to stop, if it did (an append
+    /// that began after that is the asker's own, or a later one: it goes on).
+    async fn stop_asked(&self, _upload: &UploadKey) -> Result<Option<SystemTime>, StoreError> {
+        Ok(None)
+    }
     /// Uploads with an index entry before `before` (no listing of every upload). The caller
     /// checks each one under its lock: removes it, or indexes it again.
     async fn idle_since(&self, before: SystemTime) -> Result<Vec<UploadKey>, StoreError>;

@@ -229,6 +229,19 @@ impl UploadCore {
         self.appends.stop_all();
     }
 
+    /// Takes the upload's lease, asking an append of another process that holds it to stop
+    /// if it is not free within a moment (see `takeover`).
+    async fn lock_asking(&self, upload: &UploadKey) -> Result<Lease, StoreError> {
+        const ASK_AFTER: Duration = Duration::from_millis(200);
+        if let Ok(lease) = tokio::time::timeout(ASK_AFTER, self.lock(upload)).await {
+            return lease;
+        }
+        if let Err(e) = self.engines.state.ask_to_stop(upload).await {
+            tracing::warn!("{upload:?}: could not ask the lease's holder to stop: {e}");
+        }
+        self.lock(upload).await
+    }
+
     /// Takes the upload's lease.
     async fn lock(&self, upload: &UploadKey) -> Result<Lease, StoreError> {
         self.engines

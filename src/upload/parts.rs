@@ -414,6 +414,7 @@ impl UploadCore {
         accept: &(dyn Fn(&Staged) -> bool + Send + Sync),
     ) -> Result<Appended, CoreError> {
         let running = self.appends.take_over(upload);
+        let _watching = running.watch_other_processes(self.engines.state.clone());
         let mut body = running.wrap(body);
         let body: &mut dyn BodySource = &mut body;
         let Appending {
@@ -468,7 +469,7 @@ impl UploadCore {
         at: u64,
         limit: u64,
     ) -> Result<Appending, CoreError> {
-        let lease = self.lock(upload).await?;
+        let lease = self.lock_asking(upload).await?;
         let state = &self.engines.state;
         let meta = state.meta(upload).await?.ok_or(CoreError::NotFound)?;
         let parts = state.parts(upload).await?;
@@ -503,6 +504,7 @@ impl UploadCore {
         piece: u64,
     ) -> Result<Appended, CoreError> {
         let running = self.appends.take_over(upload);
+        let _watching = running.watch_other_processes(self.engines.state.clone());
         let mut body = running.wrap(body);
         let body: &mut dyn BodySource = &mut body;
         let Appending {
@@ -663,7 +665,7 @@ impl UploadCore {
     async fn remove_upload(&self, upload: &UploadKey, remember: bool) -> Result<(), CoreError> {
         // An append under way would hold the lease until its body ends.
         let _ = self.appends.interrupt(upload);
-        let lease = self.lock(upload).await?;
+        let lease = self.lock_asking(upload).await?;
         let gone = match remember {
             true => self.tombstone_of(upload).await?,
             false => None,

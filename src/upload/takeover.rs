@@ -4,15 +4,17 @@
 //! a body that will never come and holding the upload's lease until the body timeout. The
 //! newer request asks that append to stop reading: it keeps the bytes that arrived, as a body
 //! that broke off does, and lets the lease go. The newest request for an upload wins: a PATCH,
-//! a HEAD (a client resumes by asking for the offset first) or a termination. Only appends
-//! of this process are seen: one running in another process on the same storage still holds
-//! the lease until its body ends or times out.
+//! a HEAD (a client resumes by asking for the offset first) or a termination. An append in
+//! another process sharing the storage is asked through the state store: a PATCH or a
+//! termination that finds the lease held for a moment asks (`ask_to_stop`), and a running
+//! append looks for such a request twice a second. (A HEAD there reports what is stored; the
+//! PATCH that follows asks, and is told the offset moved.)
 //!
 //! A graceful shutdown (or upgrade) stops every append the same way: a tus client sending a
 //! whole file in one PATCH keeps what arrived and resumes (on the new process, or once this
 //! one is back) instead of losing the whole body when the process exits.
 
-use crate::store::{BodyError, BodySource, UploadKey};
+use crate::store::{BodyError, BodySource, StateStore, UploadKey};
 use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -72,7 +74,41 @@ impl Running<'_> {
             stop: Arc::clone(&self.stop),
         }
     }
+
+    /// Watches for a newer request of another process sharing the storage, which asks through
+    /// the state store ([`StateStore::ask_to_stop`]): looked at every half second while the
+    /// append runs, and stopped when dropped.
+    pub(super) fn watch_other_processes(&self, state: Arc<dyn StateStore>) -> Watching {
+        let (stop, upload) = (Arc::clone(&self.stop), self.upload);
+        let began = std::time::SystemTime::now();
+        let watching = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(WATCH_EVERY).await;
+                if let Ok(Some(asked)) = state.stop_asked(&upload).await {
+                    // (One asked before this append began is its own request, or an older one.)
+                    if asked > began {
+                        stop.ask(TAKEN_OVER);
+                        return;
+                    }
+                }
+            }
+        })
+        .abort_handle();
+        Watching(watching)
+    }
 }
+
+/// The watch of [`Running::watch_other_processes`], ended when dropped.
+pub(super) struct Watching(tokio::task::AbortHandle);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// How often a running append looks for a request to stop from another process.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {

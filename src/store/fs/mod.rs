@@ -13,6 +13,8 @@
 //! <dir>/uploads/<key>/activity                  its modification time is the last activity
 //! <dir>/activity/<from>-<to>/<key>              index: the upload is due a look in that span
 //! <dir>/locks/upload-<n>, locks/blob-<n>        lock files (flock), keys hashed into stripes
+//! <dir>/stops/<key>                             its modification time: when another process
+//!                                               asked the upload's running append to stop
 //! ```
 //!
 //! Crash safety: a blob is published by `rename`, a part by `link`, each atomic, with the file
@@ -207,6 +209,11 @@ impl Fs {
 
     fn upload_dir(&self, upload: &UploadKey) -> PathBuf {
         self.root.join("uploads").join(upload.hex())
+    }
+
+    /// Where another process asks for the upload's append to stop (see `ask_to_stop`).
+    fn stop_path(&self, upload: &UploadKey) -> PathBuf {
+        self.root.join("stops").join(upload.hex())
     }
 
     fn blob_path(&self, digest: &super::Digest) -> PathBuf {

@@ -598,11 +598,35 @@ impl StateStore for FsState {
         Ok(())
     }
 
+    /// A file `stops/<key>`: nothing in it, not made durable (a request to stop that a crash
+    /// loses is asked again by the request that waits).
+    async fn ask_to_stop(&self, upload: &UploadKey) -> Result<(), StoreError> {
+        let path = self.0.stop_path(upload);
+        Ok(Fs::blocking(move || {
+            let dir = path.parent().expect("stop paths have a parent");
+            let file = match std::fs::File::create(&path) {
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    std::fs::create_dir_all(dir)?;
+                    std::fs::File::create(&path)?
+                }
+                other => other?,
+            };
+            // Asked now (the file may be there from an earlier request).
+            file.set_modified(SystemTime::now())
+        })
+        .await?)
+    }
+
+    async fn stop_asked(&self, upload: &UploadKey) -> Result<Option<SystemTime>, StoreError> {
+        Ok(modified(&self.0.stop_path(upload)).await?)
+    }
+
     async fn remove(&self, upload: &UploadKey, _fence: Fence) -> Result<(), StoreError> {
         // A listing read before this is not kept (see `parts`).
         self.changing(upload);
         self.0.indexed_spans.remove(upload);
         remove_if_present(&self.0.queue_path(upload)).await?;
+        remove_if_present(&self.0.stop_path(upload)).await?;
         let removed = match tokio::fs::remove_dir_all(self.0.upload_dir(upload)).await {
             Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
