@@ -630,3 +630,69 @@ async fn a_patch_in_another_process_on_the_same_storage_takes_over_from_a_quiet_
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
     assert_eq!(received[0].files[0].sha256, sha, "byte-exact");
 }
+
+#[tokio::test]
+async fn a_patch_that_asked_another_process_to_stop_is_not_stopped_by_its_own_request() {
+    // The first process holds the upload with a quiet PATCH that sent nothing yet; the
+    // second's PATCH asks it to stop, finds the offset unchanged and goes on, slowly (2 s of
+    // body): its own request to stop must not stop it.
+    let upstream = Upstream::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("data");
+    std::fs::create_dir(&dir).unwrap();
+    let first = StitchProcess::start(upstream.addr, &dir, common::tus::TUS_ROUTE);
+    let second = StitchProcess::start_yaml(
+        &dir.with_extension("second"),
+        &config_yaml(upstream.addr, &dir, "", common::tus::TUS_ROUTE),
+    );
+    let line = common::relay::SlowLine::start(second.addr, 100_000).await;
+    let data = random_bytes(200_000, 65);
+    let client = reqwest::Client::new();
+    let created = client
+        .post(format!("http://{}/files", first.addr))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", data.len().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let location = created.headers()["location"].to_str().unwrap().to_string();
+    let path = location[location.find("/files").unwrap()..].to_string();
+    let mut quiet = common::raw::RawConnection::open(first.addr).await;
+    let head = format!(
+        "PATCH {path} HTTP/1.1\r\nHost: a\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
+         Content-Length: {}\r\n\r\n",
+        data.len()
+    );
+    assert!(quiet.send(head.as_bytes()).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let whole = tokio::time::timeout(
+        Duration::from_secs(20),
+        client
+            .patch(format!("http://{}{path}", line.addr))
+            .header("tus-resumable", "1.0.0")
+            .header("content-type", "application/offset+octet-stream")
+            .header("upload-offset", "0")
+            .body(data.clone())
+            .send(),
+    )
+    .await
+    .expect("answered")
+    .unwrap();
+    assert_eq!(
+        whole.status(),
+        204,
+        "the whole file, through the second process"
+    );
+    let old = quiet.response(Duration::from_secs(5)).await;
+    assert_eq!(
+        old.map(|a| a.status),
+        Some(409),
+        "the quiet one was taken over"
+    );
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "delivered once");
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
+    assert_eq!(received[0].files[0].sha256, sha, "byte-exact");
+}

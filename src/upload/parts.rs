@@ -414,7 +414,6 @@ impl UploadCore {
         accept: &(dyn Fn(&Staged) -> bool + Send + Sync),
     ) -> Result<Appended, CoreError> {
         let running = self.appends.take_over(upload);
-        let _watching = running.watch_other_processes(self.engines.state.clone());
         let mut body = running.wrap(body);
         let body: &mut dyn BodySource = &mut body;
         let Appending {
@@ -424,6 +423,8 @@ impl UploadCore {
             room,
             next,
         } = self.start_append(upload, at, limit).await?;
+        // From the lease on: a request to stop written before is this one's, or older.
+        let _watching = running.watch_other_processes(self.engines.state.clone());
         let state = &self.engines.state;
         let staged = self.engines.blobs.stage(body, room).await?;
         let broke_off = match &staged.cut {
@@ -504,7 +505,6 @@ impl UploadCore {
         piece: u64,
     ) -> Result<Appended, CoreError> {
         let running = self.appends.take_over(upload);
-        let _watching = running.watch_other_processes(self.engines.state.clone());
         let mut body = running.wrap(body);
         let body: &mut dyn BodySource = &mut body;
         let Appending {
@@ -514,6 +514,8 @@ impl UploadCore {
             room,
             mut next,
         } = self.start_append(upload, at, limit).await?;
+        // From the lease on: a request to stop written before is this one's, or older.
+        let _watching = running.watch_other_processes(self.engines.state.clone());
         let state = &self.engines.state;
         let mut offset = current;
         let mut carry = None;

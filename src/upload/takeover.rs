@@ -77,7 +77,8 @@ impl Running<'_> {
 
     /// Watches for a newer request of another process sharing the storage, which asks through
     /// the state store ([`StateStore::ask_to_stop`]): looked at every half second while the
-    /// append runs, and stopped when dropped.
+    /// append runs, and stopped when dropped. Call it once the append holds the lease: a
+    /// request made before then was the append's own (it asked for the lease), or older.
     pub(super) fn watch_other_processes(&self, state: Arc<dyn StateStore>) -> Watching {
         let (stop, upload) = (Arc::clone(&self.stop), self.upload);
         let began = std::time::SystemTime::now();
@@ -85,7 +86,6 @@ impl Running<'_> {
             loop {
                 tokio::time::sleep(WATCH_EVERY).await;
                 if let Ok(Some(asked)) = state.stop_asked(&upload).await {
-                    // (One asked before this append began is its own request, or an older one.)
                     if asked > began {
                         stop.ask(TAKEN_OVER);
                         return;
