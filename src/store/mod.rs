@@ -350,13 +350,18 @@ pub trait StateStore: Send + Sync {
     async fn last_activity(&self, upload: &UploadKey) -> Result<Option<SystemTime>, StoreError>;
 
     /// Asks whoever holds the upload's lease in another process to stop reading the body it is
-    /// appending (a newer request for the upload waits for it). Engines shared by one process
-    /// only need nothing: its appends are stopped in memory.
-    async fn ask_to_stop(&self, _upload: &UploadKey) -> Result<(), StoreError> {
+    /// appending, for a request that arrived at `arrived` and waits for the lease: the newest
+    /// asker's arrival is kept. Engines shared by one process only need nothing: its appends
+    /// are stopped in memory.
+    async fn ask_to_stop(
+        &self,
+        _upload: &UploadKey,
+        _arrived: SystemTime,
+    ) -> Result<(), StoreError> {
         Ok(())
     }
-    /// When another process last asked for the upload's append to stop, if it did (an append
-    /// that began after that is the asker's own, or a later one: it goes on).
+    /// The arrival of the newest request that asked for the upload's append to stop, if any
+    /// (an append that arrived later than that goes on).
     async fn stop_asked(&self, _upload: &UploadKey) -> Result<Option<SystemTime>, StoreError> {
         Ok(None)
     }

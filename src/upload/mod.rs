@@ -229,17 +229,27 @@ impl UploadCore {
         self.appends.stop_all();
     }
 
-    /// Takes the upload's lease, asking an append of another process that holds it to stop
-    /// if it is not free within a moment (see `takeover`).
-    async fn lock_asking(&self, upload: &UploadKey) -> Result<Lease, StoreError> {
+    /// Takes the upload's lease for a request that arrived at `arrived`, asking an append of
+    /// another process that holds it to stop if it is not free within a moment (see
+    /// `takeover`). The wait keeps its place meanwhile.
+    async fn lock_asking(
+        &self,
+        upload: &UploadKey,
+        arrived: SystemTime,
+    ) -> Result<Lease, StoreError> {
         const ASK_AFTER: Duration = Duration::from_millis(200);
-        if let Ok(lease) = tokio::time::timeout(ASK_AFTER, self.lock(upload)).await {
+        let lock = self.lock(upload);
+        tokio::pin!(lock);
+        if let Ok(lease) = tokio::time::timeout(ASK_AFTER, &mut lock).await {
             return lease;
         }
-        if let Err(e) = self.engines.state.ask_to_stop(upload).await {
-            tracing::warn!("{upload:?}: could not ask the lease's holder to stop: {e}");
-        }
-        self.lock(upload).await
+        let (state, key) = (self.engines.state.clone(), *upload);
+        tokio::spawn(async move {
+            if let Err(e) = state.ask_to_stop(&key, arrived).await {
+                tracing::warn!("{key:?}: could not ask the lease's holder to stop: {e}");
+            }
+        });
+        lock.await
     }
 
     /// Takes the upload's lease.

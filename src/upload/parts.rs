@@ -422,8 +422,10 @@ impl UploadCore {
             current,
             room,
             next,
-        } = self.start_append(upload, at, limit).await?;
-        // From the lease on: a request to stop written before is this one's, or older.
+        } = self
+            .start_append(upload, at, limit, running.arrived)
+            .await?;
+        // Another process's newer request may ask it to stop while the body is read.
         let _watching = running.watch_other_processes(self.engines.state.clone());
         let state = &self.engines.state;
         let staged = self.engines.blobs.stage(body, room).await?;
@@ -469,8 +471,9 @@ impl UploadCore {
         upload: &UploadKey,
         at: u64,
         limit: u64,
+        arrived: std::time::SystemTime,
     ) -> Result<Appending, CoreError> {
-        let lease = self.lock_asking(upload).await?;
+        let lease = self.lock_asking(upload, arrived).await?;
         let state = &self.engines.state;
         let meta = state.meta(upload).await?.ok_or(CoreError::NotFound)?;
         let parts = state.parts(upload).await?;
@@ -513,8 +516,10 @@ impl UploadCore {
             current,
             room,
             mut next,
-        } = self.start_append(upload, at, limit).await?;
-        // From the lease on: a request to stop written before is this one's, or older.
+        } = self
+            .start_append(upload, at, limit, running.arrived)
+            .await?;
+        // Another process's newer request may ask it to stop while the body is read.
         let _watching = running.watch_other_processes(self.engines.state.clone());
         let state = &self.engines.state;
         let mut offset = current;
@@ -667,7 +672,9 @@ impl UploadCore {
     async fn remove_upload(&self, upload: &UploadKey, remember: bool) -> Result<(), CoreError> {
         // An append under way would hold the lease until its body ends.
         let _ = self.appends.interrupt(upload);
-        let lease = self.lock_asking(upload).await?;
+        let lease = self
+            .lock_asking(upload, std::time::SystemTime::now())
+            .await?;
         let gone = match remember {
             true => self.tombstone_of(upload).await?,
             false => None,

@@ -64,6 +64,9 @@ pub(super) struct Running<'a> {
     appends: &'a Appends,
     upload: UploadKey,
     stop: Arc<Stop>,
+    /// When the request arrived: a request to stop from another process counts only if it
+    /// came from a request that arrived later.
+    pub(super) arrived: std::time::SystemTime,
 }
 
 impl Running<'_> {
@@ -76,17 +79,17 @@ impl Running<'_> {
     }
 
     /// Watches for a newer request of another process sharing the storage, which asks through
-    /// the state store ([`StateStore::ask_to_stop`]): looked at every half second while the
-    /// append runs, and stopped when dropped. Call it once the append holds the lease: a
-    /// request made before then was the append's own (it asked for the lease), or older.
+    /// the state store ([`StateStore::ask_to_stop`], stamped with the asker's arrival): looked
+    /// at every half second while the append runs, and stopped when dropped. Only a request
+    /// that arrived after this one counts (not its own, nor an older one's); a stamp in the
+    /// future (the clock was set back) is not believed.
     pub(super) fn watch_other_processes(&self, state: Arc<dyn StateStore>) -> Watching {
-        let (stop, upload) = (Arc::clone(&self.stop), self.upload);
-        let began = std::time::SystemTime::now();
+        let (stop, upload, arrived) = (Arc::clone(&self.stop), self.upload, self.arrived);
         let watching = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(WATCH_EVERY).await;
                 if let Ok(Some(asked)) = state.stop_asked(&upload).await {
-                    if asked > began {
+                    if asked > arrived && asked <= std::time::SystemTime::now() {
                         stop.ask(TAKEN_OVER);
                         return;
                     }
@@ -158,6 +161,7 @@ impl Appends {
             appends: self,
             upload: *upload,
             stop,
+            arrived: std::time::SystemTime::now(),
         }
     }
 }

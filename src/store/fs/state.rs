@@ -600,19 +600,36 @@ impl StateStore for FsState {
 
     /// A file `stops/<key>`: nothing in it, not made durable (a request to stop that a crash
     /// loses is asked again by the request that waits).
-    async fn ask_to_stop(&self, upload: &UploadKey) -> Result<(), StoreError> {
+    async fn ask_to_stop(&self, upload: &UploadKey, arrived: SystemTime) -> Result<(), StoreError> {
         let path = self.0.stop_path(upload);
         Ok(Fs::blocking(move || {
-            let dir = path.parent().expect("stop paths have a parent");
-            let file = match std::fs::File::create(&path) {
-                Err(e) if e.kind() == ErrorKind::NotFound => {
-                    std::fs::create_dir_all(dir)?;
-                    std::fs::File::create(&path)?
-                }
-                other => other?,
+            let create = || {
+                std::fs::File::options()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
             };
-            // Asked now (the file may be there from an earlier request).
-            file.set_modified(SystemTime::now())
+            let created = match create() {
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    std::fs::create_dir_all(path.parent().expect("stop paths have a parent"))?;
+                    create()
+                }
+                other => other,
+            };
+            let file = match created {
+                Ok(file) => return file.set_modified(arrived),
+                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                    std::fs::File::options().write(true).open(&path)?
+                }
+                Err(e) => return Err(e),
+            };
+            // The newest asker's arrival stands (two may ask in either order). One in the
+            // future is not believed: the clock was set back since.
+            let kept = file.metadata()?.modified()?;
+            if arrived > kept || kept > SystemTime::now() {
+                file.set_modified(arrived)?;
+            }
+            Ok(())
         })
         .await?)
     }
