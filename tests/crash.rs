@@ -500,23 +500,9 @@ async fn kill_9_during_a_whole_file_patch_keeps_every_whole_piece_of_it() {
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    let created = client
-        .post(format!("http://{addr}/files"))
-        .header("tus-resumable", "1.0.0")
-        .header("upload-length", data.len().to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let location = created.headers()["location"].to_str().unwrap().to_string();
-    let path = location[location.find("/files").unwrap()..].to_string();
+    let path = common::tus::create_at(addr, data.len()).await;
     let mut patch = common::raw::RawConnection::open(addr).await;
-    let head = format!(
-        "PATCH {path} HTTP/1.1\r\nHost: a\r\nTus-Resumable: 1.0.0\r\n\
-         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
-         Content-Length: {}\r\n\r\n",
-        data.len()
-    );
+    let head = common::tus::patch_head(&path, 0, data.len());
     assert!(patch.send(head.as_bytes()).await);
     assert!(patch.send(&data[..70 << 20]).await);
     // Once the second piece is kept (the third is under way: lost).
@@ -581,23 +567,9 @@ async fn a_patch_in_another_process_on_the_same_storage_takes_over_from_a_quiet_
     );
     let data = random_bytes(200_000, 64);
     let client = reqwest::Client::new();
-    let created = client
-        .post(format!("http://{}/files", first.addr))
-        .header("tus-resumable", "1.0.0")
-        .header("upload-length", data.len().to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let location = created.headers()["location"].to_str().unwrap().to_string();
-    let path = location[location.find("/files").unwrap()..].to_string();
+    let path = common::tus::create_at(first.addr, data.len()).await;
     let mut quiet = common::raw::RawConnection::open(first.addr).await;
-    let head = format!(
-        "PATCH {path} HTTP/1.1\r\nHost: a\r\nTus-Resumable: 1.0.0\r\n\
-         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
-         Content-Length: {}\r\n\r\n",
-        data.len()
-    );
+    let head = common::tus::patch_head(&path, 0, data.len());
     assert!(quiet.send(head.as_bytes()).await);
     assert!(quiet.send(&data[..50_000]).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -648,23 +620,9 @@ async fn a_patch_that_asked_another_process_to_stop_is_not_stopped_by_its_own_re
     let line = common::relay::SlowLine::start(second.addr, 100_000).await;
     let data = random_bytes(200_000, 65);
     let client = reqwest::Client::new();
-    let created = client
-        .post(format!("http://{}/files", first.addr))
-        .header("tus-resumable", "1.0.0")
-        .header("upload-length", data.len().to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let location = created.headers()["location"].to_str().unwrap().to_string();
-    let path = location[location.find("/files").unwrap()..].to_string();
+    let path = common::tus::create_at(first.addr, data.len()).await;
     let mut quiet = common::raw::RawConnection::open(first.addr).await;
-    let head = format!(
-        "PATCH {path} HTTP/1.1\r\nHost: a\r\nTus-Resumable: 1.0.0\r\n\
-         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
-         Content-Length: {}\r\n\r\n",
-        data.len()
-    );
+    let head = common::tus::patch_head(&path, 0, data.len());
     assert!(quiet.send(head.as_bytes()).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let whole = tokio::time::timeout(

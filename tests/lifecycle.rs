@@ -100,27 +100,9 @@ async fn sigterm_during_a_whole_file_tus_patch_keeps_its_bytes_answers_it_and_ex
     let mut stitch = StitchProcess::start_yaml(&dir, &yaml);
     let data = random_bytes(200_000, 121);
     let client = reqwest::Client::new();
-    let created = client
-        .post(format!("http://{}/files", stitch.addr))
-        .header("tus-resumable", "1.0.0")
-        .header("upload-length", data.len().to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(created.status(), 201);
-    let location = created.headers()["location"].to_str().unwrap().to_string();
-    let path = location
-        .split_once(&stitch.addr.to_string())
-        .unwrap()
-        .1
-        .to_string();
+    let path = common::tus::create_at(stitch.addr, data.len()).await;
     let mut patch = RawConnection::open(stitch.addr).await;
-    let head = format!(
-        "PATCH {path} HTTP/1.1\r\nHost: a\r\nTus-Resumable: 1.0.0\r\n\
-         Content-Type: application/offset+octet-stream\r\nUpload-Offset: 0\r\n\
-         Content-Length: {}\r\n\r\n",
-        data.len()
-    );
+    let head = common::tus::patch_head(&path, 0, data.len());
     assert!(patch.send(head.as_bytes()).await);
     assert!(patch.send(&data[..80_000]).await);
     tokio::time::sleep(Duration::from_millis(300)).await;

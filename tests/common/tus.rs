@@ -55,3 +55,28 @@ pub async fn create_upload(h: &Harness, length: usize) -> String {
     assert_eq!(created.status(), 201, "creation");
     location_of(h, &created)
 }
+
+/// Creates an upload of `length` bytes on `/files` of the Stitch at `addr` (a process of its
+/// own); returns its path.
+pub async fn create_at(addr: std::net::SocketAddr, length: usize) -> String {
+    let created = reqwest::Client::new()
+        .post(format!("http://{addr}/files"))
+        .header("tus-resumable", "1.0.0")
+        .header("upload-length", length.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201, "creation");
+    let location = header(&created, "location").expect("Location");
+    location[location.find("/files").expect("a URL on /files")..].to_string()
+}
+
+/// The head of a PATCH of `length` bytes at `offset` to `path`, for a raw connection that
+/// then sends the body as slowly, or as partly, as a test needs.
+pub fn patch_head(path: &str, offset: u64, length: usize) -> String {
+    format!(
+        "PATCH {path} HTTP/1.1\r\nHost: a\r\nTus-Resumable: 1.0.0\r\n\
+         Content-Type: application/offset+octet-stream\r\nUpload-Offset: {offset}\r\n\
+         Content-Length: {length}\r\n\r\n"
+    )
+}
