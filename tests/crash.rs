@@ -534,20 +534,9 @@ async fn kill_9_during_a_whole_file_patch_keeps_every_whole_piece_of_it() {
         .parse()
         .unwrap();
     assert_eq!(offset, 64 << 20, "the whole pieces are kept");
-    let rest = client
-        .patch(&url)
-        .header("tus-resumable", "1.0.0")
-        .header("content-type", "application/offset+octet-stream")
-        .header("upload-offset", offset.to_string())
-        .body(data.slice(offset..))
-        .send()
-        .await
-        .unwrap();
+    let rest = common::tus::patch_at(addr, &path, offset, data.slice(offset..)).await;
     assert_eq!(rest.status(), 204);
-    let received = upstream.received_at("/app/upload");
-    assert_eq!(received.len(), 1, "delivered once");
-    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
-    assert_eq!(received[0].files[0].sha256, sha, "byte-exact");
+    common::tus::assert_delivered_once(&upstream, &data);
     stitch.kill();
 }
 
@@ -560,13 +549,8 @@ async fn a_patch_in_another_process_on_the_same_storage_takes_over_from_a_quiet_
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("data");
     std::fs::create_dir(&dir).unwrap();
-    let first = StitchProcess::start(upstream.addr, &dir, common::tus::TUS_ROUTE);
-    let second = StitchProcess::start_yaml(
-        &dir.with_extension("second"),
-        &config_yaml(upstream.addr, &dir, "", common::tus::TUS_ROUTE),
-    );
+    let (first, second) = two_tus_processes(upstream.addr, &dir);
     let data = random_bytes(200_000, 64);
-    let client = reqwest::Client::new();
     let path = common::tus::create_at(first.addr, data.len()).await;
     let mut quiet = common::raw::RawConnection::open(first.addr).await;
     let head = common::tus::patch_head(&path, 0, data.len());
@@ -574,19 +558,11 @@ async fn a_patch_in_another_process_on_the_same_storage_takes_over_from_a_quiet_
     assert!(quiet.send(&data[..50_000]).await);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let patch = |offset: usize| {
-        client
-            .patch(format!("http://{}{path}", second.addr))
-            .header("tus-resumable", "1.0.0")
-            .header("content-type", "application/offset+octet-stream")
-            .header("upload-offset", offset.to_string())
-            .body(data.slice(offset..))
-            .send()
-    };
+    let patch =
+        |offset: usize| common::tus::patch_at(second.addr, &path, offset, data.slice(offset..));
     let retried = tokio::time::timeout(Duration::from_secs(10), patch(0))
         .await
-        .expect("the other process's quiet PATCH does not hold this one up")
-        .unwrap();
+        .expect("the other process's quiet PATCH does not hold this one up");
     assert_eq!(retried.status(), 409, "the offset moved");
     assert_eq!(retried.headers()["upload-offset"], "50000");
     let old = quiet.response(Duration::from_secs(5)).await;
@@ -595,12 +571,9 @@ async fn a_patch_in_another_process_on_the_same_storage_takes_over_from_a_quiet_
         Some(409),
         "the quiet one was taken over"
     );
-    let rest = patch(50_000).await.unwrap();
+    let rest = patch(50_000).await;
     assert_eq!(rest.status(), 204);
-    let received = upstream.received_at("/app/upload");
-    assert_eq!(received.len(), 1, "delivered once");
-    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
-    assert_eq!(received[0].files[0].sha256, sha, "byte-exact");
+    common::tus::assert_delivered_once(&upstream, &data);
 }
 
 #[tokio::test]
@@ -612,14 +585,9 @@ async fn a_patch_that_asked_another_process_to_stop_is_not_stopped_by_its_own_re
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("data");
     std::fs::create_dir(&dir).unwrap();
-    let first = StitchProcess::start(upstream.addr, &dir, common::tus::TUS_ROUTE);
-    let second = StitchProcess::start_yaml(
-        &dir.with_extension("second"),
-        &config_yaml(upstream.addr, &dir, "", common::tus::TUS_ROUTE),
-    );
+    let (first, second) = two_tus_processes(upstream.addr, &dir);
     let line = common::relay::SlowLine::start(second.addr, 100_000).await;
     let data = random_bytes(200_000, 65);
-    let client = reqwest::Client::new();
     let path = common::tus::create_at(first.addr, data.len()).await;
     let mut quiet = common::raw::RawConnection::open(first.addr).await;
     let head = common::tus::patch_head(&path, 0, data.len());
@@ -627,17 +595,10 @@ async fn a_patch_that_asked_another_process_to_stop_is_not_stopped_by_its_own_re
     tokio::time::sleep(Duration::from_millis(300)).await;
     let whole = tokio::time::timeout(
         Duration::from_secs(20),
-        client
-            .patch(format!("http://{}{path}", line.addr))
-            .header("tus-resumable", "1.0.0")
-            .header("content-type", "application/offset+octet-stream")
-            .header("upload-offset", "0")
-            .body(data.clone())
-            .send(),
+        common::tus::patch_at(line.addr, &path, 0, data.clone()),
     )
     .await
-    .expect("answered")
-    .unwrap();
+    .expect("answered");
     assert_eq!(
         whole.status(),
         204,
@@ -649,8 +610,18 @@ async fn a_patch_that_asked_another_process_to_stop_is_not_stopped_by_its_own_re
         Some(409),
         "the quiet one was taken over"
     );
-    let received = upstream.received_at("/app/upload");
-    assert_eq!(received.len(), 1, "delivered once");
-    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data));
-    assert_eq!(received[0].files[0].sha256, sha, "byte-exact");
+    common::tus::assert_delivered_once(&upstream, &data);
+}
+
+/// Two Stitch processes with the tus route on one storage directory, each on its own port.
+fn two_tus_processes(
+    upstream: std::net::SocketAddr,
+    dir: &std::path::Path,
+) -> (StitchProcess, StitchProcess) {
+    let first = StitchProcess::start(upstream, dir, common::tus::TUS_ROUTE);
+    let second = StitchProcess::start_yaml(
+        &dir.with_extension("second"),
+        &config_yaml(upstream, dir, "", common::tus::TUS_ROUTE),
+    );
+    (first, second)
 }

@@ -7,7 +7,6 @@ mod common;
 use common::process::StitchProcess;
 use common::raw::RawConnection;
 use common::*;
-use sha2::Digest;
 use std::time::Duration;
 
 /// A config for the binary with `shutdown_grace: 30s` (a graceful stop must not wait it out).
@@ -130,22 +129,9 @@ async fn sigterm_during_a_whole_file_tus_patch_keeps_its_bytes_answers_it_and_ex
         .await
         .unwrap();
     assert_eq!(progress.headers()["upload-offset"], "80000");
-    let rest = client
-        .patch(&url)
-        .header("tus-resumable", "1.0.0")
-        .header("content-type", "application/offset+octet-stream")
-        .header("upload-offset", "80000")
-        .body(data.slice(80_000..))
-        .send()
-        .await
-        .unwrap();
+    let rest = common::tus::patch_at(restarted.addr, &path, 80_000, data.slice(80_000..)).await;
     assert_eq!(rest.status(), 204);
-    let received = upstream.received_at("/app/upload");
-    assert_eq!(received.len(), 1, "delivered once");
-    assert_eq!(
-        received[0].files[0].sha256,
-        hex::encode(sha2::Sha256::digest(&data))
-    );
+    common::tus::assert_delivered_once(&upstream, &data);
 }
 
 #[tokio::test]

@@ -257,15 +257,7 @@ async fn tus_js_client_sending_the_file_in_one_patch_resumes_from_the_kept_bytes
     let line = SlowLine::start(addr, 2 << 20).await;
     let len = 32 << 20;
     let (file, sha256) = random_file(tmp.path(), "slow.bin", len, 13);
-    let node = TusNode::start(serde_json::json!({
-        "endpoint": format!("http://{}/files", line.addr),
-        "file": file,
-        "filename": "slow.bin",
-        "contentType": "application/octet-stream",
-        "token": "t-slow",
-        "buffer": true,
-        "progress": true,
-    }));
+    let node = one_patch_over(line.addr, &file, "slow.bin");
     let dir_again = dir.clone();
     let (result, stopped_in, received_after) = tokio::task::spawn_blocking(move || {
         // (Progress counts what the client handed to its socket: the relay holds some.)
@@ -293,6 +285,33 @@ async fn tus_js_client_sending_the_file_in_one_patch_resumes_from_the_kept_bytes
         stopped_in < Duration::from_secs(6),
         "the PATCH was answered and Stitch exited in {stopped_in:?}, not after the body"
     );
+    assert_resumed_once(result, &upstream, &sha256, received_after, len);
+}
+
+/// tus-js-client in Node sending `file` (read into a Buffer) in one PATCH, its default,
+/// through `line`, reporting its progress.
+fn one_patch_over(line: std::net::SocketAddr, file: &Path, name: &str) -> TusNode {
+    TusNode::start(serde_json::json!({
+        "endpoint": format!("http://{line}/files"),
+        "file": file,
+        "filename": name,
+        "contentType": "application/octet-stream",
+        "token": format!("t-{name}"),
+        "buffer": true,
+        "progress": true,
+    }))
+}
+
+/// The client finished and finalized; the application got the file once, byte-exact; and the
+/// process that followed received only what was missing (`received_after` of `len` bytes):
+/// the client resumed from the bytes kept, not from the start.
+fn assert_resumed_once(
+    result: NodeResult,
+    upstream: &Upstream,
+    sha256: &str,
+    received_after: u64,
+    len: usize,
+) {
     let finalized = result.finalized();
     assert_eq!(finalized.status, 201);
     let received = upstream.received_at("/app/upload");
@@ -300,8 +319,8 @@ async fn tus_js_client_sending_the_file_in_one_patch_resumes_from_the_kept_bytes
     assert_eq!(received[0].files[0].sha256, sha256, "byte-exact");
     assert!(
         received_after > 0 && received_after < len as u64,
-        "the client resumed from the bytes kept: the new process received {received_after} of \
-         {len} bytes"
+        "the client resumed from the bytes kept: the process that followed received \
+         {received_after} of {len} bytes"
     );
 }
 
@@ -344,15 +363,7 @@ async fn tus_js_client_sending_the_file_in_one_patch_resumes_on_the_new_process_
     let line = SlowLine::start(addr, 1 << 20).await;
     let len = 24 << 20;
     let (file, sha256) = random_file(tmp.path(), "upgrade.bin", len, 14);
-    let node = TusNode::start(serde_json::json!({
-        "endpoint": format!("http://{}/files", line.addr),
-        "file": file,
-        "filename": "upgrade.bin",
-        "contentType": "application/octet-stream",
-        "token": "t-upgrade",
-        "buffer": true,
-        "progress": true,
-    }));
+    let node = one_patch_over(line.addr, &file, "upgrade.bin");
     let dir_beside = dir.clone();
     let (result, stopped_in, received_after) = tokio::task::spawn_blocking(move || {
         assert!(
@@ -380,16 +391,7 @@ async fn tus_js_client_sending_the_file_in_one_patch_resumes_on_the_new_process_
         stopped_in < Duration::from_secs(14),
         "the old process exited {stopped_in:?} after SIGQUIT, not after the body"
     );
-    let finalized = result.finalized();
-    assert_eq!(finalized.status, 201);
-    let received = upstream.received_at("/app/upload");
-    assert_eq!(received.len(), 1, "delivered exactly once");
-    assert_eq!(received[0].files[0].sha256, sha256, "byte-exact");
-    assert!(
-        received_after > 0 && received_after < len as u64,
-        "the client resumed on the new process from the bytes kept: it received \
-         {received_after} of {len} bytes"
-    );
+    assert_resumed_once(result, &upstream, &sha256, received_after, len);
 }
 
 /// What `tests/clients/tuspy_upload.py` reports.

@@ -80,3 +80,33 @@ pub fn patch_head(path: &str, offset: u64, length: usize) -> String {
          Content-Length: {length}\r\n\r\n"
     )
 }
+
+/// A PATCH of `body` at `offset` to `path` on the Stitch at `addr` (a process of its own).
+pub async fn patch_at(
+    addr: std::net::SocketAddr,
+    path: &str,
+    offset: usize,
+    body: Bytes,
+) -> Response {
+    reqwest::Client::new()
+        .patch(format!("http://{addr}{path}"))
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", offset.to_string())
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Asserts that the application got `data` exactly once, byte-exact, at `/app/upload`.
+pub fn assert_delivered_once(upstream: &super::Upstream, data: &[u8]) {
+    use sha2::Digest;
+    let received = upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "delivered once");
+    assert_eq!(
+        received[0].files[0].sha256,
+        hex::encode(sha2::Sha256::digest(data)),
+        "byte-exact"
+    );
+}
