@@ -1035,3 +1035,33 @@ async fn what_one_process_caches_is_read_again_once_another_changes_it() {
     assert_eq!(seen.status, 201);
     assert_eq!(seen.body, "kept");
 }
+
+#[tokio::test]
+async fn a_request_to_stop_keeps_the_newest_asker_to_the_nanosecond_and_is_forgotten_after_a_minute(
+) {
+    // Two processes on one storage directory: a request that waits for an upload held by the
+    // other process asks it to stop, stamped with its arrival. The newest stamp stands, exact
+    // (file times are to the second on some file systems), and an old one goes with a sweep
+    // (e.g. one asked for an upload the other process removed meanwhile).
+    let t = Setup::new(Engine::Fs);
+    let state = &t.engines.state;
+    let gone = UploadKey::random();
+    let asked = SystemTime::now() - Duration::from_secs(10);
+    state.ask_to_stop(&gone, asked).await.unwrap();
+    state
+        .ask_to_stop(&gone, asked - Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(state.stop_asked(&gone).await.unwrap(), Some(asked));
+    let newer = asked + Duration::from_nanos(1);
+    state.ask_to_stop(&gone, newer).await.unwrap();
+    assert_eq!(state.stop_asked(&gone).await.unwrap(), Some(newer));
+
+    t.core.sweep().await.unwrap();
+    assert_eq!(state.stop_asked(&gone).await.unwrap(), Some(newer), "fresh");
+    t.advance(Duration::from_secs(61));
+    t.core.sweep().await.unwrap();
+    assert_eq!(state.stop_asked(&gone).await.unwrap(), None);
+    let stops = std::fs::read_dir(t._dir.path().join("stops")).unwrap();
+    assert_eq!(stops.count(), 0, "nothing left in the storage directory");
+}

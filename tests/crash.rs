@@ -545,15 +545,34 @@ async fn a_patch_in_another_process_on_the_same_storage_takes_over_from_a_quiet_
     // Two processes share one storage directory (behind one load balancer). A client's
     // connection to the first goes quiet; it resumes through the second, which asks the first
     // (through the storage) to stop reading: at once, not after the body timeout (60 s).
-    let upstream = Upstream::start().await;
     let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("data");
-    std::fs::create_dir(&dir).unwrap();
-    let (first, second) = two_tus_processes(upstream.addr, &dir);
+    a_quiet_patch_is_taken_over_through(&root.path().join("data")).await;
+}
+
+#[tokio::test]
+async fn a_take_over_within_the_same_second_works_on_a_file_system_with_times_to_the_second() {
+    // The same, on a file system that keeps file times to the second, with the second
+    // process's PATCH arriving within the second of the first's: a request to stop stamped by
+    // a file time would read as older than the PATCH it must stop.
+    let disk = common::disk::SmallDisk::with_times_to_the_second(64);
+    a_quiet_patch_is_taken_over_through(&disk.mount.join("data")).await;
+}
+
+/// A PATCH to the first of two processes on `dir` goes quiet at the start of a second; a PATCH
+/// to the second, 300 ms later, takes over from it and the file arrives once.
+async fn a_quiet_patch_is_taken_over_through(dir: &std::path::Path) {
+    let upstream = Upstream::start().await;
+    std::fs::create_dir(dir).unwrap();
+    let (first, second) = two_tus_processes(upstream.addr, dir);
     let data = random_bytes(200_000, 64);
     let path = common::tus::create_at(first.addr, data.len()).await;
     let mut quiet = common::raw::RawConnection::open(first.addr).await;
     let head = common::tus::patch_head(&path, 0, data.len());
+    let into_second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    tokio::time::sleep(Duration::from_nanos(1_000_000_000 - u64::from(into_second))).await;
     assert!(quiet.send(head.as_bytes()).await);
     assert!(quiet.send(&data[..50_000]).await);
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -365,6 +365,11 @@ pub trait StateStore: Send + Sync {
     async fn stop_asked(&self, _upload: &UploadKey) -> Result<Option<SystemTime>, StoreError> {
         Ok(None)
     }
+    /// Forgets requests to stop made before `before`: long seen, or left for an upload that
+    /// is gone.
+    async fn forget_stop_requests(&self, _before: SystemTime) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Uploads with an index entry before `before` (no listing of every upload). The caller
     /// checks each one under its lock: removes it, or indexes it again.
     async fn idle_since(&self, before: SystemTime) -> Result<Vec<UploadKey>, StoreError>;

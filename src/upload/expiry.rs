@@ -17,6 +17,10 @@ use std::time::Duration;
 /// sweep waits for each such upload in turn, and a graceful stop waits for the sweep.)
 const BUSY_WAIT: Duration = Duration::from_millis(250);
 
+/// How long a request to stop an append of another process is kept (see
+/// `StateStore::forget_stop_requests`).
+const STOP_REQUESTS_KEPT: Duration = Duration::from_secs(60);
+
 impl UploadCore {
     /// Deletes uploads nobody touched within `upload_ttl`, answers older than `result_ttl`,
     /// and bytes no part uses. Returns how many uploads were removed.
@@ -47,6 +51,10 @@ impl UploadCore {
             }
         }
         self.engines.state.prune_activity(before).await?;
+        self.engines
+            .state
+            .forget_stop_requests(now - STOP_REQUESTS_KEPT)
+            .await?;
         self.collect_garbage().await?;
         Ok(removed)
     }

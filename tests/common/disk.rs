@@ -14,6 +14,16 @@ pub struct SmallDisk {
 impl SmallDisk {
     /// An empty ext4 file system of `mib` MiB with 1 KiB blocks and no blocks reserved.
     pub fn new(mib: u64) -> SmallDisk {
+        SmallDisk::made(mib, &[])
+    }
+
+    /// The same with 128-byte inodes, which keep file times to the second only (as FAT, and
+    /// NFS servers on such file systems, do).
+    pub fn with_times_to_the_second(mib: u64) -> SmallDisk {
+        SmallDisk::made(mib, &["-I", "128"])
+    }
+
+    fn made(mib: u64, mkfs_args: &[&str]) -> SmallDisk {
         let image_dir = tempfile::tempdir().unwrap();
         let image = image_dir.path().join("disk.img");
         let mount = image_dir.path().join("mnt");
@@ -22,7 +32,8 @@ impl SmallDisk {
             .unwrap()
             .set_len(mib << 20)
             .unwrap();
-        run("mkfs.ext4", &["-q", "-F", "-m", "0", "-b", "1024"], &image);
+        let args = [&["-q", "-F", "-m", "0", "-b", "1024"], mkfs_args].concat();
+        run("mkfs.ext4", &args, &image);
         let mounted = Command::new("mount")
             .args(["-o", "loop"])
             .arg(&image)

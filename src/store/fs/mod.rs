@@ -13,8 +13,8 @@
 //! <dir>/uploads/<key>/activity                  its modification time is the last activity
 //! <dir>/activity/<from>-<to>/<key>              index: the upload is due a look in that span
 //! <dir>/locks/upload-<n>, locks/blob-<n>        lock files (flock), keys hashed into stripes
-//! <dir>/stops/<key>                             its modification time: when another process
-//!                                               asked the upload's running append to stop
+//! <dir>/stops/<key>                             when another process asked the upload's
+//!                                               running append to stop (ns since the epoch)
 //! ```
 //!
 //! Crash safety: a blob is published by `rename`, a part by `link`, each atomic, with the file

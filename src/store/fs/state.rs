@@ -279,6 +279,12 @@ fn parse_or_absent<T>(
 }
 
 /// The modification time of `path`, if it exists.
+/// The arrival written by `ask_to_stop`.
+fn stop_stamp(text: &str) -> Option<SystemTime> {
+    let nanos: u64 = text.trim().parse().ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_nanos(nanos))
+}
+
 async fn modified(path: &Path) -> std::io::Result<Option<SystemTime>> {
     match tokio::fs::metadata(path).await {
         Ok(meta) => Ok(Some(meta.modified()?)),
@@ -598,44 +604,87 @@ impl StateStore for FsState {
         Ok(())
     }
 
-    /// A file `stops/<key>`: nothing in it, not made durable (a request to stop that a crash
-    /// loses is asked again by the request that waits).
+    /// A file `stops/<key>` holding the asker's arrival in nanoseconds since the Unix epoch
+    /// (a file's time is too coarse on some file systems: to the second on ext4 with small
+    /// inodes, on NFS and FAT, where a request made within the second of the holder's arrival
+    /// would not count). Read, compared and written under the file's own `flock`, so that two
+    /// asking processes cannot undo each other. Not made durable: a request to stop that a
+    /// crash loses is asked again by the request that waits.
     async fn ask_to_stop(&self, upload: &UploadKey, arrived: SystemTime) -> Result<(), StoreError> {
         let path = self.0.stop_path(upload);
         Ok(Fs::blocking(move || {
-            let create = || {
+            use std::io::{Read, Seek, Write};
+            let open = || {
                 std::fs::File::options()
+                    .read(true)
                     .write(true)
-                    .create_new(true)
+                    .create(true)
+                    .truncate(false)
                     .open(&path)
             };
-            let created = match create() {
+            let mut file = match open() {
                 Err(e) if e.kind() == ErrorKind::NotFound => {
                     std::fs::create_dir_all(path.parent().expect("stop paths have a parent"))?;
-                    create()
+                    open()?
                 }
-                other => other,
+                other => other?,
             };
-            let file = match created {
-                Ok(file) => return file.set_modified(arrived),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                    std::fs::File::options().write(true).open(&path)?
-                }
-                Err(e) => return Err(e),
-            };
+            // Released when the file closes, at the end.
+            file.lock()?;
+            let mut text = String::new();
+            file.read_to_string(&mut text)?;
             // The newest asker's arrival stands (two may ask in either order). One in the
             // future is not believed: the clock was set back since.
-            let kept = file.metadata()?.modified()?;
-            if arrived > kept || kept > SystemTime::now() {
-                file.set_modified(arrived)?;
+            if let Some(kept) = stop_stamp(&text) {
+                if kept >= arrived && kept <= SystemTime::now() {
+                    return Ok(());
+                }
             }
-            Ok(())
+            let nanos = arrived
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            // One write of a fixed width: a reader never sees half of it.
+            file.rewind()?;
+            file.write_all(format!("{nanos:020}").as_bytes())
         })
         .await?)
     }
 
     async fn stop_asked(&self, upload: &UploadKey) -> Result<Option<SystemTime>, StoreError> {
-        Ok(modified(&self.0.stop_path(upload)).await?)
+        let path = self.0.stop_path(upload);
+        match tokio::fs::read_to_string(&path).await {
+            Ok(text) => Ok(stop_stamp(&text)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Requests to stop count for appends that arrived before them, and an append looks for
+    /// them twice a second: one older than `before` (a minute or more) has been seen by the
+    /// append it was meant for, or that append has ended. What stays is an empty weight, e.g.
+    /// the request of a PATCH whose upload another process removed meanwhile.
+    async fn forget_stop_requests(&self, before: SystemTime) -> Result<(), StoreError> {
+        let dir = self.0.root.join("stops");
+        Ok(Fs::blocking(move || {
+            let entries = match std::fs::read_dir(&dir) {
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                other => other?,
+            };
+            for entry in entries.flatten() {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                // (A stamp that cannot be read is forgotten as soon as its file is old.)
+                let stamp = stop_stamp(&text).or_else(|| entry.metadata().ok()?.modified().ok());
+                if stamp.is_none_or(|at| at < before) {
+                    match std::fs::remove_file(entry.path()) {
+                        Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await?)
     }
 
     async fn remove(&self, upload: &UploadKey, _fence: Fence) -> Result<(), StoreError> {
