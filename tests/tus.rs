@@ -511,6 +511,33 @@ async fn a_patch_past_the_length_is_413_and_stores_nothing() {
 }
 
 #[tokio::test]
+async fn a_delivered_upload_takes_no_more_bytes_nor_another_length() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    h.upstream.answer_with(201, "saved");
+    let location = create(&h, 10, "").await;
+    let done = patch(&h, &location, 0, Bytes::from("0123456789")).await;
+    assert_eq!(header(&done, "stitch-delivery"), Some("delivered"));
+    let more = patch(&h, &location, 10, Bytes::from("abcde")).await;
+    assert_eq!(more.status(), 413, "past the length, as before delivery");
+    let longer = tus(&h, Method::PATCH, &location)
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", "10")
+        .header("upload-length", "11")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(longer.status(), 400);
+    // Asked again with nothing more, it is told the delivery's outcome.
+    let again = patch(&h, &location, 10, Bytes::new()).await;
+    assert_eq!(again.status(), 204);
+    assert_eq!(header(&again, "stitch-delivery"), Some("delivered"));
+    assert_eq!(offset_of(&h, &location).await, 10);
+    let delivered = h.upstream.received_at("/app/upload");
+    assert_eq!(delivered.len(), 1, "once");
+    assert_eq!(delivered[0].files[0].len, 10);
+}
+
+#[tokio::test]
 async fn checksums_are_checked_and_a_mismatch_is_460_with_the_bytes_discarded() {
     let h = Harness::with_routes(TUS_ROUTES).await;
     let body = b"hello world";
@@ -1185,6 +1212,55 @@ routes:
         assert!(std::time::Instant::now() < deadline, "never answered");
     }
     assert_eq!(h.upstream.received_at("/app/upload").len(), 1);
+}
+
+#[tokio::test]
+async fn head_and_an_empty_patch_answer_at_once_while_the_application_takes_the_file() {
+    // tus-js-client resumes by HEAD (its completing PATCH's connection broke): the delivery
+    // under way holds the upload while the application takes the file, and must not hold up
+    // a look at it, nor a second request that has nothing to store.
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    forward: { path: /app/upload, wait: 1s }
+"#;
+    let h = Harness::with_routes(routes).await;
+    h.upstream.answer_with(201, "slowly saved");
+    h.upstream.delay_answers(Duration::from_secs(8));
+    let location = create(&h, 3, &format!("token {}", b64("t10"))).await;
+    let response = patch(&h, &location, 0, Bytes::from("xyz")).await;
+    assert_eq!(header(&response, "stitch-delivery"), Some("pending"));
+    async fn quickly<T>(what: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(3), what)
+            .await
+            .expect("answered while the application still takes the file")
+    }
+    let progress = quickly(head(&h, &location)).await;
+    assert_eq!(progress.status(), 200);
+    assert_eq!(header(&progress, "upload-offset"), Some("3"));
+    let again = quickly(patch(&h, &location, 3, Bytes::new())).await;
+    assert_eq!(again.status(), 204);
+    assert_eq!(header(&again, "upload-offset"), Some("3"));
+    // Finalize still waits for the answer (forward.wait), as the README says.
+    let answer = h.client.put(h.url("/files/t10")).send().await.unwrap();
+    assert_eq!(answer.status(), 202);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while h.upstream.received_at("/app/upload").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "never delivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answer = loop {
+        let answer = h.client.get(h.url(&location)).send().await.unwrap();
+        if answer.status() != 202 {
+            break answer;
+        }
+        assert!(std::time::Instant::now() < deadline, "never answered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(answer.status(), 201);
+    assert_eq!(answer.text().await.unwrap(), "slowly saved");
+    assert_eq!(h.upstream.received_at("/app/upload").len(), 1, "once");
 }
 
 #[tokio::test]

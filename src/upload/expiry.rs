@@ -115,7 +115,10 @@ impl UploadCore {
 
     /// The upload's lease, or `None` if it is in use: an append of this process is under way
     /// (the lease would be held until its body ends), or the lease stays held elsewhere.
-    async fn lease_unless_busy(&self, upload: &UploadKey) -> Result<Option<Lease>, CoreError> {
+    pub(super) async fn lease_unless_busy(
+        &self,
+        upload: &UploadKey,
+    ) -> Result<Option<Lease>, CoreError> {
         if self.appends.running(upload) {
             return Ok(None);
         }

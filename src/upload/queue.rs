@@ -149,25 +149,40 @@ impl UploadCore {
         Ok(started)
     }
 
-    /// Queues a complete upload's delivery to be made at once, unless it is queued already or
-    /// delivered (for a protocol that learns of a complete, undelivered upload without a
-    /// request that would deliver it, such as a tus HEAD after a crash).
+    /// Queues a complete upload's delivery to be made at once, unless it is queued already,
+    /// under way or delivered (for a protocol that learns of a complete, undelivered upload
+    /// without a request that would deliver it, such as a tus HEAD after a crash). Never waits
+    /// for a delivery under way: it holds the upload's lease while the application takes the
+    /// file (minutes, for a slow one), and records or queues its own outcome.
     pub async fn ensure_queued(
         &self,
         upload: &UploadKey,
         request: &DeliveryRequest,
     ) -> Result<(), super::CoreError> {
-        let lease = self.lock(upload).await?;
-        let state = &self.engines.state;
-        if state.queued(upload).await?.is_some() || self.recorded_answer(upload).await?.is_some() {
+        if self.flights.contains_key(upload) || self.queued_or_answered(upload).await? {
+            return Ok(());
+        }
+        // Held for long: a delivery under way in another process.
+        let Some(lease) = self.lease_unless_busy(upload).await? else {
+            return Ok(());
+        };
+        if self.queued_or_answered(upload).await? {
             return Ok(());
         }
         let entry = QueuedDelivery {
             due_ms: millis(self.clock.now()),
             ..QueuedDelivery::of(request)
         };
-        state.queue(upload, &entry, lease.fence).await?;
+        self.engines
+            .state
+            .queue(upload, &entry, lease.fence)
+            .await?;
         Ok(())
+    }
+
+    async fn queued_or_answered(&self, upload: &UploadKey) -> Result<bool, super::CoreError> {
+        Ok(self.engines.state.queued(upload).await?.is_some()
+            || self.recorded_answer(upload).await?.is_some())
     }
 }
 

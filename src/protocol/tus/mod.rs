@@ -772,6 +772,18 @@ impl Exchange<'_> {
                 current: progress.offset,
             }));
         }
+        let complete = progress.meta.length == Some(at);
+        if complete || progress.delivered {
+            // Nothing more can be stored: a body is past the length, and so is another one.
+            if content_length(header).is_some_and(|n| n > 0) {
+                return Answer::Refused(Refusal::TooLarge(0));
+            }
+            if let Some(new_length) = new_length.filter(|&n| Some(n) != progress.meta.length) {
+                return Answer::Refused(Refusal::BadRequest(format!(
+                    "Upload-Length {new_length} is not the upload's length, {at}"
+                )));
+            }
+        }
         if progress.delivered {
             // Every byte is there and the file went to the application: say so again.
             return match self.core.recorded_answer(&key).await {
@@ -799,6 +811,21 @@ impl Exchange<'_> {
                 return Answer::Refused(Refusal::Core(e));
             }
             length = Some(new_length);
+        }
+        let no_body = match content_length(header) {
+            Some(n) => n == 0,
+            None => !header.headers.contains_key(http::header::TRANSFER_ENCODING),
+        };
+        if complete && no_body && !tus_state(&progress.meta).is_partial() {
+            // Every byte is there, the delivery not made yet (under way, or failed and
+            // queued): no lease to wait for (a delivery under way holds it while the
+            // application takes the file); the answer is awaited as by the completing PATCH.
+            let delivered = self.deliver(session, &key, &progress.meta).await;
+            return Answer::Patched {
+                offset: at,
+                expires: None,
+                delivered,
+            };
         }
         match self.append(session, &key, at, length, expected).await {
             Ok(answer) | Err(answer) => answer,
