@@ -598,6 +598,38 @@ async fn an_idle_upload_expires_and_its_bytes_go(engine: Engine) {
     assert!(stored_blobs(&t).await.is_empty());
 }
 
+async fn an_upload_terminated_between_its_last_part_and_its_delivery_is_gone_not_owed(
+    engine: Engine,
+) {
+    // A DELETE that races the completing request: it takes the upload's lease between the
+    // last part and the delivery. Nothing is sent, nothing stays queued, and the completing
+    // request learns that the upload is gone (not that its delivery will be retried).
+    let t = Setup::new(engine);
+    let file = File::new("terminated.bin", 24);
+    store_all_but_last(&t, &file).await;
+    put(&t, &file, 3, "a").await;
+    t.core.terminate(&file.key).await.unwrap();
+    let delivery = t
+        .core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
+    assert!(
+        matches!(delivery.outcome, Outcome::Gone),
+        "{:?}",
+        delivery.outcome
+    );
+    assert_eq!(t.calls(), 0);
+    assert!(t.engines.state.queued(&file.key).await.unwrap().is_none());
+    t.advance(Duration::from_secs(3600));
+    let forward_for = |_: &str| Some(forward());
+    assert_eq!(
+        t.core.deliver_due(&forward_for).await.unwrap(),
+        0,
+        "nothing owed"
+    );
+    assert_eq!(t.calls(), 0);
+}
+
 async fn a_delivered_answer_expires_after_result_ttl(engine: Engine) {
     let t = Setup::new(engine);
     let file = File::new("answered.bin", 10);
@@ -744,6 +776,7 @@ on_every_engine!(
     appends_at_the_offset_keep_what_a_broken_body_brought,
     a_new_file_replaces_parts_resent_from_the_delivered_one,
     parts_left_beside_a_recorded_answer_are_not_taken_for_a_new_file,
+    an_upload_terminated_between_its_last_part_and_its_delivery_is_gone_not_owed,
 );
 
 /// Leases that expire (an engine shared by several instances): a holder that stalled past its

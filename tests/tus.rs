@@ -831,6 +831,46 @@ async fn a_request_pipelined_behind_a_trailer_body_leaves_its_checksum_read() {
 }
 
 #[tokio::test]
+async fn a_completing_patch_racing_a_termination_is_told_the_truth_about_the_delivery() {
+    // The same client completes an upload and terminates it at once. Either may win, but a
+    // PATCH answered 2xx means the file reached the application, and a terminated upload
+    // that did not reach it is not reported as stored and owed.
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    h.upstream.answer_with(201, "saved");
+    let mut outcomes = std::collections::BTreeMap::new();
+    for trial in 0..60u64 {
+        let data = random_bytes(3000, trial);
+        let location = create(&h, 3000, "").await;
+        let first = patch(&h, &location, 0, data.slice(..2000)).await;
+        assert_eq!(first.status(), 204);
+        let before = h.upstream.received_at("/app/upload").len();
+        let (last, deleted) = tokio::join!(patch(&h, &location, 2000, data.slice(2000..)), async {
+            tokio::time::sleep(Duration::from_micros(trial % 6 * 500)).await;
+            tus(&h, Method::DELETE, &location).send().await.unwrap()
+        });
+        assert_eq!(deleted.status(), 204);
+        let received = h.upstream.received_at("/app/upload").len() - before;
+        let status = last.status().as_u16();
+        if (200..300).contains(&status) {
+            assert_eq!(
+                received, 1,
+                "trial {trial}: answered {status}, so delivered"
+            );
+            assert_eq!(header(&last, "stitch-delivery"), Some("delivered"));
+        } else {
+            assert_eq!(
+                received, 0,
+                "trial {trial}: answered {status}, yet delivered"
+            );
+            assert!([409, 410].contains(&status), "trial {trial}: {status}");
+        }
+        assert_eq!(head(&h, &location).await.status(), 410, "trial {trial}");
+        *outcomes.entry(status).or_insert(0) += 1;
+    }
+    eprintln!("completing PATCH statuses over 60 races: {outcomes:?}");
+}
+
+#[tokio::test]
 async fn termination_removes_the_upload_and_its_bytes() {
     let h = Harness::with_routes(TUS_ROUTES).await;
     let location = create(&h, 100, "").await;
@@ -1389,6 +1429,59 @@ routes:
         .unwrap();
     let location = header(&response, "location").unwrap();
     assert!(location.starts_with(&plain.url("/files/")), "{location}");
+}
+
+#[tokio::test]
+async fn a_final_upload_racing_the_termination_of_a_partial_is_made_whole_or_refused_as_unknown() {
+    let h = Harness::with_routes(TUS_ROUTES).await;
+    h.upstream.answer_with(201, "whole");
+    let mut outcomes = std::collections::BTreeMap::new();
+    for trial in 0..30u64 {
+        let data = random_bytes(4000, 100 + trial);
+        let mut partials = Vec::new();
+        for piece in [data.slice(..1500), data.slice(1500..)] {
+            let response = tus(&h, Method::POST, "/files")
+                .header("upload-length", piece.len().to_string())
+                .header("upload-concat", "partial")
+                .send()
+                .await
+                .unwrap();
+            let location = location_of(&h, &response);
+            assert_eq!(patch(&h, &location, 0, piece).await.status(), 204);
+            partials.push(location);
+        }
+        let before = h.upstream.received_at("/app/upload").len();
+        // The termination sent from a little before to a little after the final creation.
+        let lead = Duration::from_micros(trial % 10 * 200);
+        let (made, deleted) = tokio::join!(
+            async {
+                tokio::time::sleep(lead).await;
+                tus(&h, Method::POST, "/files")
+                    .header("upload-concat", format!("final;{}", partials.join(" ")))
+                    .send()
+                    .await
+            },
+            async {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                tus(&h, Method::DELETE, &partials[0]).send().await.unwrap()
+            }
+        );
+        assert_eq!(deleted.status(), 204);
+        let status = made.unwrap().status().as_u16();
+        let received = h.upstream.received_at("/app/upload");
+        if status == 201 {
+            assert_eq!(received.len() - before, 1, "trial {trial}");
+            assert_eq!(received[before].files[0].sha256, sha256_hex(&data));
+        } else {
+            assert_eq!(
+                status, 404,
+                "trial {trial}: a partial went, not the storage"
+            );
+            assert_eq!(received.len(), before, "trial {trial}");
+        }
+        *outcomes.entry(status).or_insert(0) += 1;
+    }
+    eprintln!("final creations over 30 races: {outcomes:?}");
 }
 
 #[tokio::test]

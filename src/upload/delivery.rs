@@ -36,6 +36,9 @@ pub enum Outcome {
     TimedOut,
     /// Storage failed; the parts are kept.
     StorageFailed,
+    /// Nothing to deliver: the upload was removed (terminated, or expired) between its last
+    /// byte and its delivery. Nothing was sent, and nothing is owed.
+    Gone,
 }
 
 impl Delivery {
@@ -43,6 +46,7 @@ impl Delivery {
     fn retryable(&self) -> bool {
         match &self.outcome {
             Outcome::Answered { retryable, .. } => *retryable,
+            Outcome::Gone => false,
             _ => true,
         }
     }
@@ -159,6 +163,7 @@ impl UploadCore {
                 let outcome = match e {
                     DeliverError::Forward(ForwardError::Timeout { .. }) => Outcome::TimedOut,
                     DeliverError::Forward(ForwardError::Upstream { .. }) => Outcome::Unreachable,
+                    DeliverError::Incomplete => Outcome::Gone,
                     _ => Outcome::StorageFailed,
                 };
                 Delivery { outcome }
@@ -188,6 +193,8 @@ impl UploadCore {
             Outcome::Unreachable => "unreachable",
             Outcome::TimedOut => "timed-out",
             Outcome::StorageFailed => "storage-failed",
+            // Nothing was sent.
+            Outcome::Gone => return,
         };
         self.metrics.deliveries.with_label_values(&[outcome]).inc();
     }

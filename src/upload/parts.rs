@@ -621,7 +621,17 @@ impl UploadCore {
                     .lock(LockKey::Blob(part.digest), super::LEASE)
                     .await?;
                 let part = StoredPart { number, ..*part };
-                state.add_part(upload, part, lease.fence).await?;
+                if let Err(e) = state.add_part(upload, part, lease.fence).await {
+                    return Err(match e {
+                        // Its blob is gone: the source was removed since it was read.
+                        crate::store::StoreError::Io(io)
+                            if io.kind() == std::io::ErrorKind::NotFound =>
+                        {
+                            CoreError::NotFound
+                        }
+                        e => e.into(),
+                    });
+                }
             }
             Ok::<_, CoreError>(())
         };
@@ -672,22 +682,20 @@ impl UploadCore {
     async fn remove_upload(&self, upload: &UploadKey, remember: bool) -> Result<(), CoreError> {
         // An append under way would hold the lease until its body ends.
         let _ = self.appends.interrupt(upload);
-        let lease = self
-            .lock_asking(upload, std::time::SystemTime::now())
-            .await?;
-        let gone = match remember {
-            true => self.tombstone_of(upload).await?,
-            false => None,
-        };
+        let arrived = std::time::SystemTime::now();
+        // The tombstone first: a request that finds the upload removed finds it (410), never
+        // neither (404). One left beside an upload whose removal failed is never looked at.
+        if remember {
+            if let Some(tombstone) = self.tombstone_of(upload).await? {
+                self.save_alias(&tombstone, "terminated").await?;
+            }
+        }
+        let lease = self.lock_asking(upload, arrived).await?;
         let released = self.engines.state.remove_parts(upload, lease.fence).await?;
         self.release(released).await?;
         self.engines.state.remove(upload, lease.fence).await?;
         self.failures.remove(upload);
         self.unrecorded.remove(upload);
-        drop(lease);
-        if let Some(tombstone) = gone {
-            self.save_alias(&tombstone, "terminated").await?;
-        }
         Ok(())
     }
 

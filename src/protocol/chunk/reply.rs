@@ -94,6 +94,11 @@ fn undelivered(outcome: Outcome) -> Reply {
         Outcome::StorageFailed => {
             Reply::text(503, "storage is unavailable; the file is kept, retry")
         }
+        // (Final for both clients: a retry of this chunk alone would never complete a file.)
+        Outcome::Gone => Reply::text(
+            404,
+            "the upload expired before its delivery; upload the file again",
+        ),
     }
 }
 

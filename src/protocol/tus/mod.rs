@@ -821,6 +821,9 @@ impl Exchange<'_> {
             // queued): no lease to wait for (a delivery under way holds it while the
             // application takes the file); the answer is awaited as by the completing PATCH.
             let delivered = self.deliver(session, &key, &progress.meta).await;
+            if let Delivered::Failed(Outcome::Gone) = delivered {
+                return self.missing(id).await;
+            }
             return Answer::Patched {
                 offset: at,
                 expires: None,
@@ -934,6 +937,11 @@ impl Exchange<'_> {
             // A delivery that failed goes on from the queue: the bytes are all here, so the
             // PATCH succeeded; its headers say how the delivery stands.
             delivered = self.deliver(session, key, &meta).await;
+            if let Delivered::Failed(Outcome::Gone) = delivered {
+                // Terminated (a DELETE that raced this PATCH) before its delivery began:
+                // nothing was sent, nor will be.
+                return Err(Answer::Refused(Refusal::Gone("terminated".into())));
+            }
         }
         Ok(Answer::Patched {
             offset: appended.offset,

@@ -261,6 +261,10 @@ fn undelivered(outcome: Outcome) -> Reply {
         Outcome::StorageFailed => {
             Reply::text(503, "storage is unavailable; the file is kept, retry")
         }
+        Outcome::Gone => Reply::text(
+            410,
+            "the upload is gone (terminated or expired before its delivery)",
+        ),
     }
     .with_header("stitch-delivery", "failed")
 }
