@@ -1511,6 +1511,9 @@ async fn three_partial_uploads_in_parallel_make_one_final_upload_delivered_once(
             assert_eq!(done.status(), 204);
             let progress = head(h, &location).await;
             assert_eq!(header(&progress, "upload-concat"), Some("partial"));
+            // Complete, and never delivered on its own: no answer to wait for.
+            let answer = h.client.get(h.url(&location)).send().await.unwrap();
+            assert_eq!(answer.status(), 409);
             location
         }
     };

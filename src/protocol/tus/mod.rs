@@ -996,6 +996,9 @@ impl Exchange<'_> {
             Err(e) => return Answer::Refused(Refusal::Core(e)),
         }
         match self.core.progress(&key).await {
+            Ok(Some(progress)) if tus_state(&progress.meta).is_partial() => {
+                Answer::Refused(Refusal::Partial)
+            }
             Ok(Some(_)) => Answer::Pending,
             Ok(None) => self.missing(id).await,
             Err(e) => Answer::Refused(Refusal::Core(e)),

@@ -88,6 +88,8 @@ pub(super) enum Refusal {
     NotFound,
     /// A PATCH on a final upload (made of partial uploads).
     Final,
+    /// A GET for the answer to a partial upload, which has none of its own.
+    Partial,
     /// The authorization hook could not be asked (the reason is for the log).
     Unasked(String),
     /// The upload was there and is no more ("terminated" or "expired").
@@ -297,6 +299,11 @@ fn refused(refusal: Refusal) -> Reply {
         Refusal::NotFound => Reply::refuse(404, "no such upload"),
         Refusal::Final => Reply::refuse(403, "a final upload is made of its partial uploads"),
         Refusal::Unasked(why) => Reply::hook_unavailable(&why),
+        Refusal::Partial => Reply::refuse(
+            409,
+            "a partial upload is delivered as part of a final upload: its answer is the final \
+             upload's",
+        ),
         Refusal::Gone(how) => Reply::refuse(410, format!("the upload is gone ({how})")),
         Refusal::Method(allow) => {
             Reply::refuse(405, "not a tus request for this URL").with_header("allow", allow)
