@@ -134,3 +134,34 @@ async fn an_unreachable_hook_is_a_retryable_503_and_stores_nothing() {
     );
     assert_eq!(h.upstream.received_at("/app/may-upload").len(), 1);
 }
+
+#[tokio::test]
+async fn refusals_kept_for_retries_take_bounded_memory_and_past_it_the_hook_is_asked_again() {
+    // Whoever the hook refuses picks identifiers freely: each refusal kept (an HTML login
+    // page, here 1 MiB) would hold memory for minutes. Refusals are kept up to 16 MiB in
+    // all; past that, a retry asks the hook again instead.
+    let h = Harness::with_routes(ROUTES).await;
+    let page = "<p>please log in</p>".repeat(1 << 20 >> 4);
+    h.upstream.answer_with(422, &page);
+    let files: Vec<ChunkedFile> = (0..20)
+        .map(|n| ChunkedFile::resumable(&format!("f{n}.bin"), random_bytes(1000, n), 1000))
+        .collect();
+    for file in &files {
+        let refused = file.upload(&h, 1).await;
+        assert_eq!(refused.status(), 415);
+        assert_eq!(
+            refused.text().await.unwrap().len(),
+            page.len(),
+            "relayed whole"
+        );
+    }
+    let asked = || h.upstream.received_at("/app/may-upload").len();
+    assert_eq!(asked(), 20);
+    assert_eq!(files[0].upload(&h, 1).await.status(), 415);
+    assert_eq!(asked(), 20, "the first refusals are kept");
+    let last = files[19].upload(&h, 1).await;
+    assert_eq!(last.status(), 415);
+    assert_eq!(last.text().await.unwrap().len(), page.len());
+    assert_eq!(asked(), 21, "past 16 MiB, not kept: asked again");
+    assert_eq!((h.upload_files(), h.blob_count()), (0, 0), "nothing stored");
+}

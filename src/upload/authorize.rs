@@ -8,12 +8,76 @@ use super::{Credentials, UploadCore};
 use crate::config::Authorize;
 use crate::forward::{verdict, DeliveryRequest, ForwardError, Verdict};
 use crate::store::{RecordedAnswer, UploadKey};
+use dashmap::DashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// How long a final answer of the hook is reused for the same upload.
-pub(super) const KEEP: Duration = Duration::from_secs(300);
+const KEEP: Duration = Duration::from_secs(300);
+
+/// The most memory the kept answers may take together (credentials and refusals, bodies
+/// included). Whoever the hook refuses picks identifiers freely: each one would keep a
+/// refusal page, and an HTML login page of 64 KiB sent a thousand times a second would hold
+/// gigabytes for `KEEP`. Past this, an answer is not kept and the next request asks again.
+const KEEP_BYTES: usize = 16 << 20;
+
+/// The hook's final answers, by upload: when each came, for which credentials, and its size.
+#[derive(Default)]
+pub(super) struct Kept {
+    answers: DashMap<UploadKey, (Instant, String, Authorization, usize)>,
+    bytes: AtomicUsize,
+}
+
+impl Kept {
+    /// The answer kept for `upload` and these credentials, if it is recent.
+    fn get(&self, upload: &UploadKey, credentials: &str) -> Option<Authorization> {
+        let kept = self.answers.get(upload)?;
+        let (at, who, authorization, _) = &*kept;
+        (at.elapsed() < KEEP && who == credentials).then(|| authorization.clone())
+    }
+
+    /// Keeps an answer, unless the answers kept take `KEEP_BYTES` already (once the old ones
+    /// are let go).
+    fn keep(&self, upload: UploadKey, credentials: String, authorization: Authorization) {
+        let size = 256
+            + credentials.len()
+            + match &authorization {
+                Authorization::Refused(answer) => {
+                    answer.body.len()
+                        + answer
+                            .headers
+                            .iter()
+                            .map(|(n, v)| n.len() + v.len())
+                            .sum::<usize>()
+                }
+                _ => 0,
+            };
+        if self.bytes.load(Ordering::SeqCst) + size > KEEP_BYTES {
+            self.forget_old();
+            if self.bytes.load(Ordering::SeqCst) + size > KEEP_BYTES {
+                return;
+            }
+        }
+        self.bytes.fetch_add(size, Ordering::SeqCst);
+        let entry = (Instant::now(), credentials, authorization, size);
+        if let Some((_, _, _, replaced)) = self.answers.insert(upload, entry) {
+            self.bytes.fetch_sub(replaced, Ordering::SeqCst);
+        }
+    }
+
+    /// Lets the answers older than `KEEP` go.
+    pub(super) fn forget_old(&self) {
+        self.answers.retain(|_, (at, _, _, size)| {
+            let keep = at.elapsed() < KEEP;
+            if !keep {
+                self.bytes.fetch_sub(*size, Ordering::SeqCst);
+            }
+            keep
+        });
+    }
+}
 
 /// What the hook said.
 #[derive(Debug, Clone)]
@@ -42,11 +106,8 @@ impl UploadCore {
         }
         // Kept per upload and credentials: after a refusal, a new login asks again.
         let credentials = Credentials::of(&request.headers).0;
-        if let Some(kept) = self.authorizations.get(upload) {
-            let (at, who, verdict) = &*kept;
-            if at.elapsed() < KEEP && *who == credentials {
-                return verdict.clone();
-            }
+        if let Some(kept) = self.authorizations.get(upload, &credentials) {
+            return kept;
         }
         let body = bytes::Bytes::from(serde_json::to_vec(question).expect("JSON values serialize"));
         let asked = self
@@ -74,10 +135,8 @@ impl UploadCore {
             tracing::info!("{upload:?}: the authorization hook refused it ({status})");
             Authorization::Refused(Arc::new(answer))
         };
-        self.authorizations.insert(
-            *upload,
-            (Instant::now(), credentials, authorization.clone()),
-        );
+        self.authorizations
+            .keep(*upload, credentials, authorization.clone());
         authorization
     }
 }

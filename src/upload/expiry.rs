@@ -27,8 +27,7 @@ impl UploadCore {
     pub async fn sweep(&self) -> Result<usize, CoreError> {
         self.recently_sent
             .retain(|_, at| at.elapsed() < super::replies::LEAD);
-        self.authorizations
-            .retain(|_, (at, _, _)| at.elapsed() < super::authorize::KEEP);
+        self.authorizations.forget_old();
         let pending: Vec<UploadKey> = self.unrecorded.iter().map(|e| *e.key()).collect();
         for upload in pending {
             // A busy one is recorded by the next sweep, or by whoever holds it.

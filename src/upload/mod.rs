@@ -173,7 +173,7 @@ pub struct UploadCore {
     /// Queued uploads whose route the config no longer has (warned about once).
     unroutable: DashMap<UploadKey, ()>,
     /// The authorization hook's final answers, by upload, and when they came.
-    authorizations: DashMap<UploadKey, (Instant, String, Authorization)>,
+    authorizations: authorize::Kept,
     /// Uploads whose early delivery began in this process, and when (see `early`).
     early_begun: DashMap<UploadKey, Instant>,
     /// Early deliveries under way, woken when a part of their upload is stored.
@@ -208,7 +208,7 @@ impl UploadCore {
             cleanups: InFlight::default(),
             queue_slots: Arc::new(tokio::sync::Semaphore::new(queue::QUEUE_SLOTS)),
             unroutable: DashMap::new(),
-            authorizations: DashMap::new(),
+            authorizations: authorize::Kept::default(),
             early_begun: DashMap::new(),
             early_watch: DashMap::new(),
             early_slots: DashMap::new(),
