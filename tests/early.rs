@@ -172,6 +172,41 @@ async fn a_stalled_early_delivery_is_cut_off_and_the_file_delivered_whole_once_c
 }
 
 #[tokio::test]
+async fn a_terminated_upload_s_early_delivery_is_cut_at_once_not_after_the_stall_time() {
+    // The application's request for an upload the client terminated holds one of its
+    // connections (and one of the route's streams) for nothing: it ends with the upload.
+    let routes = r#"
+routes:
+  - path: /files
+    protocol: tus
+    forward: { path: /app/upload, field: document, early: { stall: 30s } }
+"#;
+    let h = Harness::with_routes(routes).await;
+    let data = random_bytes(2 << 20, 74);
+    let location = create(&h, data.len() as u64, "dropped.bin").await;
+    let first = patch(&h, &location, 0, data.slice(..1 << 20)).await;
+    assert_eq!(first.status(), 204);
+    until(Duration::from_secs(10), "the first part upstream", || {
+        h.upstream.body_bytes() >= 1 << 20
+    })
+    .await;
+    let deleted = tus(&h, Method::DELETE, &location).send().await.unwrap();
+    assert_eq!(deleted.status(), 204);
+    until(Duration::from_secs(5), "the early request cut", || {
+        !h.upstream.received_at("/app/upload").is_empty()
+    })
+    .await;
+    let cut = h.upstream.received_at("/app/upload");
+    assert_eq!(cut.len(), 1);
+    assert!(
+        !cut[0].whole(),
+        "it broke off: no file reached the application"
+    );
+    let gone = tus(&h, Method::HEAD, &location).send().await.unwrap();
+    assert_eq!(gone.status(), 410);
+}
+
+#[tokio::test]
 async fn resumable_chunks_reach_the_application_while_the_upload_arrives() {
     let h = Harness::with_routes(EARLY_ROUTES).await;
     let file = ChunkedFile::resumable("chunks.bin", random_bytes(3 << 20, 74), 1 << 20);

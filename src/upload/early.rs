@@ -151,6 +151,10 @@ impl PartFeed for Feed<'_> {
                     }
                 };
             }
+            // Terminated (or expired) meanwhile: the stream is cut now, not after `stall`.
+            if matches!(self.core.engines.state.meta(&self.upload).await, Ok(None)) {
+                return None;
+            }
             let now = Instant::now();
             if now >= deadline {
                 return None;

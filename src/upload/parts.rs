@@ -696,6 +696,8 @@ impl UploadCore {
         self.engines.state.remove(upload, lease.fence).await?;
         self.failures.remove(upload);
         self.unrecorded.remove(upload);
+        // An early delivery waiting for the next part sees the upload gone and ends.
+        self.part_stored(upload);
         Ok(())
     }
 
