@@ -62,6 +62,15 @@ impl UploadCore {
     /// idle). Returns whether it was removed; one that stays is indexed again at its last
     /// activity.
     async fn expire(&self, upload: &UploadKey) -> Result<bool, CoreError> {
+        self.expire_marked(upload, false).await
+    }
+
+    /// `expire`, with the upload's tombstone (if it has one) written already or not. The
+    /// tombstone is written before the upload goes, so that a request finds one or the
+    /// other (410), never neither (404); and without the upload's lease (a second lease held
+    /// with it could deadlock two processes sweeping at once), so the upload is looked at
+    /// again after it. One left beside an upload that moved on meanwhile is never looked at.
+    async fn expire_marked(&self, upload: &UploadKey, marked: bool) -> Result<bool, CoreError> {
         let state = &self.engines.state;
         let Some(lease) = self.lease_unless_busy(upload).await? else {
             state.reindex(upload, self.clock.now()).await?;
@@ -99,15 +108,18 @@ impl UploadCore {
             state.reindex(upload, due - min_ttl).await?;
             return Ok(false);
         }
-        let gone = self.tombstone_of(upload).await?;
+        if !marked {
+            if let Some(tombstone) = self.tombstone_of(upload).await? {
+                drop(lease);
+                self.save_alias(&tombstone, "expired").await?;
+                return Box::pin(self.expire_marked(upload, true)).await;
+            }
+        }
         let released = state.remove_parts(upload, lease.fence).await?;
         self.release(released).await?;
         state.remove(upload, lease.fence).await?;
         self.failures.remove(upload);
         drop(lease);
-        if let Some(tombstone) = gone {
-            self.save_alias(&tombstone, "expired").await?;
-        }
         self.metrics.upload_event("expired");
         Ok(true)
     }
