@@ -1225,8 +1225,9 @@ routes:
     assert_eq!(passed, vec!["/app/upload", "/files/tok%201%2F2"]);
 }
 
-#[tokio::test]
-async fn a_slow_application_leaves_the_patch_pending_and_finalize_waits_for_its_answer() {
+/// A tus route whose completing PATCH waits 1 s for an application that answers `201` after
+/// `delay`: a 3-byte upload carrying `token` is completed, and left `pending`. Returns its URL.
+async fn completed_before_a_slow_application(delay: Duration, token: &str) -> (Harness, String) {
     let routes = r#"
 routes:
   - path: /files
@@ -1235,12 +1236,18 @@ routes:
 "#;
     let h = Harness::with_routes(routes).await;
     h.upstream.answer_with(201, "slowly saved");
-    h.upstream.delay_answers(Duration::from_millis(1500));
-    let location = create(&h, 3, &format!("token {}", b64("t9"))).await;
+    h.upstream.delay_answers(delay);
+    let location = create(&h, 3, &format!("token {}", b64(token))).await;
     let response = patch(&h, &location, 0, Bytes::from("xyz")).await;
     assert_eq!(response.status(), 204, "the bytes are stored");
     assert_eq!(header(&response, "stitch-delivery"), Some("pending"));
     assert_eq!(header(&response, "upload-offset"), Some("3"));
+    (h, location)
+}
+
+#[tokio::test]
+async fn a_slow_application_leaves_the_patch_pending_and_finalize_waits_for_its_answer() {
+    let (h, _) = completed_before_a_slow_application(Duration::from_millis(1500), "t9").await;
     // The delivery went on; finalize waits for it (up to forward.wait each time).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
@@ -1264,18 +1271,7 @@ async fn head_and_an_empty_patch_answer_at_once_while_the_application_takes_the_
     // tus-js-client resumes by HEAD (its completing PATCH's connection broke): the delivery
     // under way holds the upload while the application takes the file, and must not hold up
     // a look at it, nor a second request that has nothing to store.
-    let routes = r#"
-routes:
-  - path: /files
-    protocol: tus
-    forward: { path: /app/upload, wait: 1s }
-"#;
-    let h = Harness::with_routes(routes).await;
-    h.upstream.answer_with(201, "slowly saved");
-    h.upstream.delay_answers(Duration::from_secs(8));
-    let location = create(&h, 3, &format!("token {}", b64("t10"))).await;
-    let response = patch(&h, &location, 0, Bytes::from("xyz")).await;
-    assert_eq!(header(&response, "stitch-delivery"), Some("pending"));
+    let (h, location) = completed_before_a_slow_application(Duration::from_secs(8), "t10").await;
     async fn quickly<T>(what: impl std::future::Future<Output = T>) -> T {
         tokio::time::timeout(Duration::from_secs(3), what)
             .await
