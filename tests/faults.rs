@@ -154,6 +154,50 @@ routes:
 }
 
 #[tokio::test]
+async fn an_application_that_refuses_early_and_stops_reading_is_heard_not_timed_out() {
+    // An application (or a proxy in front of it) that answers 413 as soon as it sees the
+    // request's head, then keeps the connection open without reading the file: its answer
+    // is the delivery's, not a 504 once the write times out.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let holding = tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && socket.read(&mut byte).await.unwrap_or(0) == 1
+                {
+                    head.push(byte[0]);
+                }
+                let answer = "HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!";
+                let _ = socket.write_all(answer.as_bytes()).await;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+            });
+        }
+    });
+    let routes = r#"
+routes:
+  - path: /upload
+    protocol: resumable
+    forward: { path: /app/upload, field: document, timeout: 2s }
+"#;
+    let h = Harness::custom("", routes, Some(app), None).await;
+    // Larger than what the kernel buffers between the two.
+    let file = ChunkedFile::resumable("refused.bin", random_bytes(32 << 20, 82), 8 << 20);
+    for n in 1..file.count() {
+        assert_eq!(file.upload(&h, n).await.status(), 200);
+    }
+    let last = tokio::time::timeout(Duration::from_secs(30), file.upload(&h, file.count()))
+        .await
+        .expect("answered");
+    assert_eq!(last.status(), 413);
+    assert_eq!(last.text().await.unwrap(), "too big!");
+    holding.abort();
+}
+
+#[tokio::test]
 async fn an_answer_cut_after_its_status_line_still_counts_and_is_never_followed_by_a_second_delivery(
 ) {
     let upstream = Upstream::start().await;

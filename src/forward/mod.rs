@@ -429,14 +429,10 @@ impl HttpForwarder {
             }
             Err(Failure::Upstream(e)) => e,
         };
-        if is_timeout(&write_error) {
-            // It stopped reading: no answer is coming either.
-            session.shutdown().await;
-            return Attempt::Done(Box::new(Err(classify(write_error, false))));
-        }
-        // The upstream stopped taking the request. It may have refused it early and said why
-        // (a 413, a 401): that answer counts, unless it claims success for a file it never
-        // fully received.
+        // The upstream stopped taking the request (it stopped reading, or closed). It may have
+        // refused it early and said why (a 413, a 401), whether it then keeps the connection
+        // open or not: that answer counts, unless it claims success for a file it never fully
+        // received.
         let early = tokio::time::timeout(
             EARLY_ANSWER_WAIT,
             read_answer(&mut session, upload, EARLY_ANSWER_WAIT),
@@ -451,6 +447,10 @@ impl HttpForwarder {
                 )))));
             }
             return Attempt::Done(Box::new(Ok(answer)));
+        }
+        if is_timeout(&write_error) {
+            // It stopped reading and said nothing: a new connection would fare no better.
+            return Attempt::Done(Box::new(Err(classify(write_error, false))));
         }
         Attempt::Retry(write_error)
     }
