@@ -428,22 +428,34 @@ routes:
     for n in 2..=3 {
         assert_eq!(paused.upload(&h, n).await.status(), 200);
     }
+    // One whose last chunk carries another application field: the stream begun early is not
+    // the delivery's request, which sends the file anew.
+    let changed = ChunkedFile::resumable("changed.bin", random_bytes(3000, 8), 1000);
+    for n in 1..=2 {
+        assert_eq!(changed.upload(&h, n).await.status(), 200);
+    }
+    let mut params = changed.params(3);
+    params.push(("folder".into(), "other".into()));
+    assert_eq!(changed.upload_with(&h, 3, params).await.status(), 200);
     let whole = h
         .upstream
         .received_at("/app/upload")
         .into_iter()
         .filter(Received::whole)
         .count();
-    assert_eq!(whole, 2, "each file delivered once");
+    assert_eq!(whole, 3, "each file delivered once");
     // A stream is counted as its task ends, just after the answer it carried went out.
     let series = |outcome: &str| format!(r#"stitch_early_deliveries_total{{outcome="{outcome}"}}"#);
     let text = scrape_when(metrics, |text| {
-        text.contains(&series("used")) && text.contains(&series("stalled"))
+        ["used", "stalled", "discarded"]
+            .iter()
+            .all(|outcome| text.contains(&series(outcome)))
     })
     .await;
     let early = |outcome: &str| sample(&text, &series(outcome));
     assert_eq!(early("used"), 1.0);
     assert_eq!(early("stalled"), 1.0);
+    assert_eq!(early("discarded"), 1.0);
 }
 
 #[tokio::test]

@@ -36,6 +36,9 @@ pub enum EarlyEnd {
     Used,
     /// Every part went out, and no delivery came to finish the request in time.
     Unused,
+    /// Every part went out, and the delivery found it was not its request (the file's parts,
+    /// the fields or the credentials changed since): cut off, and the file sent anew.
+    Discarded,
     /// The next part did not come in time: the request was cut off.
     Stalled,
     /// The upstream or the store failed: the request was cut off.
@@ -51,6 +54,7 @@ impl EarlyEnd {
         match self {
             EarlyEnd::Used => "used",
             EarlyEnd::Unused => "unused",
+            EarlyEnd::Discarded => "discarded",
             EarlyEnd::Stalled => "stalled",
             EarlyEnd::Failed => "failed",
             EarlyEnd::Busy => "busy",
@@ -125,22 +129,42 @@ pub(super) struct Slot {
     /// True once the stream stopped writing (every part sent, or cut off).
     ended: watch::Sender<bool>,
     taken: Notify,
+    /// The delivery that took the request found it was not its own.
+    discarded: std::sync::atomic::AtomicBool,
 }
 
 impl HttpForwarder {
     /// The request begun early for `upload`, once every part is written, if there is one: it
     /// is the caller's now. Waits while the stream is still writing parts (each write is
     /// bounded by `forward.timeout`, each wait for a part by the stall time).
-    pub(super) async fn take_early(&self, upload: &UploadKey) -> Option<Begun> {
+    ///
+    /// One that is not this delivery's (`shape` differs, or the parts sent are not the start of
+    /// `file`) is cut off here, and `None` returned: the file is sent anew.
+    pub(super) async fn take_early(
+        &self,
+        upload: &UploadKey,
+        shape: &Shape,
+        file: &[StoredPart],
+    ) -> Option<Begun> {
         let slot = self.early.get(upload).map(|slot| Arc::clone(&slot))?;
         let mut ended = slot.ended.subscribe();
         let _ = ended.wait_for(|ended| *ended).await;
         let begun = slot.begun.lock().expect("early lock").take();
         self.early.remove_if(upload, |_, s| Arc::ptr_eq(s, &slot));
-        if begun.is_some() {
+        let mut begun = begun?;
+        if begun.shape != *shape || !file.starts_with(&begun.sent) {
+            tracing::info!(
+                "{upload:?}: the request begun early is not this delivery's (its parts or \
+                 fields changed); sending the file anew"
+            );
+            begun.session.shutdown().await;
+            slot.discarded
+                .store(true, std::sync::atomic::Ordering::SeqCst);
             slot.taken.notify_one();
+            return None;
         }
-        begun
+        slot.taken.notify_one();
+        Some(begun)
     }
 
     pub(super) async fn stream_early(
@@ -152,6 +176,7 @@ impl HttpForwarder {
             begun: Mutex::new(None),
             ended: watch::Sender::new(false),
             taken: Notify::new(),
+            discarded: std::sync::atomic::AtomicBool::new(false),
         });
         match self.early.entry(*begin.upload) {
             dashmap::Entry::Occupied(_) => return EarlyEnd::Busy,
@@ -180,6 +205,9 @@ impl HttpForwarder {
                         );
                         unused.session.shutdown().await;
                         EarlyEnd::Unused
+                    }
+                    None if slot.discarded.load(std::sync::atomic::Ordering::SeqCst) => {
+                        EarlyEnd::Discarded
                     }
                     None => EarlyEnd::Used,
                 }

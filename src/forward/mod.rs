@@ -213,39 +213,31 @@ impl Forward for HttpForwarder {
         let file_len: u64 = file.iter().map(|p| p.len).sum();
         let shape = Shape::of(meta, forward, request, idempotency_key, file_len);
         let peer = self.peer();
-        if let Some(mut begun) = self.take_early(upload).await {
-            if begun.shape == shape && file.starts_with(&begun.sent) {
-                let rest = &file[begun.sent.len()..];
-                tracing::debug!(
-                    "{upload:?}: finishing the request begun early ({} parts sent, {} to go)",
-                    begun.sent.len(),
-                    rest.len()
-                );
-                let attempt = self
-                    .attempt(
-                        begun.session,
-                        None,
-                        &begun.body,
-                        parts,
-                        rest,
-                        upload,
-                        forward,
-                        &peer,
-                    )
-                    .await;
-                match attempt {
-                    Attempt::Done(result) => return *result,
-                    Attempt::Retry(e) => tracing::info!(
-                        "{upload:?}: the request begun early broke off ({e}); sending the file \
-                         on another connection"
-                    ),
-                }
-            } else {
-                tracing::info!(
-                    "{upload:?}: the request begun early is not this delivery's (its parts or \
-                     fields changed); sending the file anew"
-                );
-                begun.session.shutdown().await;
+        if let Some(begun) = self.take_early(upload, &shape, file).await {
+            let rest = &file[begun.sent.len()..];
+            tracing::debug!(
+                "{upload:?}: finishing the request begun early ({} parts sent, {} to go)",
+                begun.sent.len(),
+                rest.len()
+            );
+            let attempt = self
+                .attempt(
+                    begun.session,
+                    None,
+                    &begun.body,
+                    parts,
+                    rest,
+                    upload,
+                    forward,
+                    &peer,
+                )
+                .await;
+            match attempt {
+                Attempt::Done(result) => return *result,
+                Attempt::Retry(e) => tracing::info!(
+                    "{upload:?}: the request begun early broke off ({e}); sending the file \
+                     on another connection"
+                ),
             }
         }
         let body = MultipartBody::new(meta, forward, request);
