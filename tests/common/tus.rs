@@ -28,7 +28,12 @@ pub fn tus(h: &Harness, method: Method, path: &str) -> reqwest::RequestBuilder {
 
 /// A PATCH of `body` at `offset`.
 pub async fn patch(h: &Harness, location: &str, offset: u64, body: Bytes) -> Response {
-    tus(h, Method::PATCH, location)
+    send_bytes_at(tus(h, Method::PATCH, location), offset, body).await
+}
+
+/// Sends `request` (a tus PATCH) with `body` as its bytes at `offset`.
+async fn send_bytes_at(request: reqwest::RequestBuilder, offset: u64, body: Bytes) -> Response {
+    request
         .header("content-type", "application/offset+octet-stream")
         .header("upload-offset", offset.to_string())
         .body(body)
@@ -88,15 +93,10 @@ pub async fn patch_at(
     offset: usize,
     body: Bytes,
 ) -> Response {
-    reqwest::Client::new()
+    let request = reqwest::Client::new()
         .patch(format!("http://{addr}{path}"))
-        .header("tus-resumable", "1.0.0")
-        .header("content-type", "application/offset+octet-stream")
-        .header("upload-offset", offset.to_string())
-        .body(body)
-        .send()
-        .await
-        .unwrap()
+        .header("tus-resumable", "1.0.0");
+    send_bytes_at(request, offset as u64, body).await
 }
 
 /// Asserts that the application got `data` exactly once, byte-exact, at `/app/upload`.
