@@ -895,3 +895,89 @@ async fn a_whole_file_tus_patch_that_fills_the_disk_keeps_its_whole_pieces_and_r
     assert_eq!(received.len(), 1, "delivered once");
     assert_eq!(received[0].files[0].sha256, sha256_hex(&data), "byte-exact");
 }
+
+#[tokio::test]
+async fn a_tus_piece_that_cannot_be_kept_ends_its_patch_at_once_and_the_pieces_before_stay() {
+    // A PATCH's 32 MiB pieces are each made durable and kept while the next one arrives.
+    // Keeping one fails here (its parts directory made immutable, as a file system turned
+    // read-only would): the PATCH is refused at once, not after the next piece has been read,
+    // the pieces kept before stay, nothing is left in staging, and the client resumes.
+    use common::tus::*;
+    let disk = SmallDisk::new(400);
+    let dir = disk.dir("data");
+    let h = Harness::custom("", TUS_ROUTE, None, Some(&dir)).await;
+    let data = random_bytes(100 << 20, 97);
+    let location = create_upload(&h, data.len()).await;
+    let first = patch(&h, &location, 0, data.slice(..32 << 20)).await;
+    assert_eq!(first.status(), 204);
+    let mut found = Vec::new();
+    walk(&dir.join("uploads"), &mut found);
+    let part = found
+        .iter()
+        .find(|(path, _)| path.contains("/parts/"))
+        .map(|(path, _)| std::path::PathBuf::from(path))
+        .expect("the first part");
+    let parts_dir = part.parent().unwrap().to_path_buf();
+    let chattr = |flag: &str| {
+        let status = std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&parts_dir)
+            .status()
+            .expect("chattr (Debian: e2fsprogs)");
+        assert!(status.success(), "chattr {flag}");
+    };
+    chattr("+i");
+
+    // The rest (68 MiB) at about 32 MiB/s: the second piece (32 to 64 MiB) cannot be kept
+    // once it is whole and synced, a second in; the third would be whole a second later.
+    let pulled = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let rest = data.slice(32 << 20..);
+    let counted = pulled.clone();
+    let stream = futures::stream::unfold(0usize, move |at| {
+        let (rest, counted) = (rest.clone(), counted.clone());
+        async move {
+            if at >= rest.len() {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            let end = (at + (1 << 20)).min(rest.len());
+            counted.store(end, std::sync::atomic::Ordering::SeqCst);
+            Some((Ok::<_, std::io::Error>(rest.slice(at..end)), end))
+        }
+    });
+    let sent = h
+        .client
+        .patch(h.url(&location))
+        .header("tus-resumable", "1.0.0")
+        .header("content-type", "application/offset+octet-stream")
+        .header("upload-offset", (32u64 << 20).to_string())
+        .header("content-length", (68u64 << 20).to_string())
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await;
+    let sent_when_answered = pulled.load(std::sync::atomic::Ordering::SeqCst);
+    chattr("-i");
+    if let Ok(response) = &sent {
+        assert_eq!(response.status(), 503, "the part could not be kept");
+    }
+    assert!(
+        sent_when_answered < 60 << 20,
+        "answered once the piece failed, {} MiB into the body",
+        sent_when_answered >> 20
+    );
+    let head = tus(&h, reqwest::Method::HEAD, &location)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        header(&head, "upload-offset"),
+        Some("33554432"),
+        "the first piece stays"
+    );
+    assert_eq!(h.damage(), Vec::<String>::new(), "nothing left in staging");
+    let rest = patch(&h, &location, 32 << 20, data.slice(32 << 20..)).await;
+    assert_eq!(rest.status(), 204);
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 1, "delivered once");
+    assert_eq!(received[0].files[0].sha256, sha256_hex(&data), "byte-exact");
+}

@@ -247,6 +247,21 @@ pub trait BlobStore: Send + Sync {
     /// Streams `body` into staging, hashing it; at most `limit` bytes are staged (more is
     /// [`Cut::TooLong`]). Durable (fsynced) when the engine is configured so.
     async fn stage(&self, body: &mut dyn BodySource, limit: u64) -> Result<Staged, StoreError>;
+    /// Like [`stage`](Self::stage), but the bytes are made durable only by a later
+    /// [`sync_staged`](Self::sync_staged), which must come before [`keep`](Self::keep): a
+    /// caller can receive the next bytes while the disk syncs these.
+    async fn stage_unsynced(
+        &self,
+        body: &mut dyn BodySource,
+        limit: u64,
+    ) -> Result<Staged, StoreError> {
+        self.stage(body, limit).await
+    }
+    /// Makes bytes staged by [`stage_unsynced`](Self::stage_unsynced) durable, when the engine
+    /// is configured so.
+    async fn sync_staged(&self, _staged: &Staged) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Keeps staged bytes under their digest; a no-op if that content is stored already.
     /// Call under the blob's lock (see [`LockKey::Blob`]). True if it was stored already (the
     /// bytes are deduplicated).

@@ -521,65 +521,116 @@ impl UploadCore {
             .await?;
         // Another process's newer request may ask it to stop while the body is read.
         let _watching = running.watch_other_processes(self.engines.state.clone());
-        let state = &self.engines.state;
+        // Each piece is made durable and kept while the next one is received (the client is
+        // not held up by the fsync), one piece ahead at most; should keeping it fail, the
+        // next one stops reading at once.
+        let (failed, stop) = tokio::sync::watch::channel(false);
+        let mut body = Stoppable { body, stop };
         let mut offset = current;
         let mut carry = None;
-        let mut broke_off = None;
-        loop {
-            // Only a body with more to come starts a piece (no empty part at the end).
-            if carry.is_none() {
-                match body.next_piece().await {
-                    Ok(Some(bytes)) if bytes.is_empty() => continue,
-                    Ok(Some(bytes)) => carry = Some(bytes),
-                    Ok(None) => break,
-                    Err(e) => {
-                        broke_off = Some(e);
-                        break;
+        let mut keeping: Option<Keeping<'_>> = None;
+        let outcome = loop {
+            let budget = room - (offset - current);
+            let receive = async {
+                // Only a body with more to come starts a piece (no empty part at the end).
+                while carry.is_none() {
+                    match body.next_piece().await {
+                        Ok(Some(bytes)) if bytes.is_empty() => {}
+                        Ok(Some(bytes)) => carry = Some(bytes),
+                        Ok(None) => return Ok(Piece::End(None)),
+                        Err(e) => return Ok(Piece::End(Some(e))),
                     }
                 }
-            }
-            let budget = room - (offset - current);
-            if budget == 0 {
-                // Bytes beyond the room.
-                return Err(CoreError::TooLong { limit: room });
-            }
-            let size = piece.min(budget);
-            let mut window = Window {
-                body: &mut *body,
-                carry: &mut carry,
-                left: size,
+                if budget == 0 {
+                    // Bytes beyond the room.
+                    return Err(CoreError::TooLong { limit: room });
+                }
+                let size = piece.min(budget);
+                let mut window = Window {
+                    body: &mut body,
+                    carry: &mut carry,
+                    left: size,
+                };
+                let staged = self
+                    .engines
+                    .blobs
+                    .stage_unsynced(&mut window, budget)
+                    .await?;
+                Ok(Piece::Staged(staged, size))
             };
-            let staged = self.engines.blobs.stage(&mut window, budget).await?;
-            match &staged.cut {
+            let before = async {
+                let kept = match keeping.take() {
+                    Some(keeping) => keeping.await,
+                    None => Ok(()),
+                };
+                if kept.is_err() {
+                    let _ = failed.send(true);
+                }
+                kept
+            };
+            let (received, kept) = tokio::join!(receive, before);
+            if let Err(e) = kept {
+                if let Ok(Piece::Staged(staged, _)) = received {
+                    self.engines.blobs.discard(staged).await;
+                }
+                break Err(e);
+            }
+            let (staged, size) = match received {
+                Ok(Piece::Staged(staged, size)) => (staged, size),
+                Ok(Piece::End(broke_off)) => break Ok(broke_off),
+                Err(e) => break Err(e),
+            };
+            let broke_off = match &staged.cut {
                 Some(Cut::TooLong(limit)) => {
                     let limit = *limit;
                     self.engines.blobs.discard(staged).await;
-                    return Err(CoreError::TooLong { limit });
+                    break Err(CoreError::TooLong { limit });
                 }
-                Some(Cut::Body(e)) => broke_off = Some(e.clone()),
-                None => {}
-            }
+                Some(Cut::Body(e)) => Some(e.clone()),
+                None => None,
+            };
             let staged_len = staged.len;
-            if staged.len == 0 {
+            if staged_len == 0 {
                 self.engines.blobs.discard(staged).await;
             } else {
-                offset += staged.len;
-                self.publish(upload, next, staged, lease.fence).await?;
+                offset += staged_len;
+                keeping = Some(Box::pin(self.keep_piece(upload, next, staged, lease.fence)));
                 next += 1;
-                // Active, for expiry, should this body end in a crash or a failed write.
-                state.touch(upload, self.clock.now()).await?;
             }
             if broke_off.is_some() || (staged_len < size && carry.is_none()) {
                 // Broke off, or ended within the window.
-                break;
+                break Ok(broke_off);
             }
+        };
+        // The last piece (or the one received when the body ended) is kept before the answer.
+        if let Some(keeping) = keeping {
+            keeping.await?;
         }
-        state.touch(upload, self.clock.now()).await?;
+        let broke_off = outcome?;
+        self.engines.state.touch(upload, self.clock.now()).await?;
         Ok(Appended {
             offset,
             complete: meta.length == Some(offset),
             broke_off,
         })
+    }
+
+    /// Makes a staged piece durable and keeps it as part `number` (see `append_in_pieces`).
+    async fn keep_piece(
+        &self,
+        upload: &UploadKey,
+        number: u64,
+        staged: Staged,
+        fence: Fence,
+    ) -> Result<(), CoreError> {
+        if let Err(e) = self.engines.blobs.sync_staged(&staged).await {
+            self.engines.blobs.discard(staged).await;
+            return Err(e.into());
+        }
+        self.publish(upload, number, staged, fence).await?;
+        // Active, for expiry, should this body end in a crash or a failed write.
+        self.engines.state.touch(upload, self.clock.now()).await?;
+        Ok(())
     }
 
     /// Creates `upload` whole, as the concatenation of `sources` (complete uploads) in order,
@@ -777,6 +828,39 @@ struct Appending {
     current: u64,
     room: u64,
     next: u64,
+}
+
+/// A piece being made durable and kept while the next one is received.
+type Keeping<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CoreError>> + Send + 'a>>;
+
+/// What receiving the next piece of an append came to.
+enum Piece {
+    /// A piece staged, from a window of this many bytes.
+    Staged(Staged, u64),
+    /// The body ended before another piece began (broken off, if so).
+    End(Option<BodyError>),
+}
+
+/// A body that ends at once when `stop` turns true (keeping the piece before failed: what
+/// comes after it cannot be kept).
+struct Stoppable<'a> {
+    body: &'a mut dyn BodySource,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+#[async_trait::async_trait]
+impl BodySource for Stoppable<'_> {
+    async fn next_piece(&mut self) -> Result<Option<bytes::Bytes>, BodyError> {
+        if *self.stop.borrow() {
+            return Ok(None);
+        }
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            piece = self.body.next_piece() => piece,
+            _ = stop.wait_for(|stop| *stop) => Ok(None),
+        }
+    }
 }
 
 /// At most `left` bytes of a body; the rest of a piece that passes it waits in `carry` for

@@ -41,8 +41,8 @@ use tokio::time::Instant;
 const OFFSET_OCTET_STREAM: &str = "application/offset+octet-stream";
 
 /// A PATCH body of known length without a checksum to check first is kept in parts of this
-/// size, each durable as soon as it is whole: a crash loses at most the piece under way, not
-/// the whole body (tus clients send a whole file in one PATCH by default). With early
+/// size, each made durable while the next arrives: a crash loses at most the two pieces under
+/// way, not the whole body (tus clients send a whole file in one PATCH by default). With early
 /// delivery, each is sent on to the upstream while the next arrives.
 const PIECE: u64 = 32 << 20;
 

@@ -85,8 +85,7 @@ fn hashed(hasher: &mut Option<Hasher>, batch: bytes::Bytes) -> bytes::Bytes {
     batch
 }
 
-#[async_trait]
-impl BlobStore for FsBlobs {
+impl FsBlobs {
     /// The body is gathered into writes of up to 1 MiB (or of what arrived within 20 ms), each
     /// written on the blocking pool while the next one is being received: one pool round trip
     /// per MiB instead of one per piece for a fast client, and a slow client's bytes go to disk
@@ -94,7 +93,13 @@ impl BlobStore for FsBlobs {
     /// hashed here before it goes to the pool (a MiB is about 0.2 ms of BLAKE3), so the hashing
     /// overlaps the pool's write of the bytes gathered before it; a MiB at a time, BLAKE3 runs
     /// at twice its speed over a socket read's few KiB.
-    async fn stage(&self, body: &mut dyn BodySource, limit: u64) -> Result<Staged, StoreError> {
+    /// Durable at the end if `sync` and the engine fsyncs.
+    async fn stage_with(
+        &self,
+        body: &mut dyn BodySource,
+        limit: u64,
+        sync: bool,
+    ) -> Result<Staged, StoreError> {
         let (token, path) = self.0.tmp_path();
         let staging = path.clone();
         let created = tokio::task::spawn_blocking(move || std::fs::File::create(staging)).await;
@@ -108,7 +113,7 @@ impl BlobStore for FsBlobs {
             synced: false,
         }));
         let mut hasher = (!skip_hash()).then(Hasher::new);
-        let fsync = self.0.fsync;
+        let fsync = self.0.fsync && sync;
         let mut gathered = bytes::BytesMut::new();
         let mut since = std::time::Instant::now();
         let mut len = 0u64;
@@ -160,6 +165,30 @@ impl BlobStore for FsBlobs {
                 Err(e.into())
             }
         }
+    }
+}
+
+#[async_trait]
+impl BlobStore for FsBlobs {
+    async fn stage(&self, body: &mut dyn BodySource, limit: u64) -> Result<Staged, StoreError> {
+        self.stage_with(body, limit, true).await
+    }
+
+    async fn stage_unsynced(
+        &self,
+        body: &mut dyn BodySource,
+        limit: u64,
+    ) -> Result<Staged, StoreError> {
+        self.stage_with(body, limit, false).await
+    }
+
+    /// An fsync of the staging file, on the blocking pool (a no-op without `fsync`).
+    async fn sync_staged(&self, staged: &Staged) -> Result<(), StoreError> {
+        if !self.0.fsync {
+            return Ok(());
+        }
+        let path = self.0.staging.join(&staged.token);
+        Ok(Fs::blocking(move || std::fs::File::open(path)?.sync_all()).await?)
     }
 
     /// A rename, on the blocking pool: a metadata change of microseconds, but one that waits
