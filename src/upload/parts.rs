@@ -495,8 +495,8 @@ impl UploadCore {
     }
 
     /// Appends `body` at offset `at` like [`UploadCore::append`], without a check of the whole
-    /// body, storing it as parts of at most `piece` bytes, each kept as soon as it is whole: an
-    /// early delivery sends each while the rest arrives. `body` must not carry more than the
+    /// body, storing it as parts of at most `piece` bytes, each made durable and kept while the
+    /// next one arrives: an early delivery sends each while the rest arrives. `body` must not carry more than the
     /// room left (the caller checked its Content-Length): what passes it is refused, and the
     /// pieces kept before stay.
     pub async fn append_in_pieces(

@@ -120,7 +120,24 @@ impl FsBlobs {
         let mut cut = None;
         let received = async {
             loop {
-                let piece = match body.next_piece().await {
+                // Bytes gathered for a write wait at most `STAGE_LINGER` for more: a client
+                // that stalls after a few KiB has them on disk, not held for its body timeout.
+                let next = {
+                    let next = body.next_piece();
+                    tokio::pin!(next);
+                    loop {
+                        let linger = tokio::time::Instant::from_std(since + STAGE_LINGER);
+                        tokio::select! {
+                            piece = &mut next => break piece,
+                            _ = tokio::time::sleep_until(linger), if !gathered.is_empty() => {
+                                // Taken whole, spare room included: none of it stays.
+                                let batch = std::mem::take(&mut gathered).freeze();
+                                writer = writer.write(hashed(&mut hasher, batch), false).await?;
+                            }
+                        }
+                    }
+                };
+                let piece = match next {
                     Ok(Some(piece)) => piece,
                     Ok(None) => break,
                     Err(e) => {
