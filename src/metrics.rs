@@ -225,6 +225,8 @@ pub struct OperatorsApp {
 #[async_trait]
 impl ServeHttp for OperatorsApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        // The connection's header deadline no longer applies (a listing may take seconds).
+        crate::proxy::connections::header_arrived();
         let header = session.req_header();
         if header.method != Method::GET && header.method != Method::HEAD {
             return reply(StatusCode::METHOD_NOT_ALLOWED, TEXT, b"GET only\n".to_vec());

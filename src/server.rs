@@ -1,7 +1,7 @@
 //! Wiring: builds the Pingora server from a [`Config`] (storage, upload core, proxy service,
 //! expiry sweeper) and runs it, in the foreground (`stitch`) or in a thread (tests, benchmarks).
 
-use crate::config::Config;
+use crate::config::{Config, ConnectionLimits};
 use crate::drain::InFlight;
 use crate::forward::HttpForwarder;
 use crate::proxy::connections::Guarded;
@@ -169,7 +169,17 @@ pub fn build_as(config: &Config, launch: Launch) -> Result<Built, StartError> {
             config: metrics.clone(),
             store_check: Default::default(),
         };
-        let mut operators = Service::new("metrics and health".to_string(), app);
+        // Meant for a private network, but guarded all the same: a scraper or a probe gone
+        // wrong (or a client trickling its header) cannot hold the process's memory.
+        let limits = ConnectionLimits {
+            max: OPERATORS_MAX_CONNECTIONS,
+            max_per_client: Some(OPERATORS_MAX_PER_CLIENT),
+            ..config.connections.clone()
+        };
+        let mut operators = Service::new(
+            "metrics and health".to_string(),
+            Guarded::new(app, limits, InFlight::default()),
+        );
         operators.add_tcp(&metrics.listen.to_string());
         server.add_service(operators);
     }
@@ -256,6 +266,11 @@ impl BackgroundService for Trim {
         }
     }
 }
+
+/// The operators' listener (metrics, health, listing): connections open at once, in all and
+/// from one address (a scraper and a few probes need a handful).
+const OPERATORS_MAX_CONNECTIONS: usize = 256;
+const OPERATORS_MAX_PER_CLIENT: usize = 32;
 
 /// How often freed memory is given back.
 const TRIM_INTERVAL: Duration = Duration::from_secs(10);

@@ -491,3 +491,56 @@ async fn the_listing_shows_a_delivered_upload_while_its_answer_is_kept() {
         .unwrap();
     assert_eq!(sample(&text, "stitch_uploads_in_progress"), 0.0);
 }
+
+#[tokio::test]
+async fn the_operators_listener_cuts_a_trickled_header_and_limits_connections_per_client() {
+    // Meant for a private network, but a client gone wrong there cannot hold it: a header
+    // trickled a byte at a time is cut at `connections.header_timeout`, and one address holds
+    // at most 32 connections (more get 503) while a scrape from a freed slot works.
+    use common::raw::RawConnection;
+    use std::time::{Duration, Instant};
+    let metrics = free_addr();
+    let config = format!("connections:\n  header_timeout: 2s\n{}", routes(metrics));
+    let _h = Harness::with_routes(&config).await;
+
+    let mut slow = RawConnection::open(metrics).await;
+    assert!(slow.send(b"GET /metrics HTTP/1.1\r\nX-Slow: ").await);
+    let started = Instant::now();
+    let mut cut = false;
+    while started.elapsed() < Duration::from_secs(15) {
+        if !slow.send(b"a").await || slow.closed_within(Duration::from_millis(300)).await {
+            cut = true;
+            break;
+        }
+    }
+    assert!(cut, "the trickling client was never cut");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "cut after {:?}",
+        started.elapsed()
+    );
+
+    // 32 connections that have each had an answer and stay open (within the idle timeout).
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        let mut connection = RawConnection::open(metrics).await;
+        assert!(
+            connection
+                .send(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+                .await
+        );
+        let answer = connection.response(Duration::from_secs(10)).await;
+        assert_eq!(answer.map(|r| r.status), Some(200));
+        held.push(connection);
+    }
+    let mut over = RawConnection::open(metrics).await;
+    assert!(over.send(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n").await);
+    let refused = over.response(Duration::from_secs(10)).await;
+    assert_eq!(refused.map(|r| r.status), Some(503), "the 33rd connection");
+    held.pop();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        scrape(metrics).await.contains("stitch_"),
+        "a freed slot serves"
+    );
+}
