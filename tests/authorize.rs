@@ -165,3 +165,48 @@ async fn refusals_kept_for_retries_take_bounded_memory_and_past_it_the_hook_is_a
     assert_eq!(asked(), 21, "past 16 MiB, not kept: asked again");
     assert_eq!((h.upload_files(), h.blob_count()), (0, 0), "nothing stored");
 }
+
+#[tokio::test]
+async fn chunks_sent_in_parallel_for_a_new_upload_ask_the_hook_once() {
+    // Resumable.js and Flow.js send the first chunks of a file at once (three by default):
+    // they share one question to the hook, and its answer, whatever it is.
+    let h = Harness::with_routes(ROUTES).await;
+    h.upstream
+        .delay_answers(std::time::Duration::from_millis(300));
+    h.upstream.answer_with(403, "not yours");
+    let refused = ChunkedFile::resumable("r.bin", random_bytes(3000, 12), 1000);
+    let statuses = futures::future::join_all((1..=3).map(|n| refused.upload(&h, n))).await;
+    for response in statuses {
+        assert_eq!(response.status(), 403);
+    }
+    assert_eq!(
+        h.upstream.received_at("/app/may-upload").len(),
+        1,
+        "a refusal"
+    );
+
+    h.upstream.answer_with(200, "{}");
+    let allowed = ChunkedFile::resumable("a.bin", random_bytes(3000, 13), 1000);
+    let statuses = futures::future::join_all((1..=3).map(|n| allowed.upload(&h, n))).await;
+    let mut statuses: Vec<u16> = statuses.iter().map(|r| r.status().as_u16()).collect();
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 200]);
+    assert_eq!(
+        h.upstream.received_at("/app/may-upload").len(),
+        2,
+        "an allowance"
+    );
+    assert_delivered_once(&h, &allowed);
+
+    // A hook that cannot be reached: every parallel chunk is told to retry (503), and the
+    // retry asks again (a failure to ask is not kept).
+    h.upstream.go_down();
+    let down = ChunkedFile::resumable("d.bin", random_bytes(3000, 14), 1000);
+    let statuses = futures::future::join_all((1..=3).map(|n| down.upload(&h, n))).await;
+    for response in statuses {
+        assert_eq!(response.status(), 503);
+    }
+    h.upstream.resume().await;
+    assert_eq!(down.upload_all(&h).await.status(), 200);
+    assert_eq!(h.upstream.received_at("/app/may-upload").len(), 3);
+}

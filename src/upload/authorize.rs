@@ -28,6 +28,16 @@ const KEEP_BYTES: usize = 16 << 20;
 pub(super) struct Kept {
     answers: DashMap<UploadKey, (Instant, String, Authorization, usize)>,
     bytes: AtomicUsize,
+    /// The questions being asked, by upload: requests for the same upload with the same
+    /// credentials that come meanwhile (a client sends its first chunks in parallel) wait for
+    /// that answer instead of asking again, a failure to ask included.
+    asking: DashMap<UploadKey, Arc<Asking>>,
+}
+
+/// A question to the hook under way, for these credentials.
+struct Asking {
+    credentials: String,
+    answer: tokio::sync::OnceCell<Authorization>,
 }
 
 impl Kept {
@@ -109,6 +119,41 @@ impl UploadCore {
         if let Some(kept) = self.authorizations.get(upload, &credentials) {
             return kept;
         }
+        let asking = self
+            .authorizations
+            .asking
+            .entry(*upload)
+            .or_insert_with(|| {
+                Arc::new(Asking {
+                    credentials: credentials.clone(),
+                    answer: Default::default(),
+                })
+            })
+            .clone();
+        if asking.credentials != credentials {
+            // Someone else's question: not theirs to answer.
+            return self.ask(upload, hook, request, question, credentials).await;
+        }
+        let answer = asking
+            .answer
+            .get_or_init(|| self.ask(upload, hook, request, question, credentials))
+            .await
+            .clone();
+        self.authorizations
+            .asking
+            .remove_if(upload, |_, current| Arc::ptr_eq(current, &asking));
+        answer
+    }
+
+    /// Asks the hook, and keeps a final answer.
+    async fn ask(
+        &self,
+        upload: &UploadKey,
+        hook: &Authorize,
+        request: &DeliveryRequest,
+        question: &serde_json::Value,
+        credentials: String,
+    ) -> Authorization {
         let body = bytes::Bytes::from(serde_json::to_vec(question).expect("JSON values serialize"));
         let asked = self
             .forwarder
