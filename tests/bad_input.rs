@@ -242,3 +242,36 @@ async fn multipart_part_headers_that_never_end_are_refused_without_being_held() 
     assert_eq!(answer.map(|r| r.status), Some(400));
     assert_eq!(h.upload_files(), 0);
 }
+
+#[tokio::test]
+async fn a_multipart_chunk_without_a_boundary_is_refused_with_400_and_stores_nothing() {
+    // A multipart body Stitch cannot read is refused, on a Resumable.js route (whose
+    // parameters are in the URL: the body must not be taken for the chunk's bytes) and on a
+    // Flow.js route (whose parameters are in the body: it must not pass through either).
+    let (h, file) = harness_with_first_chunk().await;
+    let before = h.stored_files();
+    let addr = h.stitch.as_ref().unwrap().addr;
+    let (_, head_part, tail) = multipart_frame(&file.params(2), "file", &file.name, "x/y");
+    let body = [head_part.to_vec(), vec![9u8; 1000], tail.to_vec()].concat();
+    let query = file.query_string(2);
+    for (path, content_type) in [
+        (format!("/upload?{query}"), "multipart/form-data"),
+        (format!("/upload?{query}"), "multipart/mixed; boundary=abc"),
+        ("/flow".to_string(), "multipart/form-data"),
+        ("/flow".to_string(), "Multipart/Form-Data; charset=utf-8"),
+    ] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let status = raw_exchange(addr, &head, &body).await;
+        assert_eq!(status, Some(400), "{path} with {content_type}");
+    }
+    assert_eq!(h.stored_files(), before);
+    assert!(
+        h.upstream.received().is_empty(),
+        "nothing passed through or delivered"
+    );
+    assert_eq!(file.test(&h, 2).await.status(), 204);
+}

@@ -242,7 +242,9 @@ async fn healthy_clients_keep_working_while_250_slow_ones_are_connected() {
 
 #[tokio::test]
 async fn a_multipart_chunk_that_stalls_gets_408_too() {
-    let h = Harness::with_routes(&with_limits("  body_timeout: 1s\n")).await;
+    // After `body_timeout`, not twice that (the fields after the file part were once waited
+    // for too).
+    let h = Harness::with_routes(&with_limits("  body_timeout: 2s\n")).await;
     let file = ChunkedFile::flow("stall.bin", random_bytes(3000, 102), 1000);
     let (boundary, head, _) = multipart_frame(&file.params(1), "file", &file.name, "text/plain");
     let mut client = RawConnection::open(addr(&h)).await;
@@ -254,7 +256,13 @@ async fn a_multipart_chunk_that_stalls_gets_408_too() {
     assert!(client.send(request.as_bytes()).await);
     assert!(client.send(&head).await);
     assert!(client.send(&[7u8; 100]).await);
+    let stalled = Instant::now();
     let answer = client.response(Duration::from_secs(10)).await;
     assert_eq!(answer.map(|r| r.status), Some(408));
+    assert!(
+        stalled.elapsed() < Duration::from_millis(3500),
+        "answered {:?} after the body stalled",
+        stalled.elapsed()
+    );
     assert_eq!(h.upload_files(), 0, "nothing stored");
 }

@@ -53,13 +53,20 @@ pub async fn handle(
 ) -> pingora::Result<bool> {
     let header = session.req_header();
     let fields = Fields::from_query(header.uri.query());
-    let boundary = header_str(header, http::header::CONTENT_TYPE)
-        .and_then(|ct| multer::parse_boundary(ct).ok());
+    let content_type = header_str(header, http::header::CONTENT_TYPE);
+    let boundary = content_type.and_then(|ct| multer::parse_boundary(ct).ok());
+    // A multipart body Stitch cannot read (no boundary, or not form data) is refused, never
+    // taken for the chunk's bytes nor passed through.
+    let multipart = content_type.is_some_and(|ct| {
+        ct.trim_start()
+            .get(..10)
+            .is_some_and(|t| t.eq_ignore_ascii_case("multipart/"))
+    });
     let is_test_method = header.method == Method::GET || header.method == Method::HEAD;
     let in_query = fields.get(&options.names.chunk_number).is_some();
     // Resumable.js always puts its parameters in the URL; Flow.js puts them only in a multipart
     // body, so on a Flow route every multipart upload is chunk traffic.
-    let flow_multipart = options.flavor == Flavor::Flow && boundary.is_some() && !is_test_method;
+    let flow_multipart = options.flavor == Flavor::Flow && multipart && !is_test_method;
     if !in_query && !flow_multipart {
         return Ok(false);
     }
@@ -88,6 +95,10 @@ pub async fn handle(
                 exchange.multipart(session, fields, boundary).await
             }
         }
+    } else if multipart {
+        Answer::Refused(Refusal::Multipart(
+            "Content-Type names no boundary, or is not multipart/form-data".into(),
+        ))
     } else {
         exchange.octet(session, &fields).await
     };
@@ -279,8 +290,13 @@ impl Exchange<'_> {
         let mut body = FieldBody(field, progress);
         let answer = self.store(chunk, &mut body).await;
         drop(body);
-        while let Ok(Some(mut rest)) = multipart.next_field().await {
-            while let Ok(Some(_)) = rest.chunk().await {}
+        // Fields after the file part are read (and dropped) so that the connection can serve
+        // the next request; not after a refusal, whose connection closes (a body that stalled
+        // would be waited for again).
+        if !matches!(answer, Answer::Refused(_)) {
+            while let Ok(Some(mut rest)) = multipart.next_field().await {
+                while let Ok(Some(_)) = rest.chunk().await {}
+            }
         }
         answer
     }
