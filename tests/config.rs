@@ -382,3 +382,53 @@ fn the_listing_token_comes_from_the_file_or_a_set_environment_variable() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn settings_that_would_run_wrongly_are_refused_by_check() {
+    // A log level misspelt is a filter that silences every line; an empty storage directory
+    // would be the working directory; metrics on the public address would answer uploads
+    // with its own pages.
+    refused_naming(
+        "log: { level: inf }\n",
+        &["\"inf\" is not a log level", "line 1"],
+    );
+    assert!(check_text("log: { level: \"info,pingora=warn\" }\n").0);
+    assert!(check_text("log: { level: WARN }\n").0);
+    refused_naming("storage: { dir: '' }\n", &["storage.dir is empty"]);
+    refused_naming(
+        "listen: 127.0.0.1:18080\nmetrics: { listen: 127.0.0.1:18080 }\n",
+        &["metrics.listen (127.0.0.1:18080)", "address of its own"],
+    );
+    refused_naming(
+        "listen: 0.0.0.0:18080\nmetrics: { listen: 127.0.0.1:18080 }\n",
+        &["metrics.listen"],
+    );
+    assert!(check_text("listen: 127.0.0.1:18080\nmetrics: { listen: 127.0.0.1:18081 }\n").0);
+}
+
+#[test]
+fn a_route_that_an_earlier_one_covers_is_refused_and_in_the_other_order_accepted() {
+    let shadowed = "routes:\n  - path: /upload\n    protocol: resumable\n  \
+                    - path: /upload/tus\n    protocol: tus\n";
+    refused_naming(
+        shadowed,
+        &[
+            "routes[1] (/upload/tus) would never get its",
+            "POST",
+            "routes[0] (/upload)",
+        ],
+    );
+    let reordered = "routes:\n  - path: /upload/tus\n    protocol: tus\n  \
+                     - path: /upload\n    protocol: resumable\n";
+    assert!(check_text(reordered).0);
+    // Not covered: another host, other methods, a sibling path.
+    let other_methods = "routes:\n  - path: /upload\n    protocol: flow\n    methods: [DELETE]\n  \
+                         - path: /upload/r\n    protocol: resumable\n";
+    assert!(check_text(other_methods).0);
+    let other_host = "routes:\n  - path: /upload\n    protocol: resumable\n    host: a.example\n  \
+                      - path: /upload/tus\n    protocol: tus\n";
+    assert!(check_text(other_host).0);
+    let sibling = "routes:\n  - path: /upload\n    protocol: resumable\n  \
+                   - path: /uploads\n    protocol: tus\n";
+    assert!(check_text(sibling).0);
+}

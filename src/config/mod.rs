@@ -171,6 +171,17 @@ impl Default for LogConfig {
 
 fn log_filter<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let text = String::deserialize(d)?;
+    // A bare word is a valid filter (everything from that target), but one that is not a
+    // level is a typo that would silence every log line.
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(serde::de::Error::custom(format!(
+                "{directive:?} is not a log level (trace, debug, info, warn, error, off); a \
+                 filter is a level and TARGET=LEVEL pairs, such as info,pingora=warn"
+            )));
+        }
+    }
     tracing_subscriber::EnvFilter::try_new(&text)
         .map(|_| text)
         .map_err(|e| serde::de::Error::custom(format!("not a log level or filter: {e}")))
@@ -258,6 +269,9 @@ impl TryFrom<RawStorage> for StorageConfig {
 
     fn try_from(raw: RawStorage) -> Result<Self, String> {
         let engine = match raw.engine {
+            EngineName::Fs if raw.dir.as_ref().is_some_and(|d| d.as_os_str().is_empty()) => {
+                return Err("storage.dir is empty: name a directory".into())
+            }
             EngineName::Fs => EngineConfig::Fs {
                 dir: raw.dir.unwrap_or_else(default_storage_dir),
                 fsync: raw.fsync.unwrap_or(true),
@@ -399,14 +413,39 @@ impl Config {
             .expect("the embedded default config is valid")
     }
 
-    /// Checks that need more than one route at a time.
+    /// Checks that need more than one part of the file at a time.
     fn check_routes(&self) -> Result<(), String> {
+        if let Some(metrics) = &self.metrics {
+            let same_port = metrics.listen.port() == self.listen.port() && self.listen.port() != 0;
+            let overlap = metrics.listen.ip() == self.listen.ip()
+                || metrics.listen.ip().is_unspecified()
+                || self.listen.ip().is_unspecified();
+            if same_port && overlap {
+                return Err(format!(
+                    "metrics.listen ({}) is the public listener's address (`listen`): the \
+                     operators' listener needs an address of its own",
+                    metrics.listen
+                ));
+            }
+        }
         for (i, route) in self.routes.iter().enumerate() {
             for (j, earlier) in self.routes[..i].iter().enumerate() {
                 if route.id == earlier.id {
                     return Err(format!(
                         "routes[{i}]: same path, match and host as routes[{j}]; \
                          the second one could never be reached"
+                    ));
+                }
+                let taken = route.shadowed_by(earlier);
+                if !taken.is_empty() {
+                    let methods: Vec<&str> = taken.iter().map(|m| m.as_str()).collect();
+                    return Err(format!(
+                        "routes[{i}] ({}) would never get its {} requests: routes[{j}] ({}) \
+                         comes first and covers its path (the first route that matches a \
+                         request takes it); list routes[{i}] first",
+                        route.label,
+                        methods.join(", "),
+                        earlier.label
                     ));
                 }
             }

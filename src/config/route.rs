@@ -570,6 +570,32 @@ impl TryFrom<RawRoute> for Route {
 }
 
 impl Route {
+    /// The methods of this route's requests that `earlier`, listed before it, takes instead
+    /// (the first route that matches a request takes it, and passes through what is not its
+    /// protocol's). Only what can be told for sure: a prefix that covers this route's plain
+    /// path, on every host this route serves.
+    pub fn shadowed_by(&self, earlier: &Route) -> Vec<Method> {
+        let path = match &self.path {
+            PathMatch::Prefix(p) | PathMatch::Exact(p) => p,
+            PathMatch::Regex(_) => return Vec::new(),
+        };
+        let covered = matches!(earlier.path, PathMatch::Prefix(_))
+            && earlier.path.matches(path)
+            && (earlier.host.is_none() || earlier.host == self.host);
+        if !covered {
+            return Vec::new();
+        }
+        let takes = |method: &Method| {
+            earlier.methods.contains(method)
+                || (*method == Method::OPTIONS && earlier.cors.is_some())
+        };
+        let mut mine = self.methods.clone();
+        if self.cors.is_some() && !mine.contains(&Method::OPTIONS) {
+            mine.push(Method::OPTIONS);
+        }
+        mine.into_iter().filter(takes).collect()
+    }
+
     /// Does this route intercept a request with this method, path and Host header?
     pub fn matches(&self, method: &Method, path: &str, host: Option<&str>) -> bool {
         // With CORS, a preflight (OPTIONS) for the route is the route's too.
