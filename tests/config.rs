@@ -395,6 +395,12 @@ fn settings_that_would_run_wrongly_are_refused_by_check() {
     assert!(check_text("log: { level: \"info,pingora=warn\" }\n").0);
     assert!(check_text("log: { level: WARN }\n").0);
     refused_naming("storage: { dir: '' }\n", &["storage.dir is empty"]);
+    // A pause of nothing that "doubles" after each failure: the whole file sent again and
+    // again at once.
+    refused_naming(
+        "routes:\n  - path: /x\n    protocol: flow\n    forward: { retry_pause: 0s }\n",
+        &["above zero", "line 4"],
+    );
     refused_naming(
         "listen: 127.0.0.1:18080\nmetrics: { listen: 127.0.0.1:18080 }\n",
         &["metrics.listen (127.0.0.1:18080)", "address of its own"],

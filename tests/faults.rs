@@ -123,7 +123,7 @@ async fn an_application_that_stops_reading_gets_504_in_time_and_a_later_retry_de
 routes:
   - path: /upload
     protocol: resumable
-    forward: { path: /app/upload, field: document, timeout: 5s, retry_pause: 0s }
+    forward: { path: /app/upload, field: document, timeout: 5s, retry_pause: 1ms }
 "#;
     let h = Harness::custom("", routes, Some(app.app.addr), None).await;
     // Larger than what the kernel buffers between the two processes. (The timeout leaves the

@@ -198,7 +198,7 @@ struct RawForward {
     protocol_fields: bool,
     #[serde(default = "default_forward_timeout", deserialize_with = "above_zero")]
     timeout: Span,
-    #[serde(default = "default_retry_pause")]
+    #[serde(default = "default_retry_pause", deserialize_with = "above_zero")]
     retry_pause: Span,
     #[serde(default = "default_wait", deserialize_with = "above_zero")]
     wait: Span,
