@@ -438,3 +438,17 @@ fn a_route_that_an_earlier_one_covers_is_refused_and_in_the_other_order_accepted
                    - path: /uploads\n    protocol: tus\n";
     assert!(check_text(sibling).0);
 }
+
+#[test]
+fn an_error_in_a_later_route_names_that_route_and_its_line() {
+    let yaml = "routes:\n  - path: /a\n    protocol: resumable\n  # the second\n  \
+                - path: /b\n    protocol: tus\n    tus: { max_metadata: 63B }\n";
+    refused_naming(yaml, &["routes[1]: tus.max_metadata", "line 5"]);
+    let yaml = "routes:\n  - path: /a\n    protocol: resumable\n    methods:\n      - GET\n  \
+                - path: b\n    protocol: flow\n";
+    refused_naming(yaml, &["routes[1]: route path \"b\"", "line 6"]);
+    refused_naming(
+        "listen: 127.0.0.1:8080\nfoo: 1\n",
+        &["unknown field `foo`", "line 2"],
+    );
+}

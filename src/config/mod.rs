@@ -50,7 +50,7 @@ pub struct Config {
     /// Running in the background (`--daemon`) and handing the listeners over (`--upgrade`).
     #[serde(default)]
     pub process: ProcessConfig,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "route::routes_in_order")]
     pub routes: Vec<Route>,
 }
 
@@ -537,6 +537,37 @@ fn plain_message(message: &str, text: &str) -> String {
     for (pattern, words) in TYPE_NAMES.iter() {
         message = pattern.replace_all(&message, *words).into_owned();
     }
+    if let Some(index) = message
+        .strip_prefix("routes: routes[")
+        .and_then(|rest| rest.split_once("]: "))
+        .and_then(|(index, _)| index.parse::<usize>().ok())
+    {
+        if let Some(line) = route_line(text, index) {
+            let without_location = message.split(" at line ").next().unwrap_or("").to_string();
+            // serde names the list (`routes: routes[1]: ...`): the index says it better.
+            let without_location = without_location
+                .strip_prefix("routes: ")
+                .unwrap_or(&without_location)
+                .to_string();
+            message = format!("{without_location} at line {line}");
+        }
+    }
+    // An unknown key at the top level comes without a location: its line is found.
+    if !message.contains(" at line ") {
+        if let Some(key) = message
+            .split_once("unknown field `")
+            .and_then(|(_, rest)| rest.split_once('`'))
+            .map(|(key, _)| key.to_string())
+        {
+            let line = text.lines().position(|line| {
+                line.strip_prefix(key.as_str())
+                    .is_some_and(|r| r.trim_start().starts_with(':'))
+            });
+            if let Some(line) = line {
+                message = format!("{message} at line {}", line + 1);
+            }
+        }
+    }
     if let Some(key) = message
         .split_once("duplicate field `")
         .and_then(|(_, rest)| rest.split_once('`'))
@@ -548,6 +579,37 @@ fn plain_message(message: &str, text: &str) -> String {
         }
     }
     message
+}
+
+/// The line where route number `index` (from 0) of a block list under a top-level `routes:`
+/// starts; none for a list written in flow style (`routes: [...]`).
+fn route_line(text: &str, index: usize) -> Option<usize> {
+    let mut lines = text.lines().enumerate();
+    lines.find(|(_, line)| line.trim_end() == "routes:")?;
+    let mut item_indent = None;
+    let mut seen = 0;
+    for (number, line) in lines {
+        let content = line.trim_start();
+        if content.is_empty() || content.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - content.len();
+        if indent == 0 && !content.starts_with('-') {
+            return None; // the next top-level key
+        }
+        if content.starts_with("- ") || content == "-" {
+            match item_indent {
+                None => item_indent = Some(indent),
+                Some(first) if first != indent => continue,
+                Some(_) => {}
+            }
+            if seen == index {
+                return Some(number + 1);
+            }
+            seen += 1;
+        }
+    }
+    None
 }
 
 /// The line of the second `key:` at the same indentation as an earlier one, with no line of

@@ -681,6 +681,36 @@ fn default_retry_pause() -> Span {
     Span(Duration::from_secs(2))
 }
 
+/// The routes, each checked as it is read: an error names the route by its index
+/// (`routes[1]: ...`), whose line `plain_message` then finds (serde reports where the list
+/// starts).
+pub(super) fn routes_in_order<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<Route>, D::Error> {
+    struct Routes;
+    impl<'de> serde::de::Visitor<'de> for Routes {
+        type Value = Vec<Route>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<Route>, A::Error> {
+            let mut routes = Vec::new();
+            while let Some(raw) = seq.next_element::<RawRoute>()? {
+                let index = routes.len();
+                let route = Route::try_from(raw).map_err(|e| {
+                    <A::Error as serde::de::Error>::custom(format!("routes[{index}]: {e}"))
+                })?;
+                routes.push(route);
+            }
+            Ok(routes)
+        }
+    }
+    d.deserialize_seq(Routes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
