@@ -394,6 +394,11 @@ fn settings_that_would_run_wrongly_are_refused_by_check() {
     );
     assert!(check_text("log: { level: \"info,pingora=warn\" }\n").0);
     assert!(check_text("log: { level: WARN }\n").0);
+    assert!(check_text("log: { level: \"info,stitch\" }\n").0);
+    refused_naming(
+        "log: { level: \"inf,pingora=warn\" }\n",
+        &["\"inf\" is not a log level"],
+    );
     refused_naming("storage: { dir: '' }\n", &["storage.dir is empty"]);
     // A pause of nothing that "doubles" after each failure: the whole file sent again and
     // again at once.
@@ -427,6 +432,12 @@ fn a_route_that_an_earlier_one_covers_is_refused_and_in_the_other_order_accepted
     let reordered = "routes:\n  - path: /upload/tus\n    protocol: tus\n  \
                      - path: /upload\n    protocol: resumable\n";
     assert!(check_text(reordered).0);
+    let exact_twice = "routes:\n  - path: /up\n    match: exact\n    protocol: flow\n  \
+                       - path: /up\n    match: exact\n    host: a.example\n    protocol: flow\n";
+    refused_naming(
+        exact_twice,
+        &["routes[1] (a.example/up) would never get its"],
+    );
     // Not covered: another host, other methods, a sibling path.
     let other_methods = "routes:\n  - path: /upload\n    protocol: flow\n    methods: [DELETE]\n  \
                          - path: /upload/r\n    protocol: resumable\n";
@@ -451,4 +462,7 @@ fn an_error_in_a_later_route_names_that_route_and_its_line() {
         "listen: 127.0.0.1:8080\nfoo: 1\n",
         &["unknown field `foo`", "line 2"],
     );
+    let yaml = "routes:   # uploads\n  - path: /a\n    protocol: resumable\n\n  \
+                - path: /b\n    protocol: flow\n  - path: c\n    protocol: flow\n";
+    refused_naming(yaml, &["routes[2]: route path \"c\"", "line 7"]);
 }

@@ -173,11 +173,20 @@ fn log_filter<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let text = String::deserialize(d)?;
     // A bare word is a valid filter (everything from that target), but one that is not a
     // level is a typo that would silence every log line.
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-    for directive in text.split(',').map(str::trim).filter(|d| !d.is_empty()) {
-        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+    // (With a level beside it, `info,stitch` means what it says.)
+    const LEVELS: [&str; 12] = [
+        "trace", "debug", "info", "warn", "error", "off", "0", "1", "2", "3", "4", "5",
+    ];
+    let directives: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let is_level = |d: &&str| LEVELS.contains(&d.to_ascii_lowercase().as_str());
+    if !directives.iter().any(is_level) {
+        if let Some(word) = directives.iter().find(|d| !d.contains('=')) {
             return Err(serde::de::Error::custom(format!(
-                "{directive:?} is not a log level (trace, debug, info, warn, error, off); a \
+                "{word:?} is not a log level (trace, debug, info, warn, error, off); a \
                  filter is a level and TARGET=LEVEL pairs, such as info,pingora=warn"
             )));
         }
@@ -585,7 +594,13 @@ fn plain_message(message: &str, text: &str) -> String {
 /// starts; none for a list written in flow style (`routes: [...]`).
 fn route_line(text: &str, index: usize) -> Option<usize> {
     let mut lines = text.lines().enumerate();
-    lines.find(|(_, line)| line.trim_end() == "routes:")?;
+    lines.find(|(_, line)| {
+        let content = line.split('#').next().unwrap_or("").trim_end();
+        matches!(
+            content,
+            "routes:" | "\"routes\":" | "'routes':" | "routes :"
+        )
+    })?;
     let mut item_indent = None;
     let mut seen = 0;
     for (number, line) in lines {

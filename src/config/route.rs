@@ -573,15 +573,18 @@ impl Route {
     /// The methods of this route's requests that `earlier`, listed before it, takes instead
     /// (the first route that matches a request takes it, and passes through what is not its
     /// protocol's). Only what can be told for sure: a prefix that covers this route's plain
-    /// path, on every host this route serves.
+    /// path, or the same exact path, on every host this route serves.
     pub fn shadowed_by(&self, earlier: &Route) -> Vec<Method> {
         let path = match &self.path {
             PathMatch::Prefix(p) | PathMatch::Exact(p) => p,
             PathMatch::Regex(_) => return Vec::new(),
         };
-        let covered = matches!(earlier.path, PathMatch::Prefix(_))
-            && earlier.path.matches(path)
-            && (earlier.host.is_none() || earlier.host == self.host);
+        let paths = match (&earlier.path, &self.path) {
+            (PathMatch::Prefix(_), _) => earlier.path.matches(path),
+            (PathMatch::Exact(p), PathMatch::Exact(_)) => p == path,
+            _ => false,
+        };
+        let covered = paths && (earlier.host.is_none() || earlier.host == self.host);
         if !covered {
             return Vec::new();
         }

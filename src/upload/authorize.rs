@@ -34,6 +34,20 @@ pub(super) struct Kept {
     asking: DashMap<UploadKey, Arc<Asking>>,
 }
 
+/// Removes a question from those under way (unless a newer one took its place) when dropped.
+struct Asked<'a> {
+    asking: &'a DashMap<UploadKey, Arc<Asking>>,
+    upload: &'a UploadKey,
+    mine: &'a Arc<Asking>,
+}
+
+impl Drop for Asked<'_> {
+    fn drop(&mut self) {
+        self.asking
+            .remove_if(self.upload, |_, current| Arc::ptr_eq(current, self.mine));
+    }
+}
+
 /// A question to the hook under way, for these credentials.
 struct Asking {
     credentials: String,
@@ -134,15 +148,17 @@ impl UploadCore {
             // Someone else's question: not theirs to answer.
             return self.ask(upload, hook, request, question, credentials).await;
         }
-        let answer = asking
+        // Let go of once answered, or should this request be dropped while it asks.
+        let _done = Asked {
+            asking: &self.authorizations.asking,
+            upload,
+            mine: &asking,
+        };
+        asking
             .answer
             .get_or_init(|| self.ask(upload, hook, request, question, credentials))
             .await
-            .clone();
-        self.authorizations
-            .asking
-            .remove_if(upload, |_, current| Arc::ptr_eq(current, &asking));
-        answer
+            .clone()
     }
 
     /// Asks the hook, and keeps a final answer.
