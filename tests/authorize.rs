@@ -210,3 +210,47 @@ async fn chunks_sent_in_parallel_for_a_new_upload_ask_the_hook_once() {
     assert_eq!(down.upload_all(&h).await.status(), 200);
     assert_eq!(h.upstream.received_at("/app/may-upload").len(), 3);
 }
+
+#[tokio::test]
+async fn a_refused_multipart_chunk_is_read_to_its_end_and_the_connection_serves_on() {
+    // The client sees the refusal (not a reset while it still sends), and its kept-alive
+    // connection carries the next request.
+    use common::raw::RawConnection;
+    let h = Harness::with_routes(ROUTES).await;
+    h.upstream.answer_with(403, "not yours");
+    // A chunk larger than what is read before the hook is asked, and smaller than the most
+    // Stitch reads of a refused multipart body to keep the connection (256 KiB; past that it
+    // answers and closes).
+    let file = ChunkedFile::resumable("m.bin", random_bytes(256 << 10, 15), 128 << 10);
+    let (boundary, head, tail) = multipart_frame(&file.params(1), "file", &file.name, "x/y");
+    let body = [head.to_vec(), vec![5u8; 128 << 10], tail.to_vec()].concat();
+    let addr = h.stitch.as_ref().unwrap().addr;
+    let mut connection = RawConnection::open(addr).await;
+    let request = format!(
+        "POST /upload?{} HTTP/1.1\r\nHost: a\r\nContent-Type: multipart/form-data; \
+         boundary={boundary}\r\nContent-Length: {}\r\n\r\n",
+        file.query_string(1),
+        body.len()
+    );
+    assert!(connection.send(request.as_bytes()).await);
+    assert!(connection.send(&body).await);
+    let refused = connection
+        .response(std::time::Duration::from_secs(10))
+        .await;
+    assert_eq!(refused.map(|r| r.status), Some(403));
+    h.upstream.answer_with(200, "page");
+    assert!(
+        connection
+            .send(b"GET /elsewhere HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+    );
+    let next = connection
+        .response(std::time::Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        next.map(|r| r.status),
+        Some(200),
+        "the same connection serves on"
+    );
+    assert_eq!((h.upload_files(), h.blob_count()), (0, 0), "nothing stored");
+}

@@ -23,7 +23,7 @@ use crate::http::{
     header_str, Progress, RequestBody,
 };
 use crate::store::{BodyError, BodySource, UploadKey, UploadMeta};
-use crate::upload::{Authorization, FieldsDigest, PartStatus, ReplyHold, UploadCore};
+use crate::upload::{Authorization, CoreError, FieldsDigest, PartStatus, ReplyHold, UploadCore};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::Method;
@@ -290,10 +290,25 @@ impl Exchange<'_> {
         let mut body = FieldBody(field, progress);
         let answer = self.store(chunk, &mut body).await;
         drop(body);
-        // Fields after the file part are read (and dropped) so that the connection can serve
-        // the next request; not after a refusal, whose connection closes (a body that stalled
-        // would be waited for again).
-        if !matches!(answer, Answer::Refused(_)) {
+        // The rest of the body (the file part's unread bytes, the fields after it) is read and
+        // dropped, so that the client sees the answer and the connection serves the next
+        // request; not once the body itself failed (one that stalled would be waited for
+        // again).
+        let body_failed = matches!(
+            answer,
+            Answer::Refused(
+                Refusal::Stalled
+                    | Refusal::Multipart(_)
+                    | Refusal::Core(
+                        CoreError::Short {
+                            broke_off: Some(_),
+                            ..
+                        },
+                        _
+                    )
+            )
+        );
+        if !body_failed {
             while let Ok(Some(mut rest)) = multipart.next_field().await {
                 while let Ok(Some(_)) = rest.chunk().await {}
             }
