@@ -115,6 +115,11 @@ pub fn open(root: &Path, fsync: bool, span: Duration) -> std::io::Result<Engines
     for sub in ["tmp", "blobs", "uploads", "activity", "locks", "queue"] {
         std::fs::create_dir_all(root.join(sub))?;
     }
+    // Every blob shard exists from the start: keeping a blob then allocates no directory,
+    // which a disk filled meanwhile (by the next piece of the same body) could refuse.
+    for shard in 0..=255u8 {
+        std::fs::create_dir_all(root.join("blobs").join(hex::encode([shard])))?;
+    }
     if !indexed {
         index_existing_uploads(root)?;
     }

@@ -330,7 +330,11 @@ impl StateStore for FsState {
         self.invalidate(upload, |c| c.meta = None);
         let written = self.0.write_atomic(&path, json).await;
         self.invalidate(upload, |c| c.meta = None);
-        Ok(written?)
+        written?;
+        // The parts directory too, before any part: adding a part then allocates no directory,
+        // which a disk filled meanwhile (by the next piece of the same body) could refuse.
+        let (parts, fsync) = (self.0.upload_dir(upload).join("parts"), self.0.fsync);
+        Ok(Fs::blocking(move || super::create_dir_durable(&parts, fsync)).await?)
     }
 
     async fn remove_meta(&self, upload: &UploadKey, _fence: Fence) -> Result<(), StoreError> {
