@@ -878,22 +878,29 @@ async fn a_whole_file_tus_patch_that_fills_the_disk_keeps_its_whole_pieces_and_r
     if let Ok(response) = &sent {
         assert_eq!(response.status(), 503, "the disk is full");
     }
-    let head = tus(&h, reqwest::Method::HEAD, &location)
+    disk.free();
+    resumes_from_its_first_piece(&h, &location, &data).await;
+}
+
+/// After a PATCH of `data` refused once its first 32 MiB piece was kept: HEAD says 32 MiB,
+/// staging holds nothing, and the rest sent from there delivers the file once, byte-exact.
+async fn resumes_from_its_first_piece(h: &Harness, location: &str, data: &bytes::Bytes) {
+    use common::tus::*;
+    let head = tus(h, reqwest::Method::HEAD, location)
         .send()
         .await
         .unwrap();
     assert_eq!(
         header(&head, "upload-offset"),
         Some("33554432"),
-        "one piece kept"
+        "the first piece stays"
     );
     assert_eq!(h.damage(), Vec::<String>::new(), "nothing left in staging");
-    disk.free();
-    let rest = patch(&h, &location, 32 << 20, data.slice(32 << 20..)).await;
+    let rest = patch(h, location, 32 << 20, data.slice(32 << 20..)).await;
     assert_eq!(rest.status(), 204);
     let received = h.upstream.received_at("/app/upload");
     assert_eq!(received.len(), 1, "delivered once");
-    assert_eq!(received[0].files[0].sha256, sha256_hex(&data), "byte-exact");
+    assert_eq!(received[0].files[0].sha256, sha256_hex(data), "byte-exact");
 }
 
 #[tokio::test]
@@ -965,19 +972,5 @@ async fn a_tus_piece_that_cannot_be_kept_ends_its_patch_at_once_and_the_pieces_b
         "answered once the piece failed, {} MiB into the body",
         sent_when_answered >> 20
     );
-    let head = tus(&h, reqwest::Method::HEAD, &location)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        header(&head, "upload-offset"),
-        Some("33554432"),
-        "the first piece stays"
-    );
-    assert_eq!(h.damage(), Vec::<String>::new(), "nothing left in staging");
-    let rest = patch(&h, &location, 32 << 20, data.slice(32 << 20..)).await;
-    assert_eq!(rest.status(), 204);
-    let received = h.upstream.received_at("/app/upload");
-    assert_eq!(received.len(), 1, "delivered once");
-    assert_eq!(received[0].files[0].sha256, sha256_hex(&data), "byte-exact");
+    resumes_from_its_first_piece(&h, &location, &data).await;
 }

@@ -85,6 +85,20 @@ impl RawConnection {
         let _ = self.stream.get_mut().shutdown().await;
     }
 
+    /// Sends `start` of a request header, then one byte at a time (each well within any
+    /// per-read timeout) until the server closes the connection, for at most 15 s: how long it
+    /// took, or `None` if it never did.
+    pub async fn trickle_header_until_cut(&mut self, start: &[u8]) -> Option<Duration> {
+        assert!(self.send(start).await);
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(15) {
+            if !self.send(b"a").await || self.closed_within(Duration::from_millis(300)).await {
+                return Some(started.elapsed());
+            }
+        }
+        None
+    }
+
     /// Waits up to `wait` for the server to close the connection (bytes it sends are skipped).
     pub async fn closed_within(&mut self, wait: Duration) -> bool {
         let closed = async {
