@@ -15,19 +15,6 @@ fn addr(h: &Harness) -> std::net::SocketAddr {
     h.stitch.as_ref().unwrap().addr
 }
 
-/// A connection that has had one request answered, and stays open.
-async fn served_connection(h: &Harness) -> RawConnection {
-    let mut connection = RawConnection::open(addr(h)).await;
-    assert!(
-        connection
-            .send(b"GET /elsewhere HTTP/1.1\r\nHost: a\r\n\r\n")
-            .await
-    );
-    let answer = connection.response(Duration::from_secs(10)).await;
-    assert_eq!(answer.map(|r| r.status), Some(200));
-    connection
-}
-
 #[tokio::test]
 async fn a_header_trickled_one_byte_at_a_time_is_cut_at_the_header_timeout() {
     let h = Harness::with_routes(&with_limits("  header_timeout: 1s\n")).await;
@@ -136,7 +123,7 @@ async fn connections_over_the_limit_get_503_and_a_freed_slot_serves_again() {
     let h = Harness::with_routes(&with_limits("  max: 3\n")).await;
     let mut held = Vec::new();
     for _ in 0..3 {
-        held.push(served_connection(&h).await);
+        held.push(RawConnection::served(addr(&h), "/elsewhere").await);
     }
     let mut fourth = RawConnection::open(addr(&h)).await;
     let refused = fourth.response(Duration::from_secs(10)).await.unwrap();
@@ -169,7 +156,7 @@ async fn one_client_address_cannot_take_more_than_its_share() {
     let h = Harness::with_routes(&with_limits("  max_per_client: 2\n")).await;
     let mut held = Vec::new();
     for _ in 0..2 {
-        held.push(served_connection(&h).await);
+        held.push(RawConnection::served(addr(&h), "/elsewhere").await);
     }
     let mut third = RawConnection::open(addr(&h)).await;
     let refused = third.response(Duration::from_secs(10)).await.unwrap();

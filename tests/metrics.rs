@@ -513,15 +513,7 @@ async fn the_operators_listener_cuts_a_trickled_header_and_limits_connections_pe
     // 32 connections that have each had an answer and stay open (within the idle timeout).
     let mut held = Vec::new();
     for _ in 0..32 {
-        let mut connection = RawConnection::open(metrics).await;
-        assert!(
-            connection
-                .send(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
-                .await
-        );
-        let answer = connection.response(Duration::from_secs(10)).await;
-        assert_eq!(answer.map(|r| r.status), Some(200));
-        held.push(connection);
+        held.push(RawConnection::served(metrics, "/healthz").await);
     }
     let mut over = RawConnection::open(metrics).await;
     assert!(over.send(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n").await);

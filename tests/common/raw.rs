@@ -85,6 +85,16 @@ impl RawConnection {
         let _ = self.stream.get_mut().shutdown().await;
     }
 
+    /// A connection to `addr` that has had `GET path` answered 200, and stays open.
+    pub async fn served(addr: SocketAddr, path: &str) -> RawConnection {
+        let mut connection = RawConnection::open(addr).await;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+        assert!(connection.send(request.as_bytes()).await);
+        let answer = connection.response(Duration::from_secs(10)).await;
+        assert_eq!(answer.map(|r| r.status), Some(200));
+        connection
+    }
+
     /// Sends `start` of a request header, then one byte at a time (each well within any
     /// per-read timeout) until the server closes the connection, for at most 15 s: how long it
     /// took, or `None` if it never did.

@@ -125,14 +125,24 @@ impl FsBlobs {
                 let next = {
                     let next = body.next_piece();
                     tokio::pin!(next);
-                    loop {
-                        let linger = tokio::time::Instant::from_std(since + STAGE_LINGER);
-                        tokio::select! {
-                            piece = &mut next => break piece,
-                            _ = tokio::time::sleep_until(linger), if !gathered.is_empty() => {
-                                // Taken whole, spare room included: none of it stays.
-                                let batch = std::mem::take(&mut gathered).freeze();
-                                writer = writer.write(hashed(&mut hasher, batch), false).await?;
+                    // A piece that is there already needs no timer (a fast client's every
+                    // piece): only a wait arms one.
+                    let ready = std::future::poll_fn(|cx| {
+                        std::task::Poll::Ready(std::future::Future::poll(next.as_mut(), cx))
+                    })
+                    .await;
+                    if let std::task::Poll::Ready(piece) = ready {
+                        piece
+                    } else {
+                        loop {
+                            let linger = tokio::time::Instant::from_std(since + STAGE_LINGER);
+                            tokio::select! {
+                                piece = &mut next => break piece,
+                                _ = tokio::time::sleep_until(linger), if !gathered.is_empty() => {
+                                    // Taken whole, spare room included: none of it stays.
+                                    let batch = std::mem::take(&mut gathered).freeze();
+                                    writer = writer.write(hashed(&mut hasher, batch), false).await?;
+                                }
                             }
                         }
                     }
