@@ -1,6 +1,8 @@
 //! tus benchmark: a 1 GiB file uploaded by a tus 1.0 client through the real `stitch` binary's
 //! tus route, which stores it and delivers it to a recording upstream (with per-part fsync, the
-//! default, and without; with early delivery, `forward.early`, and without), and, for comparison, through `@tus/server` with `@tus/file-store`
+//! default, and without; with early delivery, `forward.early`, and without; answering the last
+//! PATCH once the file is stored, `forward.wait: 1ms`, and not after its delivery), and, for
+//! comparison, through `@tus/server` with `@tus/file-store`
 //! (Node.js, pinned in `benches/tus-peer/`, installed with `npm ci` when missing). Each server
 //! gets the file in 8 MiB PATCHes and in one PATCH of the whole file. The client is written
 //! here in Rust, the same for every server, so that on two cores it is not the bottleneck.
@@ -9,8 +11,8 @@
 //! replace the tus section of `benches/results.md`, keeping the rest.
 //!
 //! Run: `cargo bench --bench tus` (FILE_MIB=… PATCH_MIB=… RUNS=… to change the sizes,
-//! SERVERS=stitch,stitch-nofsync,stitch-early,stitch-early-nofsync,tus-node to choose the
-//! servers).
+//! SERVERS=stitch,stitch-nofsync,stitch-nowait,stitch-early,stitch-early-nofsync,tus-node to
+//! choose the servers).
 
 #[path = "common/bench.rs"]
 mod bench;
@@ -197,12 +199,17 @@ fn start_stitch(
     dir: &Path,
     file_len: u64,
     fsync: bool,
-    early: bool,
+    mode: Mode,
 ) -> (Process, Url) {
     let max_mib = (file_len >> 20).max(5 << 10);
+    let forward = match mode {
+        Mode::AfterDelivery => "",
+        Mode::OnceStored => ", wait: 1ms",
+        Mode::Early => ", early: true",
+    };
     let routes = format!(
         "routes:\n  - path: {COLLECTION}\n    protocol: tus\n    limits: {{ max_file_size: {max_mib}MiB }}\n    \
-         forward: {{ path: {DELIVERY_PATH}, field: file, early: {early} }}\n"
+         forward: {{ path: {DELIVERY_PATH}, field: file{forward} }}\n"
     );
     // The test helper writes `fsync: true`; YAML keys may not repeat, so it is replaced.
     let yaml = config_yaml(upstream, &dir.join("data"), "", &routes)
@@ -443,13 +450,20 @@ fn http_client() -> reqwest::Client {
         .expect("http client")
 }
 
+/// When Stitch answers the last PATCH, and when it delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// After the delivery (up to `forward.wait`, 30 s): the route's default.
+    AfterDelivery,
+    /// Once the file is stored (`forward.wait: 1ms`): the delivery goes on after the answer.
+    OnceStored,
+    /// `forward.early`: the delivery begins while the file arrives.
+    Early,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Server {
-    /// `early`: with `forward.early` (the delivery begins while the file arrives).
-    Stitch {
-        fsync: bool,
-        early: bool,
-    },
+    Stitch { fsync: bool, mode: Mode },
     TusNode,
 }
 
@@ -458,41 +472,57 @@ impl Server {
         match self {
             Server::Stitch {
                 fsync: true,
-                early: false,
+                mode: Mode::AfterDelivery,
             } => "Stitch (fsync on, the default)",
             Server::Stitch {
                 fsync: false,
-                early: false,
+                mode: Mode::AfterDelivery,
             } => "Stitch (fsync off)",
             Server::Stitch {
                 fsync: true,
-                early: true,
+                mode: Mode::OnceStored,
+            } => "Stitch, answering once stored (fsync on, `forward.wait: 1ms`)",
+            Server::Stitch {
+                fsync: false,
+                mode: Mode::OnceStored,
+            } => "Stitch, answering once stored (fsync off, `forward.wait: 1ms`)",
+            Server::Stitch {
+                fsync: true,
+                mode: Mode::Early,
             } => "Stitch, early delivery (fsync on)",
             Server::Stitch {
                 fsync: false,
-                early: true,
+                mode: Mode::Early,
             } => "Stitch, early delivery (fsync off)",
             Server::TusNode => "@tus/server",
         }
     }
 
     /// Every Stitch variant, in the order of the report.
-    const STITCHES: [Server; 4] = [
+    const STITCHES: [Server; 6] = [
         Server::Stitch {
             fsync: true,
-            early: false,
+            mode: Mode::AfterDelivery,
         },
         Server::Stitch {
             fsync: false,
-            early: false,
+            mode: Mode::AfterDelivery,
         },
         Server::Stitch {
             fsync: true,
-            early: true,
+            mode: Mode::OnceStored,
         },
         Server::Stitch {
             fsync: false,
-            early: true,
+            mode: Mode::OnceStored,
+        },
+        Server::Stitch {
+            fsync: true,
+            mode: Mode::Early,
+        },
+        Server::Stitch {
+            fsync: false,
+            mode: Mode::Early,
         },
     ];
 }
@@ -575,10 +605,10 @@ impl Measured {
 }
 
 /// Stitch in front of a recording upstream; checks that the upstream got the whole file once.
-async fn run_stitch(source: &Source, patch: u64, fsync: bool, early: bool) -> Measured {
+async fn run_stitch(source: &Source, patch: u64, fsync: bool, mode: Mode) -> Measured {
     let upstream = Arc::new(Upstream::start().await);
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let (process, collection) = start_stitch(upstream.addr, dir.path(), source.len, fsync, early);
+    let (process, collection) = start_stitch(upstream.addr, dir.path(), source.len, fsync, mode);
     // Notes when the upstream has read the whole delivered body (it records a request then),
     // and Stitch's CPU time meanwhile.
     let watch = {
@@ -633,7 +663,7 @@ async fn run_stitch(source: &Source, patch: u64, fsync: bool, early: bool) -> Me
         cpu_delivering: cpu_at(held) - cpu_at(received.at),
     };
     Measured {
-        early,
+        early: mode == Mode::Early,
         ..Measured::of(&uploaded, Some(delivery), &process, bench_cpu)
     }
 }
@@ -699,7 +729,7 @@ async fn run(server: Server, source: &Source, patch: u64) -> Measured {
     settle_disk();
     let run = async {
         match server {
-            Server::Stitch { fsync, early } => run_stitch(source, patch, fsync, early).await,
+            Server::Stitch { fsync, mode } => run_stitch(source, patch, fsync, mode).await,
             Server::TusNode => run_tus_node(source, patch).await,
         }
     };
@@ -762,7 +792,8 @@ fn report(cases: &[Case], file_len: u64, conditions: &Conditions) -> String {
          cache; the same for every server. Stitch: the release binary, one tus route as in \
          `conf/tus.yaml`, delivering the finished file to a recording upstream in the bench \
          process, which parses the multipart body and hashes the file; its last PATCH is \
-         answered after the delivery. @tus/server {} with @tus/file-store {} on Node.js {}: \
+         answered after the delivery (answering once stored, `forward.wait: 1ms`: once the \
+         file is stored, the delivery going on after the answer). @tus/server {} with @tus/file-store {} on Node.js {}: \
          it stores the file (without fsync) and delivers nothing. \"To the last answer\": from \
          the creation request to the last PATCH's answer, as the client sees it. \"To the file \
          stored\": until the server had every byte stored (Stitch: when its delivery reached \
@@ -897,27 +928,29 @@ fn timeline(cases: &[Case]) -> String {
     out
 }
 
-/// The servers to run: `SERVERS=stitch,stitch-nofsync,stitch-early,stitch-early-nofsync,tus-node`
-/// (default: all of them).
+/// The servers to run: `SERVERS=stitch,stitch-nofsync,stitch-nowait,stitch-nowait-nofsync,
+/// stitch-early,stitch-early-nofsync,tus-node` (default: all but `stitch-nowait-nofsync`).
 fn servers() -> Vec<Server> {
     let chosen = std::env::var("SERVERS").unwrap_or_else(|_| {
-        "stitch,stitch-nofsync,stitch-early,stitch-early-nofsync,tus-node".into()
+        "stitch,stitch-nofsync,stitch-nowait,stitch-early,stitch-early-nofsync,tus-node".into()
     });
     chosen
         .split(',')
         .map(|name| {
-            let (fsync, early) = match name.trim() {
-                "stitch" => (true, false),
-                "stitch-nofsync" => (false, false),
-                "stitch-early" => (true, true),
-                "stitch-early-nofsync" => (false, true),
+            let (fsync, mode) = match name.trim() {
+                "stitch" => (true, Mode::AfterDelivery),
+                "stitch-nofsync" => (false, Mode::AfterDelivery),
+                "stitch-nowait" => (true, Mode::OnceStored),
+                "stitch-nowait-nofsync" => (false, Mode::OnceStored),
+                "stitch-early" => (true, Mode::Early),
+                "stitch-early-nofsync" => (false, Mode::Early),
                 "tus-node" => return Server::TusNode,
                 other => panic!(
-                    "SERVERS: {other:?} is none of stitch, stitch-nofsync, stitch-early, \
-                     stitch-early-nofsync, tus-node"
+                    "SERVERS: {other:?} is none of stitch, stitch-nofsync, stitch-nowait, \
+                     stitch-nowait-nofsync, stitch-early, stitch-early-nofsync, tus-node"
                 ),
             };
-            Server::Stitch { fsync, early }
+            Server::Stitch { fsync, mode }
         })
         .collect()
 }
