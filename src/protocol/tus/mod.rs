@@ -239,6 +239,23 @@ fn expected_checksum(header: &RequestHeader) -> Result<Option<Wanted>, Refusal> 
     }
 }
 
+/// A body without a `Content-Length` (chunked): its length is known once it has ended.
+fn chunked(header: &RequestHeader) -> bool {
+    content_length(header).is_none() && header.headers.contains_key(http::header::TRANSFER_ENCODING)
+}
+
+/// Reads `body` to its end: `TooLarge(0)` at its first byte (the upload has room for none).
+async fn nothing_more(body: &mut dyn BodySource) -> Result<(), Refusal> {
+    loop {
+        match body.next_piece().await {
+            Ok(None) => return Ok(()),
+            Ok(Some(piece)) if piece.is_empty() => {}
+            Ok(Some(_)) => return Err(Refusal::TooLarge(0)),
+            Err(_) => return Err(Refusal::BadRequest("the body ended before its end".into())),
+        }
+    }
+}
+
 /// A request body whose trailers are read into `slot` when it ends.
 struct Trailed<'s> {
     session: &'s mut Session,
@@ -585,8 +602,12 @@ impl Exchange<'_> {
                 Authorization::Unavailable(why) => return Answer::Refused(Refusal::Unasked(why)),
             }
         }
-        let urls: Vec<String> = ids.iter().map(|id| self.location(header, id)).collect();
-        meta.protocol["tus"]["concat"] = format!("final;{}", urls.join(" ")).into();
+        // HEAD returns it "as received in the upload creation request" (the specification's
+        // words): relative URLs stay relative.
+        let received = header_str(header, HeaderName::from_static("upload-concat"))
+            .unwrap_or_default()
+            .trim();
+        meta.protocol["tus"]["concat"] = received.into();
         let meta = match self.core.concatenate(&key, &meta, &sources).await {
             Ok(length) => UploadMeta {
                 length: Some(length),
@@ -784,6 +805,17 @@ impl Exchange<'_> {
                 )));
             }
         }
+        if progress.delivered && chunked(session.req_header()) {
+            // A body without a length tells whether it has bytes only when read: any is past
+            // the length, as with a `Content-Length`.
+            if let Err(answer) = self.proceed(session).await {
+                return answer;
+            }
+            if let Err(refusal) = nothing_more(&mut RequestBody(session)).await {
+                return Answer::Refused(refusal);
+            }
+        }
+        let header = session.req_header();
         if progress.delivered {
             // Every byte is there and the file went to the application: say so again.
             return match self.core.recorded_answer(&key).await {
@@ -814,7 +846,7 @@ impl Exchange<'_> {
         }
         let no_body = match content_length(header) {
             Some(n) => n == 0,
-            None => !header.headers.contains_key(http::header::TRANSFER_ENCODING),
+            None => !chunked(header),
         };
         if complete && no_body && !tus_state(&progress.meta).is_partial() {
             // Every byte is there, the delivery not made yet (under way, or failed and
