@@ -103,7 +103,6 @@ fn write_all(file: &mut std::fs::File, batch: &[bytes::Bytes]) -> std::io::Resul
     use std::io::{IoSlice, Write};
     let mut slices: Vec<IoSlice> = batch.iter().map(|piece| IoSlice::new(piece)).collect();
     let mut slices = &mut slices[..];
-    IoSlice::advance_slices(&mut slices, 0);
     while !slices.is_empty() {
         match file.write_vectored(slices) {
             Ok(0) => return Err(ErrorKind::WriteZero.into()),
