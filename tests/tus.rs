@@ -530,6 +530,10 @@ async fn a_delivered_upload_takes_no_more_bytes_nor_another_length() {
         .await
         .unwrap();
     assert_eq!(chunked.status(), 413, "a chunked body past the length");
+    assert_eq!(
+        chunked.text().await.unwrap(),
+        "the upload has room for 0 more bytes\n"
+    );
     let longer = tus(&h, Method::PATCH, &location)
         .header("content-type", "application/offset+octet-stream")
         .header("upload-offset", "10")

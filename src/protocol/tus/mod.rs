@@ -244,13 +244,13 @@ fn chunked(header: &RequestHeader) -> bool {
     content_length(header).is_none() && header.headers.contains_key(http::header::TRANSFER_ENCODING)
 }
 
-/// Reads `body` to its end: `TooLarge(0)` at its first byte (the upload has room for none).
+/// Reads `body` to its end, refused at its first byte (the upload has room for none).
 async fn nothing_more(body: &mut dyn BodySource) -> Result<(), Refusal> {
     loop {
         match body.next_piece().await {
             Ok(None) => return Ok(()),
             Ok(Some(piece)) if piece.is_empty() => {}
-            Ok(Some(_)) => return Err(Refusal::TooLarge(0)),
+            Ok(Some(_)) => return Err(Refusal::Core(CoreError::TooLong { limit: 0 })),
             Err(_) => return Err(Refusal::BadRequest("the body ended before its end".into())),
         }
     }
@@ -797,7 +797,7 @@ impl Exchange<'_> {
         if complete || progress.delivered {
             // Nothing more can be stored: a body is past the length, and so is another one.
             if content_length(header).is_some_and(|n| n > 0) {
-                return Answer::Refused(Refusal::TooLarge(0));
+                return Answer::Refused(Refusal::Core(CoreError::TooLong { limit: 0 }));
             }
             if let Some(new_length) = new_length.filter(|&n| Some(n) != progress.meta.length) {
                 return Answer::Refused(Refusal::BadRequest(format!(
@@ -881,7 +881,9 @@ impl Exchange<'_> {
             .unwrap_or(self.route.limits.max_file_size.0)
             .saturating_sub(at);
         if content_length(session.req_header()).is_some_and(|n| n > room) {
-            return Err(Answer::Refused(Refusal::TooLarge(room)));
+            return Err(Answer::Refused(Refusal::Core(CoreError::TooLong {
+                limit: room,
+            })));
         }
         let trailer = match &wanted {
             Some(Wanted::Trailer(slot)) => Some(slot.clone()),
