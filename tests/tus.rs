@@ -1354,6 +1354,11 @@ async fn a_creation_body_of_another_type_or_checksum_is_refused_and_stores_nothi
         .await
         .unwrap();
     assert_eq!(wrong_type.status(), 415);
+    let said = wrong_type.text().await.unwrap();
+    assert!(
+        said.contains("application/offset+octet-stream") && !said.contains("PATCH"),
+        "a creation's refusal names what to send, not another request: {said}"
+    );
     let sha1_of_other = base64::engine::general_purpose::STANDARD
         .encode(<sha1::Sha1 as sha1::Digest>::digest(b"other"));
     let wrong_sum = tus(&h, Method::POST, "/files")

@@ -82,7 +82,7 @@ pub(super) enum Refusal {
     },
     /// The request's tus headers are missing or malformed.
     BadRequest(String),
-    /// A PATCH body not `application/offset+octet-stream`.
+    /// Upload bytes (a PATCH's, or a creation's) not sent as `application/offset+octet-stream`.
     ContentType,
     /// No such upload.
     NotFound,
@@ -294,7 +294,7 @@ fn refused(refusal: Refusal) -> Reply {
         Refusal::BadRequest(reason) => Reply::refuse(400, reason),
         Refusal::ContentType => Reply::refuse(
             415,
-            "a PATCH body must be Content-Type: application/offset+octet-stream",
+            "an upload's bytes must be sent as Content-Type: application/offset+octet-stream",
         ),
         Refusal::NotFound => Reply::refuse(404, "no such upload"),
         Refusal::Final => Reply::refuse(403, "a final upload is made of its partial uploads"),
