@@ -12,7 +12,8 @@ use stitch::config::{FieldPolicy, ForwardConfig};
 use stitch::drain::InFlight;
 use stitch::forward::{DeliveryRequest, Forward, ForwardError, PartReader};
 use stitch::store::{
-    BodyError, BodySource, Engines, RecordedAnswer, StoreError, StoredPart, UploadKey, UploadMeta,
+    BodyError, BodySource, Digest, Engines, Fence, PartIndex, QueuedDelivery, RecordedAnswer,
+    StateStore, StoreError, StoredPart, UploadKey, UploadMeta,
 };
 use stitch::upload::{
     Clock, CoreError, Delivery, FieldsDigest, Outcome, PartRef, PartStatus, Ttls, UploadCore,
@@ -739,6 +740,178 @@ async fn appends_at_the_offset_keep_what_a_broken_body_brought(engine: Engine) {
     assert_eq!((progress.offset, progress.meta.length), (1000, Some(1000)));
 }
 
+/// A state engine that fails to make new parts durable while `failing` is set (the fsync of
+/// their directory reports an error); every other call goes to the engine it wraps.
+struct FailingSync {
+    inner: Arc<dyn StateStore>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait]
+impl StateStore for FailingSync {
+    async fn meta(&self, upload: &UploadKey) -> Result<Option<UploadMeta>, StoreError> {
+        self.inner.meta(upload).await
+    }
+    async fn save_meta(&self, u: &UploadKey, m: &UploadMeta, f: Fence) -> Result<(), StoreError> {
+        self.inner.save_meta(u, m, f).await
+    }
+    async fn remove_meta(&self, u: &UploadKey, f: Fence) -> Result<(), StoreError> {
+        self.inner.remove_meta(u, f).await
+    }
+    async fn parts(&self, u: &UploadKey) -> Result<Arc<PartIndex>, StoreError> {
+        self.inner.parts(u).await
+    }
+    async fn add_part(&self, u: &UploadKey, p: StoredPart, f: Fence) -> Result<bool, StoreError> {
+        self.inner.add_part(u, p, f).await
+    }
+    async fn add_part_unsynced(
+        &self,
+        u: &UploadKey,
+        p: StoredPart,
+        f: Fence,
+    ) -> Result<bool, StoreError> {
+        self.inner.add_part_unsynced(u, p, f).await
+    }
+    async fn sync_parts(&self, u: &UploadKey) -> Result<(), StoreError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(StoreError::Io(std::io::Error::other("fsync: I/O error")));
+        }
+        self.inner.sync_parts(u).await
+    }
+    async fn remove_part(
+        &self,
+        u: &UploadKey,
+        n: u64,
+        f: Fence,
+    ) -> Result<Option<Digest>, StoreError> {
+        self.inner.remove_part(u, n, f).await
+    }
+    async fn remove_parts(&self, u: &UploadKey, f: Fence) -> Result<Vec<Digest>, StoreError> {
+        self.inner.remove_parts(u, f).await
+    }
+    async fn open_part(
+        &self,
+        u: &UploadKey,
+        p: &StoredPart,
+    ) -> Result<Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>, StoreError> {
+        self.inner.open_part(u, p).await
+    }
+    async fn is_referenced(&self, d: &Digest) -> Result<bool, StoreError> {
+        self.inner.is_referenced(d).await
+    }
+    async fn answer(
+        &self,
+        u: &UploadKey,
+    ) -> Result<Option<(RecordedAnswer, SystemTime)>, StoreError> {
+        self.inner.answer(u).await
+    }
+    async fn save_answer(
+        &self,
+        u: &UploadKey,
+        a: &RecordedAnswer,
+        at: SystemTime,
+        f: Fence,
+    ) -> Result<(), StoreError> {
+        self.inner.save_answer(u, a, at, f).await
+    }
+    async fn remove_answer(&self, u: &UploadKey, f: Fence) -> Result<(), StoreError> {
+        self.inner.remove_answer(u, f).await
+    }
+    async fn mark_delivering(&self, u: &UploadKey, d: bool, f: Fence) -> Result<(), StoreError> {
+        self.inner.mark_delivering(u, d, f).await
+    }
+    async fn was_delivering(&self, u: &UploadKey) -> Result<bool, StoreError> {
+        self.inner.was_delivering(u).await
+    }
+    async fn touch(&self, u: &UploadKey, at: SystemTime) -> Result<(), StoreError> {
+        self.inner.touch(u, at).await
+    }
+    async fn reindex(&self, u: &UploadKey, at: SystemTime) -> Result<(), StoreError> {
+        self.inner.reindex(u, at).await
+    }
+    async fn last_activity(&self, u: &UploadKey) -> Result<Option<SystemTime>, StoreError> {
+        self.inner.last_activity(u).await
+    }
+    async fn ask_to_stop(&self, u: &UploadKey, arrived: SystemTime) -> Result<(), StoreError> {
+        self.inner.ask_to_stop(u, arrived).await
+    }
+    async fn stop_asked(&self, u: &UploadKey) -> Result<Option<SystemTime>, StoreError> {
+        self.inner.stop_asked(u).await
+    }
+    async fn forget_stop_requests(&self, before: SystemTime) -> Result<(), StoreError> {
+        self.inner.forget_stop_requests(before).await
+    }
+    async fn idle_since(&self, before: SystemTime) -> Result<Vec<UploadKey>, StoreError> {
+        self.inner.idle_since(before).await
+    }
+    async fn prune_activity(&self, before: SystemTime) -> Result<(), StoreError> {
+        self.inner.prune_activity(before).await
+    }
+    async fn remove(&self, u: &UploadKey, f: Fence) -> Result<(), StoreError> {
+        self.inner.remove(u, f).await
+    }
+    async fn queue(&self, u: &UploadKey, e: &QueuedDelivery, f: Fence) -> Result<(), StoreError> {
+        self.inner.queue(u, e, f).await
+    }
+    async fn queued(&self, u: &UploadKey) -> Result<Option<QueuedDelivery>, StoreError> {
+        self.inner.queued(u).await
+    }
+    async fn unqueue(&self, u: &UploadKey, f: Fence) -> Result<(), StoreError> {
+        self.inner.unqueue(u, f).await
+    }
+    async fn all_queued(&self) -> Result<Vec<(UploadKey, QueuedDelivery)>, StoreError> {
+        self.inner.all_queued().await
+    }
+    async fn uploads(&self) -> Result<Vec<UploadKey>, StoreError> {
+        self.inner.uploads().await
+    }
+}
+
+/// A chunk's link that cannot be made durable: the chunk is refused, and the part is not taken
+/// for stored (a chunk test says it is missing), so the client's retry stores it again; the
+/// file is then delivered once, whole, and no bytes are left behind.
+async fn a_part_that_cannot_be_made_durable_is_refused_and_not_taken_for_stored(engine: Engine) {
+    let mut t = Setup::new(engine);
+    let failing = Arc::new(FailingSync {
+        inner: t.engines.state.clone(),
+        failing: std::sync::atomic::AtomicBool::new(true),
+    });
+    t.engines = Engines::new(
+        t.engines.blobs.clone(),
+        failing.clone(),
+        t.engines.locker.clone(),
+        t.engines.closed(),
+    );
+    t.core = Arc::new(UploadCore::new(
+        t.engines.clone(),
+        t.upstream.clone(),
+        t.clock.clone(),
+        TTLS,
+        InFlight::default(),
+    ));
+    let file = File::new("durable.bin", 7);
+    let digest = FieldsDigest::of(&fields("a"));
+    let (part, bytes) = file.part(1);
+    let refused = t
+        .core
+        .put_part(&file.key, &file.meta, part, &mut Body::of(bytes), &digest)
+        .await;
+    assert!(
+        matches!(refused, Err(CoreError::Store(_))),
+        "refused: {refused:?}"
+    );
+    let (part, _) = file.part(1);
+    let status = t.core.status(&file.key, &file.meta, part, &digest).await;
+    assert!(matches!(status, Ok(PartStatus::Missing)), "{status:?}");
+    failing.failing.store(false, Ordering::SeqCst);
+    store_all_but_last(&t, &file).await;
+    let delivery = complete_and_deliver(&t, &file, "a").await;
+    assert_eq!(answer(&delivery.outcome).status, 201);
+    assert_eq!(t.calls(), 1);
+    assert_eq!(t.upstream.received.lock().unwrap()[0].0, file.sha256());
+    assert!(stored_blobs(&t).await.is_empty(), "no bytes left behind");
+}
+
 macro_rules! on_every_engine {
     ($($test:ident),* $(,)?) => {
         mod fs_engine {
@@ -777,6 +950,7 @@ on_every_engine!(
     a_new_file_replaces_parts_resent_from_the_delivered_one,
     parts_left_beside_a_recorded_answer_are_not_taken_for_a_new_file,
     an_upload_terminated_between_its_last_part_and_its_delivery_is_gone_not_owed,
+    a_part_that_cannot_be_made_durable_is_refused_and_not_taken_for_stored,
 );
 
 /// Leases that expire (an engine shared by several instances): a holder that stalled past its

@@ -305,6 +305,23 @@ pub trait StateStore: Send + Sync {
         part: StoredPart,
         fence: Fence,
     ) -> Result<bool, StoreError>;
+    /// Adds a part as [`add_part`](Self::add_part) does, but the engine may leave the change
+    /// not yet durable: the caller lets the upload's lease go, then calls
+    /// [`sync_parts`](Self::sync_parts) before it says the part is stored. The durable step is
+    /// then out of the lease, where the parts that parallel requests added meanwhile share it.
+    async fn add_part_unsynced(
+        &self,
+        upload: &UploadKey,
+        part: StoredPart,
+        fence: Fence,
+    ) -> Result<bool, StoreError> {
+        self.add_part(upload, part, fence).await
+    }
+    /// Makes durable every part this process added to the upload with
+    /// [`add_part_unsynced`](Self::add_part_unsynced) before the call.
+    async fn sync_parts(&self, _upload: &UploadKey) -> Result<(), StoreError> {
+        Ok(())
+    }
     /// Forgets one part (to put other bytes in its place); returns its digest if it was there.
     async fn remove_part(
         &self,

@@ -175,7 +175,11 @@ impl UploadCore {
                 self.release(old.into_iter().collect()).await?;
             }
         }
-        self.publish(upload, part.number, staged, lease.fence)
+        // A new part's link is made durable after the lease is let go (below), where the
+        // chunks sent in parallel share one fsync of the parts directory instead of taking
+        // turns for one each; the rare re-sent part of a delivered file is durable at once.
+        let later = delivered.is_none();
+        self.publish_with(upload, part.number, staged, lease.fence, later)
             .await?;
         if let Some((answer, _)) = delivered {
             let same = answer
@@ -196,7 +200,33 @@ impl UploadCore {
                 .await?;
         }
         drop(lease);
+        if later {
+            self.sync_part(upload, &chunk).await?;
+        }
         self.part_status(upload, declared, part).await
+    }
+
+    /// Makes a part added by [`commit`](Self::commit) durable. If that fails, the part is
+    /// forgotten (if it is still the one added), so that the client's retry stores it again
+    /// instead of being told that it is there.
+    async fn sync_part(&self, upload: &UploadKey, chunk: &StoredPart) -> Result<(), CoreError> {
+        let Err(e) = self.engines.state.sync_parts(upload).await else {
+            return Ok(());
+        };
+        if let Ok(lease) = self.lock(upload).await {
+            let stored = self.engines.state.parts(upload).await;
+            if stored.is_ok_and(|parts| parts.get(&chunk.number) == Some(chunk)) {
+                let removed = self
+                    .engines
+                    .state
+                    .remove_part(upload, chunk.number, lease.fence)
+                    .await;
+                if let Ok(Some(digest)) = removed {
+                    let _ = self.release(vec![digest]).await;
+                }
+            }
+        }
+        Err(e.into())
     }
 
     /// Checks the declared metadata against the pinned one (pinning it if there is none) and
@@ -250,6 +280,20 @@ impl UploadCore {
         staged: Staged,
         fence: Fence,
     ) -> Result<bool, CoreError> {
+        self.publish_with(upload, number, staged, fence, false)
+            .await
+    }
+
+    /// [`publish`](Self::publish), leaving the part's link to be made durable by
+    /// `StateStore::sync_parts` if `later`.
+    async fn publish_with(
+        &self,
+        upload: &UploadKey,
+        number: u64,
+        staged: Staged,
+        fence: Fence,
+        later: bool,
+    ) -> Result<bool, CoreError> {
         let part = StoredPart {
             number,
             len: staged.len,
@@ -268,7 +312,15 @@ impl UploadCore {
             }
         };
         let known = self.engines.blobs.keep(staged).await?;
-        let added = self.engines.state.add_part(upload, part, fence).await;
+        let added = match later {
+            true => {
+                self.engines
+                    .state
+                    .add_part_unsynced(upload, part, fence)
+                    .await
+            }
+            false => self.engines.state.add_part(upload, part, fence).await,
+        };
         if matches!(added, Ok(true)) {
             self.part_stored(upload);
             self.metrics.parts_stored.inc();

@@ -148,10 +148,16 @@ impl FsState {
         cached.parts = parts.map(Arc::new);
     }
 
-    /// Links the part to its blob, durably, on the blocking pool (with the directory's fsync:
-    /// one trip). A link is a metadata change of microseconds, but one that waits while the
-    /// disk is stalled, and a worker thread must not.
-    async fn add_part_on_disk(&self, part: &StoredPart, path: &Path) -> std::io::Result<()> {
+    /// Links the part to its blob on the blocking pool, durably if `sync` (with the directory's
+    /// fsync: one trip; otherwise [`sync_parts`](StateStore::sync_parts) makes it durable). A
+    /// link is a metadata change of microseconds, but one that waits while the disk is
+    /// stalled, and a worker thread must not.
+    async fn add_part_on_disk(
+        &self,
+        part: &StoredPart,
+        path: &Path,
+        sync: bool,
+    ) -> std::io::Result<()> {
         let blob = self.0.blob_path(&part.digest);
         let (_, tmp) = self.0.tmp_path();
         let (path, fsync) = (path.to_path_buf(), self.0.fsync);
@@ -165,9 +171,46 @@ impl FsState {
                 }
                 other => other?,
             }
-            super::sync_dir(dir, fsync)
+            super::sync_dir(dir, fsync && sync)
         })
         .await
+    }
+
+    /// Adds a part (see `add_part`): the link, and the directory's fsync if `sync`.
+    async fn add_part_with(
+        &self,
+        upload: &UploadKey,
+        part: StoredPart,
+        sync: bool,
+    ) -> Result<bool, StoreError> {
+        let parts = self.parts(upload).await?;
+        if parts.contains_key(&part.number) {
+            return Ok(false);
+        }
+        let path = self.part_path(upload, &part);
+        self.changing(upload);
+        let added = self.add_part_on_disk(&part, &path, sync).await;
+
+        let mut updated = PartIndex::clone(&parts);
+        let added = match added {
+            Ok(()) => {
+                updated.insert(part.number, part);
+                Ok(true)
+            }
+            // Stored already by someone this process did not know of: keep theirs.
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+                updated = self.list_parts(upload).await?;
+                Ok(false)
+            }
+            Err(e) => {
+                // Leave no link the index does not know about (a retry would trip over it).
+                let _ = tokio::fs::remove_file(&path).await;
+                self.changed(upload, None);
+                return Err(e.into());
+            }
+        };
+        self.changed(upload, Some(updated));
+        added
     }
 
     /// Sets the last activity (if `activity`), and enters the upload in the index at `index`
@@ -368,33 +411,33 @@ impl StateStore for FsState {
         part: StoredPart,
         _fence: Fence,
     ) -> Result<bool, StoreError> {
-        let parts = self.parts(upload).await?;
-        if parts.contains_key(&part.number) {
-            return Ok(false);
+        self.add_part_with(upload, part, true).await
+    }
+
+    /// The link only: the parts directory's fsync comes with `sync_parts`, out of the lease,
+    /// where one fsync covers every link made in the directory before it began (the parts
+    /// that parallel chunks added meanwhile).
+    async fn add_part_unsynced(
+        &self,
+        upload: &UploadKey,
+        part: StoredPart,
+        _fence: Fence,
+    ) -> Result<bool, StoreError> {
+        self.add_part_with(upload, part, false).await
+    }
+
+    async fn sync_parts(&self, upload: &UploadKey) -> Result<(), StoreError> {
+        if !self.0.fsync {
+            return Ok(());
         }
-        let path = self.part_path(upload, &part);
-        self.changing(upload);
-        let added = self.add_part_on_disk(&part, &path).await;
-        let mut updated = PartIndex::clone(&parts);
-        let added = match added {
-            Ok(()) => {
-                updated.insert(part.number, part);
-                Ok(true)
-            }
-            // Stored already by someone this process did not know of: keep theirs.
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                updated = self.list_parts(upload).await?;
-                Ok(false)
-            }
-            Err(e) => {
-                // Leave no link the index does not know about (a retry would trip over it).
-                let _ = tokio::fs::remove_file(&path).await;
-                self.changed(upload, None);
-                return Err(e.into());
-            }
-        };
-        self.changed(upload, Some(updated));
-        added
+        let dir = self.0.upload_dir(upload).join("parts");
+        Fs::blocking(move || match super::sync_dir(&dir, true) {
+            // Gone with the upload (discarded meanwhile): nothing of it to make durable.
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            other => other,
+        })
+        .await?;
+        Ok(())
     }
 
     async fn remove_part(
