@@ -867,9 +867,10 @@ impl StateStore for FailingSync {
     }
 }
 
-/// A chunk's link that cannot be made durable: the chunk is refused, and the part is not taken
-/// for stored (a chunk test says it is missing), so the client's retry stores it again; the
-/// file is then delivered once, whole, and no bytes are left behind.
+/// A chunk's link that cannot be made durable: the chunk is refused, and no answer says the
+/// part is stored (neither a test nor the same chunk sent again) until a later fsync succeeds;
+/// a duplicate whose fsync fails takes nothing away from a part already stored. The file is
+/// then delivered once, whole, and no bytes are left behind.
 async fn a_part_that_cannot_be_made_durable_is_refused_and_not_taken_for_stored(engine: Engine) {
     let mut t = Setup::new(engine);
     let failing = Arc::new(FailingSync {
@@ -891,19 +892,46 @@ async fn a_part_that_cannot_be_made_durable_is_refused_and_not_taken_for_stored(
     ));
     let file = File::new("durable.bin", 7);
     let digest = FieldsDigest::of(&fields("a"));
-    let (part, bytes) = file.part(1);
-    let refused = t
-        .core
-        .put_part(&file.key, &file.meta, part, &mut Body::of(bytes), &digest)
-        .await;
+    let put_first = || async {
+        let (part, bytes) = file.part(1);
+        t.core
+            .put_part(&file.key, &file.meta, part, &mut Body::of(bytes), &digest)
+            .await
+    };
+    let status_of_first = || async {
+        let (part, _) = file.part(1);
+        t.core.status(&file.key, &file.meta, part, &digest).await
+    };
+    let refused = put_first().await;
     assert!(
         matches!(refused, Err(CoreError::Store(_))),
         "refused: {refused:?}"
     );
-    let (part, _) = file.part(1);
-    let status = t.core.status(&file.key, &file.meta, part, &digest).await;
-    assert!(matches!(status, Ok(PartStatus::Missing)), "{status:?}");
+    let tested = status_of_first().await;
+    assert!(
+        !matches!(tested, Ok(PartStatus::Stored { .. })),
+        "not said to be stored while it cannot be made durable: {tested:?}"
+    );
+    let again = put_first().await;
+    assert!(
+        !matches!(again, Ok(PartStatus::Stored { .. })),
+        "the same chunk again is not told it is stored either: {again:?}"
+    );
     failing.failing.store(false, Ordering::SeqCst);
+    assert!(matches!(
+        status_of_first().await,
+        Ok(PartStatus::Stored { complete: false })
+    ));
+    failing.failing.store(true, Ordering::SeqCst);
+    assert!(put_first().await.is_err());
+    failing.failing.store(false, Ordering::SeqCst);
+    assert!(
+        matches!(
+            status_of_first().await,
+            Ok(PartStatus::Stored { complete: false })
+        ),
+        "a duplicate that failed took nothing away"
+    );
     store_all_but_last(&t, &file).await;
     let delivery = complete_and_deliver(&t, &file, "a").await;
     assert_eq!(answer(&delivery.outcome).status, 201);

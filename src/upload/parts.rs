@@ -50,7 +50,13 @@ impl UploadCore {
         if self.fresh_answer(upload, fields).await?.is_some() {
             return Ok(PartStatus::Missing);
         }
-        self.part_status(upload, declared, part).await
+        let status = self.part_status(upload, declared, part).await?;
+        if matches!(status, PartStatus::Stored { .. }) {
+            // The part may be another request's, linked but not yet durable (see `commit`):
+            // it is not said to be stored before it is.
+            self.engines.state.sync_parts(upload).await?;
+        }
+        Ok(status)
     }
 
     pub(super) async fn part_status(
@@ -201,32 +207,13 @@ impl UploadCore {
         }
         drop(lease);
         if later {
-            self.sync_part(upload, &chunk).await?;
+            // Also when the part was there already (another request's, perhaps not durable
+            // yet): one fsync covers every link made before it. If it fails, the chunk is
+            // refused and the part stays linked: no answer says it is stored until a later
+            // fsync succeeds (`status` makes one before it says so).
+            self.engines.state.sync_parts(upload).await?;
         }
         self.part_status(upload, declared, part).await
-    }
-
-    /// Makes a part added by [`commit`](Self::commit) durable. If that fails, the part is
-    /// forgotten (if it is still the one added), so that the client's retry stores it again
-    /// instead of being told that it is there.
-    async fn sync_part(&self, upload: &UploadKey, chunk: &StoredPart) -> Result<(), CoreError> {
-        let Err(e) = self.engines.state.sync_parts(upload).await else {
-            return Ok(());
-        };
-        if let Ok(lease) = self.lock(upload).await {
-            let stored = self.engines.state.parts(upload).await;
-            if stored.is_ok_and(|parts| parts.get(&chunk.number) == Some(chunk)) {
-                let removed = self
-                    .engines
-                    .state
-                    .remove_part(upload, chunk.number, lease.fence)
-                    .await;
-                if let Ok(Some(digest)) = removed {
-                    let _ = self.release(vec![digest]).await;
-                }
-            }
-        }
-        Err(e.into())
     }
 
     /// Checks the declared metadata against the pinned one (pinning it if there is none) and

@@ -77,6 +77,12 @@ pub(crate) struct Fs {
     /// The span each upload was last indexed in by this process, and the activity time this
     /// process last wrote for it.
     indexed_spans: DashMap<UploadKey, (u64, std::time::SystemTime)>,
+    /// Per upload, the newest link this process made without its directory's fsync (see
+    /// `StateStore::add_part_unsynced`), entered before the link is made: its number, and
+    /// whether the link is made yet. Removed by an fsync that began after that link.
+    unsynced: DashMap<UploadKey, (u64, bool)>,
+    /// Numbers the entries of `unsynced`.
+    links: std::sync::atomic::AtomicU64,
     closed: Arc<AtomicBool>,
 }
 
@@ -146,6 +152,8 @@ pub fn open(root: &Path, fsync: bool, span: Duration) -> std::io::Result<Engines
         unentered: std::sync::atomic::AtomicU64::new(0),
         span: span.as_secs().max(1),
         indexed_spans: DashMap::new(),
+        unsynced: DashMap::new(),
+        links: std::sync::atomic::AtomicU64::new(0),
         closed: closed.clone(),
     });
     Ok(Engines::new(

@@ -188,9 +188,27 @@ impl FsState {
             return Ok(false);
         }
         let path = self.part_path(upload, &part);
+        let unsynced = (!sync && self.0.fsync).then(|| {
+            let link = self
+                .0
+                .links
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1;
+            self.0.unsynced.insert(*upload, (link, false));
+            link
+        });
         self.changing(upload);
         let added = self.add_part_on_disk(&part, &path, sync).await;
-
+        if let Some(link) = unsynced {
+            if added.is_ok() {
+                self.0.unsynced.insert(*upload, (link, true));
+            } else {
+                // No link made (an error, or the part there already: its maker syncs it).
+                self.0
+                    .unsynced
+                    .remove_if(upload, |_, now| *now == (link, false));
+            }
+        }
         let mut updated = PartIndex::clone(&parts);
         let added = match added {
             Ok(()) => {
@@ -426,10 +444,23 @@ impl StateStore for FsState {
         self.add_part_with(upload, part, false).await
     }
 
+    /// Nothing to do (no trip to the disk) unless this process made a link in the upload's
+    /// parts directory that no fsync has covered yet: a chunk test for a stored part, which
+    /// calls this before it says so, costs nothing more once the part is durable.
+    ///
+    /// Why the check is enough: a link is entered in `unsynced` before it is made, so whoever
+    /// sees the part (in the index or on disk) finds the entry, unless an fsync that began
+    /// after the link removed it. An entry is removed only by an fsync that began after its
+    /// link was made (it was seen made before), and an upload's links are made one at a time
+    /// (under its lease): that fsync covers every link of the upload before it too. Links
+    /// made by another process sharing the directory are not entered here.
     async fn sync_parts(&self, upload: &UploadKey) -> Result<(), StoreError> {
         if !self.0.fsync {
             return Ok(());
         }
+        let Some(seen) = self.0.unsynced.get(upload).map(|entry| *entry) else {
+            return Ok(());
+        };
         let dir = self.0.upload_dir(upload).join("parts");
         Fs::blocking(move || match super::sync_dir(&dir, true) {
             // Gone with the upload (discarded meanwhile): nothing of it to make durable.
@@ -437,6 +468,10 @@ impl StateStore for FsState {
             other => other,
         })
         .await?;
+        let (_, made) = seen;
+        if made {
+            self.0.unsynced.remove_if(upload, |_, now| *now == seen);
+        }
         Ok(())
     }
 
@@ -748,6 +783,9 @@ impl StateStore for FsState {
             .unentered
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.0.indexes.remove(upload);
+        if removed.is_ok() {
+            self.0.unsynced.remove(upload);
+        }
         removed
     }
 
