@@ -74,6 +74,17 @@ impl FsState {
                 parts.insert(part.number, part);
             }
         }
+        if self.0.fsync && !parts.is_empty() {
+            // Links found on disk may not be durable yet (another process's, or this one's
+            // before a restart): one fsync that begins after this listing covers them before
+            // any of them is said to be stored (see `sync_parts`).
+            let link = self
+                .0
+                .links
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                + 1;
+            self.0.unsynced.insert(*upload, (link, true));
+        }
         Ok(parts)
     }
 
@@ -200,14 +211,9 @@ impl FsState {
         self.changing(upload);
         let added = self.add_part_on_disk(&part, &path, sync).await;
         if let Some(link) = unsynced {
-            if added.is_ok() {
-                self.0.unsynced.insert(*upload, (link, true));
-            } else {
-                // No link made (an error, or the part there already: its maker syncs it).
-                self.0
-                    .unsynced
-                    .remove_if(upload, |_, now| *now == (link, false));
-            }
+            // Marked made even if this link failed: the entry it replaced may stand for an
+            // earlier link that no fsync has covered yet (at most one fsync more).
+            self.0.unsynced.insert(*upload, (link, true));
         }
         let mut updated = PartIndex::clone(&parts);
         let added = match added {
@@ -448,12 +454,14 @@ impl StateStore for FsState {
     /// parts directory that no fsync has covered yet: a chunk test for a stored part, which
     /// calls this before it says so, costs nothing more once the part is durable.
     ///
-    /// Why the check is enough: a link is entered in `unsynced` before it is made, so whoever
-    /// sees the part (in the index or on disk) finds the entry, unless an fsync that began
-    /// after the link removed it. An entry is removed only by an fsync that began after its
-    /// link was made (it was seen made before), and an upload's links are made one at a time
-    /// (under its lease): that fsync covers every link of the upload before it too. Links
-    /// made by another process sharing the directory are not entered here.
+    /// Why the check is enough: this process sees a part either in its cached index, which
+    /// gets a part it links only after the link's entry is marked made, or in a listing of
+    /// the directory, after which an entry is made for the links it found (`list_parts`:
+    /// another process's, or links from before a restart that may still be in the page cache
+    /// only). A link of this process's is entered before it is made, so a listing that sees
+    /// it finds an entry too. An entry is removed only by an fsync that began after the entry
+    /// was seen made, and only if nothing replaced it meanwhile; an upload's links are made
+    /// one at a time (under its lease), so that fsync covered every link seen before it.
     async fn sync_parts(&self, upload: &UploadKey) -> Result<(), StoreError> {
         if !self.0.fsync {
             return Ok(());
