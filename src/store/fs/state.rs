@@ -78,14 +78,21 @@ impl FsState {
             // Links found on disk may not be durable yet (another process's, or this one's
             // before a restart): one fsync that begins after this listing covers them before
             // any of them is said to be stored (see `sync_parts`).
-            let link = self
-                .0
-                .links
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                + 1;
-            self.0.unsynced.insert(*upload, (link, true));
+            self.enter_unsynced(upload, true);
         }
         Ok(parts)
+    }
+
+    /// Enters links of the upload that an fsync has yet to cover (`made`: already made), under
+    /// a new number, in place of the entry before (see `sync_parts`).
+    fn enter_unsynced(&self, upload: &UploadKey, made: bool) -> u64 {
+        let link = self
+            .0
+            .links
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        self.0.unsynced.insert(*upload, (link, made));
+        link
     }
 
     /// Links a part to its blob; past the file system's link limit, copies the blob.
@@ -199,15 +206,7 @@ impl FsState {
             return Ok(false);
         }
         let path = self.part_path(upload, &part);
-        let unsynced = (!sync && self.0.fsync).then(|| {
-            let link = self
-                .0
-                .links
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
-                + 1;
-            self.0.unsynced.insert(*upload, (link, false));
-            link
-        });
+        let unsynced = (!sync && self.0.fsync).then(|| self.enter_unsynced(upload, false));
         self.changing(upload);
         let added = self.add_part_on_disk(&part, &path, sync).await;
         if let Some(link) = unsynced {
