@@ -78,9 +78,13 @@ pub(crate) struct Fs {
     /// process last wrote for it.
     indexed_spans: DashMap<UploadKey, (u64, std::time::SystemTime)>,
     /// Per upload, the newest link this process made without its directory's fsync (see
-    /// `StateStore::add_part_unsynced`), entered before the link is made: its number, and
-    /// whether the link is made yet. Removed by an fsync that began after that link.
-    unsynced: DashMap<UploadKey, (u64, bool)>,
+    /// `StateStore::add_part_unsynced`), entered before the link is made, or the newest
+    /// listing of the directory that found links: its number, whether the link is made yet,
+    /// and the listing (`listing_print`). Removed by an fsync that began after it.
+    unsynced: DashMap<UploadKey, (u64, bool, Option<u64>)>,
+    /// Per upload, the last listing of its parts directory (see `listing_print`) that an fsync
+    /// which began after it covered.
+    covered: DashMap<UploadKey, u64>,
     /// Numbers the entries of `unsynced`.
     links: std::sync::atomic::AtomicU64,
     closed: Arc<AtomicBool>,
@@ -153,6 +157,7 @@ pub fn open(root: &Path, fsync: bool, span: Duration) -> std::io::Result<Engines
         span: span.as_secs().max(1),
         indexed_spans: DashMap::new(),
         unsynced: DashMap::new(),
+        covered: DashMap::new(),
         links: std::sync::atomic::AtomicU64::new(0),
         closed: closed.clone(),
     });

@@ -63,6 +63,12 @@ impl FsState {
     /// Reads the parts directory: each entry is `<number>-<len>-<blob name>`.
     async fn list_parts(&self, upload: &UploadKey) -> std::io::Result<PartIndex> {
         let dir = self.0.upload_dir(upload).join("parts");
+        // Taken first: a change to the directory after it shows in the next listing's.
+        let stat = match tokio::fs::metadata(&dir).await {
+            Ok(stat) => stat,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(PartIndex::new()),
+            Err(e) => return Err(e),
+        };
         let mut entries = match tokio::fs::read_dir(&dir).await {
             Ok(entries) => entries,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(PartIndex::new()),
@@ -77,21 +83,26 @@ impl FsState {
         if self.0.fsync && !parts.is_empty() {
             // Links found on disk may not be durable yet (another process's, or this one's
             // before a restart): one fsync that begins after this listing covers them before
-            // any of them is said to be stored (see `sync_parts`).
-            self.enter_unsynced(upload, true);
+            // any of them is said to be stored (see `sync_parts`), unless one did already for
+            // a listing that found the same links in the directory as it was then.
+            let listing = listing_print(&stat, &parts);
+            if self.0.covered.get(upload).map(|c| *c) != Some(listing) {
+                self.enter_unsynced(upload, true, Some(listing));
+            }
         }
         Ok(parts)
     }
 
-    /// Enters links of the upload that an fsync has yet to cover (`made`: already made), under
-    /// a new number, in place of the entry before (see `sync_parts`).
-    fn enter_unsynced(&self, upload: &UploadKey, made: bool) -> u64 {
+    /// Enters links of the upload that an fsync has yet to cover (`made`: already made; with
+    /// the listing that found them, if one did), under a new number, in place of the entry
+    /// before (see `sync_parts`).
+    fn enter_unsynced(&self, upload: &UploadKey, made: bool, listing: Option<u64>) -> u64 {
         let link = self
             .0
             .links
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             + 1;
-        self.0.unsynced.insert(*upload, (link, made));
+        self.0.unsynced.insert(*upload, (link, made, listing));
         link
     }
 
@@ -206,13 +217,13 @@ impl FsState {
             return Ok(false);
         }
         let path = self.part_path(upload, &part);
-        let unsynced = (!sync && self.0.fsync).then(|| self.enter_unsynced(upload, false));
+        let unsynced = (!sync && self.0.fsync).then(|| self.enter_unsynced(upload, false, None));
         self.changing(upload);
         let added = self.add_part_on_disk(&part, &path, sync).await;
         if let Some(link) = unsynced {
             // Marked made even if this link failed: the entry it replaced may stand for an
             // earlier link that no fsync has covered yet (at most one fsync more).
-            self.0.unsynced.insert(*upload, (link, true));
+            self.0.unsynced.insert(*upload, (link, true, None));
         }
         let mut updated = PartIndex::clone(&parts);
         let added = match added {
@@ -313,6 +324,26 @@ impl FsState {
         }
         Ok(spans)
     }
+}
+
+/// What a listing of a parts directory found, in a number: the directory (its inode and last
+/// change, which every link and unlink moves on) and the parts in it.
+fn listing_print(stat: &std::fs::Metadata, parts: &PartIndex) -> u64 {
+    use std::hash::{Hash, Hasher};
+    use std::os::unix::fs::MetadataExt;
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (
+        stat.ino(),
+        stat.mtime(),
+        stat.mtime_nsec(),
+        stat.ctime(),
+        stat.ctime_nsec(),
+    )
+        .hash(&mut hasher);
+    for part in parts.values() {
+        (part.number, part.len, part.digest).hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 fn parse_part_name(name: &str) -> Option<StoredPart> {
@@ -475,9 +506,19 @@ impl StateStore for FsState {
             other => other,
         })
         .await?;
-        let (_, made) = seen;
-        if made {
-            self.0.unsynced.remove_if(upload, |_, now| *now == seen);
+        let (_, made, listing) = seen;
+        if made
+            && self
+                .0
+                .unsynced
+                .remove_if(upload, |_, now| *now == seen)
+                .is_some()
+        {
+            // A later listing that finds the directory as this one did needs no fsync.
+            match listing {
+                Some(listing) => self.0.covered.insert(*upload, listing),
+                None => self.0.covered.remove(upload).map(|(_, c)| c),
+            };
         }
         Ok(())
     }
@@ -792,6 +833,7 @@ impl StateStore for FsState {
         self.0.indexes.remove(upload);
         if removed.is_ok() {
             self.0.unsynced.remove(upload);
+            self.0.covered.remove(upload);
         }
         removed
     }
