@@ -63,11 +63,15 @@ impl FsState {
     /// Reads the parts directory: each entry is `<number>-<len>-<blob name>`.
     async fn list_parts(&self, upload: &UploadKey) -> std::io::Result<PartIndex> {
         let dir = self.0.upload_dir(upload).join("parts");
-        // Taken first: a change to the directory after it shows in the next listing's.
-        let stat = match tokio::fs::metadata(&dir).await {
-            Ok(stat) => stat,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(PartIndex::new()),
-            Err(e) => return Err(e),
+        // Taken first (and only where listings are fsynced): a change to the directory after
+        // it shows in the next listing's.
+        let stat = match self.0.fsync {
+            true => match tokio::fs::metadata(&dir).await {
+                Ok(stat) => Some(stat),
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(PartIndex::new()),
+                Err(e) => return Err(e),
+            },
+            false => None,
         };
         let mut entries = match tokio::fs::read_dir(&dir).await {
             Ok(entries) => entries,
@@ -80,7 +84,7 @@ impl FsState {
                 parts.insert(part.number, part);
             }
         }
-        if self.0.fsync && !parts.is_empty() {
+        if let (Some(stat), false) = (stat, parts.is_empty()) {
             // Links found on disk may not be durable yet (another process's, or this one's
             // before a restart): one fsync that begins after this listing covers them before
             // any of them is said to be stored (see `sync_parts`), unless one did already for
@@ -488,7 +492,8 @@ impl StateStore for FsState {
     /// gets a part it links only after the link's entry is marked made, or in a listing of
     /// the directory, after which an entry is made for the links it found (`list_parts`:
     /// another process's, or links from before a restart that may still be in the page cache
-    /// only). A link of this process's is entered before it is made, so a listing that sees
+    /// only), unless an fsync already covered a listing that found the directory the same
+    /// (`covered`: the same parts, and the directory's inode and change times unmoved). A link of this process's is entered before it is made, so a listing that sees
     /// it finds an entry too. An entry is removed only by an fsync that began after the entry
     /// was seen made, and only if nothing replaced it meanwhile; an upload's links are made
     /// one at a time (under its lease), so that fsync covered every link seen before it.
