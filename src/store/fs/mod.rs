@@ -79,15 +79,25 @@ pub(crate) struct Fs {
     indexed_spans: DashMap<UploadKey, (u64, std::time::SystemTime)>,
     /// Per upload, the newest link this process made without its directory's fsync (see
     /// `StateStore::add_part_unsynced`), entered before the link is made, or the newest
-    /// listing of the directory that found links: its number, whether the link is made yet,
-    /// and the listing (`listing_print`). Removed by an fsync that began after it.
-    unsynced: DashMap<UploadKey, (u64, bool, Option<u64>)>,
+    /// listing of the directory that found links. Removed by an fsync that began after it.
+    unsynced: DashMap<UploadKey, Unsynced>,
     /// Per upload, the last listing of its parts directory (see `listing_print`) that an fsync
     /// which began after it covered.
     covered: DashMap<UploadKey, u64>,
     /// Numbers the entries of `unsynced`.
     links: std::sync::atomic::AtomicU64,
     closed: Arc<AtomicBool>,
+}
+
+/// Links in an upload's parts directory that no fsync has covered yet (see `Fs::unsynced`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Unsynced {
+    /// Numbers the entries: an fsync removes only the entry it saw.
+    link: u64,
+    /// The link is made (a listing's links always are).
+    made: bool,
+    /// The listing that found the links (`listing_print`), if a listing did.
+    listing: Option<u64>,
 }
 
 /// An upload's part index as this process last knew it. `generation` moves on at the start

@@ -106,7 +106,14 @@ impl FsState {
             .links
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             + 1;
-        self.0.unsynced.insert(*upload, (link, made, listing));
+        self.0.unsynced.insert(
+            *upload,
+            super::Unsynced {
+                link,
+                made,
+                listing,
+            },
+        );
         link
     }
 
@@ -227,7 +234,14 @@ impl FsState {
         if let Some(link) = unsynced {
             // Marked made even if this link failed: the entry it replaced may stand for an
             // earlier link that no fsync has covered yet (at most one fsync more).
-            self.0.unsynced.insert(*upload, (link, true, None));
+            self.0.unsynced.insert(
+                *upload,
+                super::Unsynced {
+                    link,
+                    made: true,
+                    listing: None,
+                },
+            );
         }
         let mut updated = PartIndex::clone(&parts);
         let added = match added {
@@ -493,8 +507,9 @@ impl StateStore for FsState {
     /// the directory, after which an entry is made for the links it found (`list_parts`:
     /// another process's, or links from before a restart that may still be in the page cache
     /// only), unless an fsync already covered a listing that found the directory the same
-    /// (`covered`: the same parts, and the directory's inode and change times unmoved). A link of this process's is entered before it is made, so a listing that sees
-    /// it finds an entry too. An entry is removed only by an fsync that began after the entry
+    /// (`covered`: the same parts, and the directory's inode and change times unmoved). A link
+    /// of this process's is entered before it is made, so a listing that sees it finds an
+    /// entry too. An entry is removed only by an fsync that began after the entry
     /// was seen made, and only if nothing replaced it meanwhile; an upload's links are made
     /// one at a time (under its lease), so that fsync covered every link seen before it.
     async fn sync_parts(&self, upload: &UploadKey) -> Result<(), StoreError> {
@@ -511,8 +526,7 @@ impl StateStore for FsState {
             other => other,
         })
         .await?;
-        let (_, made, listing) = seen;
-        if made
+        if seen.made
             && self
                 .0
                 .unsynced
@@ -520,10 +534,11 @@ impl StateStore for FsState {
                 .is_some()
         {
             // A later listing that finds the directory as this one did needs no fsync.
-            match listing {
-                Some(listing) => self.0.covered.insert(*upload, listing),
-                None => self.0.covered.remove(upload).map(|(_, c)| c),
-            };
+            if let Some(listing) = seen.listing {
+                self.0.covered.insert(*upload, listing);
+            } else {
+                self.0.covered.remove(upload);
+            }
         }
         Ok(())
     }
