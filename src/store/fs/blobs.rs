@@ -165,18 +165,18 @@ impl FsBlobs {
     ) -> Result<Staged, StoreError> {
         let (token, path) = self.0.tmp_path();
         let staging = path.clone();
-        let created = tokio::task::spawn_blocking(move || std::fs::File::create(staging)).await;
-        let file = match created {
-            Ok(Ok(file)) => file,
-            Ok(Err(e)) => return Err(e.into()),
-            Err(e) => return Err(StoreError::Io(std::io::Error::other(e.to_string()))),
-        };
-        let mut writer = Writer::Idle(Box::new(Staging {
-            file,
-            synced: false,
-            written: 0,
-            // Also when this call does not fsync: a piece's `sync_staged` follows.
-            writeback: self.0.fsync,
+        // Also when this call does not fsync: a piece's `sync_staged` follows.
+        let writeback = self.0.fsync;
+        // The file is created while the body's first bytes arrive (its first write waits for
+        // it): creating a file allocates an inode, which took 0.7 to 1.4 ms here, a sixth of a
+        // 1 MiB chunk's time. A failure shows at that first write, before anything is kept.
+        let mut writer = Writer::Writing(tokio::task::spawn_blocking(move || {
+            Ok(Staging {
+                file: std::fs::File::create(staging)?,
+                synced: false,
+                written: 0,
+                writeback,
+            })
         }));
         let mut hasher = (!skip_hash()).then(Hasher::new);
         let fsync = self.0.fsync && sync;
