@@ -451,6 +451,36 @@ fn a_route_that_an_earlier_one_covers_is_refused_and_in_the_other_order_accepted
 }
 
 #[test]
+fn a_regex_route_that_matches_a_later_routes_path_is_refused() {
+    let regex = "routes:\n  - path: ^/up(load)?$\n    match: regex\n    protocol: flow\n    \
+                 forward: { path: /files }\n";
+    // Every chunk of an exact route at a path the regex matches would go to the regex route.
+    refused_naming(
+        &format!("{regex}  - path: /upload\n    match: exact\n    protocol: resumable\n"),
+        &[
+            "routes[1] (/upload) would never get its",
+            "GET",
+            "POST",
+            "routes[0]",
+        ],
+    );
+    // A tus route's creation POST goes to its path itself.
+    refused_naming(
+        &format!("{regex}  - path: /up\n    protocol: tus\n"),
+        &["routes[1] (/up) would never get its", "POST"],
+    );
+    // Not covered: a path the regex does not match, or another host.
+    assert!(check_text(&format!("{regex}  - path: /uploads\n    protocol: tus\n")).0);
+    let other_host = regex.replace("protocol: flow", "protocol: flow\n    host: b.example");
+    assert!(
+        check_text(&format!(
+            "{other_host}  - path: /upload\n    protocol: tus\n    host: a.example\n"
+        ))
+        .0
+    );
+}
+
+#[test]
 fn an_error_in_a_later_route_names_that_route_and_its_line() {
     let yaml = "routes:\n  - path: /a\n    protocol: resumable\n  # the second\n  \
                 - path: /b\n    protocol: tus\n    tus: { max_metadata: 63B }\n";

@@ -573,14 +573,16 @@ impl Route {
     /// The methods of this route's requests that `earlier`, listed before it, takes instead
     /// (the first route that matches a request takes it, and passes through what is not its
     /// protocol's). Only what can be told for sure: a prefix that covers this route's plain
-    /// path, or the same exact path, on every host this route serves.
+    /// path, the same exact path, or a regex that matches that path (every request of an
+    /// exact route; a prefix route's requests to its path itself, such as a tus creation), on
+    /// every host this route serves.
     pub fn shadowed_by(&self, earlier: &Route) -> Vec<Method> {
         let path = match &self.path {
             PathMatch::Prefix(p) | PathMatch::Exact(p) => p,
             PathMatch::Regex(_) => return Vec::new(),
         };
         let paths = match (&earlier.path, &self.path) {
-            (PathMatch::Prefix(_), _) => earlier.path.matches(path),
+            (PathMatch::Prefix(_) | PathMatch::Regex(_), _) => earlier.path.matches(path),
             (PathMatch::Exact(p), PathMatch::Exact(_)) => p == path,
             _ => false,
         };
