@@ -1271,6 +1271,72 @@ async fn what_one_process_caches_is_read_again_once_another_changes_it() {
     assert_eq!(seen.body, "kept");
 }
 
+/// An add of a part whose request went away mid-way (its future dropped once the link was
+/// under way) must not leave the fs engine trusting the index from before it: the same part
+/// number sent again with other bytes would be linked beside the first, and which of the two
+/// a later listing found would decide the file's bytes.
+#[tokio::test]
+async fn an_add_given_up_mid_way_leaves_the_index_as_the_disk_has_it() {
+    use futures::FutureExt;
+    use stitch::store::LockKey;
+    let t = Setup::new(Engine::Fs);
+    let file = File::new("given-up.bin", 2);
+    let key = file.key;
+    let stage = |n: u64, shift: u8| {
+        let (_, mut bytes) = file.part(n);
+        bytes.iter_mut().for_each(|b| *b = b.wrapping_add(shift));
+        let blobs = t.engines.blobs.clone();
+        async move {
+            let staged = blobs.stage(&mut Body::of(bytes), 1000).await.unwrap();
+            let part = StoredPart {
+                number: n,
+                len: staged.len,
+                digest: staged.digest,
+            };
+            blobs.keep(staged).await.unwrap();
+            part
+        }
+    };
+    let lease = t
+        .engines
+        .locker
+        .lock(LockKey::Upload(key), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let first = stage(1, 0).await;
+    assert!(t
+        .engines
+        .state
+        .add_part(&key, first, lease.fence)
+        .await
+        .unwrap());
+    assert_eq!(t.engines.state.parts(&key).await.unwrap().len(), 1);
+    let second = stage(2, 0).await;
+    // Polled once (the link goes to the blocking pool), then dropped.
+    let given_up = t.engines.state.add_part(&key, second, lease.fence);
+    assert!(given_up.now_or_never().is_none());
+    // The link lands all the same.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while t.engines.state.parts(&key).await.unwrap().len() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped add's part never showed"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(t.engines.state.parts(&key).await.unwrap()[&2], second);
+    // Other bytes for the same number: the part is there already.
+    let other = stage(2, 1).await;
+    assert_ne!(other.digest, second.digest);
+    assert!(!t
+        .engines
+        .state
+        .add_part(&key, other, lease.fence)
+        .await
+        .unwrap());
+    assert_eq!(t.engines.state.parts(&key).await.unwrap()[&2], second);
+}
+
 #[tokio::test]
 async fn a_request_to_stop_keeps_the_newest_asker_to_the_nanosecond_and_is_forgotten_after_a_minute(
 ) {

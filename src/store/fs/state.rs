@@ -18,6 +18,49 @@ use std::time::{Duration, SystemTime};
 /// Linux's "too many links" (a blob shared by ~65,000 parts on ext4).
 const EMLINK: i32 = 31;
 
+/// A part being added (see [`FsState::adding`]).
+struct Adding<'a> {
+    state: &'a FsState,
+    upload: UploadKey,
+    /// The link's entry among those awaiting an fsync, until it is marked made.
+    link: Option<u64>,
+    done: bool,
+}
+
+impl Adding<'_> {
+    /// The link was tried. Its entry is marked made even if it failed (or if this is never
+    /// called: the future dropped): the entry it replaced may stand for an earlier link that
+    /// no fsync has covered yet (at most one fsync more).
+    fn made(&mut self) {
+        if let Some(link) = self.link.take() {
+            self.state.0.unsynced.insert(
+                self.upload,
+                super::Unsynced {
+                    link,
+                    made: true,
+                    listing: None,
+                },
+            );
+        }
+    }
+
+    /// The change is done, and `parts` is the index now.
+    fn done(mut self, parts: PartIndex) {
+        self.made();
+        self.done = true;
+        self.state.changed(&self.upload, Some(parts));
+    }
+}
+
+impl Drop for Adding<'_> {
+    fn drop(&mut self) {
+        self.made();
+        if !self.done {
+            self.state.changed(&self.upload, None);
+        }
+    }
+}
+
 /// Links a part to its blob; past the file system's link limit, the part is a copy of the
 /// blob (at `tmp` first, fsynced if `fsync`, then renamed).
 fn link_part(blob: &Path, part: &Path, tmp: &Path, fsync: bool) -> std::io::Result<()> {
@@ -125,8 +168,9 @@ impl FsState {
         link
     }
 
-    /// A change of this process's to the upload's parts begins: a listing read from now on
-    /// until [`changed`](Self::changed) is not kept.
+    /// A change of this process's to the upload's parts begins: a listing begun before it is
+    /// not kept, and the cached index is gone until [`changed`](Self::changed) puts the new
+    /// one in place of whatever a read kept meanwhile.
     fn changing(&self, upload: &UploadKey) {
         let mut cached = self.0.indexes.entry(*upload).or_default();
         cached.generation += 1;
@@ -138,8 +182,18 @@ impl FsState {
     /// and every part in it stays: a read now answers as if it came just before the link
     /// (the new part missing, a chunk sent again). Dropping it instead sent the chunks of the
     /// same upload that were answered meanwhile to the disk for the whole listing.
-    fn adding(&self, upload: &UploadKey) {
+    ///
+    /// The index must not outlive the change unless the change says what it became: an add
+    /// that ends any other way (an error, or its future dropped while the link may be made)
+    /// drops it when the returned guard goes, and the next read lists the directory.
+    fn adding(&self, upload: &UploadKey, link: Option<u64>) -> Adding<'_> {
         self.0.indexes.entry(*upload).or_default().generation += 1;
+        Adding {
+            state: self,
+            upload: *upload,
+            link,
+            done: false,
+        }
     }
 
     /// A change of this process's to the upload's metadata or answer begins or ends: what was
@@ -245,20 +299,9 @@ impl FsState {
         }
         let path = self.part_path(upload, &part);
         let unsynced = (!sync && self.0.fsync).then(|| self.enter_unsynced(upload, false, None));
-        self.adding(upload);
+        let mut adding = self.adding(upload, unsynced);
         let added = self.add_part_on_disk(&part, &path, sync).await;
-        if let Some(link) = unsynced {
-            // Marked made even if this link failed: the entry it replaced may stand for an
-            // earlier link that no fsync has covered yet (at most one fsync more).
-            self.0.unsynced.insert(
-                *upload,
-                super::Unsynced {
-                    link,
-                    made: true,
-                    listing: None,
-                },
-            );
-        }
+        adding.made();
         let mut updated = PartIndex::clone(&parts);
         let added = match added {
             Ok(()) => {
@@ -273,11 +316,10 @@ impl FsState {
             Err(e) => {
                 // Leave no link the index does not know about (a retry would trip over it).
                 let _ = tokio::fs::remove_file(&path).await;
-                self.changed(upload, None);
                 return Err(e.into());
             }
         };
-        self.changed(upload, Some(updated));
+        adding.done(updated);
         added
     }
 
