@@ -327,19 +327,25 @@ impl UploadCore {
         Ok(added?)
     }
 
-    /// Deletes the blobs among `digests` that no part references any more.
+    /// Deletes the blobs among `digests` that no part references any more, several at a time
+    /// (each under its own blob lock, one at a time per task): one after the other, the blobs
+    /// of a 1 GiB file in 1 MiB chunks took 0.8 s here, while the upload's lease is held.
     pub(super) async fn release(&self, digests: Vec<Digest>) -> Result<(), CoreError> {
-        for digest in digests {
-            let _blob_lock = self
-                .engines
-                .locker
-                .lock(LockKey::Blob(digest), super::LEASE)
-                .await?;
-            if !self.engines.state.is_referenced(&digest).await? {
-                self.engines.blobs.delete(&digest).await?;
-            }
-        }
-        Ok(())
+        use futures::TryStreamExt;
+        const AT_ONCE: usize = 8;
+        futures::stream::iter(digests.into_iter().map(Ok))
+            .try_for_each_concurrent(AT_ONCE, |digest| async move {
+                let _blob_lock = self
+                    .engines
+                    .locker
+                    .lock(LockKey::Blob(digest), super::LEASE)
+                    .await?;
+                if !self.engines.state.is_referenced(&digest).await? {
+                    self.engines.blobs.delete(&digest).await?;
+                }
+                Ok::<_, CoreError>(())
+            })
+            .await
     }
 
     /// Ends a delivered upload: its parts and pinned metadata go, its answer stays.
