@@ -184,8 +184,8 @@ impl FsState {
     /// same upload that were answered meanwhile to the disk for the whole listing.
     ///
     /// The index must not outlive the change unless the change says what it became: an add
-    /// that ends any other way (an error, or its future dropped while the link may be made)
-    /// drops it when the returned guard goes, and the next read lists the directory.
+    /// that ends any other way (an error) drops it when the returned guard goes, and the next
+    /// read lists the directory. (An add is not given up half way: see `add_part_with`.)
     fn adding(&self, upload: &UploadKey, link: Option<u64>) -> Adding<'_> {
         self.0.indexes.entry(*upload).or_default().generation += 1;
         Adding {
@@ -286,8 +286,23 @@ impl FsState {
         .await
     }
 
-    /// Adds a part (see `add_part`): the link, and the directory's fsync if `sync`.
+    /// Adds a part (see `add_part`): the link, and the directory's fsync if `sync`. On a task
+    /// of its own, so that it runs to its end even if the request goes away: the link, once
+    /// on the blocking pool, lands whatever happens here, and the cached index must then say
+    /// so (see [`adding`](Self::adding)).
     async fn add_part_with(
+        &self,
+        upload: &UploadKey,
+        part: StoredPart,
+        sync: bool,
+    ) -> Result<bool, StoreError> {
+        let (state, upload) = (FsState(self.0.clone()), *upload);
+        tokio::spawn(async move { state.add_part_to_end(&upload, part, sync).await })
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+
+    async fn add_part_to_end(
         &self,
         upload: &UploadKey,
         part: StoredPart,
@@ -639,22 +654,29 @@ impl StateStore for FsState {
         let dir = self.0.upload_dir(upload).join("parts");
         self.changing(upload);
         // One trip to the blocking pool for every link (a 1 GiB file in 1 MiB chunks has
-        // 1,024), not one each.
-        let removed = Fs::blocking(move || {
-            for path in &paths {
-                match std::fs::remove_file(path) {
-                    Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
-                    _ => {}
+        // 1,024), not one each; waited for even if the caller goes away, for the index is
+        // told what became of the links once they are removed.
+        let (state, key) = (FsState(self.0.clone()), *upload);
+        let removed = tokio::spawn(async move {
+            let removed = Fs::blocking(move || {
+                for path in &paths {
+                    match std::fs::remove_file(path) {
+                        Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
                 }
-            }
-            match std::fs::remove_dir(&dir) {
-                Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            }
+                match std::fs::remove_dir(&dir) {
+                    Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            })
+            .await;
+            state.changed(&key, removed.is_ok().then(PartIndex::new));
+            removed
         })
-        .await;
-        self.changed(upload, removed.is_ok().then(PartIndex::new));
-        removed?;
+        .await
+        .map_err(std::io::Error::other);
+        removed??;
         Ok(released)
     }
 
