@@ -28,9 +28,9 @@ struct Adding<'a> {
 }
 
 impl Adding<'_> {
-    /// The link was tried. Its entry is marked made even if it failed (or if this is never
-    /// called: the future dropped): the entry it replaced may stand for an earlier link that
-    /// no fsync has covered yet (at most one fsync more).
+    /// The link was tried. Its entry is marked made even if it failed (and when the guard goes
+    /// without this: an add that ended early): the entry it replaced may stand for an earlier
+    /// link that no fsync has covered yet (at most one fsync more).
     fn made(&mut self) {
         if let Some(link) = self.link.take() {
             self.state.0.unsynced.insert(
