@@ -286,20 +286,33 @@ impl FsState {
         .await
     }
 
-    /// Adds a part (see `add_part`): the link, and the directory's fsync if `sync`. On a task
-    /// of its own, so that it runs to its end even if the request goes away: the link, once
-    /// on the blocking pool, lands whatever happens here, and the cached index must then say
-    /// so (see [`adding`](Self::adding)).
+    /// Runs a change to an upload's parts on a task of its own, so that it runs to its end
+    /// even if the request goes away: a link or an unlink, once on the blocking pool, lands
+    /// whatever happens to the request, and the cached index must then be told what became
+    /// of it (a listing read before it landed would otherwise be kept).
+    async fn to_end<T: Send + 'static, F>(
+        &self,
+        change: impl FnOnce(FsState) -> F,
+    ) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        tokio::spawn(change(FsState(self.0.clone())))
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+
+    /// Adds a part (see `add_part`): the link, and the directory's fsync if `sync`, to its end
+    /// (see [`to_end`](Self::to_end) and [`adding`](Self::adding)).
     async fn add_part_with(
         &self,
         upload: &UploadKey,
         part: StoredPart,
         sync: bool,
     ) -> Result<bool, StoreError> {
-        let (state, upload) = (FsState(self.0.clone()), *upload);
-        tokio::spawn(async move { state.add_part_to_end(&upload, part, sync).await })
+        let upload = *upload;
+        self.to_end(move |state| async move { state.add_part_to_end(&upload, part, sync).await })
             .await
-            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
     }
 
     async fn add_part_to_end(
@@ -622,17 +635,21 @@ impl StateStore for FsState {
         number: u64,
         _fence: Fence,
     ) -> Result<Option<Digest>, StoreError> {
-        let parts = self.list_parts(upload).await?;
-        let Some(part) = parts.get(&number).copied() else {
-            return Ok(None);
-        };
-        self.changing(upload);
-        let removed = remove_if_present(&self.part_path(upload, &part)).await;
-        let mut updated = parts;
-        updated.remove(&number);
-        self.changed(upload, removed.is_ok().then_some(updated));
-        removed?;
-        Ok(Some(part.digest))
+        let upload = *upload;
+        self.to_end(move |state| async move {
+            let parts = state.list_parts(&upload).await?;
+            let Some(part) = parts.get(&number).copied() else {
+                return Ok(None);
+            };
+            state.changing(&upload);
+            let removed = remove_if_present(&state.part_path(&upload, &part)).await;
+            let mut updated = parts;
+            updated.remove(&number);
+            state.changed(&upload, removed.is_ok().then_some(updated));
+            removed?;
+            Ok(Some(part.digest))
+        })
+        .await
     }
 
     async fn remove_parts(
@@ -652,12 +669,11 @@ impl StateStore for FsState {
             .map(|part| self.part_path(upload, part))
             .collect();
         let dir = self.0.upload_dir(upload).join("parts");
-        self.changing(upload);
-        // One trip to the blocking pool for every link (a 1 GiB file in 1 MiB chunks has
-        // 1,024), not one each; waited for even if the caller goes away, for the index is
-        // told what became of the links once they are removed.
-        let (state, key) = (FsState(self.0.clone()), *upload);
-        let removed = tokio::spawn(async move {
+        let key = *upload;
+        self.to_end(move |state| async move {
+            state.changing(&key);
+            // One trip to the blocking pool for every link (a 1 GiB file in 1 MiB chunks has
+            // 1,024), not one each.
             let removed = Fs::blocking(move || {
                 for path in &paths {
                     match std::fs::remove_file(path) {
@@ -672,12 +688,10 @@ impl StateStore for FsState {
             })
             .await;
             state.changed(&key, removed.is_ok().then(PartIndex::new));
-            removed
+            removed?;
+            Ok(released)
         })
         .await
-        .map_err(std::io::Error::other);
-        removed??;
-        Ok(released)
     }
 
     async fn open_part(
@@ -931,24 +945,28 @@ impl StateStore for FsState {
     }
 
     async fn remove(&self, upload: &UploadKey, _fence: Fence) -> Result<(), StoreError> {
-        // A listing read before this is not kept (see `parts`).
-        self.changing(upload);
-        self.0.indexed_spans.remove(upload);
-        remove_if_present(&self.0.queue_path(upload)).await?;
-        remove_if_present(&self.0.stop_path(upload)).await?;
-        let removed = match tokio::fs::remove_dir_all(self.0.upload_dir(upload)).await {
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
-        };
-        self.0
-            .unentered
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.0.indexes.remove(upload);
-        if removed.is_ok() {
-            self.0.unsynced.remove(upload);
-            self.0.covered.remove(upload);
-        }
-        removed
+        let upload = *upload;
+        self.to_end(move |state| async move {
+            let fs = &state.0;
+            // A listing read before this is not kept (see `parts`).
+            state.changing(&upload);
+            fs.indexed_spans.remove(&upload);
+            remove_if_present(&fs.queue_path(&upload)).await?;
+            remove_if_present(&fs.stop_path(&upload)).await?;
+            let removed = match tokio::fs::remove_dir_all(fs.upload_dir(&upload)).await {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(e.into()),
+                _ => Ok(()),
+            };
+            fs.unentered
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            fs.indexes.remove(&upload);
+            if removed.is_ok() {
+                fs.unsynced.remove(&upload);
+                fs.covered.remove(&upload);
+            }
+            removed
+        })
+        .await
     }
 
     async fn queue(
