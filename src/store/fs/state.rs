@@ -18,49 +18,6 @@ use std::time::{Duration, SystemTime};
 /// Linux's "too many links" (a blob shared by ~65,000 parts on ext4).
 const EMLINK: i32 = 31;
 
-/// A part being added (see [`FsState::adding`]).
-struct Adding<'a> {
-    state: &'a FsState,
-    upload: UploadKey,
-    /// The link's entry among those awaiting an fsync, until it is marked made.
-    link: Option<u64>,
-    done: bool,
-}
-
-impl Adding<'_> {
-    /// The link was tried. Its entry is marked made even if it failed (and when the guard goes
-    /// without this: an add that ended early): the entry it replaced may stand for an earlier
-    /// link that no fsync has covered yet (at most one fsync more).
-    fn made(&mut self) {
-        if let Some(link) = self.link.take() {
-            self.state.0.unsynced.insert(
-                self.upload,
-                super::Unsynced {
-                    link,
-                    made: true,
-                    listing: None,
-                },
-            );
-        }
-    }
-
-    /// The change is done, and `parts` is the index now.
-    fn done(mut self, parts: PartIndex) {
-        self.made();
-        self.done = true;
-        self.state.changed(&self.upload, Some(parts));
-    }
-}
-
-impl Drop for Adding<'_> {
-    fn drop(&mut self) {
-        self.made();
-        if !self.done {
-            self.state.changed(&self.upload, None);
-        }
-    }
-}
-
 /// Links a part to its blob; past the file system's link limit, the part is a copy of the
 /// blob (at `tmp` first, fsynced if `fsync`, then renamed).
 fn link_part(blob: &Path, part: &Path, tmp: &Path, fsync: bool) -> std::io::Result<()> {
@@ -182,18 +139,10 @@ impl FsState {
     /// and every part in it stays: a read now answers as if it came just before the link
     /// (the new part missing, a chunk sent again). Dropping it instead sent the chunks of the
     /// same upload that were answered meanwhile to the disk for the whole listing.
-    ///
-    /// The index must not outlive the change unless the change says what it became: an add
-    /// that ends any other way (an error) drops it when the returned guard goes, and the next
-    /// read lists the directory. (An add is not given up half way: see `add_part_with`.)
-    fn adding(&self, upload: &UploadKey, link: Option<u64>) -> Adding<'_> {
+    /// The add must end with [`changed`](Self::changed) whatever happens (an error drops the
+    /// index): it runs to its end (see `add_part_with`).
+    fn adding(&self, upload: &UploadKey) {
         self.0.indexes.entry(*upload).or_default().generation += 1;
-        Adding {
-            state: self,
-            upload: *upload,
-            link,
-            done: false,
-        }
     }
 
     /// A change of this process's to the upload's metadata or answer begins or ends: what was
@@ -327,9 +276,20 @@ impl FsState {
         }
         let path = self.part_path(upload, &part);
         let unsynced = (!sync && self.0.fsync).then(|| self.enter_unsynced(upload, false, None));
-        let mut adding = self.adding(upload, unsynced);
+        self.adding(upload);
         let added = self.add_part_on_disk(&part, &path, sync).await;
-        adding.made();
+        if let Some(link) = unsynced {
+            // Marked made even if this link failed: the entry it replaced may stand for an
+            // earlier link that no fsync has covered yet (at most one fsync more).
+            self.0.unsynced.insert(
+                *upload,
+                super::Unsynced {
+                    link,
+                    made: true,
+                    listing: None,
+                },
+            );
+        }
         let mut updated = PartIndex::clone(&parts);
         let added = match added {
             Ok(()) => {
@@ -337,17 +297,24 @@ impl FsState {
                 Ok(true)
             }
             // Stored already by someone this process did not know of: keep theirs.
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-                updated = self.list_parts(upload).await?;
-                Ok(false)
-            }
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => match self.list_parts(upload).await {
+                Ok(listed) => {
+                    updated = listed;
+                    Ok(false)
+                }
+                Err(e) => {
+                    self.changed(upload, None);
+                    return Err(e.into());
+                }
+            },
             Err(e) => {
                 // Leave no link the index does not know about (a retry would trip over it).
                 let _ = tokio::fs::remove_file(&path).await;
+                self.changed(upload, None);
                 return Err(e.into());
             }
         };
-        adding.done(updated);
+        self.changed(upload, Some(updated));
         added
     }
 
