@@ -77,6 +77,19 @@ impl Writer {
         })))
     }
 
+    /// [`write`](Self::write), then adds `batch`'s bytes to `hasher` while the pool writes
+    /// them (the pieces are shared with the write, not copied).
+    async fn write_hashed(
+        self,
+        batch: Vec<bytes::Bytes>,
+        sync: bool,
+        hasher: &mut Option<Hasher>,
+    ) -> std::io::Result<Writer> {
+        let writer = self.write(batch.clone(), sync).await?;
+        hash(hasher, &batch);
+        Ok(writer)
+    }
+
     async fn idle(self) -> std::io::Result<Staging> {
         match self {
             Writer::Idle(state) => Ok(*state),
@@ -209,8 +222,7 @@ impl FsBlobs {
                                 piece = &mut next => break piece,
                                 _ = tokio::time::sleep_until(linger), if !gathered.is_empty() => {
                                     let batch = gathered.take();
-                                    writer = writer.write(batch.clone(), false).await?;
-                                    hash(&mut hasher, &batch);
+                                    writer = writer.write_hashed(batch, false, &mut hasher).await?;
                                 }
                             }
                         }
@@ -235,8 +247,9 @@ impl FsBlobs {
                 let end = len == limit;
                 if gathered.len >= STAGE_WRITE || since.elapsed() >= STAGE_LINGER || end {
                     let batch = gathered.take();
-                    writer = writer.write(batch.clone(), end && fsync).await?;
-                    hash(&mut hasher, &batch);
+                    writer = writer
+                        .write_hashed(batch, end && fsync, &mut hasher)
+                        .await?;
                 }
                 if room < piece.len() {
                     cut = Some(Cut::TooLong(limit));
@@ -244,8 +257,7 @@ impl FsBlobs {
                 }
             }
             let batch = gathered.take();
-            writer = writer.write(batch.clone(), false).await?;
-            hash(&mut hasher, &batch);
+            writer = writer.write_hashed(batch, false, &mut hasher).await?;
             writer.finish(fsync).await
         };
         match received.await {
