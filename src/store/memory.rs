@@ -261,9 +261,9 @@ impl StateStore for Memory {
         if entry.parts.contains_key(&part.number) {
             return Ok(false);
         }
-        let mut parts = PartIndex::clone(&entry.parts);
-        parts.insert(part.number, part);
-        entry.parts = Arc::new(parts);
+        // Changed in place unless a reader holds the index (a copy per part grew with the
+        // upload).
+        Arc::make_mut(&mut entry.parts).insert(part.number, part);
         *data.references.entry(part.digest).or_default() += 1;
         Ok(true)
     }
@@ -279,11 +279,12 @@ impl StateStore for Memory {
         let Some(entry) = data.uploads.get_mut(upload) else {
             return Ok(None);
         };
-        let mut parts = PartIndex::clone(&entry.parts);
-        let Some(part) = parts.remove(&number) else {
+        if !entry.parts.contains_key(&number) {
+            return Ok(None);
+        }
+        let Some(part) = Arc::make_mut(&mut entry.parts).remove(&number) else {
             return Ok(None);
         };
-        entry.parts = Arc::new(parts);
         if let Some(count) = data.references.get_mut(&part.digest) {
             *count -= 1;
             if *count == 0 {

@@ -15,14 +15,16 @@
 //! client-supplied string.
 
 pub mod fs;
+mod index;
 pub mod memory;
+
+pub use index::PartIndex;
 
 use crate::config::{EngineConfig, StorageConfig};
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -176,9 +178,6 @@ pub struct StoredPart {
     #[serde(with = "hex")]
     pub digest: Digest,
 }
-
-/// An upload's stored parts, by number.
-pub type PartIndex = BTreeMap<u64, StoredPart>;
 
 /// Bytes streamed into a blob store and hashed, not yet kept under their digest.
 #[derive(Debug)]

@@ -390,7 +390,7 @@ impl UploadCore {
         let lease = self.lock(upload).await?;
         let state = &self.engines.state;
         let mut meta = state.meta(upload).await?.ok_or(CoreError::NotFound)?;
-        let stored = contiguous_len(&*state.parts(upload).await?);
+        let stored = state.parts(upload).await?.contiguous_len();
         if length < stored {
             return Err(CoreError::TooLong { limit: length });
         }
@@ -444,7 +444,7 @@ impl UploadCore {
             .map(|at| at + self.ttls.upload);
         Ok(Some(Progress {
             meta,
-            offset: contiguous_len(&parts),
+            offset: parts.contiguous_len(),
             delivered: false,
             expires,
         }))
@@ -527,7 +527,7 @@ impl UploadCore {
         let state = &self.engines.state;
         let meta = state.meta(upload).await?.ok_or(CoreError::NotFound)?;
         let parts = state.parts(upload).await?;
-        let current = contiguous_len(&parts);
+        let current = parts.contiguous_len();
         if current != at {
             return Err(CoreError::OffsetMismatch { current });
         }
@@ -836,39 +836,7 @@ pub(super) fn check_pinned(pinned: &UploadMeta, declared: &UploadMeta) -> Result
 
 /// If parts 1..=K are stored and part K ends exactly at `length`, returns K.
 pub(super) fn complete_len(parts: &PartIndex, length: Option<u64>) -> Option<u64> {
-    count_to_end(|n| parts.get(&n).map(|p| p.len), parts.len(), length?)
-}
-
-/// Bytes stored contiguously from the start: parts 1, 2, ... until the first gap.
-fn contiguous_len(parts: &PartIndex) -> u64 {
-    let mut offset = 0;
-    for number in 1.. {
-        match parts.get(&number) {
-            Some(part) => offset += part.len,
-            None => return offset,
-        }
-    }
-    offset
-}
-
-/// Given part lengths (`None`: not stored) and how many parts there are, how many consecutive
-/// parts from 1 end exactly at `total`?
-fn count_to_end(len_of: impl Fn(u64) -> Option<u64>, parts: usize, total: u64) -> Option<u64> {
-    if total == 0 && parts == 0 {
-        // An empty file created whole, without a part (tus).
-        return Some(0);
-    }
-    let mut offset = 0u64;
-    for number in 1..=parts as u64 {
-        offset = offset.checked_add(len_of(number)?)?;
-        if offset == total {
-            return Some(number);
-        }
-        if offset > total {
-            return None;
-        }
-    }
-    None
+    parts.complete_count(length?)
 }
 
 /// An append under way: the lease, and where the upload stood when it was taken.
@@ -939,39 +907,5 @@ impl BodySource for Window<'_> {
         }
         self.left -= bytes.len() as u64;
         Ok(Some(bytes))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::collections::BTreeMap;
-
-    #[test]
-    fn an_upload_is_complete_when_consecutive_parts_reach_the_end() {
-        let lens = |map: BTreeMap<u64, u64>| move |n| map.get(&n).copied();
-        let both = BTreeMap::from([(1, 1000), (2, 1500)]);
-        assert_eq!(count_to_end(lens(both), 2, 2500), Some(2));
-        let gap = BTreeMap::from([(1, 1000), (3, 500)]);
-        assert_eq!(count_to_end(lens(gap), 2, 2500), None);
-    }
-
-    #[test]
-    fn an_empty_file_is_complete_with_its_one_empty_part() {
-        assert_eq!(count_to_end(|n| (n == 1).then_some(0), 1, 0), Some(1));
-        assert_eq!(count_to_end(|_| None, 0, 0), Some(0), "or with none at all");
-        assert_eq!(count_to_end(|_| None, 0, 1), None);
-    }
-
-    #[test]
-    fn the_offset_stops_at_the_first_missing_part() {
-        let part = |number, len| StoredPart {
-            number,
-            len,
-            digest: [0; 32],
-        };
-        let parts = PartIndex::from([(1, part(1, 10)), (2, part(2, 5)), (4, part(4, 7))]);
-        assert_eq!(contiguous_len(&parts), 15);
-        assert_eq!(contiguous_len(&PartIndex::new()), 0);
     }
 }

@@ -207,6 +207,27 @@ impl FsState {
         cached.parts = parts.map(Arc::new);
     }
 
+    /// [`changed`](Self::changed) after `part` was added to `parts` (the index the add began
+    /// from). The index is changed in place unless a reader holds it still: a copy of it for
+    /// every part made each chunk of a long upload slower than the one before.
+    fn changed_adding(&self, upload: &UploadKey, mut parts: Arc<PartIndex>, part: StoredPart) {
+        let epoch = self.0.epoch(upload);
+        let mut cached = self.0.indexes.entry(*upload).or_default();
+        // The cache's reference to the same index goes first (readers find the new one in its
+        // place before they can look again: the entry is held meanwhile).
+        if cached
+            .parts
+            .as_ref()
+            .is_some_and(|held| Arc::ptr_eq(held, &parts))
+        {
+            cached.parts = None;
+        }
+        Arc::make_mut(&mut parts).insert(part.number, part);
+        cached.generation += 1;
+        cached.epoch = epoch;
+        cached.parts = Some(parts);
+    }
+
     /// Links the part to its blob on the blocking pool, durably if `sync` (with the directory's
     /// fsync: one trip; otherwise [`sync_parts`](StateStore::sync_parts) makes it durable). A
     /// link is a metadata change of microseconds, but one that waits while the disk is
@@ -290,32 +311,29 @@ impl FsState {
                 },
             );
         }
-        let mut updated = PartIndex::clone(&parts);
-        let added = match added {
+        match added {
             Ok(()) => {
-                updated.insert(part.number, part);
+                self.changed_adding(upload, parts, part);
                 Ok(true)
             }
             // Stored already by someone this process did not know of: keep theirs.
             Err(e) if e.kind() == ErrorKind::AlreadyExists => match self.list_parts(upload).await {
                 Ok(listed) => {
-                    updated = listed;
+                    self.changed(upload, Some(listed));
                     Ok(false)
                 }
                 Err(e) => {
                     self.changed(upload, None);
-                    return Err(e.into());
+                    Err(e.into())
                 }
             },
             Err(e) => {
                 // Leave no link the index does not know about (a retry would trip over it).
                 let _ = tokio::fs::remove_file(&path).await;
                 self.changed(upload, None);
-                return Err(e.into());
+                Err(e.into())
             }
-        };
-        self.changed(upload, Some(updated));
-        added
+        }
     }
 
     /// Sets the last activity (if `activity`), and enters the upload in the index at `index`
