@@ -1,9 +1,10 @@
 //! Many uploads at once: 1,000 uploads in progress (two 4 KiB chunks of four each), then chunk
 //! tests (the request Resumable.js and Flow.js send before every chunk) against pass-through
-//! requests, measured alternately in the same run, and Stitch's memory.
+//! requests, measured alternately in the same run, and Stitch's memory. Then one long upload
+//! (16,384 chunks): whether its chunks slow down as its parts add up.
 //! Results replace the "many uploads" section of `benches/results.md`.
 //!
-//! Run: `cargo bench --bench many` (UPLOADS=… ROUNDS=… SECONDS=… to change the sizes).
+//! Run: `cargo bench --bench many` (UPLOADS=… ROUNDS=… SECONDS=… PARTS=… to change the sizes).
 
 #[path = "common/bench.rs"]
 mod bench;
@@ -81,6 +82,49 @@ async fn main() {
             tests.push(rate(16, seconds, test_url.clone(), &[200, 204]).await);
         }
     }
+    // One long upload: every chunk but the last (no delivery), 3 in flight; the rate over its
+    // first and its last `window` chunks, then chunk tests for its stored parts.
+    let parts = env_u64("PARTS", 16384);
+    let window = (parts / 8).max(1);
+    let long = Arc::new(ChunkedFile::resumable(
+        "long.bin",
+        random_bytes((parts * 4096) as usize, 99),
+        4096,
+    ));
+    let mut windows = Vec::new();
+    let mut next = 1;
+    while next < parts {
+        let end = (next + window).min(parts);
+        let started = Instant::now();
+        let mut in_flight = futures::stream::iter((next..end).map(|n| {
+            let (long, client) = (long.clone(), client.clone());
+            async move {
+                let (start, end) = long.bounds(n);
+                let response = client
+                    .post(format!("http://{listen}/upload?{}", long.query_string(n)))
+                    .body(long.data.slice(start, end))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(response.status(), 200, "chunk {n}");
+            }
+        }))
+        .buffer_unordered(3);
+        while in_flight.next().await.is_some() {}
+        windows.push((end - next) as f64 / started.elapsed().as_secs_f64());
+        next = end;
+    }
+    let (first, last) = (windows[0], windows[windows.len() - 1]);
+    let long_url: Arc<dyn Fn(u64) -> String + Send + Sync> = {
+        let long = long.clone();
+        Arc::new(move |i| {
+            format!(
+                "http://{listen}/upload?{}",
+                long.query_string(1 + i % (parts - 1))
+            )
+        })
+    };
+    let long_tests = rate(16, seconds, long_url, &[200]).await;
     let peak = rss_mib(pid, "VmHWM:");
     drop(stitch);
     let (test, pass) = (median(tests.clone()), median(passes.clone()));
@@ -97,11 +141,23 @@ async fn main() {
          | tests / pass-through | {:.2} |\n\
          | Stitch RSS at start, with the uploads, peak (MiB) | {baseline:.1}, {after:.1}, {peak:.1} |\n\n\
          Every round (tests, pass-through): {:?}, {:?}.\n\n\
+         One long upload next to them: {parts} chunks of 4 KiB (all but the last, so no \
+         delivery), 3 in flight, in windows of {window}; then {seconds} s of chunk tests for its \
+         stored parts (16 keep-alive clients). Whether a chunk costs more the more parts its \
+         upload has:\n\n\
+         | measure | value |\n|---|---|\n\
+         | chunks/s, first window | {first:.0} |\n\
+         | chunks/s, last window | {last:.0} |\n\
+         | last / first | {:.2} |\n\
+         | chunk tests for its parts (requests/s) | {long_tests:.0} |\n\n\
+         Every window (chunks/s): {:?}.\n\n\
          Produced by `cargo bench --bench many`.\n",
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         test / pass,
         tests.iter().map(|v| v.round()).collect::<Vec<_>>(),
         passes.iter().map(|v| v.round()).collect::<Vec<_>>(),
+        last / first,
+        windows.iter().map(|v| v.round()).collect::<Vec<_>>(),
     );
     report::save_section("many uploads", &report);
     println!("{report}");
