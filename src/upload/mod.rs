@@ -182,6 +182,8 @@ pub struct UploadCore {
     early_slots: DashMap<String, Arc<tokio::sync::Semaphore>>,
     /// Appends under way in this process (a newer request for the upload stops them).
     appends: takeover::Appends,
+    /// When the sweep may next look for blobs no part uses (see `expiry`).
+    next_collection: std::sync::Mutex<Option<std::time::Instant>>,
     /// What happens to uploads, counted (the server exposes them).
     pub metrics: Arc<crate::metrics::Metrics>,
 }
@@ -202,6 +204,7 @@ impl UploadCore {
             flights: DashMap::new(),
             replies: DashMap::new(),
             recently_sent: DashMap::new(),
+            next_collection: std::sync::Mutex::default(),
             failures: DashMap::new(),
             unrecorded: DashMap::new(),
             in_flight,
