@@ -1217,6 +1217,47 @@ async fn a_store_whose_blobs_are_named_by_sha256_is_still_read_after_an_upgrade(
     assert!(stored_blobs(&t).await.is_empty());
 }
 
+#[tokio::test]
+async fn a_part_whose_length_changed_on_disk_fails_the_delivery_and_nothing_is_sent() {
+    // Bytes changed under Stitch (a file cut or grown by hand, a repair after a disk fault): the
+    // file is never sent with a part of another length than recorded.
+    for change in [-1i64, 1] {
+        let t = Setup::new(Engine::Fs);
+        let file = File::new("changed.bin", 29);
+        store_all_but_last(&t, &file).await;
+        let mut changed = 0;
+        for upload in std::fs::read_dir(t._dir.path().join("uploads")).unwrap() {
+            let parts = upload.unwrap().path().join("parts");
+            for part in std::fs::read_dir(&parts).unwrap() {
+                let part = part.unwrap();
+                if part.file_name().to_str().unwrap().starts_with("2-") {
+                    let handle = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(part.path())
+                        .unwrap();
+                    handle.set_len((1000 + change) as u64).unwrap();
+                    changed += 1;
+                }
+            }
+        }
+        assert_eq!(changed, 1, "part 2's link");
+        assert!(matches!(
+            put(&t, &file, 3, "a").await,
+            PartStatus::Stored { complete: true }
+        ));
+        let delivery = t
+            .core
+            .deliver(file.key, &forward(), request("a"), Instant::now())
+            .await;
+        assert!(
+            matches!(delivery.outcome, Outcome::StorageFailed),
+            "{change:+} byte: {:?}",
+            delivery.outcome
+        );
+        assert!(t.upstream.received.lock().unwrap().is_empty());
+    }
+}
+
 /// The fs engine keeps metadata and "no answer yet" in memory for chunk tests; another process
 /// changing them (here: a second engine on the same directory, with locks of its own) makes
 /// this one read them again.

@@ -346,15 +346,9 @@ impl BlobStore for FsBlobs {
         digest: &Digest,
         len: u64,
     ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StoreError> {
-        let file = tokio::fs::File::open(self.0.blob_path(digest)).await?;
-        let actual = file.metadata().await?.len();
-        if actual != len {
-            return Err(StoreError::Corrupt(format!(
-                "blob {} has {actual} bytes, expected {len}",
-                hex::encode(&digest[..6])
-            )));
-        }
-        Ok(Box::new(file))
+        let name = hex::encode(&digest[..6]);
+        let corrupt = move |actual| format!("blob {name} has {actual} bytes, expected {len}");
+        super::open_stored(self.0.blob_path(digest), len, corrupt).await
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StoreError> {

@@ -346,6 +346,44 @@ fn write_then_rename(tmp: &Path, path: &Path, bytes: &[u8], fsync: bool) -> std:
     std::fs::rename(tmp, path)
 }
 
+/// A stored file's first bytes are read with its opening, up to this many: a part of 1 MiB
+/// (both chunk clients' default) is then opened, checked and read in one trip to the blocking
+/// pool, where opening, checking and reading it through `tokio::fs` took four or five (about
+/// 125 us of CPU per part: a 1 GiB file in 64 KiB chunks forwarded in 2.9 s of CPU against 1.0
+/// in 1 MiB chunks).
+const FIRST_READ: u64 = 256 << 10;
+
+/// Opens a stored file that must hold `len` bytes, reading its first bytes at once (see
+/// [`FIRST_READ`]); the reader yields exactly `len` bytes. A file of another length is
+/// reported with `corrupt(actual length)`.
+async fn open_stored(
+    path: PathBuf,
+    len: u64,
+    corrupt: impl FnOnce(u64) -> String,
+) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, super::StoreError> {
+    use std::io::Read;
+    use tokio::io::AsyncReadExt;
+    let opened = Fs::blocking(move || {
+        let mut file = std::fs::File::open(path)?;
+        let actual = file.metadata()?.len();
+        if actual != len {
+            return Ok(Err(actual));
+        }
+        let want = len.min(FIRST_READ);
+        let mut first = Vec::with_capacity(want as usize);
+        (&mut file).take(want).read_to_end(&mut first)?;
+        Ok(Ok((file, first)))
+    })
+    .await?;
+    let (file, first) = opened.map_err(|actual| super::StoreError::Corrupt(corrupt(actual)))?;
+    let rest = len - first.len() as u64;
+    let rest = AsyncReadExt::take(tokio::fs::File::from_std(file), rest);
+    Ok(Box::new(AsyncReadExt::chain(
+        std::io::Cursor::new(first),
+        rest,
+    )))
+}
+
 async fn remove_if_present(path: &Path) -> std::io::Result<()> {
     match tokio::fs::remove_file(path).await {
         Err(e) if e.kind() != ErrorKind::NotFound => Err(e),

@@ -684,15 +684,12 @@ impl StateStore for FsState {
         upload: &UploadKey,
         part: &StoredPart,
     ) -> Result<Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>, StoreError> {
-        let file = tokio::fs::File::open(self.part_path(upload, part)).await?;
-        let actual = file.metadata().await?.len();
-        if actual != part.len {
-            return Err(StoreError::Corrupt(format!(
-                "{upload:?} part {} has {actual} bytes, expected {}",
-                part.number, part.len
-            )));
-        }
-        Ok(Some(Box::new(file)))
+        let (upload, number, len) = (*upload, part.number, part.len);
+        let corrupt =
+            move |actual| format!("{upload:?} part {number} has {actual} bytes, expected {len}");
+        Ok(Some(
+            super::open_stored(self.part_path(&upload, part), len, corrupt).await?,
+        ))
     }
 
     async fn is_referenced(&self, digest: &Digest) -> Result<bool, StoreError> {
