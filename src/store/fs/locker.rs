@@ -133,7 +133,15 @@ impl Stripe {
         let file = file.ok_or_else(|| std::io::Error::other("the lock was let go"))?;
         let last = read_token(&file)?;
         let token = last + 1;
-        self.held.lock().expect("stripe").writing = Some(token);
+        {
+            let mut held = self.held.lock().expect("stripe");
+            // Ours while it is written only if the counter was where this process left it:
+            // after another process's token, what this process cached is stale (the epoch
+            // moves on below, once the token is recorded).
+            if last == held.last_token {
+                held.writing = Some(token);
+            }
+        }
         // Written through a second handle: the `flock` stays with `file`'s, which is kept open
         // until the write is done.
         let written = File::options()

@@ -139,7 +139,8 @@ impl FsState {
     /// and every part in it stays: a read now answers as if it came just before the link
     /// (the new part missing, a chunk sent again). Dropping it instead sent the chunks of the
     /// same upload that were answered meanwhile to the disk for the whole listing.
-    /// The add must end with [`changed`](Self::changed) whatever happens (an error drops the
+    /// The add must end with [`changed`](Self::changed) (or
+    /// [`changed_adding`](Self::changed_adding)) whatever happens (an error drops the
     /// index): it runs to its end (see `add_part_with`).
     fn adding(&self, upload: &UploadKey) {
         self.0.indexes.entry(*upload).or_default().generation += 1;
