@@ -19,6 +19,18 @@ use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Sends chunk `n` of `file` (its bytes as the body, its parameters in the URL).
+async fn send(client: &reqwest::Client, listen: std::net::SocketAddr, file: &ChunkedFile, n: u64) {
+    let (start, end) = file.bounds(n);
+    let response = client
+        .post(format!("http://{listen}/upload?{}", file.query_string(n)))
+        .body(file.data.slice(start, end))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "chunk {n}");
+}
+
 #[tokio::main]
 async fn main() {
     let uploads = env_u64("UPLOADS", 1000);
@@ -42,17 +54,7 @@ async fn main() {
     let sends = (0..uploads as usize).flat_map(|i| [(i, 1u64), (i, 2)]);
     let mut in_flight = futures::stream::iter(sends.map(|(i, n)| {
         let (files, client) = (files.clone(), client.clone());
-        async move {
-            let file = &files[i];
-            let (start, end) = file.bounds(n);
-            let response = client
-                .post(format!("http://{listen}/upload?{}", file.query_string(n)))
-                .body(file.data.slice(start, end))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-        }
+        async move { send(&client, listen, &files[i], n).await }
     }))
     .buffer_unordered(16);
     while in_flight.next().await.is_some() {}
@@ -98,16 +100,7 @@ async fn main() {
         let started = Instant::now();
         let mut in_flight = futures::stream::iter((next..end).map(|n| {
             let (long, client) = (long.clone(), client.clone());
-            async move {
-                let (start, end) = long.bounds(n);
-                let response = client
-                    .post(format!("http://{listen}/upload?{}", long.query_string(n)))
-                    .body(long.data.slice(start, end))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(response.status(), 200, "chunk {n}");
-            }
+            async move { send(&client, listen, &long, n).await }
         }))
         .buffer_unordered(3);
         while in_flight.next().await.is_some() {}
