@@ -13,12 +13,11 @@ use stitch::drain::InFlight;
 use stitch::forward::{DeliveryRequest, Forward, ForwardError, PartReader};
 use stitch::store::{
     BodyError, BodySource, Digest, Engines, Fence, PartIndex, QueuedDelivery, RecordedAnswer,
-    StateStore, StoreError, StoredPart, UploadKey, UploadMeta,
+    StateStore, StoreError, StoredPart, StoredReader, UploadKey, UploadMeta,
 };
 use stitch::upload::{
     Clock, CoreError, Delivery, FieldsDigest, Outcome, PartRef, PartStatus, Ttls, UploadCore,
 };
-use tokio::io::AsyncReadExt;
 use tokio::time::Instant;
 
 #[derive(Clone, Copy, Debug)]
@@ -68,14 +67,10 @@ impl Forward for StandIn {
         }
         let mut hasher = Sha256::new();
         for part in file {
-            let mut bytes = Vec::new();
-            parts
-                .open(part)
-                .await?
-                .read_to_end(&mut bytes)
-                .await
-                .map_err(StoreError::Io)?;
-            hasher.update(&bytes);
+            let mut reader = parts.open(part).await?;
+            while let Some(piece) = reader.next_piece().await.map_err(StoreError::Io)? {
+                hasher.update(&piece);
+            }
         }
         let sha = hex::encode(hasher.finalize());
         self.received
@@ -793,7 +788,7 @@ impl StateStore for FailingSync {
         &self,
         u: &UploadKey,
         p: &StoredPart,
-    ) -> Result<Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>, StoreError> {
+    ) -> Result<Option<StoredReader>, StoreError> {
         self.inner.open_part(u, p).await
     }
     async fn is_referenced(&self, d: &Digest) -> Result<bool, StoreError> {

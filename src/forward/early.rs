@@ -8,7 +8,7 @@
 
 use super::{
     copy_part, send_start, DeliveryRequest, Failure, ForwardConfig, HttpForwarder, MultipartBody,
-    StoredPart, UploadKey, UploadMeta,
+    StoredPart, StoredReader, UploadKey, UploadMeta,
 };
 use async_trait::async_trait;
 use pingora::protocols::http::client::HttpSession;
@@ -68,10 +68,7 @@ impl EarlyEnd {
 pub trait PartFeed: Send + Sync {
     /// Part `number` and a reader of its bytes, once it is stored; `None` if it is not stored
     /// within the stall time, or cannot be read.
-    async fn next(
-        &self,
-        number: u64,
-    ) -> Option<(StoredPart, Box<dyn tokio::io::AsyncRead + Send + Unpin>)>;
+    async fn next(&self, number: u64) -> Option<(StoredPart, StoredReader)>;
 }
 
 /// Everything a delivery request is made of besides its boundary and the file's bytes: a

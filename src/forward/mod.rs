@@ -6,7 +6,7 @@
 //! and connection settings.
 
 use crate::config::ForwardConfig;
-use crate::store::{RecordedAnswer, StoreError, StoredPart, UploadKey, UploadMeta};
+use crate::store::{RecordedAnswer, StoreError, StoredPart, StoredReader, UploadKey, UploadMeta};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderName, HeaderValue};
@@ -17,15 +17,11 @@ use pingora::upstreams::peer::{HttpPeer, Peer};
 use pingora::ErrorType;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::AsyncReadExt;
 
 mod early;
 
 use early::Shape;
 pub use early::{EarlyBegin, EarlyEnd, PartFeed};
-
-/// Bytes read from the chunk store per upstream write.
-const READ_BUFFER: usize = 256 * 1024;
 
 /// The upstream's answer is kept whole (it is replayed later); larger bodies are cut here.
 pub const MAX_ANSWER_BODY: usize = 16 << 20;
@@ -126,10 +122,7 @@ pub fn verdict(status: u16) -> Verdict {
 /// Where the forwarder reads an upload's parts from (the core gives it the upload's own).
 #[async_trait]
 pub trait PartReader: Send + Sync {
-    async fn open(
-        &self,
-        part: &StoredPart,
-    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StoreError>;
+    async fn open(&self, part: &StoredPart) -> Result<StoredReader, StoreError>;
 }
 
 /// Sends a finished upload to the upstream. The upload core knows the forwarder only through
@@ -567,26 +560,28 @@ async fn send_part(
     copy_part(session, &mut reader, part.len).await
 }
 
-/// Copies a part's bytes from `reader` to the request; the part must hold `len` bytes.
+/// Copies a part's bytes from `reader` to the request, piece by piece as the store hands them
+/// over (not copied); the part must hold `len` bytes.
 async fn copy_part(
     session: &mut HttpSession,
-    reader: &mut (dyn tokio::io::AsyncRead + Send + Unpin),
+    reader: &mut StoredReader,
     len: u64,
 ) -> Result<(), Failure> {
-    let mut buffer = BytesMut::with_capacity(READ_BUFFER);
     let mut copied = 0u64;
-    loop {
-        buffer.reserve(READ_BUFFER);
-        let read = reader
-            .read_buf(&mut buffer)
-            .await
-            .map_err(|e| Failure::Store(StoreError::Io(e)))?;
-        if read == 0 {
+    while let Some(piece) = reader
+        .next_piece()
+        .await
+        .map_err(|e| Failure::Store(StoreError::Io(e)))?
+    {
+        copied += piece.len() as u64;
+        if copied > len {
             break;
         }
-        copied += read as u64;
+        if piece.is_empty() {
+            continue;
+        }
         session
-            .write_request_body(buffer.split().freeze(), false)
+            .write_request_body(piece, false)
             .await
             .map_err(Failure::Upstream)?;
     }

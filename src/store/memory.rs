@@ -8,9 +8,9 @@
 //! tested here.
 
 use super::{
-    BlobStore, BodySource, Cut, Digest, Engines, Fence, Lease, LockKey, Locker, PartIndex,
-    QueuedDelivery, RecordedAnswer, Staged, StateStore, StoreError, StoredPart, UploadKey,
-    UploadMeta,
+    BlobStore, BodySource, Cut, Digest, Engines, Fence, InMemory, Lease, LockKey, Locker,
+    PartIndex, QueuedDelivery, RecordedAnswer, Staged, StateStore, StoreError, StoredPart,
+    StoredReader, UploadKey, UploadMeta,
 };
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -184,14 +184,10 @@ impl BlobStore for Memory {
         self.data.lock().expect("data").staged.remove(&staged.token);
     }
 
-    async fn open(
-        &self,
-        digest: &Digest,
-        len: u64,
-    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StoreError> {
+    async fn open(&self, digest: &Digest, len: u64) -> Result<StoredReader, StoreError> {
         let bytes = self.data.lock().expect("data").blobs.get(digest).cloned();
         match bytes {
-            Some(bytes) if bytes.len() as u64 == len => Ok(Box::new(std::io::Cursor::new(bytes))),
+            Some(bytes) if bytes.len() as u64 == len => Ok(Box::new(InMemory(Some(bytes)))),
             Some(bytes) => Err(StoreError::Corrupt(format!(
                 "blob has {} bytes, expected {len}",
                 bytes.len()

@@ -28,7 +28,6 @@ use sha2::{Digest as _, Sha256};
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tokio::io::AsyncRead;
 
 /// The BLAKE3 hash of some bytes: the name of a blob. (Stores written before BLAKE3 named
 /// blobs by their SHA-256; a part records its blob's name, so those are still read. Bytes
@@ -222,6 +221,28 @@ pub trait BodySource: Send {
     async fn next_piece(&mut self) -> Result<Option<Bytes>, BodyError>;
 }
 
+/// Stored bytes (a blob, or a part through its upload's reference), read piece by piece. Each
+/// piece is handed on as it is, not copied: the forward writes it to the upstream's socket.
+#[async_trait]
+pub trait StoredBytes: Send {
+    /// The next piece; `None` at the end. The pieces hold no more than the length the reader
+    /// was opened for (fewer only if the stored file was cut meanwhile: the caller checks).
+    async fn next_piece(&mut self) -> std::io::Result<Option<Bytes>>;
+}
+
+/// A reader of stored bytes, as the engines open them.
+pub type StoredReader = Box<dyn StoredBytes>;
+
+/// Bytes held in memory, as one piece.
+pub struct InMemory(pub Option<Bytes>);
+
+#[async_trait]
+impl StoredBytes for InMemory {
+    async fn next_piece(&mut self) -> std::io::Result<Option<Bytes>> {
+        Ok(self.0.take())
+    }
+}
+
 /// Why a request body could not be read to its end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
@@ -268,11 +289,7 @@ pub trait BlobStore: Send + Sync {
     /// Drops staged bytes.
     async fn discard(&self, staged: Staged);
     /// Reads a blob of `len` bytes.
-    async fn open(
-        &self,
-        digest: &Digest,
-        len: u64,
-    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StoreError>;
+    async fn open(&self, digest: &Digest, len: u64) -> Result<StoredReader, StoreError>;
     /// Deletes a blob. Call under the blob's lock, once no part references it.
     async fn delete(&self, digest: &Digest) -> Result<(), StoreError>;
     /// The bytes every stored blob takes (each distinct content once).
@@ -342,7 +359,7 @@ pub trait StateStore: Send + Sync {
         &self,
         _upload: &UploadKey,
         _part: &StoredPart,
-    ) -> Result<Option<Box<dyn AsyncRead + Send + Unpin>>, StoreError> {
+    ) -> Result<Option<StoredReader>, StoreError> {
         Ok(None)
     }
     /// Does any part of any upload reference this blob?

@@ -5,7 +5,8 @@ use super::{Credentials, FieldsDigest, UploadCore};
 use crate::config::ForwardConfig;
 use crate::forward::{verdict, DeliveryRequest, ForwardError, PartReader, Verdict};
 use crate::store::{
-    DeliveredFile, Fence, RecordedAnswer, StoreError, StoredPart, UploadKey, UploadMeta,
+    DeliveredFile, Fence, RecordedAnswer, StoreError, StoredPart, StoredReader, UploadKey,
+    UploadMeta,
 };
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -483,10 +484,7 @@ pub(super) struct UploadParts<'a> {
 
 #[async_trait::async_trait]
 impl PartReader for UploadParts<'_> {
-    async fn open(
-        &self,
-        part: &StoredPart,
-    ) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, StoreError> {
+    async fn open(&self, part: &StoredPart) -> Result<StoredReader, StoreError> {
         match self.engines.state.open_part(&self.upload, part).await? {
             Some(reader) => Ok(reader),
             None => self.engines.blobs.open(&part.digest, part.len).await,

@@ -9,7 +9,7 @@ use super::delivery::{idempotency_key, UploadParts};
 use super::{Credentials, FieldsDigest, UploadCore};
 use crate::config::ForwardConfig;
 use crate::forward::{DeliveryRequest, EarlyBegin, EarlyEnd, PartFeed, PartReader};
-use crate::store::{StoredPart, UploadKey};
+use crate::store::{StoredPart, StoredReader, UploadKey};
 use async_trait::async_trait;
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,10 +129,7 @@ struct Feed<'a> {
 
 #[async_trait]
 impl PartFeed for Feed<'_> {
-    async fn next(
-        &self,
-        number: u64,
-    ) -> Option<(StoredPart, Box<dyn tokio::io::AsyncRead + Send + Unpin>)> {
+    async fn next(&self, number: u64) -> Option<(StoredPart, StoredReader)> {
         let deadline = Instant::now() + self.stall;
         let mut changes = self.changes.lock().await;
         loop {

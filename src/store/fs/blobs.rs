@@ -1,12 +1,11 @@
 //! Blobs on local disk: staged in `tmp/`, kept as `blobs/<aa>/<blake3>`.
 
 use super::{remove_if_present, Fs};
-use crate::store::{BlobStore, BodySource, Cut, Digest, Staged, StoreError};
+use crate::store::{BlobStore, BodySource, Cut, Digest, Staged, StoreError, StoredReader};
 use async_trait::async_trait;
 use blake3::Hasher;
 use std::io::ErrorKind;
 use std::sync::Arc;
-use tokio::io::AsyncRead;
 
 pub(super) struct FsBlobs(pub(super) Arc<Fs>);
 
@@ -341,11 +340,7 @@ impl BlobStore for FsBlobs {
         let _ = tokio::fs::remove_file(self.0.staging.join(staged.token)).await;
     }
 
-    async fn open(
-        &self,
-        digest: &Digest,
-        len: u64,
-    ) -> Result<Box<dyn AsyncRead + Send + Unpin>, StoreError> {
+    async fn open(&self, digest: &Digest, len: u64) -> Result<StoredReader, StoreError> {
         let name = hex::encode(&digest[..6]);
         let corrupt = move |actual| format!("blob {name} has {actual} bytes, expected {len}");
         super::open_stored(self.0.blob_path(digest), len, corrupt).await

@@ -41,8 +41,9 @@ mod blobs;
 mod locker;
 mod state;
 
-use super::{Engines, PartIndex, UploadKey};
+use super::{Engines, PartIndex, StoredBytes, StoredReader, UploadKey};
 use crate::locks::KeyedLocks;
+use bytes::Bytes;
 use dashmap::DashMap;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -348,43 +349,76 @@ fn write_then_rename(tmp: &Path, path: &Path, bytes: &[u8], fsync: bool) -> std:
     std::fs::rename(tmp, path)
 }
 
-/// A stored file's first bytes are read with its opening, up to this many: a part of up to
-/// 256 KiB is then opened, checked and read in one trip to the blocking pool, where opening,
-/// checking and reading it through `tokio::fs` took four or five (about 125 us of CPU per part:
-/// a 1 GiB file in 64 KiB chunks forwarded in 2.9 s of CPU against 1.0 in 1 MiB chunks).
-/// Reading a whole MiB in that trip made 1 MiB parts slower (a fresh buffer each).
-const FIRST_READ: u64 = 256 << 10;
+/// A stored file is read in pieces of up to this size, one blocking-pool trip each (the first
+/// with the open and the length check), each into a buffer of its own that is handed on, not
+/// copied: through `tokio::fs`, every byte was copied twice in user space (its buffer, then
+/// the caller's) and a 1 MiB part took several trips.
+const PIECE: u64 = 1 << 20;
 
-/// Opens a stored file that must hold `len` bytes, reading its first bytes at once (see
-/// [`FIRST_READ`]); the reader yields at most `len` bytes (fewer only if the file is cut
+/// Opens a stored file that must hold `len` bytes, reading its first piece at once (see
+/// [`PIECE`]); the reader yields at most `len` bytes (fewer only if the file is cut
 /// meanwhile, which the forward reports). A file of another length is reported with
 /// `corrupt(actual length)`.
 async fn open_stored(
     path: PathBuf,
     len: u64,
     corrupt: impl FnOnce(u64) -> String,
-) -> Result<Box<dyn tokio::io::AsyncRead + Send + Unpin>, super::StoreError> {
-    use std::io::Read;
-    use tokio::io::AsyncReadExt;
+) -> Result<StoredReader, super::StoreError> {
     let opened = Fs::blocking(move || {
-        let mut file = std::fs::File::open(path)?;
+        let file = std::fs::File::open(path)?;
         let actual = file.metadata()?.len();
         if actual != len {
             return Ok(Err(actual));
         }
-        let want = len.min(FIRST_READ);
-        let mut first = Vec::with_capacity(want as usize);
-        (&mut file).take(want).read_to_end(&mut first)?;
+        let first = read_piece(&file, len.min(PIECE))?;
         Ok(Ok((file, first)))
     })
     .await?;
     let (file, first) = opened.map_err(|actual| super::StoreError::Corrupt(corrupt(actual)))?;
-    let rest = len - first.len() as u64;
-    let rest = AsyncReadExt::take(tokio::fs::File::from_std(file), rest);
-    Ok(Box::new(AsyncReadExt::chain(
-        std::io::Cursor::new(first),
-        rest,
-    )))
+    Ok(Box::new(StoredFile {
+        rest: len - first.len() as u64,
+        file: Arc::new(file),
+        first: Some(first),
+    }))
+}
+
+/// Up to `want` bytes from the file's position on, into a buffer of their own (filled by the
+/// read, never zeroed first); fewer only at the file's end.
+fn read_piece(file: &std::fs::File, want: u64) -> std::io::Result<Bytes> {
+    use std::io::Read;
+    let mut piece = Vec::with_capacity(want as usize);
+    file.take(want).read_to_end(&mut piece)?;
+    Ok(Bytes::from(piece))
+}
+
+/// A stored file opened by [`open_stored`].
+struct StoredFile {
+    file: Arc<std::fs::File>,
+    /// The first piece, read with the open.
+    first: Option<Bytes>,
+    /// Bytes still to read after it.
+    rest: u64,
+}
+
+#[async_trait::async_trait]
+impl StoredBytes for StoredFile {
+    async fn next_piece(&mut self) -> std::io::Result<Option<Bytes>> {
+        if let Some(first) = self.first.take() {
+            return Ok(Some(first));
+        }
+        if self.rest == 0 {
+            return Ok(None);
+        }
+        let (file, want) = (self.file.clone(), self.rest.min(PIECE));
+        let piece = Fs::blocking(move || read_piece(&file, want)).await?;
+        // Cut since it was opened: the reader ends here, and the caller counts what it got.
+        self.rest = if piece.is_empty() {
+            0
+        } else {
+            self.rest - piece.len() as u64
+        };
+        Ok((!piece.is_empty()).then_some(piece))
+    }
 }
 
 async fn remove_if_present(path: &Path) -> std::io::Result<()> {
@@ -398,4 +432,85 @@ async fn remove_if_present(path: &Path) -> std::io::Result<()> {
 fn unix_seconds(at: SystemTime) -> u64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read_all(reader: &mut StoredReader) -> (Vec<u8>, Vec<usize>) {
+        let (mut bytes, mut sizes) = (Vec::new(), Vec::new());
+        while let Some(piece) = reader.next_piece().await.unwrap() {
+            sizes.push(piece.len());
+            bytes.extend_from_slice(&piece);
+        }
+        (bytes, sizes)
+    }
+
+    fn content(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 4093) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn a_stored_file_is_read_whole_in_pieces_of_at_most_a_piece() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = content(2 * PIECE as usize + 12_345);
+        std::fs::write(&path, &data).unwrap();
+        let mut reader = open_stored(path, data.len() as u64, |_| unreachable!())
+            .await
+            .unwrap();
+        let (bytes, sizes) = read_all(&mut reader).await;
+        assert!(bytes == data, "the bytes read differ from the file's");
+        assert_eq!(sizes, [PIECE as usize, PIECE as usize, 12_345]);
+        assert!(reader.next_piece().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_file_of_another_length_is_reported_and_an_empty_one_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, content(10)).unwrap();
+        let opened = open_stored(path.clone(), 11, |actual| format!("has {actual}")).await;
+        assert!(matches!(opened, Err(super::super::StoreError::Corrupt(m)) if m == "has 10"));
+        std::fs::write(&path, b"").unwrap();
+        let mut reader = open_stored(path, 0, |_| unreachable!()).await.unwrap();
+        assert_eq!(read_all(&mut reader).await.0, b"");
+    }
+
+    #[tokio::test]
+    async fn a_file_cut_or_grown_after_its_open_yields_no_more_than_it_was_opened_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let len = PIECE as usize + 100;
+        let data = content(len);
+        std::fs::write(&path, &data).unwrap();
+        let mut reader = open_stored(path.clone(), len as u64, |_| unreachable!())
+            .await
+            .unwrap();
+        // Cut after the first piece was read with the open: the reader ends short.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(PIECE + 40)
+            .unwrap();
+        let (bytes, _) = read_all(&mut reader).await;
+        assert!(
+            bytes == data[..PIECE as usize + 40],
+            "a cut file read wrong"
+        );
+
+        std::fs::write(&path, &data).unwrap();
+        let mut reader = open_stored(path.clone(), len as u64, |_| unreachable!())
+            .await
+            .unwrap();
+        let mut longer = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut longer, &[1; 5000]).unwrap();
+        let (bytes, _) = read_all(&mut reader).await;
+        assert!(bytes == data, "a grown file read past its length");
+    }
 }

@@ -5,7 +5,7 @@
 use super::{remove_if_present, unix_seconds, CachedIndex, Fs};
 use crate::store::{
     Digest, Fence, PartIndex, QueuedDelivery, RecordedAnswer, StateStore, StoreError, StoredPart,
-    UploadKey, UploadMeta,
+    StoredReader, UploadKey, UploadMeta,
 };
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -684,7 +684,7 @@ impl StateStore for FsState {
         &self,
         upload: &UploadKey,
         part: &StoredPart,
-    ) -> Result<Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>, StoreError> {
+    ) -> Result<Option<StoredReader>, StoreError> {
         let (upload, number, len) = (*upload, part.number, part.len);
         let corrupt =
             move |actual| format!("{upload:?} part {number} has {actual} bytes, expected {len}");
