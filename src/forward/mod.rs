@@ -378,9 +378,7 @@ impl HttpForwarder {
             if let Some(header) = header {
                 send_start(&mut session, header, body).await?;
             }
-            for part in file {
-                send_part(&mut session, parts, part).await?;
-            }
+            send_parts(&mut session, parts, file).await?;
             send_end(&mut session, body).await
         };
         let write_error = match sent.await {
@@ -550,14 +548,34 @@ async fn send_start(
         .map_err(Failure::Upstream)
 }
 
-/// Writes one part of the file, read from the store.
-async fn send_part(
+/// Writes the file's parts, read from the store. Each part is opened, and its first piece
+/// read, while the one before it is written (and each piece of a part while the one before is:
+/// see the store's readers), so that parts the page cache no longer holds are read from the
+/// disk while the upstream takes the bytes before them.
+async fn send_parts(
     session: &mut HttpSession,
     parts: &dyn PartReader,
-    part: &StoredPart,
+    file: &[StoredPart],
 ) -> Result<(), Failure> {
-    let mut reader = parts.open(part).await.map_err(Failure::Store)?;
-    copy_part(session, &mut reader, part.len).await
+    let Some(first) = file.first() else {
+        return Ok(());
+    };
+    let mut reader = parts.open(first).await.map_err(Failure::Store)?;
+    for (at, part) in file.iter().enumerate() {
+        let next = async {
+            match file.get(at + 1) {
+                Some(next) => Some(parts.open(next).await),
+                None => None,
+            }
+        };
+        let (copied, next) = tokio::join!(copy_part(session, &mut reader, part.len), next);
+        copied?;
+        match next {
+            Some(next) => reader = next.map_err(Failure::Store)?,
+            None => break,
+        }
+    }
+    Ok(())
 }
 
 /// Copies a part's bytes from `reader` to the request, piece by piece as the store hands them

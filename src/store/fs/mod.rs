@@ -379,6 +379,7 @@ async fn open_stored(
         rest: len - first.len() as u64,
         file: Arc::new(file),
         first: Some(first),
+        ahead: None,
     }))
 }
 
@@ -391,33 +392,44 @@ fn read_piece(file: &std::fs::File, want: u64) -> std::io::Result<Bytes> {
     Ok(Bytes::from(piece))
 }
 
-/// A stored file opened by [`open_stored`].
+/// A stored file opened by [`open_stored`]. The next piece is read while the caller writes
+/// the last one out (one piece ahead at most).
 struct StoredFile {
     file: Arc<std::fs::File>,
     /// The first piece, read with the open.
     first: Option<Bytes>,
-    /// Bytes still to read after it.
+    /// The read of the next piece, under way.
+    ahead: Option<tokio::task::JoinHandle<std::io::Result<Bytes>>>,
+    /// Bytes not yet asked of the file.
     rest: u64,
+}
+
+impl StoredFile {
+    /// Starts reading the next piece, if any bytes are left to ask for.
+    fn read_ahead(&mut self) {
+        if self.rest > 0 {
+            let (file, want) = (self.file.clone(), self.rest.min(PIECE));
+            self.rest -= want;
+            self.ahead = Some(tokio::task::spawn_blocking(move || read_piece(&file, want)));
+        }
+    }
 }
 
 #[async_trait::async_trait]
 impl StoredBytes for StoredFile {
     async fn next_piece(&mut self) -> std::io::Result<Option<Bytes>> {
-        if let Some(first) = self.first.take() {
-            return Ok(Some(first));
-        }
-        if self.rest == 0 {
+        let piece = match (self.first.take(), self.ahead.take()) {
+            (Some(first), _) => first,
+            (None, Some(ahead)) => ahead.await.map_err(std::io::Error::other)??,
+            (None, None) => return Ok(None),
+        };
+        if piece.is_empty() {
+            // Cut since it was opened: the reader ends here, and the caller counts what it got.
+            self.rest = 0;
             return Ok(None);
         }
-        let (file, want) = (self.file.clone(), self.rest.min(PIECE));
-        let piece = Fs::blocking(move || read_piece(&file, want)).await?;
-        // Cut since it was opened: the reader ends here, and the caller counts what it got.
-        self.rest = if piece.is_empty() {
-            0
-        } else {
-            self.rest - piece.len() as u64
-        };
-        Ok((!piece.is_empty()).then_some(piece))
+        self.read_ahead();
+        Ok(Some(piece))
     }
 }
 
