@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use futures::future::join_all;
+use sha2::{Digest as _, Sha256};
 use std::time::Duration;
 
 #[tokio::test]
@@ -584,5 +585,146 @@ async fn a_stopped_server_has_let_go_of_its_storage_even_with_requests_in_flight
         for request in in_flight {
             let _ = request.await;
         }
+    }
+}
+
+/// Parts held in memory, handed to the real forwarder in two pieces each; part `skewed.0`
+/// holds `skewed.1` bytes more (or fewer) than its record says, as a file changed on disk
+/// after its length was checked would.
+struct SkewedParts {
+    parts: Vec<bytes::Bytes>,
+    skewed: Option<(u64, i64)>,
+}
+
+struct Pieces(std::collections::VecDeque<bytes::Bytes>);
+
+#[async_trait::async_trait]
+impl stitch::store::StoredBytes for Pieces {
+    async fn next_piece(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+        Ok(self.0.pop_front())
+    }
+}
+
+#[async_trait::async_trait]
+impl stitch::forward::PartReader for SkewedParts {
+    async fn open(
+        &self,
+        part: &stitch::store::StoredPart,
+    ) -> Result<stitch::store::StoredReader, stitch::store::StoreError> {
+        let mut bytes = self.parts[part.number as usize - 1].clone();
+        match self.skewed {
+            Some((number, less)) if number == part.number && less < 0 => {
+                bytes.truncate(bytes.len() - less.unsigned_abs() as usize);
+            }
+            Some((number, more)) if number == part.number => {
+                let mut longer = bytes.to_vec();
+                longer.extend(std::iter::repeat_n(b'x', more as usize));
+                bytes = longer.into();
+            }
+            _ => {}
+        }
+        let half = bytes.len() / 2;
+        Ok(Box::new(Pieces(
+            [bytes.slice(..half), bytes.slice(half..)].into(),
+        )))
+    }
+}
+
+/// Forwards three parts through the real forwarder to a fresh upstream; returns what the
+/// forward gave and the upstream.
+async fn forward_skewed(skewed: Option<(u64, i64)>) -> (Result<u16, String>, Upstream) {
+    use stitch::forward::{DeliveryRequest, Forward, HttpForwarder};
+    use stitch::store::{StoredPart, UploadKey, UploadMeta};
+    let upstream = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let forward = config(upstream.addr, dir.path(), "", ROUTES).routes[0]
+        .forward
+        .clone();
+    let parts: Vec<bytes::Bytes> = (1..=3).map(|n| random_bytes(300_000, n)).collect();
+    let file: Vec<StoredPart> = (1..=3)
+        .map(|number| StoredPart {
+            number,
+            len: 300_000,
+            digest: [number as u8; 32],
+        })
+        .collect();
+    let meta = UploadMeta {
+        length: Some(900_000),
+        name: "skewed.bin".into(),
+        media_type: None,
+        protocol: serde_json::Value::Null,
+        origin: None,
+    };
+    let request = DeliveryRequest {
+        fields: Vec::new(),
+        headers: Vec::new(),
+        host: None,
+        route: "test".into(),
+    };
+    let key = UploadKey::from_hex(&"ab".repeat(32)).unwrap();
+    let sent = HttpForwarder::new(upstream.addr, Duration::from_secs(5))
+        .send(
+            &SkewedParts { parts, skewed },
+            &key,
+            &meta,
+            &file,
+            &forward,
+            &request,
+            "skewed",
+        )
+        .await;
+    (
+        sent.map(|answer| answer.status).map_err(|e| e.to_string()),
+        upstream,
+    )
+}
+
+#[tokio::test]
+async fn a_part_that_reads_short_or_long_in_the_forward_fails_it_and_no_whole_request_reaches_the_upstream(
+) {
+    // As recorded: the upstream gets the whole file.
+    let (sent, upstream) = forward_skewed(None).await;
+    assert_eq!(sent, Ok(200));
+    let received = upstream.received();
+    assert_eq!(received.len(), 1);
+    assert!(received[0].whole());
+    let whole: Vec<u8> = (1..=3)
+        .flat_map(|n| random_bytes(300_000, n).to_vec())
+        .collect();
+    assert_eq!(
+        received[0].files[0].sha256,
+        hex::encode(Sha256::digest(&whole))
+    );
+
+    for (skew, says) in [
+        (-1, "held 299999 bytes"),
+        (1, "held more than 300000 bytes"),
+    ] {
+        let (sent, upstream) = forward_skewed(Some((2, skew))).await;
+        let error = sent.expect_err("a part of the wrong length fails the forward");
+        assert!(
+            error.contains("stored part 2") && error.contains(says),
+            "{error}"
+        );
+        // The request began (its head and part 1 went out), then broke off.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while upstream.heads() < 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            upstream.heads(),
+            1,
+            "the request's head reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            upstream.received().iter().all(|r| !r.whole()),
+            "a request with a part of the wrong length was received whole"
+        );
+        assert!(
+            upstream.body_bytes() < 900_000 + 1_000,
+            "more than the file's bytes went out: {}",
+            upstream.body_bytes()
+        );
     }
 }

@@ -282,7 +282,7 @@ impl HttpForwarder {
                 session.shutdown().await;
                 return Err(EarlyEnd::Failed);
             }
-            if let Err(e) = copy_part(&mut session, &mut reader, part.len).await {
+            if let Err(e) = copy_part(&mut session, &mut reader, &part).await {
                 tracing::info!("{upload:?}: the request begun early is cut off: {e}");
                 session.shutdown().await;
                 return Err(EarlyEnd::Failed);

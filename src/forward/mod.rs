@@ -9,6 +9,7 @@ use crate::config::ForwardConfig;
 use crate::store::{RecordedAnswer, StoreError, StoredPart, StoredReader, UploadKey, UploadMeta};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
+use futures::future::OptionFuture;
 use http::{HeaderName, HeaderValue};
 use pingora::connectors::http::Connector;
 use pingora::http::{RequestHeader, ResponseHeader};
@@ -562,29 +563,31 @@ async fn send_parts(
     };
     let mut reader = parts.open(first).await.map_err(Failure::Store)?;
     for (at, part) in file.iter().enumerate() {
-        let next = async {
-            match file.get(at + 1) {
-                Some(next) => Some(parts.open(next).await),
-                None => None,
-            }
-        };
-        let (copied, next) = tokio::join!(copy_part(session, &mut reader, part.len), next);
+        let next = OptionFuture::from(file.get(at + 1).map(|next| parts.open(next)));
+        let (copied, next) = tokio::join!(copy_part(session, &mut reader, part), next);
         copied?;
-        match next {
-            Some(next) => reader = next.map_err(Failure::Store)?,
-            None => break,
+        if let Some(next) = next {
+            reader = next.map_err(Failure::Store)?;
         }
     }
     Ok(())
 }
 
 /// Copies a part's bytes from `reader` to the request, piece by piece as the store hands them
-/// over (not copied); the part must hold `len` bytes.
+/// over (not copied). A part that holds more or fewer bytes than recorded fails the request
+/// before its end is written: the declared Content-Length would be wrong, and such a request
+/// must never complete (a piece that would go past the part is not written at all).
 async fn copy_part(
     session: &mut HttpSession,
     reader: &mut StoredReader,
-    len: u64,
+    part: &StoredPart,
 ) -> Result<(), Failure> {
+    let wrong = |held: String| {
+        Failure::Store(StoreError::Io(std::io::Error::other(format!(
+            "stored part {} held {held} bytes where {} were recorded",
+            part.number, part.len
+        ))))
+    };
     let mut copied = 0u64;
     while let Some(piece) = reader
         .next_piece()
@@ -592,22 +595,19 @@ async fn copy_part(
         .map_err(|e| Failure::Store(StoreError::Io(e)))?
     {
         copied += piece.len() as u64;
-        if copied > len {
-            break;
+        if copied > part.len {
+            return Err(wrong(format!("more than {}", part.len)));
         }
         if piece.is_empty() {
-            continue;
+            break;
         }
         session
             .write_request_body(piece, false)
             .await
             .map_err(Failure::Upstream)?;
     }
-    if copied != len {
-        // The declared Content-Length would be wrong: never let such a request complete.
-        return Err(Failure::Store(StoreError::Io(std::io::Error::other(
-            format!("a stored part held {copied} bytes where {len} were recorded"),
-        ))));
+    if copied != part.len {
+        return Err(wrong(copied.to_string()));
     }
     Ok(())
 }

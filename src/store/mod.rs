@@ -225,23 +225,14 @@ pub trait BodySource: Send {
 /// piece is handed on as it is, not copied: the forward writes it to the upstream's socket.
 #[async_trait]
 pub trait StoredBytes: Send {
-    /// The next piece; `None` at the end. The pieces hold no more than the length the reader
-    /// was opened for (fewer only if the stored file was cut meanwhile: the caller checks).
+    /// The next piece, never empty; `None` at the end. The pieces hold no more than the
+    /// length the reader was opened for (fewer only if the stored file was cut meanwhile: the
+    /// caller checks).
     async fn next_piece(&mut self) -> std::io::Result<Option<Bytes>>;
 }
 
 /// A reader of stored bytes, as the engines open them.
 pub type StoredReader = Box<dyn StoredBytes>;
-
-/// Bytes held in memory, as one piece.
-pub struct InMemory(pub Option<Bytes>);
-
-#[async_trait]
-impl StoredBytes for InMemory {
-    async fn next_piece(&mut self) -> std::io::Result<Option<Bytes>> {
-        Ok(self.0.take())
-    }
-}
 
 /// Why a request body could not be read to its end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -281,9 +281,7 @@ impl Fs {
     async fn blocking<T: Send + 'static>(
         work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
     ) -> std::io::Result<T> {
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(std::io::Error::other)?
+        joined(tokio::task::spawn_blocking(work)).await
     }
 
     /// Writes a small file atomically: temporary name, fsync, rename, fsync the directory. Every
@@ -376,7 +374,9 @@ async fn open_stored(
     .await?;
     let (file, first) = opened.map_err(|actual| super::StoreError::Corrupt(corrupt(actual)))?;
     Ok(Box::new(StoredFile {
-        rest: len - first.len() as u64,
+        // What was asked of the file, not what it gave: a short first read ends the reader
+        // short, which the caller reports.
+        rest: len - len.min(PIECE),
         file: Arc::new(file),
         first: Some(first),
         ahead: None,
@@ -420,7 +420,7 @@ impl StoredBytes for StoredFile {
     async fn next_piece(&mut self) -> std::io::Result<Option<Bytes>> {
         let piece = match (self.first.take(), self.ahead.take()) {
             (Some(first), _) => first,
-            (None, Some(ahead)) => ahead.await.map_err(std::io::Error::other)??,
+            (None, Some(ahead)) => joined(ahead).await?,
             (None, None) => return Ok(None),
         };
         if piece.is_empty() {
@@ -431,6 +431,11 @@ impl StoredBytes for StoredFile {
         self.read_ahead();
         Ok(Some(piece))
     }
+}
+
+/// The result of blocking work on the pool (a panic there is an I/O error here).
+async fn joined<T>(task: tokio::task::JoinHandle<std::io::Result<T>>) -> std::io::Result<T> {
+    task.await.map_err(std::io::Error::other)?
 }
 
 async fn remove_if_present(path: &Path) -> std::io::Result<()> {
