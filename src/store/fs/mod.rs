@@ -41,7 +41,7 @@ mod blobs;
 mod locker;
 mod state;
 
-use super::{Engines, PartIndex, StoredBytes, StoredReader, UploadKey};
+use super::{Engines, PartIndex, ReadAhead, StoredBytes, StoredReader, UploadKey, READ_PIECE};
 use crate::locks::KeyedLocks;
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -347,15 +347,12 @@ fn write_then_rename(tmp: &Path, path: &Path, bytes: &[u8], fsync: bool) -> std:
     std::fs::rename(tmp, path)
 }
 
-/// A stored file is read in pieces of up to this size, one blocking-pool trip each (the first
-/// with the open and the length check), each into a buffer of its own that is handed on, not
-/// copied: through `tokio::fs`, every byte was copied twice in user space (its buffer, then
-/// the caller's) and a 1 MiB part took several trips.
-const PIECE: u64 = 1 << 20;
-
-/// Opens a stored file that must hold `len` bytes, reading its first piece at once (see
-/// [`PIECE`]); the reader yields at most `len` bytes (fewer only if the file is cut
-/// meanwhile, which the forward reports). A file of another length is reported with
+/// Opens a stored file that must hold `len` bytes. Its bytes are read in pieces of up to
+/// [`READ_PIECE`], each on the blocking pool into a buffer of its own that is handed on, not
+/// copied (through `tokio::fs`, every byte was copied twice in user space, and a 1 MiB part
+/// took several trips); the first piece is read in the same trip as the open and the length
+/// check. The reader yields at most `len` bytes (fewer only if the file is cut meanwhile,
+/// which the forward reports). A file of another length is reported with
 /// `corrupt(actual length)`.
 async fn open_stored(
     path: PathBuf,
@@ -368,7 +365,7 @@ async fn open_stored(
         if actual != len {
             return Ok(Err(actual));
         }
-        let first = read_piece(&file, len.min(PIECE))?;
+        let first = read_piece(&file, len.min(READ_PIECE))?;
         Ok(Ok((file, first)))
     })
     .await?;
@@ -376,7 +373,7 @@ async fn open_stored(
     Ok(Box::new(StoredFile {
         // What was asked of the file, not what it gave: a short first read ends the reader
         // short, which the caller reports.
-        rest: len - len.min(PIECE),
+        rest: len - len.min(READ_PIECE),
         file: Arc::new(file),
         first: Some(first),
         ahead: None,
@@ -393,25 +390,39 @@ fn read_piece(file: &std::fs::File, want: u64) -> std::io::Result<Bytes> {
 }
 
 /// A stored file opened by [`open_stored`]. The next piece is read while the caller writes
-/// the last one out (one piece ahead at most).
+/// the last one out (one piece ahead at most, within the process's [`ReadAhead`] allowance;
+/// past it, each piece is read when asked for).
 struct StoredFile {
     file: Arc<std::fs::File>,
     /// The first piece, read with the open.
     first: Option<Bytes>,
-    /// The read of the next piece, under way.
-    ahead: Option<tokio::task::JoinHandle<std::io::Result<Bytes>>>,
+    /// The read of the next piece, under way, and its claim on the allowance.
+    ahead: Option<(tokio::task::JoinHandle<std::io::Result<Bytes>>, ReadAhead)>,
     /// Bytes not yet asked of the file.
     rest: u64,
 }
 
 impl StoredFile {
-    /// Starts reading the next piece, if any bytes are left to ask for.
+    /// The size of the next piece to ask the file for (taken off `rest`), if any is left.
+    fn next_want(&mut self) -> Option<u64> {
+        let want = self.rest.min(READ_PIECE);
+        self.rest -= want;
+        (want > 0).then_some(want)
+    }
+
+    /// Starts reading the next piece, if any is left and the allowance has room for it.
     fn read_ahead(&mut self) {
-        if self.rest > 0 {
-            let (file, want) = (self.file.clone(), self.rest.min(PIECE));
-            self.rest -= want;
-            self.ahead = Some(tokio::task::spawn_blocking(move || read_piece(&file, want)));
+        let want = self.rest.min(READ_PIECE);
+        if want == 0 {
+            return;
         }
+        let Some(claim) = ReadAhead::claim(want) else {
+            return;
+        };
+        self.rest -= want;
+        let file = self.file.clone();
+        let read = tokio::task::spawn_blocking(move || read_piece(&file, want));
+        self.ahead = Some((read, claim));
     }
 }
 
@@ -420,8 +431,15 @@ impl StoredBytes for StoredFile {
     async fn next_piece(&mut self) -> std::io::Result<Option<Bytes>> {
         let piece = match (self.first.take(), self.ahead.take()) {
             (Some(first), _) => first,
-            (None, Some(ahead)) => joined(ahead).await?,
-            (None, None) => return Ok(None),
+            // The claim goes with this arm: the piece is the caller's now.
+            (None, Some((ahead, _claim))) => joined(ahead).await?,
+            (None, None) => match self.next_want() {
+                Some(want) => {
+                    let file = self.file.clone();
+                    Fs::blocking(move || read_piece(&file, want)).await?
+                }
+                None => return Ok(None),
+            },
         };
         if piece.is_empty() {
             // Cut since it was opened: the reader ends here, and the caller counts what it got.
@@ -472,15 +490,34 @@ mod tests {
     async fn a_stored_file_is_read_whole_in_pieces_of_at_most_a_piece() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let data = content(2 * PIECE as usize + 12_345);
+        let data = content(2 * READ_PIECE as usize + 12_345);
         std::fs::write(&path, &data).unwrap();
         let mut reader = open_stored(path, data.len() as u64, |_| unreachable!())
             .await
             .unwrap();
         let (bytes, sizes) = read_all(&mut reader).await;
         assert!(bytes == data, "the bytes read differ from the file's");
-        assert_eq!(sizes, [PIECE as usize, PIECE as usize, 12_345]);
+        assert_eq!(sizes, [READ_PIECE as usize, READ_PIECE as usize, 12_345]);
         assert!(reader.next_piece().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn with_no_read_ahead_allowance_left_a_stored_file_is_still_read_whole() {
+        let mut held = Vec::new();
+        while let Some(claim) = ReadAhead::claim(READ_PIECE) {
+            held.push(claim);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = content(2 * READ_PIECE as usize + 7);
+        std::fs::write(&path, &data).unwrap();
+        let mut reader = open_stored(path, data.len() as u64, |_| unreachable!())
+            .await
+            .unwrap();
+        let (bytes, sizes) = read_all(&mut reader).await;
+        assert!(bytes == data, "the bytes read differ from the file's");
+        assert_eq!(sizes, [READ_PIECE as usize, READ_PIECE as usize, 7]);
+        drop(held);
     }
 
     #[tokio::test]
@@ -499,7 +536,7 @@ mod tests {
     async fn a_file_cut_or_grown_after_its_open_yields_no_more_than_it_was_opened_for() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let len = PIECE as usize + 100;
+        let len = READ_PIECE as usize + 100;
         let data = content(len);
         std::fs::write(&path, &data).unwrap();
         let mut reader = open_stored(path.clone(), len as u64, |_| unreachable!())
@@ -510,11 +547,11 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap()
-            .set_len(PIECE + 40)
+            .set_len(READ_PIECE + 40)
             .unwrap();
         let (bytes, _) = read_all(&mut reader).await;
         assert!(
-            bytes == data[..PIECE as usize + 40],
+            bytes == data[..READ_PIECE as usize + 40],
             "a cut file read wrong"
         );
 
