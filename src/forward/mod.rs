@@ -6,10 +6,7 @@
 //! and connection settings.
 
 use crate::config::ForwardConfig;
-use crate::store::{
-    ReadAhead, RecordedAnswer, StoreError, StoredPart, StoredReader, UploadKey, UploadMeta,
-    READ_PIECE,
-};
+use crate::store::{RecordedAnswer, StoreError, StoredPart, StoredReader, UploadKey, UploadMeta};
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::future::OptionFuture;
@@ -555,8 +552,8 @@ async fn send_start(
 /// Writes the file's parts, read from the store. Each part is opened, and its first piece
 /// read, while the one before it is written (and each piece of a part while the one before is:
 /// see the store's readers), so that parts the page cache no longer holds are read from the
-/// disk while the upstream takes the bytes before them; both within the process's
-/// [`ReadAhead`] allowance.
+/// disk while the upstream takes the bytes before them. (The store bounds what its readers
+/// hold at once over the process: see the fs engine's `open_stored`.)
 async fn send_parts(
     session: &mut HttpSession,
     parts: &dyn PartReader,
@@ -567,19 +564,12 @@ async fn send_parts(
     };
     let mut reader = parts.open(first).await.map_err(Failure::Store)?;
     for (at, part) in file.iter().enumerate() {
-        let next = file.get(at + 1);
-        // Within the process's read-ahead allowance only (its first piece is read ahead).
-        let claim = next.and_then(|next| ReadAhead::claim(next.len.min(READ_PIECE)));
-        let ahead = OptionFuture::from(claim.as_ref().and(next).map(|next| parts.open(next)));
-        let (copied, opened) = tokio::join!(copy_part(session, &mut reader, part), ahead);
+        let next = OptionFuture::from(file.get(at + 1).map(|next| parts.open(next)));
+        let (copied, next) = tokio::join!(copy_part(session, &mut reader, part), next);
         copied?;
-        drop(claim);
-        reader = match (opened, next) {
-            (Some(opened), _) => opened,
-            (None, Some(next)) => parts.open(next).await,
-            (None, None) => break,
+        if let Some(next) = next {
+            reader = next.map_err(Failure::Store)?;
         }
-        .map_err(Failure::Store)?;
     }
     Ok(())
 }

@@ -234,39 +234,6 @@ pub trait StoredBytes: Send {
 /// A reader of stored bytes, as the engines open them.
 pub type StoredReader = Box<dyn StoredBytes>;
 
-/// The most a reader that reads from disk hands out at once.
-pub const READ_PIECE: u64 = 1 << 20;
-
-/// The bytes readers may hold read ahead of their callers, over the whole process. Past it, a
-/// reader reads each piece when it is asked for: deliveries held up by a slow application
-/// then hold only the piece each is writing.
-pub const READ_AHEAD_LIMIT: u64 = 64 << 20;
-
-static READ_AHEAD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// A claim on [`READ_AHEAD_LIMIT`] for bytes read ahead, given back when dropped (once the
-/// bytes are handed to the caller, or dropped unread).
-pub struct ReadAhead(u64);
-
-impl ReadAhead {
-    /// A claim on `len` bytes, if the allowance has room for them.
-    pub fn claim(len: u64) -> Option<ReadAhead> {
-        use std::sync::atomic::Ordering::SeqCst;
-        READ_AHEAD
-            .fetch_update(SeqCst, SeqCst, |held| {
-                (held + len <= READ_AHEAD_LIMIT).then_some(held + len)
-            })
-            .ok()
-            .map(|_| ReadAhead(len))
-    }
-}
-
-impl Drop for ReadAhead {
-    fn drop(&mut self) {
-        READ_AHEAD.fetch_sub(self.0, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
 /// Why a request body could not be read to its end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BodyError {
@@ -572,28 +539,5 @@ pub fn open(config: &StorageConfig) -> Result<Engines, OpenError> {
             })
         }
         EngineConfig::Memory => Ok(memory::open()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn read_ahead_is_claimed_up_to_its_limit_and_given_back_when_dropped() {
-        let mut held = Vec::new();
-        while let Some(claim) = ReadAhead::claim(READ_PIECE) {
-            held.push(claim);
-        }
-        assert!(!held.is_empty() && held.len() as u64 <= READ_AHEAD_LIMIT / READ_PIECE);
-        assert!(
-            ReadAhead::claim(READ_PIECE).is_none(),
-            "a claim past the limit"
-        );
-        held.pop();
-        assert!(
-            ReadAhead::claim(READ_PIECE).is_some(),
-            "a dropped claim was not given back"
-        );
     }
 }

@@ -41,7 +41,7 @@ mod blobs;
 mod locker;
 mod state;
 
-use super::{Engines, PartIndex, ReadAhead, StoredBytes, StoredReader, UploadKey, READ_PIECE};
+use super::{Engines, PartIndex, StoredBytes, StoredReader, UploadKey};
 use crate::locks::KeyedLocks;
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -347,8 +347,61 @@ fn write_then_rename(tmp: &Path, path: &Path, bytes: &[u8], fsync: bool) -> std:
     std::fs::rename(tmp, path)
 }
 
-/// Opens a stored file that must hold `len` bytes. Its bytes are read in pieces of up to
-/// [`READ_PIECE`], each on the blocking pool into a buffer of its own that is handed on, not
+/// A stored file is read in pieces of up to this size, each into a buffer of its own...
+const READ_PIECE: u64 = 1 << 20;
+/// ...while the pieces every reader of the process holds (read, ahead or not, and not yet
+/// dropped by the caller) stay within this allowance; past it, pieces are this small, read
+/// when asked for. So deliveries held up by a slow application hold a small piece each, not
+/// a MiB or more.
+const HELD_LIMIT: u64 = 64 << 20;
+const SMALL_PIECE: u64 = 64 << 10;
+
+static HELD: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A claim on [`HELD_LIMIT`], given back when dropped.
+struct Claim(u64);
+
+impl Claim {
+    /// A claim on `len` bytes, if the allowance has room for them.
+    fn take(len: u64) -> Option<Claim> {
+        use std::sync::atomic::Ordering::SeqCst;
+        HELD.fetch_update(SeqCst, SeqCst, |held| {
+            (held + len <= HELD_LIMIT).then_some(held + len)
+        })
+        .ok()
+        .map(|_| Claim(len))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        HELD.fetch_sub(self.0, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A piece's bytes with their claim: given back when the last `Bytes` of them is dropped.
+struct Held {
+    bytes: Vec<u8>,
+    _claim: Option<Claim>,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// The next piece to ask of `rest` bytes: a whole one with its claim, or a small one.
+fn next_piece_size(rest: u64) -> (u64, Option<Claim>) {
+    let want = rest.min(READ_PIECE);
+    match Claim::take(want) {
+        Some(claim) => (want, Some(claim)),
+        None => (rest.min(SMALL_PIECE), None),
+    }
+}
+
+/// Opens a stored file that must hold `len` bytes. Its bytes are read in pieces (see
+/// [`READ_PIECE`]), each on the blocking pool into a buffer of its own that is handed on, not
 /// copied (through `tokio::fs`, every byte was copied twice in user space, and a 1 MiB part
 /// took several trips); the first piece is read in the same trip as the open and the length
 /// check. The reader yields at most `len` bytes (fewer only if the file is cut meanwhile,
@@ -359,13 +412,14 @@ async fn open_stored(
     len: u64,
     corrupt: impl FnOnce(u64) -> String,
 ) -> Result<StoredReader, super::StoreError> {
+    let (want, claim) = next_piece_size(len);
     let opened = Fs::blocking(move || {
         let file = std::fs::File::open(path)?;
         let actual = file.metadata()?.len();
         if actual != len {
             return Ok(Err(actual));
         }
-        let first = read_piece(&file, len.min(READ_PIECE))?;
+        let first = read_piece(&file, want, claim)?;
         Ok(Ok((file, first)))
     })
     .await?;
@@ -373,7 +427,7 @@ async fn open_stored(
     Ok(Box::new(StoredFile {
         // What was asked of the file, not what it gave: a short first read ends the reader
         // short, which the caller reports.
-        rest: len - len.min(READ_PIECE),
+        rest: len - want,
         file: Arc::new(file),
         first: Some(first),
         ahead: None,
@@ -381,48 +435,44 @@ async fn open_stored(
 }
 
 /// Up to `want` bytes from the file's position on, into a buffer of their own (filled by the
-/// read, never zeroed first); fewer only at the file's end.
-fn read_piece(file: &std::fs::File, want: u64) -> std::io::Result<Bytes> {
+/// read, never zeroed first) that holds `claim` while it lives; fewer only at the file's end.
+fn read_piece(file: &std::fs::File, want: u64, claim: Option<Claim>) -> std::io::Result<Bytes> {
     use std::io::Read;
     let mut piece = Vec::with_capacity(want as usize);
     file.take(want).read_to_end(&mut piece)?;
-    Ok(Bytes::from(piece))
+    Ok(Bytes::from_owner(Held {
+        bytes: piece,
+        _claim: claim,
+    }))
 }
 
 /// A stored file opened by [`open_stored`]. The next piece is read while the caller writes
-/// the last one out (one piece ahead at most, within the process's [`ReadAhead`] allowance;
-/// past it, each piece is read when asked for).
+/// the last one out (one piece ahead at most, and only a whole one that the allowance has
+/// room for).
 struct StoredFile {
     file: Arc<std::fs::File>,
     /// The first piece, read with the open.
     first: Option<Bytes>,
-    /// The read of the next piece, under way, and its claim on the allowance.
-    ahead: Option<(tokio::task::JoinHandle<std::io::Result<Bytes>>, ReadAhead)>,
+    /// The read of the next piece, under way.
+    ahead: Option<tokio::task::JoinHandle<std::io::Result<Bytes>>>,
     /// Bytes not yet asked of the file.
     rest: u64,
 }
 
 impl StoredFile {
-    /// The size of the next piece to ask the file for (taken off `rest`), if any is left.
-    fn next_want(&mut self) -> Option<u64> {
-        let want = self.rest.min(READ_PIECE);
-        self.rest -= want;
-        (want > 0).then_some(want)
-    }
-
     /// Starts reading the next piece, if any is left and the allowance has room for it.
     fn read_ahead(&mut self) {
         let want = self.rest.min(READ_PIECE);
         if want == 0 {
             return;
         }
-        let Some(claim) = ReadAhead::claim(want) else {
+        let Some(claim) = Claim::take(want) else {
             return;
         };
         self.rest -= want;
         let file = self.file.clone();
-        let read = tokio::task::spawn_blocking(move || read_piece(&file, want));
-        self.ahead = Some((read, claim));
+        let read = tokio::task::spawn_blocking(move || read_piece(&file, want, Some(claim)));
+        self.ahead = Some(read);
     }
 }
 
@@ -431,15 +481,14 @@ impl StoredBytes for StoredFile {
     async fn next_piece(&mut self) -> std::io::Result<Option<Bytes>> {
         let piece = match (self.first.take(), self.ahead.take()) {
             (Some(first), _) => first,
-            // The claim goes with this arm: the piece is the caller's now.
-            (None, Some((ahead, _claim))) => joined(ahead).await?,
-            (None, None) => match self.next_want() {
-                Some(want) => {
-                    let file = self.file.clone();
-                    Fs::blocking(move || read_piece(&file, want)).await?
-                }
-                None => return Ok(None),
-            },
+            (None, Some(ahead)) => joined(ahead).await?,
+            (None, None) if self.rest > 0 => {
+                let (want, claim) = next_piece_size(self.rest);
+                self.rest -= want;
+                let file = self.file.clone();
+                Fs::blocking(move || read_piece(&file, want, claim)).await?
+            }
+            (None, None) => return Ok(None),
         };
         if piece.is_empty() {
             // Cut since it was opened: the reader ends here, and the caller counts what it got.
@@ -501,23 +550,43 @@ mod tests {
         assert!(reader.next_piece().await.unwrap().is_none());
     }
 
+    // The allowance is the process's: the test runner (nextest) gives each test a process of
+    // its own.
     #[tokio::test]
-    async fn with_no_read_ahead_allowance_left_a_stored_file_is_still_read_whole() {
+    async fn past_the_allowance_a_stored_file_is_read_whole_in_small_pieces() {
         let mut held = Vec::new();
-        while let Some(claim) = ReadAhead::claim(READ_PIECE) {
+        while let Some(claim) = Claim::take(READ_PIECE) {
             held.push(claim);
         }
+        assert!(held.len() as u64 <= HELD_LIMIT / READ_PIECE);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let data = content(2 * READ_PIECE as usize + 7);
+        let data = content(2 * SMALL_PIECE as usize + 7);
         std::fs::write(&path, &data).unwrap();
-        let mut reader = open_stored(path, data.len() as u64, |_| unreachable!())
+        let mut reader = open_stored(path.clone(), data.len() as u64, |_| unreachable!())
             .await
             .unwrap();
         let (bytes, sizes) = read_all(&mut reader).await;
         assert!(bytes == data, "the bytes read differ from the file's");
-        assert_eq!(sizes, [READ_PIECE as usize, READ_PIECE as usize, 7]);
+        let small = SMALL_PIECE as usize;
+        assert_eq!(sizes, [small, small, 7]);
+
+        // Given back: whole pieces again, and a piece's claim lives as long as the piece.
         drop(held);
+        let mut reader = open_stored(path, data.len() as u64, |_| unreachable!())
+            .await
+            .unwrap();
+        let piece = reader.next_piece().await.unwrap().unwrap();
+        assert_eq!(piece.len(), data.len());
+        let before = HELD.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(before >= data.len() as u64, "the piece holds no claim");
+        drop(piece);
+        let after = HELD.load(std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            before - after,
+            data.len() as u64,
+            "the claim outlived its piece"
+        );
     }
 
     #[tokio::test]
