@@ -1,9 +1,11 @@
 //! Memory after bursts: 250 slow clients, each sending a 256 KiB chunk in 8 pieces over about
 //! two seconds, come and go three times; Stitch's resident memory and thread count are read
-//! before, after each burst (once idle blocking threads have ended), and at the end.
+//! before, after each burst (once idle blocking threads have ended), and at the end. Then
+//! memory with deliveries stalled: 100 uploads of 32 MiB complete at once against an
+//! application that accepts connections and never reads them.
 //! Results replace the "bursts" section of `benches/results.md`.
 //!
-//! Run: `cargo bench --bench bursts` (CLIENTS=… BURSTS=… to change the sizes).
+//! Run: `cargo bench --bench bursts` (CLIENTS=… BURSTS=… STALLED=… to change the sizes).
 
 #[path = "common/bench.rs"]
 mod bench;
@@ -12,7 +14,7 @@ mod common;
 #[path = "common/report.rs"]
 mod report;
 
-use bench::{env_u64, proc_mib, proc_status, Stitch};
+use bench::{env_u64, proc_mib, proc_status, send_chunk, Stitch};
 use common::*;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -48,6 +50,49 @@ async fn slow_chunk(listen: SocketAddr, id: u64) {
     assert!(answer.starts_with(b"HTTP/1.1 200"), "slow client {id}");
 }
 
+/// Stitch's resident MiB once `uploads` uploads of four 8 MiB parts are stored but for their
+/// last part, and 5 s after those last parts are all sent at once to an application that
+/// accepts connections and never reads them (every delivery stalls, past what the kernel's
+/// socket buffers take).
+async fn stalled_deliveries(uploads: u64) -> (f64, f64) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let never_reads = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let root = tempfile::tempdir_in(".").unwrap();
+    let stitch = Stitch::start(root.path(), app, ROUTES, true, &[]);
+    let (listen, pid) = (stitch.listen, stitch.child.id());
+    let client = reqwest::Client::new();
+    let part = random_bytes(8 << 20, 5);
+    for upload in 0..uploads {
+        for n in 1..=3 {
+            let id = format!("stalled-{upload}");
+            send_chunk(&client, listen, &id, n, 4, part.clone()).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stored = proc_mib(pid, "VmRSS:");
+    let last: Vec<_> = (0..uploads)
+        .map(|upload| {
+            let (client, part) = (client.clone(), part.clone());
+            let id = format!("stalled-{upload}");
+            tokio::spawn(async move { send_chunk(&client, listen, &id, 4, 4, part).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stalled = proc_mib(pid, "VmRSS:");
+    for request in last {
+        request.abort();
+    }
+    drop(stitch);
+    never_reads.abort();
+    (stored, stalled)
+}
+
 #[tokio::main]
 async fn main() {
     let clients = env_u64("CLIENTS", 250);
@@ -76,6 +121,8 @@ async fn main() {
         rows.push((format!("after burst {}", burst + 1), footprint(pid)));
     }
     drop(stitch);
+    let uploads = env_u64("STALLED", 100);
+    let (stored, stalled) = stalled_deliveries(uploads).await;
     let mut report = format!(
         "# Benchmark: bursts of slow clients\n\n\
          Machine: {} cores. The release binary, fs storage with fsync; {bursts} bursts of \
@@ -89,6 +136,12 @@ async fn main() {
     for (when, (rss, threads)) in rows {
         report.push_str(&format!("| {when} | {rss:.1} | {threads} |\n"));
     }
+    report.push_str(&format!(
+        "\nDeliveries stalled: {uploads} uploads of four 8 MiB parts, stored but for their last \
+         part: {stored:.1} MiB; 5 s after the last parts were all sent at once to an application \
+         that never reads: {stalled:.1} MiB ({:.0} KiB more per stalled delivery).\n",
+        (stalled - stored) * 1024.0 / uploads as f64
+    ));
     report.push_str("\nProduced by `cargo bench --bench bursts`.\n");
     report::save_section("bursts", &report);
     println!("{report}");
