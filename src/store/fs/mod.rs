@@ -347,12 +347,13 @@ fn write_then_rename(tmp: &Path, path: &Path, bytes: &[u8], fsync: bool) -> std:
     std::fs::rename(tmp, path)
 }
 
-/// A stored file is read in pieces of up to this size, each into a buffer of its own...
+/// A stored file is read in pieces of up to this size, each into a buffer of its own, while
+/// the pieces every reader of the process holds (read, ahead or not, and not yet dropped by
+/// the caller) stay within [`HELD_LIMIT`].
 const READ_PIECE: u64 = 1 << 20;
-/// ...while the pieces every reader of the process holds (read, ahead or not, and not yet
-/// dropped by the caller) stay within this allowance; past it, pieces are this small, read
-/// when asked for. So deliveries held up by a slow application hold a small piece each, not
-/// a MiB or more.
+/// Past this allowance, pieces are [`SMALL_PIECE`]s read when asked for, and nothing is read
+/// ahead: deliveries held up by a slow application then hold a small piece each, not a MiB or
+/// more.
 const HELD_LIMIT: u64 = 64 << 20;
 const SMALL_PIECE: u64 = 64 << 10;
 
