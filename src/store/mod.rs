@@ -355,6 +355,17 @@ pub trait StateStore: Send + Sync {
     }
     /// Does any part of any upload reference this blob?
     async fn is_referenced(&self, digest: &Digest) -> Result<bool, StoreError>;
+    /// The blobs of `digests` that no part of any upload references (as
+    /// [`is_referenced`](Self::is_referenced) tells, for many at once).
+    async fn unreferenced(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, StoreError> {
+        let mut unreferenced = Vec::new();
+        for digest in digests {
+            if !self.is_referenced(&digest).await? {
+                unreferenced.push(digest);
+            }
+        }
+        Ok(unreferenced)
+    }
 
     /// The recorded answer and when it was recorded.
     async fn answer(

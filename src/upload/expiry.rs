@@ -165,12 +165,8 @@ impl UploadCore {
     /// Deletes blobs no part references (left by a crash between keeping bytes and adding the
     /// part that uses them).
     async fn collect_garbage(&self) -> Result<(), CoreError> {
-        let mut orphans = Vec::new();
-        for digest in self.engines.blobs.digests().await? {
-            if !self.engines.state.is_referenced(&digest).await? {
-                orphans.push(digest);
-            }
-        }
+        let digests = self.engines.blobs.digests().await?;
+        let orphans = self.engines.state.unreferenced(digests).await?;
         let count = orphans.len();
         self.release(orphans).await?;
         if count > 0 {

@@ -18,6 +18,19 @@ use std::time::{Duration, SystemTime};
 /// Linux's "too many links" (a blob shared by ~65,000 parts on ext4).
 const EMLINK: i32 = 31;
 
+/// Blobs whose references are checked in one blocking-pool trip (a few ms of stat calls).
+const REFERENCE_BATCH: usize = 4096;
+
+/// Does a part reference the blob at `blob`? (One link is the blob's own name.) A blob gone
+/// is referenced by nothing.
+fn referenced(blob: &Path) -> std::io::Result<bool> {
+    match std::fs::metadata(blob) {
+        Ok(meta) => Ok(meta.nlink() > 1),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Links a part to its blob; past the file system's link limit, the part is a copy of the
 /// blob (at `tmp` first, fsynced if `fsync`, then renamed).
 fn link_part(blob: &Path, part: &Path, tmp: &Path, fsync: bool) -> std::io::Result<()> {
@@ -694,12 +707,33 @@ impl StateStore for FsState {
     }
 
     async fn is_referenced(&self, digest: &Digest) -> Result<bool, StoreError> {
-        match tokio::fs::metadata(self.0.blob_path(digest)).await {
-            // One link is the blob's own name: no part uses it.
-            Ok(meta) => Ok(meta.nlink() > 1),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e.into()),
+        let blob = self.0.blob_path(digest);
+        Ok(Fs::blocking(move || referenced(&blob)).await?)
+    }
+
+    /// Up to [`REFERENCE_BATCH`] blobs per blocking-pool trip: a collection over 200,000 blobs
+    /// took 4.6 to 4.75 s of CPU with a trip per blob.
+    async fn unreferenced(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, StoreError> {
+        let mut unreferenced = Vec::new();
+        for batch in digests.chunks(REFERENCE_BATCH) {
+            let blobs: Vec<(Digest, PathBuf)> = batch
+                .iter()
+                .map(|digest| (*digest, self.0.blob_path(digest)))
+                .collect();
+            unreferenced.extend(
+                Fs::blocking(move || {
+                    let mut unreferenced = Vec::new();
+                    for (digest, blob) in blobs {
+                        if !referenced(&blob)? {
+                            unreferenced.push(digest);
+                        }
+                    }
+                    Ok(unreferenced)
+                })
+                .await?,
+            );
         }
+        Ok(unreferenced)
     }
 
     async fn answer(
