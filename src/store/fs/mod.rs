@@ -463,16 +463,16 @@ struct StoredFile {
 impl StoredFile {
     /// Starts reading the next piece, if any is left and the allowance has room for it.
     fn read_ahead(&mut self) {
-        let want = self.rest.min(READ_PIECE);
-        if want == 0 {
+        if self.rest == 0 {
             return;
         }
-        let Some(claim) = Claim::take(want) else {
+        // Only a whole piece the allowance has room for: a small one is read when asked for.
+        let (want, claim @ Some(_)) = next_piece_size(self.rest) else {
             return;
         };
         self.rest -= want;
         let file = self.file.clone();
-        let read = tokio::task::spawn_blocking(move || read_piece(&file, want, Some(claim)));
+        let read = tokio::task::spawn_blocking(move || read_piece(&file, want, claim));
         self.ahead = Some(read);
     }
 }
