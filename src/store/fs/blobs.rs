@@ -102,9 +102,7 @@ impl Writer {
     async fn finish(self, fsync: bool) -> std::io::Result<()> {
         let Staging { file, synced, .. } = self.idle().await?;
         if fsync && !synced {
-            tokio::task::spawn_blocking(move || file.sync_all())
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))??;
+            Fs::blocking(move || file.sync_all()).await?;
         }
         Ok(())
     }
@@ -365,9 +363,7 @@ impl BlobStore for FsBlobs {
             }
             Ok(total)
         };
-        Ok(tokio::task::spawn_blocking(walk)
-            .await
-            .map_err(std::io::Error::other)??)
+        Ok(Fs::blocking(walk).await?)
     }
 
     async fn digests(&self) -> Result<Vec<Digest>, StoreError> {

@@ -375,7 +375,7 @@ impl FsState {
         let dir = self.0.upload_dir(upload);
         let key = upload.hex();
         let fsync = self.0.fsync;
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        Fs::blocking(move || -> std::io::Result<()> {
             if let Some(at) = activity {
                 std::fs::create_dir_all(&dir)?;
                 let file = std::fs::File::options()
@@ -396,8 +396,7 @@ impl FsState {
             }
             Ok(())
         })
-        .await
-        .map_err(std::io::Error::other)??;
+        .await?;
         let written = activity.or(written).unwrap_or(std::time::UNIX_EPOCH);
         self.0.indexed_spans.insert(*upload, (span, written));
         Ok(())
@@ -1036,8 +1035,6 @@ impl StateStore for FsState {
                 .filter_map(|entry| entry.file_name().to_str().and_then(UploadKey::from_hex))
                 .collect())
         };
-        Ok(tokio::task::spawn_blocking(list)
-            .await
-            .map_err(std::io::Error::other)??)
+        Ok(Fs::blocking(list).await?)
     }
 }
