@@ -16,9 +16,17 @@ mod report;
 
 use bench::{env_u64, proc_mib, proc_status, send_chunk, Stitch};
 use common::*;
+use report::Goal;
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
+
+/// The settings this bench reads from the environment.
+const KNOBS: [&str; 3] = ["CLIENTS", "BURSTS", "STALLED"];
+
+/// "Near the start": RSS after the last burst within this many times the RSS at the start
+/// (the README counts 22 to 30 MiB against 11 to 12 at the start as near).
+const AFTER_BURSTS_AIM: f64 = 3.0;
 
 /// (resident MiB, threads) of process `pid`.
 fn footprint(pid: u32) -> (f64, u64) {
@@ -123,15 +131,22 @@ async fn main() {
     drop(stitch);
     let uploads = env_u64("STALLED", 100);
     let (stored, stalled) = stalled_deliveries(uploads).await;
+    let per_stalled_kib = (stalled - stored) * 1024.0 / uploads as f64;
+    let machine = report::Machine::of(std::path::Path::new("."));
+    let command = report::command("bursts", &KNOBS);
+    let (start_rss, last) = (rows[0].1 .0, rows[rows.len() - 1].clone());
+    let goal = Goal::at_most(
+        format!("Stitch RSS {} / at the start (near the start)", last.0),
+        last.1 .0 / start_rss,
+        AFTER_BURSTS_AIM,
+    );
     let mut report = format!(
         "# Benchmark: bursts of slow clients\n\n\
-         Machine: {} cores. The release binary, fs storage with fsync; {bursts} bursts of \
+         Machine: {machine}. The release binary, fs storage with fsync; {bursts} bursts of \
          {clients} clients each sending a 256 KiB chunk in 8 pieces over 2 s; readings 12 s \
          after each burst (idle blocking threads end after 10 s). During the bursts: at most \
          {:.1} MiB and {} threads.\n\n| when | RSS (MiB) | threads |\n|---|---|---|\n",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-        peak.0,
-        peak.1
+        peak.0, peak.1
     );
     for (when, (rss, threads)) in rows {
         report.push_str(&format!("| {when} | {rss:.1} | {threads} |\n"));
@@ -139,10 +154,22 @@ async fn main() {
     report.push_str(&format!(
         "\nDeliveries stalled: {uploads} uploads of four 8 MiB parts, stored but for their last \
          part: {stored:.1} MiB; 5 s after the last parts were all sent at once to an application \
-         that never reads: {stalled:.1} MiB ({:.0} KiB more per stalled delivery).\n",
-        (stalled - stored) * 1024.0 / uploads as f64
+         that never reads: {stalled:.1} MiB ({per_stalled_kib:.0} KiB more per stalled \
+         delivery).\n"
     ));
-    report.push_str("\nProduced by `cargo bench --bench bursts`.\n");
+    report.push_str(&format!("\nProduced by `{command}`.\n"));
     report::save_section("bursts", &report);
+    let figures = serde_json::json!({
+        "clients": clients,
+        "bursts": bursts,
+        "peak_during_bursts": { "rss_mib": peak.0, "threads": peak.1 },
+        "stalled_deliveries": {
+            "uploads": uploads,
+            "rss_mib_stored": stored,
+            "rss_mib_stalled": stalled,
+            "kib_per_stalled_delivery": per_stalled_kib,
+        },
+    });
+    report::save_json("bursts", &report, &command, &machine, &[goal], figures);
     println!("{report}");
 }

@@ -16,8 +16,12 @@ mod report;
 use bench::{env_u64, median, proc_mib as rss_mib, rate, Stitch};
 use common::*;
 use futures::StreamExt;
+use report::Goal;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// The settings this bench reads from the environment.
+const KNOBS: [&str; 4] = ["UPLOADS", "ROUNDS", "SECONDS", "PARTS"];
 
 /// Sends chunk `n` of `file` (its bytes as the body, its parameters in the URL).
 async fn send(client: &reqwest::Client, listen: std::net::SocketAddr, file: &ChunkedFile, n: u64) {
@@ -121,9 +125,14 @@ async fn main() {
     let peak = rss_mib(pid, "VmHWM:");
     drop(stitch);
     let (test, pass) = (median(tests.clone()), median(passes.clone()));
+    let (tests_ratio, windows_ratio) = (test / pass, last / first);
+    let machine = report::Machine::of(std::path::Path::new("."));
+    let command = report::command("many", &KNOBS);
+    let [rounds_tests, rounds_passes, every_window] =
+        [&tests, &passes, &windows].map(|r| r.iter().map(|v| v.round()).collect::<Vec<_>>());
     let report = format!(
         "# Benchmark: many uploads at once\n\n\
-         Machine: {} cores. The release binary, fs storage with fsync, {uploads} uploads in \
+         Machine: {machine}. The release binary, fs storage with fsync, {uploads} uploads in \
          progress (two 4 KiB chunks of four each, sent 16 at a time in {created:.1} s). Then, \
          alternately, {rounds} rounds of {seconds} s: 16 keep-alive clients sending chunk tests \
          (half for stored chunks: 200, half for missing ones: 204) or pass-through GETs of a 1 \
@@ -131,9 +140,9 @@ async fn main() {
          | measure | value |\n|---|---|\n\
          | chunk tests (requests/s) | {test:.0} |\n\
          | pass-through (requests/s) | {pass:.0} |\n\
-         | tests / pass-through | {:.2} |\n\
+         | tests / pass-through | {tests_ratio:.2} |\n\
          | Stitch RSS at start, with the uploads, peak (MiB) | {baseline:.1}, {after:.1}, {peak:.1} |\n\n\
-         Every round (tests, pass-through): {:?}, {:?}.\n\n\
+         Every round (tests, pass-through): {rounds_tests:?}, {rounds_passes:?}.\n\n\
          One long upload next to them: {parts} chunks of 4 KiB (all but the last, so no \
          delivery), 3 in flight, in windows of {window}; then {seconds} s of chunk tests for its \
          stored parts (16 keep-alive clients). Whether a chunk costs more the more parts its \
@@ -141,17 +150,39 @@ async fn main() {
          | measure | value |\n|---|---|\n\
          | chunks/s, first window | {first:.0} |\n\
          | chunks/s, last window | {last:.0} |\n\
-         | last / first | {:.2} |\n\
+         | last / first | {windows_ratio:.2} |\n\
          | chunk tests for its parts (requests/s) | {long_tests:.0} |\n\n\
-         Every window (chunks/s): {:?}.\n\n\
-         Produced by `cargo bench --bench many`.\n",
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
-        test / pass,
-        tests.iter().map(|v| v.round()).collect::<Vec<_>>(),
-        passes.iter().map(|v| v.round()).collect::<Vec<_>>(),
-        last / first,
-        windows.iter().map(|v| v.round()).collect::<Vec<_>>(),
+         Every window (chunks/s): {every_window:?}.\n\n\
+         Produced by `{command}`.\n",
     );
     report::save_section("many uploads", &report);
+    let goals = [
+        Goal::at_least(
+            format!("chunk tests / pass-through, {uploads} uploads in progress"),
+            tests_ratio,
+            0.8,
+        ),
+        Goal::at_most(
+            format!("Stitch peak RSS, {uploads} uploads in progress and one of {parts} parts"),
+            peak,
+            256.0,
+        )
+        .in_unit("MiB"),
+        Goal::at_least(
+            format!("chunks/s, last window / first, one upload of {parts} parts (no slowdown)"),
+            windows_ratio,
+            1.0,
+        ),
+    ];
+    let figures = serde_json::json!({
+        "uploads": uploads,
+        "uploads_sent_seconds": created,
+        "rss_mib": { "start": baseline, "with_uploads": after, "peak": peak },
+        "rounds": { "chunk_tests_per_s": rounds_tests, "pass_through_per_s": rounds_passes },
+        "parts": parts,
+        "window": window,
+        "windows_chunks_per_s": every_window,
+    });
+    report::save_json("many uploads", &report, &command, &machine, &goals, figures);
     println!("{report}");
 }

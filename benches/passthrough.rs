@@ -18,11 +18,18 @@ use bench::{env_u64, median, rate, Stitch};
 use common::*;
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
+use report::Goal;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// The settings this bench reads from the environment.
+const KNOBS: [&str; 3] = ["ROUNDS", "SECONDS", "CLIENTS"];
+
+/// Stitch against the bare Pingora proxy (requests/s, and CPU per request).
+const BARE_AIM: f64 = 0.95;
 
 /// The bare proxy: every request to one upstream, nothing else.
 struct Bare(SocketAddr);
@@ -198,9 +205,12 @@ async fn measure() {
     }
     let medians: Vec<f64> = results.iter().cloned().map(median).collect();
     let cost_medians: Vec<f64> = costs.iter().cloned().map(median).collect();
+    let machine = report::Machine::of(std::path::Path::new("."));
+    let command = report::command("passthrough", &KNOBS);
+    let mut goals = Vec::new();
     let mut report = format!(
         "# Benchmark: pass-through, same run\n\n\
-         Machine: {} cores. {clients} keep-alive clients GET a 1 KiB page for {seconds} s through \
+         Machine: {machine}. {clients} keep-alive clients GET a 1 KiB page for {seconds} s through \
          each proxy in turn, {rounds} rounds, medians; the same upstream (in the bench process) \
          behind all of them. Stitch: the release binary with its default routes. Bare Pingora \
          proxy: Pingora 0.9.1 with only an upstream peer, in a process of its own. nginx: \
@@ -209,33 +219,52 @@ async fn measure() {
          upstream share the two cores, so the rate moves with them while this does not.\n\n\
          | proxy | requests/s | Stitch / this | CPU per request (us) | this / Stitch |\n\
          |---|---|---|---|---|\n",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     for (((name, _, _), value), cost) in targets.iter().zip(&medians).zip(&cost_medians) {
+        let (rate_ratio, cost_ratio) = (medians[0] / value, cost / cost_medians[0]);
         report.push_str(&format!(
-            "| {name} | {value:.0} | {:.3} | {cost:.1} | {:.3} |\n",
-            medians[0] / value,
-            cost / cost_medians[0]
+            "| {name} | {value:.0} | {rate_ratio:.3} | {cost:.1} | {cost_ratio:.3} |\n",
         ));
+        if *name == "bare Pingora proxy" {
+            goals.push(Goal::at_least(
+                "Stitch / bare Pingora proxy, requests/s",
+                rate_ratio,
+                BARE_AIM,
+            ));
+            goals.push(Goal::at_least(
+                "bare Pingora proxy / Stitch, CPU per request (Stitch's speed by CPU)",
+                cost_ratio,
+                BARE_AIM,
+            ));
+        }
     }
-    report.push_str(&format!(
-        "\nEvery round, requests/s: {:?}; CPU per request (us): {:?}.\n\n\
-         Produced by `cargo bench --bench passthrough`.\n",
+    let [every_rate, every_cost] = [
         results
             .iter()
             .map(|r| r.iter().map(|v| v.round()).collect::<Vec<_>>())
             .collect::<Vec<_>>(),
         costs
             .iter()
-            .map(|r| r
-                .iter()
-                .map(|v| (v * 10.0).round() / 10.0)
-                .collect::<Vec<_>>())
-            .collect::<Vec<_>>()
+            .map(|r| {
+                r.iter()
+                    .map(|v| (v * 10.0).round() / 10.0)
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>(),
+    ];
+    report.push_str(&format!(
+        "\nEvery round, requests/s: {every_rate:?}; CPU per request (us): {every_cost:?}.\n\n\
+         Produced by `{command}`.\n",
     ));
     if nginx.is_none() {
         report.push_str("\nnginx was not found (run .ci/setup): its row is missing.\n");
     }
     report::save_section("pass-through", &report);
+    let names: Vec<&str> = targets.iter().map(|(name, _, _)| *name).collect();
+    let figures = serde_json::json!({
+        "proxies": names,
+        "rounds": { "requests_per_s": every_rate, "cpu_per_request_us": every_cost },
+    });
+    report::save_json("pass-through", &report, &command, &machine, &goals, figures);
     println!("{report}");
 }

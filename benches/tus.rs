@@ -25,6 +25,7 @@ use bench::env_u64;
 use bytes::{Bytes, BytesMut};
 use common::{config_yaml, multipart_frame, random_bytes, Upstream};
 use futures::StreamExt;
+use report::Goal;
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -34,6 +35,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use url::Url;
+
+/// The settings this bench reads from the environment.
+const KNOBS: [&str; 4] = ["FILE_MIB", "PATCH_MIB", "RUNS", "SERVERS"];
+
+/// Stitch against @tus/server, to the last answer and to the file stored.
+const PEER_AIM: f64 = 1.5;
 
 /// Where both servers take uploads.
 const COLLECTION: &str = "/files";
@@ -783,11 +790,18 @@ fn load_average() -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-fn report(cases: &[Case], file_len: u64, conditions: &Conditions) -> String {
+/// The section for `benches/results.md`, and the goals it reports.
+fn report(
+    cases: &[Case],
+    file_len: u64,
+    conditions: &Conditions,
+    machine: &report::Machine,
+    command: &str,
+) -> (String, Vec<Goal>) {
     let runs = conditions.runs;
     let mut out = format!(
         "# Benchmark: tus, {} file, one PATCH at a time\n\n\
-         Machine: {} cores. Client: the bench's own tus client (Rust, reqwest: a creation with \
+         Machine: {machine}. Client: the bench's own tus client (Rust, reqwest: a creation with \
          Upload-Length, then PATCHes in order), streaming each body from a file in the page \
          cache; the same for every server. Stitch: the release binary, one tus route as in \
          `conf/tus.yaml`, delivering the finished file to a recording upstream in the bench \
@@ -804,7 +818,6 @@ fn report(cases: &[Case], file_len: u64, conditions: &Conditions) -> String {
          | server | PATCH size | MiB/s to the last answer | MiB/s to the file stored | server peak RSS (MiB) | server CPU (s) |\n\
          |---|---|---|---|---|---|\n",
         size_label(file_len),
-        std::thread::available_parallelism().map_or(1, |n| n.get()),
         peer_version("@tus/server"),
         peer_version("@tus/file-store"),
         node_version(),
@@ -822,7 +835,8 @@ fn report(cases: &[Case], file_len: u64, conditions: &Conditions) -> String {
         ));
     }
     out.push('\n');
-    out.push_str(&ratios(cases));
+    let (lines, goals) = ratios(cases);
+    out.push_str(&lines);
     out.push_str(&timeline(cases));
     if let Some(seconds) = conditions.upstream_alone {
         out.push_str(&format!(
@@ -851,13 +865,15 @@ fn report(cases: &[Case], file_len: u64, conditions: &Conditions) -> String {
          about 1 to 2; more means other work shared the 2 cores).\n",
         conditions.load.0, conditions.load.1
     ));
-    out.push_str("\nProduced by `cargo bench --bench tus`.\n");
-    out
+    out.push_str(&format!("\nProduced by `{command}`.\n"));
+    (out, goals)
 }
 
-/// Stitch against @tus/server for each PATCH size, and Stitch's memory for each.
-fn ratios(cases: &[Case]) -> String {
+/// Stitch against @tus/server for each PATCH size, and Stitch's memory for each; and those
+/// ratios as goals.
+fn ratios(cases: &[Case]) -> (String, Vec<Goal>) {
     let mut out = String::new();
+    let mut goals = Vec::new();
     let find = |server, patch| {
         cases
             .iter()
@@ -869,13 +885,22 @@ fn ratios(cases: &[Case]) -> String {
     for stitch in Server::STITCHES {
         for patch in &patches {
             if let (Some(s), Some(n)) = (find(stitch, *patch), find(Server::TusNode, *patch)) {
+                let answered = n.result.answered / s.result.answered;
+                let stored = n.result.stored() / s.result.stored();
+                let case = format!("{}, {} PATCHes", stitch.name(), size_label(*patch));
                 out.push_str(&format!(
-                    "- {}, {} PATCHes: {:.2}x @tus/server's speed to the last answer, {:.2}x \
-                     to the file stored (goal: 1.5x or more)\n",
-                    stitch.name(),
-                    size_label(*patch),
-                    n.result.answered / s.result.answered,
-                    n.result.stored() / s.result.stored(),
+                    "- {case}: {answered:.2}x @tus/server's speed to the last answer, \
+                     {stored:.2}x to the file stored (goal: 1.5x or more)\n",
+                ));
+                goals.push(Goal::at_least(
+                    format!("{case}: speed to the file stored / @tus/server's"),
+                    stored,
+                    PEER_AIM,
+                ));
+                goals.push(Goal::at_least(
+                    format!("{case}: speed to the last answer / @tus/server's"),
+                    answered,
+                    PEER_AIM,
                 ));
             }
         }
@@ -895,7 +920,7 @@ fn ratios(cases: &[Case]) -> String {
             ));
         }
     }
-    out
+    (out, goals)
 }
 
 /// Where each upload's time went, in seconds from the creation request.
@@ -1025,7 +1050,30 @@ async fn main() {
         upstream_alone: alone.get(alone.len() / 2).copied(),
         disk,
     };
-    let report = report(&cases, file_len, &conditions);
+    let machine = report::Machine::of(&std::env::temp_dir());
+    let command = report::command("tus", &KNOBS);
+    let (report, goals) = report(&cases, file_len, &conditions, &machine, &command);
     report::save_section("tus", &report);
+    let disk: Vec<serde_json::Value> = conditions
+        .disk
+        .iter()
+        .map(|(piece, fsync, speed)| {
+            serde_json::json!({ "piece_mib": piece >> 20, "fsync": fsync, "mib_s": speed })
+        })
+        .collect();
+    let figures = serde_json::json!({
+        "file_mib": file_len >> 20,
+        "runs": runs,
+        "upstream_alone_seconds": conditions.upstream_alone,
+        "disk_alone": disk,
+        "load_average_1min": {
+            "before": conditions.load.0.parse::<f64>().ok(),
+            "after": conditions.load.1.parse::<f64>().ok(),
+        },
+        "tus_server": peer_version("@tus/server"),
+        "tus_file_store": peer_version("@tus/file-store"),
+        "node": node_version(),
+    });
+    report::save_json("tus", &report, &command, &machine, &goals, figures);
     println!("\n{report}");
 }

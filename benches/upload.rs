@@ -24,11 +24,22 @@ use bench::{env_u64, proc_mib, send_chunk, Stitch};
 use bytes::Bytes;
 use common::*;
 use futures::StreamExt;
+use report::Goal;
 use sha2::{Digest, Sha256};
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
+
+/// The settings this bench reads from the environment.
+const KNOBS: [&str; 6] = [
+    "RUNS",
+    "FILE_MIB",
+    "CHUNK_MIB",
+    "FSYNC",
+    "EARLY",
+    "STITCH_LOG",
+];
 
 /// Writes `total` bytes as files of `piece` bytes, each fsynced if asked (as Stitch does per
 /// part), one after the other; returns the seconds it took (the files are removed after).
@@ -252,10 +263,18 @@ async fn run(source: &Source, root: &Path, chunk_mib: u64, fsync: bool, early: b
     }
 }
 
-fn report(runs: &[Run], file_mib: u64, rounds: u64) -> String {
+/// The section for `benches/results.md`, and the goals it reports.
+fn report(
+    runs: &[Run],
+    file_mib: u64,
+    rounds: u64,
+    machine: &report::Machine,
+    command: &str,
+) -> (String, Vec<Goal>) {
+    let mut goals = Vec::new();
     let mut out = format!(
         "# Benchmark: upload, {file_mib} MiB file, multipart chunks, 3 in flight\n\n\
-         Machine: {} cores. The application runs in a process of its own and saves each file \
+         Machine: {machine}. The application runs in a process of its own and saves each file \
          to disk with fsync before it answers (`benches/common/app.rs`). Ingest: every chunk but \
          the last, stored, sent in segments of 64 MiB, each right after the disk's turn. Disk: \
          the same pieces written as files of their own (each fsynced when per-part fsync is on), \
@@ -270,37 +289,73 @@ fn report(runs: &[Run], file_mib: u64, rounds: u64) -> String {
          machine's disk speed swings within a run); peak RSS: the highest.\n\n\
          | chunk | per-part fsync | delivery | disk (MiB/s) | ingest (MiB/s) | ingest / disk | last chunk (s) | forward / curl | end to end (s) | direct (s) | end to end / direct | Stitch peak RSS (MiB) |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     for r in runs {
-        // Store-then-forward: the last chunk's time is the forward of the whole file.
-        let forward = if r.early {
-            "-".to_string()
+        let fsync = if r.fsync { "on" } else { "off" };
+        let delivery = if r.early {
+            "early"
         } else {
-            format!("{:.2}", r.direct_seconds / r.last_chunk_seconds)
+            "store, then forward"
         };
+        let case = format!("{} MiB chunks, fsync {fsync}, {delivery}", r.chunk_mib);
+        let ingest_ratio = r.ingest_mib_s / r.disk_mib_s;
+        let end_to_end_ratio = r.end_to_end_seconds / r.direct_seconds;
+        // Store-then-forward: the last chunk's time is the forward of the whole file.
+        let forward_ratio = (!r.early).then(|| r.direct_seconds / r.last_chunk_seconds);
+        let forward = match forward_ratio {
+            Some(ratio) => format!("{ratio:.2}"),
+            None => "-".to_string(),
+        };
+        if r.chunk_mib == 1 && r.fsync {
+            goals.push(Goal::at_least(
+                format!("ingest / disk, {case}"),
+                ingest_ratio,
+                0.9,
+            ));
+        }
+        if let Some(ratio) = forward_ratio {
+            goals.push(Goal::at_least(
+                format!("forward / curl, {case}"),
+                ratio,
+                0.9,
+            ));
+        }
+        goals.push(Goal::at_most(
+            format!("end to end / direct, {case}"),
+            end_to_end_ratio,
+            if r.fsync { 2.2 } else { 1.3 },
+        ));
         out.push_str(&format!(
             "| {} MiB | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {forward} | {:.2} | {:.2} | {:.2} | {:.1} |\n",
             r.chunk_mib,
-            if r.fsync { "on" } else { "off" },
-            if r.early { "early" } else { "store, then forward" },
+            fsync,
+            delivery,
             r.disk_mib_s,
             r.ingest_mib_s,
-            r.ingest_mib_s / r.disk_mib_s,
+            ingest_ratio,
             r.last_chunk_seconds,
             r.end_to_end_seconds,
             r.direct_seconds,
-            r.end_to_end_seconds / r.direct_seconds,
+            end_to_end_ratio,
             r.peak_rss_mib
         ));
     }
-    out.push_str(
+    let peak = runs.iter().map(|r| r.peak_rss_mib).fold(0.0, f64::max);
+    goals.push(
+        Goal::at_most(
+            format!("Stitch peak RSS, {file_mib} MiB file, highest of the cases"),
+            peak,
+            64.0,
+        )
+        .in_unit("MiB"),
+    );
+    out.push_str(&format!(
         "\nGoals: forward / curl >= 0.9; end to end / direct <= 2.2 with \
          per-part fsync, <= 1.3 without; ingest / disk >= 0.9 with 1 MiB chunks and fsync. \
          forward / curl is the direct post's time over the forward's (higher is faster).\n\n\
-         Produced by `cargo bench --bench upload`.\n",
-    );
-    out
+         Produced by `{command}`.\n",
+    ));
+    (out, goals)
 }
 
 /// The cases of `all` that the variable `name` (1 or 0) picks; all of them if it is unset.
@@ -354,7 +409,11 @@ async fn main() {
         .into_iter()
         .map(|(_, _, _, results)| Run::median(results))
         .collect();
-    let report = report(&runs, file_mib, rounds);
+    let machine = report::Machine::of(std::path::Path::new("."));
+    let command = report::command("upload", &KNOBS);
+    let (report, goals) = report(&runs, file_mib, rounds, &machine, &command);
     report::save_section("upload", &report);
+    let figures = serde_json::json!({ "file_mib": file_mib, "rounds": rounds });
+    report::save_json("upload", &report, &command, &machine, &goals, figures);
     println!("{report}");
 }
