@@ -8,7 +8,7 @@
 
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Replaces (or appends) the section whose heading starts with `# Benchmark: {name}`.
 pub fn save_section(name: &str, report: &str) {
@@ -76,8 +76,8 @@ pub struct Machine {
     pub memory_kib: Option<u64>,
     /// `/proc/sys/kernel/osrelease`.
     pub kernel: Option<String>,
-    /// The directory the bench writes into, its mount point and file system type.
-    pub dir: PathBuf,
+    /// The mount point and file system type of the directory the bench writes into (only the
+    /// type is reported: no machine's paths in the results).
     pub mount: Option<(String, String)>,
 }
 
@@ -104,7 +104,6 @@ impl Machine {
             cpu,
             memory_kib,
             kernel,
-            dir,
             mount,
         }
     }
@@ -115,8 +114,6 @@ impl Machine {
             "cpu": self.cpu,
             "memory_mib": self.memory_kib.map(|k| k / 1024),
             "kernel": self.kernel,
-            "directory": self.dir.display().to_string(),
-            "mount_point": self.mount.as_ref().map(|m| &m.0),
             "file_system": self.mount.as_ref().map(|m| &m.1),
             "description": self.to_string(),
         })
