@@ -8,7 +8,8 @@
 //! peak memory (VmHWM). Results replace the upload section of `benches/results.md`.
 //!
 //! Run: `cargo bench --bench upload` (FILE_MIB=… CHUNK_MIB=… RUNS=… to change the sizes and
-//! the rounds, FSYNC=1|0 and EARLY=1|0 for one case only; STITCH_LOG=info for Stitch's log).
+//! the rounds, FSYNC=1|0 and EARLY=1|0 for one case only; STITCH_LOG=info for Stitch's log;
+//! STORAGE_IN=DIR to write everything, the disk baseline included, in another file system).
 
 #[path = "common/app.rs"]
 mod app;
@@ -32,14 +33,21 @@ use std::process::Command;
 use std::time::Instant;
 
 /// The settings this bench reads from the environment.
-const KNOBS: [&str; 6] = [
+const KNOBS: [&str; 7] = [
     "RUNS",
     "FILE_MIB",
     "CHUNK_MIB",
     "FSYNC",
     "EARLY",
     "STITCH_LOG",
+    "STORAGE_IN",
 ];
+
+/// Where the bench's files go (`STORAGE_IN`, else the working directory): the file, the disk
+/// baseline's, Stitch's stores and the application's saves.
+fn storage_in() -> String {
+    std::env::var("STORAGE_IN").unwrap_or_else(|_| ".".into())
+}
 
 /// Writes `total` bytes as files of `piece` bytes, each fsynced if asked (as Stitch does per
 /// part), one after the other; returns the seconds it took (the files are removed after).
@@ -375,7 +383,7 @@ async fn main() {
         Ok(_) => vec![env_u64("CHUNK_MIB", 8)],
         Err(_) => vec![8, 1],
     };
-    let root = tempfile::tempdir_in(".").unwrap();
+    let root = tempfile::tempdir_in(storage_in()).unwrap();
     let data = random_bytes((file_mib << 20) as usize, 7);
     let path = root.path().join("bench.bin");
     std::fs::write(&path, &data).expect("write the file");
@@ -409,7 +417,7 @@ async fn main() {
         .into_iter()
         .map(|(_, _, _, results)| Run::median(results))
         .collect();
-    let machine = report::Machine::of(std::path::Path::new("."));
+    let machine = report::Machine::of(std::path::Path::new(&storage_in()));
     let command = report::command("upload", &KNOBS);
     let (report, goals) = report(&runs, file_mib, rounds, &machine, &command);
     report::save_section("upload", &report);
