@@ -20,8 +20,8 @@ use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 pub(super) struct FsLocker(pub(super) Arc<Fs>);
@@ -41,7 +41,30 @@ pub(super) struct Stripe {
     /// Moves on whenever this process finds that another one took the stripe since its own
     /// last lease: what it cached before about the stripe's uploads is stale.
     epoch: AtomicU64,
+    /// The lock file opened for reading, kept once it exists (see [`Stripe::reader`]).
+    reader: OnceLock<File>,
 }
+
+/// Lock files a process keeps open for reading their counter: a quarter of its limit on open
+/// files, up to one per stripe (see [`Stripe::reader`]).
+fn readers_allowed() -> usize {
+    static ALLOWED: OnceLock<usize> = OnceLock::new();
+    *ALLOWED.get_or_init(|| {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: a valid pointer to a struct of the right type.
+        let soft = match unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } {
+            0 => usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX),
+            _ => 0,
+        };
+        soft / 4
+    })
+}
+
+/// Lock files kept open for reading so far, in this process.
+static READERS_KEPT: AtomicUsize = AtomicUsize::new(0);
 
 #[derive(Default)]
 struct Held {
@@ -75,7 +98,29 @@ impl Stripe {
             held: Mutex::default(),
             token_io: Mutex::default(),
             epoch: AtomicU64::new(0),
+            reader: OnceLock::new(),
         }
+    }
+
+    /// Reads the counter on disk (0 for a new file). Through a handle kept open while the
+    /// process's allowance lasts: opening the file for every read was a quarter of the CPU of
+    /// a chunk test (a path walk, a file opened and closed), and a chunk test reads it up to
+    /// three times. A kept handle reads what any process writes, for lock files are written
+    /// in place and never replaced (see the module's doc).
+    fn read_counter(&self) -> std::io::Result<u64> {
+        if let Some(reader) = self.reader.get() {
+            return read_token(reader);
+        }
+        let file = File::open(&self.path)?;
+        let token = read_token(&file)?;
+        let kept = READERS_KEPT.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |kept| {
+            (kept < readers_allowed()).then_some(kept + 1)
+        });
+        if kept.is_ok() && self.reader.set(file).is_err() {
+            // Another task kept one first.
+            READERS_KEPT.fetch_sub(1, Ordering::SeqCst);
+        }
+        Ok(token)
     }
 
     /// Joins the holders if this process holds the stripe already, or takes its `flock` if
@@ -180,7 +225,7 @@ impl Stripe {
             }
             ours(&held)
         };
-        let Ok(on_disk) = File::open(&self.path).and_then(|file| read_token(&file)) else {
+        let Ok(on_disk) = self.read_counter() else {
             return false;
         };
         // Every token this process had or was writing, before the read or after it: a write
