@@ -311,3 +311,56 @@ impl Locker for FsLocker {
         Ok(Lease::new(fence, holding))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_files() -> usize {
+        std::fs::read_dir("/proc/self/fd").unwrap().count()
+    }
+
+    /// Lock files kept open stay within a quarter of the open-file limit; past it, the counter
+    /// is read all the same, and kept or not, a read sees what another handle wrote. (The
+    /// count is the process's: nextest runs each test in a process of its own.)
+    #[test]
+    fn kept_lock_files_stay_within_a_quarter_of_the_open_file_limit() {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: valid pointers to structs of the right type.
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            limit.rlim_cur = 256;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("locks")).unwrap();
+        let stripes: Vec<Stripe> = (0..200)
+            .map(|n| Stripe::new(dir.path(), &format!("s{n}")))
+            .collect();
+        for stripe in &stripes {
+            stripe.create_file().unwrap();
+        }
+        let before = open_files();
+        for stripe in &stripes {
+            assert_eq!(stripe.read_counter().unwrap(), 0);
+        }
+        assert_eq!(open_files() - before, 64, "a quarter of 256 kept open");
+        for stripe in &stripes {
+            assert_eq!(stripe.read_counter().unwrap(), 0);
+        }
+        assert_eq!(open_files() - before, 64, "none more on reading again");
+        for (n, stripe) in [&stripes[0], &stripes[199]].into_iter().enumerate() {
+            let token = 7 + n as u64;
+            File::options()
+                .write(true)
+                .open(&stripe.path)
+                .unwrap()
+                .write_all_at(&token.to_be_bytes(), 0)
+                .unwrap();
+            assert_eq!(stripe.read_counter().unwrap(), token);
+        }
+    }
+}
