@@ -133,23 +133,13 @@ fn start_nginx(upstream: SocketAddr, dir: &Path) -> Option<(Process, SocketAddr)
 /// CPU time (user and system, seconds) used so far by process `pid` and its children that are
 /// still running (nginx's workers), from `/proc`.
 fn cpu_seconds(pid: u32) -> f64 {
-    let ticks = |pid: &str| -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"));
-        // Fields after the command name (which may hold spaces): utime and stime are 12 and 13.
-        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        after
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .map(|f| f.parse::<u64>().unwrap())
-            .sum()
-    };
     let children =
         std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    let total: u64 = ticks(&pid.to_string()) + children.split_whitespace().map(ticks).sum::<u64>();
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    total as f64 / per_second
+    bench::cpu_seconds(pid)
+        + children
+            .split_whitespace()
+            .map(|child| bench::cpu_seconds(child.parse().expect("a child's pid")))
+            .sum::<f64>()
 }
 
 fn main() {

@@ -166,22 +166,13 @@ impl Process {
 
     /// User and system CPU time so far, in seconds.
     fn cpu_seconds(&self) -> f64 {
-        cpu_seconds(&self.proc_file("stat"))
+        bench::stat_cpu_seconds(&self.proc_file("stat"))
     }
-}
-
-/// User and system CPU time from a `/proc/<pid>/stat` line, in seconds (Linux counts 1/100 s).
-fn cpu_seconds(stat: &str) -> f64 {
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let after = &stat[stat.rfind(')').expect("stat names the command") + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    ticks as f64 / 100.0
 }
 
 /// This process's CPU time (the client and, for Stitch, the upstream).
 fn own_cpu_seconds() -> f64 {
-    cpu_seconds(&std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat"))
+    bench::stat_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").expect("/proc/self/stat"))
 }
 
 impl Drop for Process {
@@ -625,7 +616,7 @@ async fn run_stitch(source: &Source, patch: u64, fsync: bool, mode: Mode) -> Mea
             let mut cpu = Vec::new();
             loop {
                 if let Ok(line) = std::fs::read_to_string(&stat) {
-                    cpu.push((Instant::now(), cpu_seconds(&line)));
+                    cpu.push((Instant::now(), bench::stat_cpu_seconds(&line)));
                 }
                 if let Some(received) = upstream.received_at(DELIVERY_PATH).into_iter().next() {
                     return (received, Instant::now(), cpu);

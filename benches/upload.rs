@@ -103,6 +103,10 @@ struct Run {
     disk_mib_s: f64,
     /// Every chunk but the last, stored.
     ingest_mib_s: f64,
+    /// Stitch's CPU time per MiB ingested, in ms.
+    ingest_cpu_ms_per_mib: f64,
+    /// The share of the machine's CPU time (every core) busy while Stitch ingested.
+    ingest_busy: f64,
     /// The last chunk: the forward of the whole file (store-then-forward), or what was left
     /// of it (early delivery), and the application's answer.
     last_chunk_seconds: f64,
@@ -124,6 +128,8 @@ impl Run {
             early: runs[0].early,
             disk_mib_s: of(|r| r.disk_mib_s),
             ingest_mib_s: of(|r| r.ingest_mib_s),
+            ingest_cpu_ms_per_mib: of(|r| r.ingest_cpu_ms_per_mib),
+            ingest_busy: of(|r| r.ingest_busy),
             last_chunk_seconds: of(|r| r.last_chunk_seconds),
             end_to_end_seconds: of(|r| r.end_to_end_seconds),
             direct_seconds: of(|r| r.direct_seconds),
@@ -138,10 +144,40 @@ struct Upload {
     ingest_seconds: f64,
     /// The disk's turns: the same bytes written in the same pieces, before each segment.
     disk_seconds: f64,
+    /// Stitch's CPU time over the segments, and the machine's busy and whole CPU time over
+    /// them (every core; the client shares them).
+    ingest_cpu: IngestCpu,
     last_chunk_seconds: f64,
     /// From the first chunk sent to the answer.
     end_to_end_seconds: f64,
     peak_rss_mib: f64,
+}
+
+/// CPU time over the ingest segments, in seconds.
+#[derive(Default, Clone, Copy)]
+struct IngestCpu {
+    stitch: f64,
+    busy: f64,
+    all: f64,
+}
+
+impl IngestCpu {
+    /// Stitch's and the machine's CPU time so far.
+    fn now(pid: u32) -> IngestCpu {
+        let (busy, all) = bench::machine_cpu_seconds();
+        IngestCpu {
+            stitch: bench::cpu_seconds(pid),
+            busy,
+            all,
+        }
+    }
+
+    /// What was used from `before` to `self`, added to `total`.
+    fn add_since(self, before: IngestCpu, total: &mut IngestCpu) {
+        total.stitch += self.stitch - before.stitch;
+        total.busy += self.busy - before.busy;
+        total.all += self.all - before.all;
+    }
 }
 
 /// Uploads the file through a new Stitch (storage in `dir`) to `app`. `taking_turns`: the
@@ -182,6 +218,8 @@ async fn upload(
         false => count,
     };
     let (mut disk_seconds, mut ingest_seconds) = (0.0, 0.0);
+    let mut ingest_cpu = IngestCpu::default();
+    let pid = stitch.child.id();
     let mut first_sent = None;
     let mut next = 1;
     while next < count {
@@ -189,11 +227,13 @@ async fn upload(
         if taking_turns {
             disk_seconds += disk_baseline(dir, (end - next) * chunk, chunk, fsync);
         }
+        let cpu = IngestCpu::now(pid);
         let segment = Instant::now();
         first_sent.get_or_insert(segment);
         let mut in_flight = futures::stream::iter((next..end).map(send)).buffer_unordered(3);
         while in_flight.next().await.is_some() {}
         ingest_seconds += segment.elapsed().as_secs_f64();
+        IngestCpu::now(pid).add_since(cpu, &mut ingest_cpu);
         next = end;
     }
     let started = first_sent.unwrap_or_else(Instant::now);
@@ -203,6 +243,7 @@ async fn upload(
     Upload {
         ingest_seconds,
         disk_seconds,
+        ingest_cpu,
         last_chunk_seconds,
         end_to_end_seconds: started.elapsed().as_secs_f64(),
         peak_rss_mib: proc_mib(stitch.child.id(), "VmHWM:"),
@@ -264,6 +305,8 @@ async fn run(source: &Source, root: &Path, chunk_mib: u64, fsync: bool, early: b
         early,
         disk_mib_s: mib_per_s(ingested, turns.disk_seconds),
         ingest_mib_s: mib_per_s(ingested, turns.ingest_seconds),
+        ingest_cpu_ms_per_mib: turns.ingest_cpu.stitch * 1000.0 / (ingested >> 20) as f64,
+        ingest_busy: turns.ingest_cpu.busy / turns.ingest_cpu.all,
         last_chunk_seconds: straight.last_chunk_seconds,
         end_to_end_seconds: straight.end_to_end_seconds,
         direct_seconds,
@@ -294,9 +337,12 @@ fn report(
          end to end, from the first chunk sent to that answer. Direct: `curl -F` posting the \
          same file straight to the same application, right after. \
          Each figure: the median of {rounds} rounds (the cases taken in turn in each round; this \
-         machine's disk speed swings within a run); peak RSS: the highest.\n\n\
-         | chunk | per-part fsync | delivery | disk (MiB/s) | ingest (MiB/s) | ingest / disk | last chunk (s) | forward / curl | end to end (s) | direct (s) | end to end / direct | Stitch peak RSS (MiB) |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         machine's disk speed swings within a run); peak RSS: the highest. Stitch CPU \
+         ingesting: its user and system time over the ingest segments, per MiB; CPU busy \
+         ingesting: the share of the machine's CPU time, every core (the client's share \
+         included), busy over those segments: near 100, ingest waits for a CPU, not the disk.\n\n\
+         | chunk | per-part fsync | delivery | disk (MiB/s) | ingest (MiB/s) | ingest / disk | Stitch CPU ingesting (ms/MiB) | CPU busy ingesting (%) | last chunk (s) | forward / curl | end to end (s) | direct (s) | end to end / direct | Stitch peak RSS (MiB) |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in runs {
         let fsync = if r.fsync { "on" } else { "off" };
@@ -334,13 +380,15 @@ fn report(
             if r.fsync { 2.2 } else { 1.3 },
         ));
         out.push_str(&format!(
-            "| {} MiB | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {forward} | {:.2} | {:.2} | {:.2} | {:.1} |\n",
+            "| {} MiB | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {forward} | {:.2} | {:.2} | {:.2} | {:.1} |\n",
             r.chunk_mib,
             fsync,
             delivery,
             r.disk_mib_s,
             r.ingest_mib_s,
             ingest_ratio,
+            r.ingest_cpu_ms_per_mib,
+            r.ingest_busy * 100.0,
             r.last_chunk_seconds,
             r.end_to_end_seconds,
             r.direct_seconds,

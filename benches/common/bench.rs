@@ -35,6 +35,50 @@ pub fn proc_status(pid: u32, field: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
+/// User and system CPU time in seconds, from the text of a `/proc/PID/stat` (its utime and
+/// stime, in clock ticks).
+pub fn stat_cpu_seconds(stat: &str) -> f64 {
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|f| f.parse::<u64>().expect("ticks in /proc/PID/stat"))
+        .sum();
+    ticks as f64 / clock_ticks()
+}
+
+/// Process `pid`'s user and system CPU time so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    stat_cpu_seconds(&stat)
+}
+
+/// The machine's CPU time so far, busy and in all (every core), in seconds, from `/proc/stat`.
+pub fn machine_cpu_seconds() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").expect("/proc/stat");
+    let cpu = stat.lines().next().expect("the cpu line of /proc/stat");
+    let ticks: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().expect("ticks in /proc/stat"))
+        .collect();
+    // user nice system idle iowait irq softirq steal (guest time is within user and nice).
+    let all: u64 = ticks.iter().take(8).sum();
+    let idle = ticks[3] + ticks.get(4).copied().unwrap_or(0);
+    (
+        (all - idle) as f64 / clock_ticks(),
+        all as f64 / clock_ticks(),
+    )
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
+}
+
 /// MiB from a `/proc/PID/status` field in kB.
 pub fn proc_mib(pid: u32, field: &str) -> f64 {
     proc_status(pid, field) / 1024.0
