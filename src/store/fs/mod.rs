@@ -257,9 +257,11 @@ impl Fs {
         (name, path)
     }
 
+    /// The key's first four bytes, big-endian (its first eight hex digits, as every version
+    /// has read them: processes of two versions must agree), modulo the stripes.
     fn upload_stripe(upload: &UploadKey) -> usize {
-        let bytes = upload.hex();
-        (u64::from_str_radix(&bytes[..8], 16).unwrap_or(0) % UPLOAD_STRIPES) as usize
+        let first: [u8; 4] = upload.0[..4].try_into().expect("32-byte keys");
+        (u64::from(u32::from_be_bytes(first)) % UPLOAD_STRIPES) as usize
     }
 
     /// True if what this process cached about the upload in `epoch` still holds: no other
@@ -522,6 +524,21 @@ fn unix_seconds(at: SystemTime) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two processes sharing a store must hash an upload onto the same lock file, whatever
+    /// their versions: the stripe is still the key's first eight hex digits, and the key's hex
+    /// still reads back as the key.
+    #[test]
+    fn an_upload_s_stripe_and_name_are_what_every_version_made_of_its_key() {
+        for _ in 0..1000 {
+            let key = UploadKey::random();
+            let hex = key.hex();
+            assert_eq!(hex, hex::encode(key.0));
+            assert_eq!(UploadKey::from_hex(&hex), Some(key));
+            let old = u64::from_str_radix(&hex[..8], 16).unwrap() % UPLOAD_STRIPES;
+            assert_eq!(Fs::upload_stripe(&key) as u64, old);
+        }
+    }
 
     async fn read_all(reader: &mut StoredReader) -> (Vec<u8>, Vec<usize>) {
         let (mut bytes, mut sizes) = (Vec::new(), Vec::new());
