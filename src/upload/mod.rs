@@ -227,7 +227,7 @@ impl UploadCore {
     }
 
     /// Stops every append under way, and any that starts from now on (a graceful shutdown):
-    /// each keeps the bytes that arrived and ends with [`BodyError::ShuttingDown`].
+    /// each keeps the bytes that arrived and ends with [`BodyError::ShuttingDown`](crate::store::BodyError::ShuttingDown).
     pub fn stop_appends(&self) {
         self.appends.stop_all();
     }

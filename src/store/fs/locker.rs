@@ -41,12 +41,12 @@ pub(super) struct Stripe {
     /// Moves on whenever this process finds that another one took the stripe since its own
     /// last lease: what it cached before about the stripe's uploads is stale.
     epoch: AtomicU64,
-    /// The lock file opened for reading, kept once it exists (see [`Stripe::reader`]).
+    /// The lock file opened for reading, kept once it exists (see [`Stripe::read_counter`]).
     reader: OnceLock<File>,
 }
 
 /// Lock files a process keeps open for reading their counter: a quarter of its limit on open
-/// files, up to one per stripe (see [`Stripe::reader`]).
+/// files, up to one per stripe (see [`Stripe::read_counter`]).
 fn readers_allowed() -> usize {
     static ALLOWED: OnceLock<usize> = OnceLock::new();
     *ALLOWED.get_or_init(|| {
