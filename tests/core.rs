@@ -177,6 +177,7 @@ impl File {
                 media_type: None,
                 protocol: serde_json::json!({ "chunk_size": 1000 }),
                 origin: None,
+                carried: Vec::new(),
             },
             data,
         }

@@ -644,3 +644,173 @@ fn two_tus_processes(
     );
     (first, second)
 }
+
+/// A small deterministic generator for the choices of a test that must not depend on luck.
+struct Choices(u64);
+
+impl Choices {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// Sends one file the way both clients do (each chunk tested, and sent if missing, in order),
+/// to one of `addrs` at random, riding out refused connections and errors; then sends the last
+/// chunk again until the application's answer comes back (a `201`).
+async fn send_through_crashes(
+    client: &reqwest::Client,
+    addrs: [std::net::SocketAddr; 2],
+    file: &ChunkedFile,
+    choices: &mut Choices,
+    deadline: tokio::time::Instant,
+) {
+    let mut answered = false;
+    let mut n = 1;
+    while n <= file.count() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: stuck",
+            file.name
+        );
+        let addr = addrs[choices.below(2) as usize];
+        let url = format!("http://{addr}/upload?{}", file.query_string(n));
+        let tested = client.get(&url).send().await.map(|r| r.status().as_u16());
+        let sent = match tested {
+            Ok(204) => file
+                .send_to(client, addr, n)
+                .await
+                .map(|r| r.status().as_u16()),
+            other => other,
+        };
+        match sent {
+            Ok(200) => n += 1,
+            Ok(201) => {
+                answered = true;
+                n += 1;
+            }
+            // A refused connection, a crash mid-request, a 5xx while the other process holds
+            // the upload: sent again, as the clients' retries do.
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    while !answered {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}: no answer",
+            file.name
+        );
+        let addr = addrs[choices.below(2) as usize];
+        match file.send_to(client, addr, file.count()).await {
+            Ok(r) if r.status() == 201 => answered = true,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// Files sent, then sent again with other bytes under the same default identifier (the same
+/// name and size), through two processes sharing one storage directory while one or the other
+/// is killed at random instants and started again. A chunk whose answer a crash lost is sent
+/// again after its file was delivered; the next file of that name must not take it for its
+/// own. The application receives only files the clients sent, each whole, and every one.
+#[tokio::test]
+async fn kill_9_amid_files_sent_again_under_one_identifier_never_splices_them() {
+    const CHAOS: Duration = Duration::from_secs(12);
+    let upstream = Upstream::start().await;
+    upstream.answer_with(201, "kept");
+    let root = tempfile::tempdir().unwrap();
+    let data = root.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let names = [root.path().join("a"), root.path().join("b")];
+    let processes: Vec<_> = names
+        .iter()
+        .map(|name| StitchProcess::start_yaml(name, &config_yaml(upstream.addr, &data, "", ROUTES)))
+        .collect();
+    let addrs = [processes[0].addr, processes[1].addr];
+    let processes = std::sync::Arc::new(std::sync::Mutex::new(
+        processes.into_iter().map(Some).collect::<Vec<_>>(),
+    ));
+    let chaos_ends = std::time::Instant::now() + CHAOS;
+    let killer = {
+        let processes = processes.clone();
+        std::thread::spawn(move || {
+            let mut choices = Choices(7);
+            let mut kills = 0;
+            while std::time::Instant::now() < chaos_ends {
+                std::thread::sleep(Duration::from_millis(150 + choices.below(450)));
+                let i = choices.below(2) as usize;
+                let victim = processes.lock().unwrap()[i].take().unwrap();
+                victim.kill();
+                kills += 1;
+                std::thread::sleep(Duration::from_millis(20 + choices.below(130)));
+                let again = StitchProcess::start_again(addrs[i], &names[i]);
+                processes.lock().unwrap()[i] = Some(again);
+            }
+            kills
+        })
+    };
+
+    let deadline = tokio::time::Instant::now() + CHAOS + Duration::from_secs(60);
+    let workers: Vec<_> = (0..4u64)
+        .map(|worker| {
+            tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let mut choices = Choices(100 + worker);
+                let mut sent = Vec::new();
+                let mut f = 0;
+                while std::time::Instant::now() < chaos_ends {
+                    let name = format!("w{worker}-{f}.bin");
+                    let chunk = 64 << 10;
+                    let len = (1 + choices.below(4)) * chunk + choices.below(chunk);
+                    let first = random_bytes(len as usize, worker << 32 | f << 1);
+                    let mut files = vec![first.clone()];
+                    match f % 3 {
+                        // Sent again whole with other bytes...
+                        0 => files.push(random_bytes(len as usize, worker << 32 | f << 1 | 1)),
+                        // ...or with its last chunk edited: the rest matches the delivered file.
+                        1 => {
+                            let mut edited = first.to_vec();
+                            let last = edited.len() - 1;
+                            edited[last] ^= 0xff;
+                            files.push(edited.into());
+                        }
+                        _ => {}
+                    }
+                    for bytes in files {
+                        let file = ChunkedFile::resumable(&name, bytes, chunk);
+                        send_through_crashes(&client, addrs, &file, &mut choices, deadline).await;
+                        sent.push((name.clone(), file.sha256()));
+                    }
+                    f += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut sent = Vec::new();
+    for worker in workers {
+        sent.extend(worker.await.unwrap());
+    }
+    let kills = killer.join().unwrap();
+    // Whole requests only: a delivery that a kill cut off arrives in part.
+    let received: Vec<(String, String)> = upstream
+        .received_at("/app/upload")
+        .into_iter()
+        .filter(|r| r.whole())
+        .map(|r| (r.files[0].file_name.clone(), r.files[0].sha256.clone()))
+        .collect();
+    for file in &received {
+        assert!(
+            sent.contains(file),
+            "the application got a file nobody sent: {file:?}"
+        );
+    }
+    for file in &sent {
+        assert!(received.contains(file), "never delivered: {file:?}");
+    }
+    assert!(kills >= 10, "{kills} kills");
+    assert!(sent.len() >= 20, "{} files sent", sent.len());
+}

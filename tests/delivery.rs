@@ -139,6 +139,82 @@ async fn a_new_file_sharing_chunks_with_the_delivered_one_arrives_whole() {
     assert_eq!(received[1].files[0].sha256, second.sha256());
 }
 
+/// Sends `file` as both clients do: each chunk in turn is tested, and sent if missing. Returns
+/// each test's status and the last chunk's answer.
+async fn send_as_a_client(h: &Harness, file: &ChunkedFile) -> (Vec<u16>, reqwest::Response) {
+    let (mut tests, mut last) = (Vec::new(), None);
+    for n in 1..=file.count() {
+        let test = file.test(h, n).await.status().as_u16();
+        tests.push(test);
+        if test == 204 {
+            last = Some(file.upload(h, n).await);
+        }
+    }
+    (tests, last.expect("a chunk sent"))
+}
+
+/// A delivered file's chunk sent again after its answer (the retry of a request whose answer
+/// was lost to a crash or a cut connection) gets the answer and is kept. A new file of the
+/// same name and size (so the same identifier) must not take it for one of its own.
+async fn a_chunk_retried_after_delivery_stays_out_of_a_new_file(retried: u64) {
+    let h = Harness::start().await;
+    let first = ChunkedFile::resumable("doc.bin", random_bytes(3000, 51), 1000);
+    first.upload_all(&h).await;
+    let again = first.upload(&h, retried).await;
+    assert_eq!(again.status(), 200, "the delivered file's answer");
+    let second = ChunkedFile::resumable("doc.bin", random_bytes(3000, 52), 1000);
+    assert_eq!(second.identifier, first.identifier);
+    h.upstream.answer_with(201, "second");
+
+    let (tests, done) = send_as_a_client(&h, &second).await;
+
+    assert_eq!(
+        tests,
+        [204, 204, 204],
+        "every chunk of the new file is missing"
+    );
+    assert_eq!(done.status(), 201);
+    assert_eq!(done.text().await.unwrap(), "second");
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2, "each file delivered once");
+    assert_eq!(received[0].files[0].sha256, first.sha256());
+    assert_eq!(received[1].files[0].sha256, second.sha256(), "not spliced");
+}
+
+#[tokio::test]
+async fn a_middle_chunk_retried_after_delivery_is_not_reported_stored_for_a_new_file() {
+    a_chunk_retried_after_delivery_stays_out_of_a_new_file(2).await;
+}
+
+#[tokio::test]
+async fn a_last_chunk_retried_after_delivery_does_not_complete_a_new_file() {
+    a_chunk_retried_after_delivery_stays_out_of_a_new_file(3).await;
+}
+
+#[tokio::test]
+async fn a_new_file_sharing_its_first_chunks_with_the_delivered_one_keeps_them_past_a_stale_retry()
+{
+    let h = Harness::start().await;
+    let old = random_bytes(3000, 53);
+    let first = ChunkedFile::resumable("grown.txt", old.clone(), 1000);
+    first.upload_all(&h).await;
+    // A stale retry of the delivered file's last chunk, then the same document edited in its
+    // last kilobyte only, sent the way a client sends it.
+    first.upload(&h, 3).await;
+    let mut new = old.to_vec();
+    new[2000..].copy_from_slice(&random_bytes(1000, 54));
+    let second = ChunkedFile::resumable("grown.txt", new.into(), 1000);
+    h.upstream.answer_with(201, "edited");
+
+    let (tests, done) = send_as_a_client(&h, &second).await;
+
+    assert_eq!(tests, [204, 204, 204]);
+    assert_eq!(done.status(), 201, "chunk 3 completes the new file");
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].files[0].sha256, second.sha256());
+}
+
 #[tokio::test]
 async fn after_a_successful_delivery_the_parts_are_removed() {
     let h = Harness::start().await;
@@ -654,6 +730,7 @@ async fn forward_skewed(skewed: Option<(u64, i64)>) -> (Result<u16, String>, Ups
         media_type: None,
         protocol: serde_json::Value::Null,
         origin: None,
+        carried: Vec::new(),
     };
     let request = DeliveryRequest {
         fields: Vec::new(),

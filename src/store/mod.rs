@@ -91,6 +91,11 @@ pub struct UploadMeta {
     /// Where the upload came from, for operators (the admin listing); never compared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub origin: Option<Box<Origin>>,
+    /// The parts, in order, that this upload kept from the delivered file of its identifier
+    /// when it began and that none of its requests has claimed since (see
+    /// `UploadCore::drop_unclaimed`); never compared.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub carried: Vec<u64>,
 }
 
 /// Where an upload came from: its route, protocol, a short hash of its scope, when it started.

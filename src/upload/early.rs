@@ -53,6 +53,11 @@ impl UploadCore {
             Ok(Some(meta)) => meta,
             _ => return,
         };
+        if !meta.carried.is_empty() {
+            // Kept parts of a delivered file may still give way to the client's own bytes
+            // (see `drop_unclaimed`): this upload is delivered once complete.
+            return;
+        }
         let (Some(length), Some(_)) = (meta.length, meta.origin.as_ref()) else {
             // The length is not known yet, or the upload predates the keys early delivery
             // needs (see `idempotency_key`).

@@ -32,7 +32,9 @@ pub struct Appended {
 }
 
 impl UploadCore {
-    /// Is this part stored? Read-only: a test request never changes anything.
+    /// Is this part stored? Asked by a test request (see [`put_part`](Self::put_part) for a
+    /// chunk's). A test changes nothing, but for one thing: parts the client may never have
+    /// sent are forgotten first (see [`drop_unclaimed`](Self::drop_unclaimed)).
     ///
     /// For a delivered file the answer is "not stored": a test cannot prove that the client
     /// has the same file (the default identifier is only its size and name), so the client
@@ -44,10 +46,36 @@ impl UploadCore {
         part: PartRef,
         fields: &FieldsDigest,
     ) -> Result<PartStatus, CoreError> {
-        if let Some(pinned) = self.engines.state.meta(upload).await? {
-            check_pinned(&pinned, declared)?;
+        self.status_for(upload, declared, part, fields, true).await
+    }
+
+    /// [`status`](Self::status), for a test (`test`) or for a chunk before its bytes are read.
+    async fn status_for(
+        &self,
+        upload: &UploadKey,
+        declared: &UploadMeta,
+        part: PartRef,
+        fields: &FieldsDigest,
+        test: bool,
+    ) -> Result<PartStatus, CoreError> {
+        let pinned = self.engines.state.meta(upload).await?;
+        if let Some(pinned) = &pinned {
+            check_pinned(pinned, declared)?;
         }
-        if self.fresh_answer(upload, fields).await?.is_some() {
+        let carried = pinned.map(|meta| meta.carried).unwrap_or_default();
+        let delivered = self.delivery_answer(upload).await?;
+        if delivered.is_some() || !carried.is_empty() {
+            // Both clients go through a file in order and test each chunk before they send
+            // it: a test of the first chunk begins a client's pass through the file.
+            let whole = test && part.number == 1;
+            if whole || carried.contains(&part.number) || delivered.is_some() {
+                self.drop_unclaimed(upload, (!whole).then_some(part.number))
+                    .await?;
+            }
+        }
+        let fresh = delivered
+            .is_some_and(|(answer, at)| at.is_none_or(|at| self.applies(&answer, at, fields)));
+        if fresh {
             return Ok(PartStatus::Missing);
         }
         let status = self.part_status(upload, declared, part).await?;
@@ -57,6 +85,125 @@ impl UploadCore {
             self.engines.state.sync_parts(upload).await?;
         }
         Ok(status)
+    }
+
+    /// The answer of the upload's last delivery while it is kept, with when it was recorded
+    /// (`None`: not written down yet, see `unrecorded`), whatever fields it was for.
+    async fn delivery_answer(
+        &self,
+        upload: &UploadKey,
+    ) -> Result<Option<(RecordedAnswer, Option<std::time::SystemTime>)>, CoreError> {
+        if let Some(entry) = self.unrecorded.get(upload) {
+            return Ok(Some((entry.clone(), None)));
+        }
+        Ok(self
+            .engines
+            .state
+            .answer(upload)
+            .await?
+            .filter(|(answer, _)| answer.is_delivery())
+            .map(|(answer, at)| (answer, Some(at))))
+    }
+
+    async fn is_carried(&self, upload: &UploadKey, number: u64) -> Result<bool, CoreError> {
+        let meta = self.engines.state.meta(upload).await?;
+        Ok(meta.is_some_and(|meta| meta.carried.contains(&number)))
+    }
+
+    /// Part `number` is claimed: no longer carried (see `carry`). Call under the lease.
+    async fn uncarry(
+        &self,
+        upload: &UploadKey,
+        number: u64,
+        fence: Fence,
+    ) -> Result<(), CoreError> {
+        let state = &self.engines.state;
+        if let Some(mut meta) = state.meta(upload).await? {
+            if let Ok(at) = meta.carried.binary_search(&number) {
+                meta.carried.remove(at);
+                state.save_meta(upload, &meta, fence).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Notes, as a new upload of a delivered file's identifier begins (its metadata pinned),
+    /// the parts it starts with (all but `except`, the part that began it): they were stored
+    /// after the delivery because they matched the delivered file (see `commit`). Noted in
+    /// the metadata, so that every process, and this one after a restart, knows. Call under
+    /// the lease.
+    async fn carry(
+        &self,
+        upload: &UploadKey,
+        except: Option<u64>,
+        fence: Fence,
+    ) -> Result<(), CoreError> {
+        let state = &self.engines.state;
+        let Some(mut meta) = state.meta(upload).await? else {
+            return Ok(());
+        };
+        let parts = state.parts(upload).await?;
+        let carried: Vec<u64> = parts
+            .keys()
+            .copied()
+            .filter(|number| Some(*number) != except)
+            .collect();
+        if carried != meta.carried {
+            meta.carried = carried;
+            state.save_meta(upload, &meta, fence).await?;
+        }
+        Ok(())
+    }
+
+    /// Forgets part `only` of `upload` (`None`: every part) if it is there and the client
+    /// asking about it may never have sent it: a part stored after the upload's delivery
+    /// because its bytes matched the delivered file, or such a part kept when a new upload of
+    /// the identifier began (see [`carry`](Self::carry)) that no chunk of the new upload has
+    /// claimed since.
+    ///
+    /// Such a part is most often a delivered file's chunk retried after its answer was lost
+    /// (a crash, a cut connection): its client got the answer and is done. A client that asks
+    /// about that number later is another one, most likely with a new file of the same name
+    /// and size, and taking the old bytes for its own would splice two files. The client
+    /// sends what it is told is missing, so forgetting costs a chunk sent again; the chunks
+    /// that a new file sent itself before it turned out to differ from the delivered one are
+    /// asked about only before they are sent, so they are kept.
+    async fn drop_unclaimed(&self, upload: &UploadKey, only: Option<u64>) -> Result<(), CoreError> {
+        let parts = self.engines.state.parts(upload).await?;
+        if parts.is_empty() || only.is_some_and(|number| !parts.contains_key(&number)) {
+            return Ok(());
+        }
+        let lease = self.lock(upload).await?;
+        let state = &self.engines.state;
+        // Again under the lease: the upload may have been finished or claimed meanwhile.
+        let delivered = self.delivery_answer(upload).await?;
+        if let Some((answer, _)) = &delivered {
+            // The delivered file's own parts, left by a crash: they all go, not one of them.
+            self.clean_leftovers(upload, answer, lease.fence).await?;
+        }
+        let carried = state
+            .meta(upload)
+            .await?
+            .map(|meta| meta.carried)
+            .unwrap_or_default();
+        let unclaimed: Vec<u64> = state
+            .parts(upload)
+            .await?
+            .keys()
+            .copied()
+            .filter(|number| only.is_none_or(|only| only == *number))
+            .filter(|number| delivered.is_some() || carried.contains(number))
+            .collect();
+        for number in unclaimed {
+            let old = state.remove_part(upload, number, lease.fence).await?;
+            self.release(old.into_iter().collect()).await?;
+            tracing::info!(
+                "{upload:?}: part {number} forgotten, to be sent again: it was kept from the \
+                 delivered file, and the client asking may not be the one that sent it"
+            );
+        }
+        drop(lease);
+        Ok(())
     }
 
     pub(super) async fn part_status(
@@ -90,7 +237,10 @@ impl UploadCore {
         body: &mut dyn BodySource,
         fields: &FieldsDigest,
     ) -> Result<PartStatus, CoreError> {
-        match self.status(upload, declared, part, fields).await? {
+        match self
+            .status_for(upload, declared, part, fields, false)
+            .await?
+        {
             PartStatus::Missing => {}
             known => {
                 while let Ok(Some(_)) = body.next_piece().await {}
@@ -168,7 +318,7 @@ impl UploadCore {
                 ))),
             };
         }
-        if delivered.is_some() {
+        if delivered.is_some() || self.is_carried(upload, part.number).await? {
             // The parts stored since the delivery all match it; other bytes for one of their
             // numbers belong to the file now being uploaded.
             let stored = self.engines.state.parts(upload).await?;
@@ -187,6 +337,8 @@ impl UploadCore {
         let later = delivered.is_none();
         self.publish_with(upload, part.number, staged, lease.fence, later)
             .await?;
+        // The part is this request's now, whoever stored its number before.
+        self.uncarry(upload, part.number, lease.fence).await?;
         if let Some((answer, _)) = delivered {
             let same = answer
                 .file
@@ -200,6 +352,8 @@ impl UploadCore {
                 }
                 return Ok(PartStatus::Delivered(Box::new(answer)));
             }
+            // A new upload of the identifier begins with the parts that matched.
+            self.carry(upload, Some(part.number), lease.fence).await?;
             self.engines
                 .state
                 .remove_answer(upload, lease.fence)
@@ -232,6 +386,7 @@ impl UploadCore {
             return Ok(Some((entry.clone(), false)));
         }
         let state = &self.engines.state;
+        let mut superseded = false;
         let delivered = match state.answer(upload).await? {
             Some((answer, at)) if answer.is_delivery() => {
                 self.clean_leftovers(upload, &answer, fence).await?;
@@ -239,6 +394,7 @@ impl UploadCore {
                     Some((answer, true))
                 } else {
                     state.remove_answer(upload, fence).await?;
+                    superseded = true;
                     None
                 }
             }
@@ -253,6 +409,10 @@ impl UploadCore {
         if pinned.is_none() {
             state.save_meta(upload, declared, fence).await?;
             self.metrics.upload_event("started");
+        }
+        if superseded {
+            // A new upload of the identifier begins with the parts that matched the old file.
+            self.carry(upload, None, fence).await?;
         }
         Ok(delivered)
     }
@@ -758,6 +918,7 @@ impl UploadCore {
             media_type: None,
             protocol: serde_json::json!({ "alias": target }),
             origin: None,
+            carried: Vec::new(),
         };
         self.record_meta(alias, &meta).await
     }

@@ -157,6 +157,7 @@ impl Exchange<'_> {
             media_type: params.file_type(self.options.flavor, body_type),
             protocol: serde_json::json!({ "chunk_size": params.chunk_size }),
             origin: Some(Box::new(origin(self.route, &self.scope))),
+            carried: Vec::new(),
         };
         tracing::Span::current()
             .record("upload", tracing::field::display(key.short()))
@@ -198,11 +199,11 @@ impl Exchange<'_> {
                 let hold = self.core.hold_reply(chunk.key);
                 *self.hold.lock().expect("hold lock") = Some(hold);
                 match self.core.settled(&chunk.key, &chunk.digest).await {
-                    Some(answer) => Answer::Upstream(answer),
+                    Some(answer) => Answer::Upstream(Box::new(answer)),
                     None => Answer::Stored,
                 }
             }
-            PartStatus::Delivered(answer) => Answer::Upstream(*answer),
+            PartStatus::Delivered(answer) => Answer::Upstream(answer),
             PartStatus::Stored { complete: true } => {
                 let mut request = self.delivery.clone();
                 request.fields = chunk.app_fields;

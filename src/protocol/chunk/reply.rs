@@ -24,7 +24,7 @@ pub(super) enum Answer {
     /// The chunk is stored (or was already).
     Stored,
     /// The application's answer to the upload, relayed or replayed.
-    Upstream(RecordedAnswer),
+    Upstream(Box<RecordedAnswer>),
     /// The delivery came to no answer.
     Undelivered(Outcome),
     Refused(Refusal),
@@ -82,7 +82,7 @@ fn relayed_status(status: u16) -> u16 {
 
 fn undelivered(outcome: Outcome) -> Reply {
     match outcome {
-        Outcome::Answered { answer, .. } => reply(Answer::Upstream(*answer)),
+        Outcome::Answered { answer, .. } => reply(Answer::Upstream(answer)),
         Outcome::Unreachable => Reply::text(
             502,
             "the application could not be reached; the file is kept, retry",

@@ -712,6 +712,7 @@ impl Exchange<'_> {
             media_type: media_type.map(|(_, v)| v),
             protocol: serde_json::json!({ "tus": state, "gone": self.gone_key(id).hex() }),
             origin: Some(Box::new(origin(self.route, &scope))),
+            carried: Vec::new(),
         }
     }
 
