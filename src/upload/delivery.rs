@@ -415,15 +415,38 @@ impl UploadCore {
         upload: &UploadKey,
         fields: &FieldsDigest,
     ) -> Result<Option<RecordedAnswer>, StoreError> {
+        let delivered = self.delivery_answer(upload).await?;
+        Ok(delivered
+            .filter(|delivered| self.is_fresh(delivered, fields))
+            .map(|(answer, _)| answer))
+    }
+
+    /// The answer of the upload's last delivery while it is kept, whatever fields it was for,
+    /// with when it was recorded (`None`: not written down yet, see `unrecorded`).
+    pub(super) async fn delivery_answer(
+        &self,
+        upload: &UploadKey,
+    ) -> Result<Option<(RecordedAnswer, Option<SystemTime>)>, StoreError> {
         if let Some(entry) = self.unrecorded.get(upload) {
-            return Ok(Some(entry.clone()));
+            return Ok(Some((entry.clone(), None)));
         }
-        match self.engines.state.answer(upload).await? {
-            Some((answer, at)) if answer.is_delivery() && self.applies(&answer, at, fields) => {
-                Ok(Some(answer))
-            }
-            _ => Ok(None),
-        }
+        Ok(self
+            .engines
+            .state
+            .answer(upload)
+            .await?
+            .filter(|(answer, _)| answer.is_delivery())
+            .map(|(answer, at)| (answer, Some(at))))
+    }
+
+    /// Is a delivery's answer (see [`delivery_answer`](Self::delivery_answer)) the answer for
+    /// a request with these fields? One not written down yet is, whatever the fields.
+    pub(super) fn is_fresh(
+        &self,
+        (answer, at): &(RecordedAnswer, Option<SystemTime>),
+        fields: &FieldsDigest,
+    ) -> bool {
+        at.is_none_or(|at| self.applies(answer, at, fields))
     }
 
     /// The upstream's answer to the upload, whatever request it came from, while it is kept

@@ -73,9 +73,7 @@ impl UploadCore {
                     .await?;
             }
         }
-        let fresh = delivered
-            .is_some_and(|(answer, at)| at.is_none_or(|at| self.applies(&answer, at, fields)));
-        if fresh {
+        if delivered.is_some_and(|delivered| self.is_fresh(&delivered, fields)) {
             return Ok(PartStatus::Missing);
         }
         let status = self.part_status(upload, declared, part).await?;
@@ -85,24 +83,6 @@ impl UploadCore {
             self.engines.state.sync_parts(upload).await?;
         }
         Ok(status)
-    }
-
-    /// The answer of the upload's last delivery while it is kept, with when it was recorded
-    /// (`None`: not written down yet, see `unrecorded`), whatever fields it was for.
-    async fn delivery_answer(
-        &self,
-        upload: &UploadKey,
-    ) -> Result<Option<(RecordedAnswer, Option<std::time::SystemTime>)>, CoreError> {
-        if let Some(entry) = self.unrecorded.get(upload) {
-            return Ok(Some((entry.clone(), None)));
-        }
-        Ok(self
-            .engines
-            .state
-            .answer(upload)
-            .await?
-            .filter(|(answer, _)| answer.is_delivery())
-            .map(|(answer, at)| (answer, Some(at))))
     }
 
     async fn is_carried(&self, upload: &UploadKey, number: u64) -> Result<bool, CoreError> {
@@ -318,7 +298,8 @@ impl UploadCore {
                 ))),
             };
         }
-        if delivered.is_some() || self.is_carried(upload, part.number).await? {
+        let carried = self.is_carried(upload, part.number).await?;
+        if delivered.is_some() || carried {
             // The parts stored since the delivery all match it; other bytes for one of their
             // numbers belong to the file now being uploaded.
             let stored = self.engines.state.parts(upload).await?;
@@ -337,8 +318,10 @@ impl UploadCore {
         let later = delivered.is_none();
         self.publish_with(upload, part.number, staged, lease.fence, later)
             .await?;
-        // The part is this request's now, whoever stored its number before.
-        self.uncarry(upload, part.number, lease.fence).await?;
+        if carried {
+            // The part is this request's now, whoever stored its number before.
+            self.uncarry(upload, part.number, lease.fence).await?;
+        }
         if let Some((answer, _)) = delivered {
             let same = answer
                 .file
