@@ -216,6 +216,44 @@ async fn a_new_file_sharing_its_first_chunks_with_the_delivered_one_keeps_them_p
 }
 
 #[tokio::test]
+async fn a_page_reload_sends_again_the_chunks_a_new_file_kept_from_the_delivered_one() {
+    let h = Harness::start().await;
+    let old = random_bytes(4000, 55);
+    let first = ChunkedFile::resumable("notes.txt", old.clone(), 1000);
+    first.upload_all(&h).await;
+    // The same document edited in its third kilobyte: chunks 1 and 2 match the delivered file
+    // and are kept for the new one when chunk 3 shows it is new.
+    let mut new = old.to_vec();
+    new[2000..3000].copy_from_slice(&random_bytes(1000, 56));
+    let second = ChunkedFile::resumable("notes.txt", new.into(), 1000);
+    h.upstream.answer_with(201, "edited");
+    for n in 1..=3 {
+        assert_eq!(second.test(&h, n).await.status(), 204);
+        second.upload(&h, n).await;
+    }
+    // The page is reloaded before chunk 4: its client tests every chunk again. The chunks kept
+    // from the delivered file may be another client's, so they are asked for again; chunk 3,
+    // stored by this upload, is not.
+    let mut tests = Vec::new();
+    for n in 1..=4 {
+        tests.push(second.test(&h, n).await.status().as_u16());
+    }
+    assert_eq!(tests, [204, 204, 200, 204]);
+    for n in [1, 2] {
+        assert_eq!(second.upload(&h, n).await.status(), 200);
+    }
+    let done = second.upload(&h, 4).await;
+    assert_eq!(done.status(), 201);
+    let received = h.upstream.received_at("/app/upload");
+    assert_eq!(received.len(), 2);
+    assert_eq!(
+        received[1].files[0].sha256,
+        second.sha256(),
+        "the new file, whole"
+    );
+}
+
+#[tokio::test]
 async fn after_a_successful_delivery_the_parts_are_removed() {
     let h = Harness::start().await;
     let file = ChunkedFile::flow("cleanup.txt", random_bytes(3000, 14), 1000);
