@@ -643,6 +643,40 @@ async fn a_delivered_answer_expires_after_result_ttl(engine: Engine) {
     assert!(t.engines.state.answer(&file.key).await.unwrap().is_none());
 }
 
+async fn a_chunk_kept_after_delivery_is_asked_for_again_once_the_answer_expired(engine: Engine) {
+    let t = Setup::new(engine);
+    let file = File::new("stale.bin", 16);
+    store_all_but_last(&t, &file).await;
+    put(&t, &file, 3, "a").await;
+    t.core
+        .deliver(file.key, &forward(), request("a"), Instant::now())
+        .await;
+    // A retry of chunk 2 whose answer was lost: kept, and answered with the delivered file's.
+    assert!(matches!(
+        put(&t, &file, 2, "a").await,
+        PartStatus::Delivered(_)
+    ));
+    // The answer expires; the chunk stays for the upload it may still belong to.
+    t.advance(TTLS.result * 2);
+    t.core.sweep().await.unwrap();
+    assert!(t.engines.state.answer(&file.key).await.unwrap().is_none());
+    // A new file under the same key, its client asking about chunk 2 before sending it: it
+    // is told to send it, not handed the delivered file's.
+    let mut other = File::new("stale.bin", 16);
+    other.data.iter_mut().for_each(|b| *b = b.wrapping_add(3));
+    let (part, _) = other.part(2);
+    let digest = FieldsDigest::of(&fields("a"));
+    let status = t.core.status(&other.key, &other.meta, part, &digest).await;
+    assert!(matches!(status, Ok(PartStatus::Missing)), "{status:?}");
+    for n in 1..=2 {
+        put(&t, &other, n, "a").await;
+    }
+    complete_and_deliver(&t, &other, "a").await;
+    let received = t.upstream.received.lock().unwrap().clone();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[1].0, other.sha256(), "the new file, whole");
+}
+
 async fn a_delivered_upload_is_listed_while_its_answer_is_kept(engine: Engine) {
     let t = Setup::new(engine);
     let file = File::new("listed.bin", 11);
@@ -969,6 +1003,7 @@ on_every_engine!(
     a_different_file_under_a_delivered_key_is_delivered_whole,
     an_idle_upload_expires_and_its_bytes_go,
     a_delivered_answer_expires_after_result_ttl,
+    a_chunk_kept_after_delivery_is_asked_for_again_once_the_answer_expired,
     a_delivered_upload_is_listed_while_its_answer_is_kept,
     appends_at_the_offset_keep_what_a_broken_body_brought,
     a_new_file_replaces_parts_resent_from_the_delivered_one,

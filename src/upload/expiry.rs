@@ -94,7 +94,9 @@ impl UploadCore {
         let due = match answered_at {
             Some(at) if !self.expired(at, self.ttls.result) => Some(at + self.ttls.result),
             Some(_) if !state.parts(upload).await?.is_empty() => {
-                // The file is being uploaded again: only the old answer goes.
+                // The file is being uploaded again: only the old answer goes. The parts kept
+                // since its delivery are the new upload's only once it claims them.
+                self.carry(upload, None, lease.fence).await?;
                 state.remove_answer(upload, lease.fence).await?;
                 Some(last + self.ttls.upload)
             }

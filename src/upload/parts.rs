@@ -112,7 +112,7 @@ impl UploadCore {
     /// after the delivery because they matched the delivered file (see `commit`). Noted in
     /// the metadata, so that every process, and this one after a restart, knows. Call under
     /// the lease.
-    async fn carry(
+    pub(super) async fn carry(
         &self,
         upload: &UploadKey,
         except: Option<u64>,
