@@ -647,10 +647,7 @@ async fn a_chunk_kept_after_delivery_is_asked_for_again_once_the_answer_expired(
     let t = Setup::new(engine);
     let file = File::new("stale.bin", 16);
     store_all_but_last(&t, &file).await;
-    put(&t, &file, 3, "a").await;
-    t.core
-        .deliver(file.key, &forward(), request("a"), Instant::now())
-        .await;
+    complete_and_deliver(&t, &file, "a").await;
     // A retry of chunk 2 whose answer was lost: kept, and answered with the delivered file's.
     assert!(matches!(
         put(&t, &file, 2, "a").await,

@@ -96,8 +96,7 @@ impl UploadCore {
             Some(_) if !state.parts(upload).await?.is_empty() => {
                 // The file is being uploaded again: only the old answer goes. The parts kept
                 // since its delivery are the new upload's only once it claims them.
-                self.carry(upload, None, lease.fence).await?;
-                state.remove_answer(upload, lease.fence).await?;
+                self.supersede(upload, None, lease.fence).await?;
                 Some(last + self.ttls.upload)
             }
             Some(_) => None,

@@ -107,12 +107,11 @@ impl UploadCore {
         Ok(())
     }
 
-    /// Notes, as a new upload of a delivered file's identifier begins (its metadata pinned),
-    /// the parts it starts with (all but `except`, the part that began it): they were stored
-    /// after the delivery because they matched the delivered file (see `commit`). Noted in
-    /// the metadata, so that every process, and this one after a restart, knows. Call under
-    /// the lease.
-    pub(super) async fn carry(
+    /// Notes, as a new upload of a delivered file's identifier begins, the parts it starts with
+    /// (all but `except`, the part that began it): they were stored after the delivery because
+    /// they matched the delivered file (see `commit`), and their metadata was pinned then.
+    /// Noted in the metadata, so that every process, and this one after a restart, knows.
+    async fn carry(
         &self,
         upload: &UploadKey,
         except: Option<u64>,
@@ -133,6 +132,19 @@ impl UploadCore {
             state.save_meta(upload, &meta, fence).await?;
         }
         Ok(())
+    }
+
+    /// Lets a delivered file's answer go as a new upload of its identifier begins, with the
+    /// parts kept since noted as carried first (all but `except`, see [`carry`](Self::carry)).
+    /// Call under the lease.
+    pub(super) async fn supersede(
+        &self,
+        upload: &UploadKey,
+        except: Option<u64>,
+        fence: Fence,
+    ) -> Result<(), CoreError> {
+        self.carry(upload, except, fence).await?;
+        Ok(self.engines.state.remove_answer(upload, fence).await?)
     }
 
     /// Forgets part `only` of `upload` (`None`: every part) if it is there and the client
@@ -336,10 +348,7 @@ impl UploadCore {
                 return Ok(PartStatus::Delivered(Box::new(answer)));
             }
             // A new upload of the identifier begins with the parts that matched.
-            self.carry(upload, Some(part.number), lease.fence).await?;
-            self.engines
-                .state
-                .remove_answer(upload, lease.fence)
+            self.supersede(upload, Some(part.number), lease.fence)
                 .await?;
         }
         drop(lease);
@@ -369,15 +378,13 @@ impl UploadCore {
             return Ok(Some((entry.clone(), false)));
         }
         let state = &self.engines.state;
-        let mut superseded = false;
         let delivered = match state.answer(upload).await? {
             Some((answer, at)) if answer.is_delivery() => {
                 self.clean_leftovers(upload, &answer, fence).await?;
                 if self.applies(&answer, at, fields) {
                     Some((answer, true))
                 } else {
-                    state.remove_answer(upload, fence).await?;
-                    superseded = true;
+                    self.supersede(upload, None, fence).await?;
                     None
                 }
             }
@@ -392,10 +399,6 @@ impl UploadCore {
         if pinned.is_none() {
             state.save_meta(upload, declared, fence).await?;
             self.metrics.upload_event("started");
-        }
-        if superseded {
-            // A new upload of the identifier begins with the parts that matched the old file.
-            self.carry(upload, None, fence).await?;
         }
         Ok(delivered)
     }
